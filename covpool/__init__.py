@@ -1,0 +1,23 @@
+"""covpool: second-order (covariance) pooling and whitening for PyTorch vision models.
+
+``import covpool`` gives the square-root backends (:func:`sqrtm`, :func:`inv_sqrtm`), the meta-layers
+and registers covpool's backbones with timm, so ``timm.create_model("so_vit_7")`` works after it.
+"""
+from . import layers, linalg, models
+from .layers import *  # noqa: F401,F403
+from .linalg import covariance, get_backend, inv_sqrtm, list_backends, register_backend, sqrtm, triu_vectorize
+from .models import *  # noqa: F401,F403
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "sqrtm",
+    "inv_sqrtm",
+    "list_backends",
+    "register_backend",
+    "get_backend",
+    "covariance",
+    "triu_vectorize",
+    *layers.__all__,
+    *models.__all__,
+]

@@ -1,0 +1,5 @@
+import sys
+
+from covpool.cli import main
+
+sys.exit(main())

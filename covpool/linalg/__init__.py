@@ -1,0 +1,22 @@
+"""Pure functions on batches of matrices: covariance, vectorisation and the square-root backends.
+
+No ``nn.Module`` and no timm here; everything above (layers, models, tools) builds on these.
+"""
+from . import _spectral  # noqa: F401,I001  (registers eig and the SVD family first)
+from . import _iterative  # noqa: F401,I001  (then ns, mtp_lya, mpa_lya)
+from ._api import covariance, inv_sqrtm, sqrtm, triu_vectorize
+from ._iterative import lyapunov_sign
+from ._registry import Backend, Option, get_backend, list_backends, register_backend
+
+__all__ = [
+    "sqrtm",
+    "inv_sqrtm",
+    "list_backends",
+    "register_backend",
+    "get_backend",
+    "Backend",
+    "Option",
+    "covariance",
+    "triu_vectorize",
+    "lyapunov_sign",
+]

@@ -1,0 +1,73 @@
+"""Exact Taylor and Padé coefficients, computed on first use and cached.
+
+Everything is done in rational arithmetic (:class:`fractions.Fraction`) and rounded to float once, so
+the coefficients are exact to the last bit and nothing is computed at import time.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from functools import lru_cache
+
+__all__: list[str] = []
+
+
+def _binomial_series(exponent: Fraction, degree: int) -> tuple[Fraction, ...]:
+    """Coefficients c_k of (1 - x)**exponent = sum_k c_k x**k, k = 0..degree."""
+    coeffs = [Fraction(1)]
+    for k in range(degree):
+        # c_{k+1} = c_k * (k - exponent) / (k + 1), from binom(exponent, k+1) * (-1)**(k+1).
+        coeffs.append(coeffs[-1] * (k - exponent) / (k + 1))
+    return tuple(coeffs)
+
+
+def _pade(taylor: tuple[Fraction, ...], m: int, n: int) -> tuple[tuple[Fraction, ...], tuple[Fraction, ...]]:
+    """[m/n] Padé approximant P/Q (Q(0) = 1) of the series ``taylor`` (zero beyond its length).
+
+    Solves the n×n Toeplitz system for Q exactly; raises ValueError when the Padé table is degenerate
+    (singular system), which callers turn into a message about the chosen degree.
+    """
+    c = list(taylor) + [Fraction(0)] * (m + n + 1)
+    rows = [[c[k - j] if k >= j else Fraction(0) for j in range(1, n + 1)] + [-c[k]] for k in range(m + 1, m + n + 1)]
+    for i in range(n):
+        pivot = next((r for r in range(i, n) if rows[r][i] != 0), None)
+        if pivot is None:
+            raise ValueError(f"the [{m}/{n}] Padé approximant is degenerate")
+        rows[i], rows[pivot] = rows[pivot], rows[i]
+        for r in range(n):
+            if r != i and rows[r][i] != 0:
+                factor = rows[r][i] / rows[i][i]
+                rows[r] = [x - factor * y for x, y in zip(rows[r], rows[i])]
+    q = [Fraction(1)] + [rows[i][n] / rows[i][i] for i in range(n)]
+    p = [sum(q[j] * c[k - j] for j in range(min(k, n) + 1)) for k in range(m + 1)]
+    return tuple(p), tuple(q)
+
+
+def _to_float(coeffs: tuple[Fraction, ...]) -> tuple[float, ...]:
+    return tuple(float(c) for c in coeffs)
+
+
+@lru_cache(maxsize=None)
+def taylor_sqrt(degree: int, inverse: bool) -> tuple[float, ...]:
+    """Taylor coefficients of sqrt(1 - x) (or 1 / sqrt(1 - x)) up to x**degree."""
+    return _to_float(_binomial_series(Fraction(-1 if inverse else 1, 2), degree))
+
+
+@lru_cache(maxsize=None)
+def pade_sqrt(m: int, n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """[m/n] Padé approximant P/Q of sqrt(1 - x); 1/sqrt(1 - x) is Q/P."""
+    p, q = _pade(_binomial_series(Fraction(1, 2), m + n), m, n)
+    if _min_on_unit_interval(q) <= 0 or _min_on_unit_interval(p) <= 0:
+        raise ValueError(f"the [{m}/{n}] Padé approximant of sqrt(1-x) is not positive on [0, 1]")
+    return _to_float(p), _to_float(q)
+
+
+def _min_on_unit_interval(coeffs: tuple[Fraction, ...], points: int = 2049) -> float:
+    """Smallest value of the polynomial on a fine grid of [0, 1] (a guard, evaluated in float64)."""
+    best = float("inf")
+    for i in range(points):
+        x = i / (points - 1)
+        value = 0.0
+        for c in reversed(coeffs):
+            value = value * x + float(c)
+        best = min(best, value)
+    return best

@@ -1,0 +1,210 @@
+"""Matrix-product backends: ``ns`` (iSQRT-COV), ``mtp_lya`` and ``mpa_lya`` (Song et al., ICLR 2022).
+
+They use only batched products (and, for ``mpa_lya``, one Cholesky solve), which is what makes them
+fast on GPUs. Inputs are ``(B, n, n)`` float32/float64, already validated by the public functions.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _coefficients
+from ._registry import Option, degree_pair, int_at_least, one_of, register_backend
+
+__all__ = ["lyapunov_sign"]
+
+
+def _eye(a: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale·I of the matrix size, broadcast over the batch (never materialised per matrix)."""
+    return torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).mul_(scale)
+
+
+def _norm(a: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-matrix normaliser (B, 1, 1), floored at the smallest normal number so a zero matrix gives 0."""
+    if kind == "trace":
+        c = a.diagonal(dim1=-2, dim2=-1).sum(-1)
+    else:
+        c = torch.linalg.matrix_norm(a)
+    return c.clamp_min(torch.finfo(a.dtype).tiny)[:, None, None]
+
+
+# ---------------------------------------------------------------------------------------------- ns
+def _ns(a: torch.Tensor, inverse: bool, num_iters: int, norm: str) -> torch.Tensor:
+    """Coupled Newton–Schulz iteration of iSQRT-COV (Li et al., CVPR 2018), differentiated by autograd.
+
+    Y₀ = A/c, Z₀ = I; T = ½(3I − Z Y), Y ← Y T, Z ← T Z; √A ≈ √c·Y, A^{-1/2} ≈ Z/√c. With
+    ``num_iters`` = N the forward costs 3N − 3 products (the first step has Z₀ = I, the last updates
+    only the output).
+    """
+    c = _norm(a, norm)
+    y = a / c
+    eye15 = _eye(a, 1.5)
+    t = eye15 - 0.5 * y
+    if num_iters == 1:
+        out = t if inverse else y @ t
+    else:
+        y, z = y @ t, t
+        for _ in range(num_iters - 2):
+            t = torch.baddbmm(eye15, z, y, alpha=-0.5)
+            y, z = y @ t, t @ z
+        t = torch.baddbmm(eye15, z, y, alpha=-0.5)
+        out = t @ z if inverse else y @ t
+    return out * c.rsqrt() if inverse else out * c.sqrt()
+
+
+register_backend(
+    "ns",
+    _ns,
+    {
+        "num_iters": Option(5, int_at_least(1), "Newton–Schulz iterations"),
+        "norm": Option("trace", one_of("trace", "fro"), "pre-normalisation: 'trace' (iSQRT-COV) or 'fro' "
+                       "(Frobenius norm: larger eigenvalues after scaling, so faster convergence)"),
+    },
+    doc="coupled Newton–Schulz iteration (Li et al., CVPR 2018); exact gradient of the iteration",
+)
+
+
+# ------------------------------------------------------------------------------ polynomial helpers
+def _split(degree: int, num_polys: int) -> int:
+    """Block size s of Paterson–Stockmeyer evaluation minimising the products for ``num_polys``
+    polynomials of ``degree`` that share the powers X², …, X^s."""
+    def cost(s: int) -> int:
+        return (s - 1) + num_polys * max(0, -(-(degree + 1) // s) - 1)
+
+    return min(range(1, degree + 2), key=cost)
+
+
+def _powers(x: torch.Tensor, s: int) -> list[torch.Tensor]:
+    powers = [x]
+    for _ in range(s - 1):
+        powers.append(powers[-1] @ x)
+    return powers  # X, X², …, X^s
+
+
+def _poly(coeffs: tuple[float, ...], powers: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_k c_k X^k by Paterson–Stockmeyer: Horner in X^s over blocks of s coefficients."""
+    s = len(powers)
+
+    def block(cs: tuple[float, ...]) -> torch.Tensor:
+        out = powers[0] * cs[1] if len(cs) > 1 else torch.zeros_like(powers[0])
+        for k in range(2, len(cs)):
+            out.add_(powers[k - 1], alpha=cs[k])
+        out.diagonal(dim1=-2, dim2=-1).add_(cs[0])
+        return out
+
+    blocks = [coeffs[i:i + s] for i in range(0, len(coeffs), s)]
+    out = block(blocks[-1])
+    for cs in reversed(blocks[:-1]):
+        out = torch.baddbmm(block(cs), powers[-1], out)
+    return out
+
+
+# ------------------------------------------------------------------------------------- Lyapunov
+def lyapunov_sign(b: torch.Tensor, c: torch.Tensor, num_iters: int) -> torch.Tensor:
+    """Solve B X + X B = C for symmetric B (eigenvalues in (0, 1]) and symmetric C by the coupled
+    Newton–Schulz iteration for sign([[B, C], [0, −B]]) = [[I, 2X], [0, −I]] (Song et al., ICLR 2022).
+
+    B ← ½B(3I − B²), C ← ½(3C − B²C − CB² + BCB); X = ½C. C stays symmetric, so CB² = (B²C)ᵀ and one
+    step costs 5 products (3 in the last). Eigen-directions with tiny eigenvalues of B are not fully
+    converged after ``num_iters`` steps, which bounds the solution there (a feature on rank-deficient
+    input: the exact solution is infinite).
+    """
+    for k in range(num_iters):
+        e = b @ c
+        bbc = b @ e
+        c = torch.baddbmm(1.5 * c - 0.5 * (bbc + bbc.mT), e, b, alpha=0.5)
+        if k < num_iters - 1:
+            b = torch.baddbmm(b, b @ b, b, beta=1.5, alpha=-0.5)
+    return 0.5 * c
+
+
+class _LyaRoot(torch.autograd.Function):
+    """Approximate root in the forward (``approx(x, inverse)`` of X = I − A/‖A‖_F), Lyapunov backward.
+
+    The backward is the exact derivative of the matrix square root evaluated at the computed root S:
+    S·Ā + Ā·S = sym(Ḡ). For the inverse root Y, S = A·Y and the right-hand side is −Y Ḡ Y.
+    """
+
+    @staticmethod
+    def forward(a: torch.Tensor, inverse: bool, approx, lya_iters: int):
+        c = _norm(a, "fro")
+        x = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device) - a / c
+        root = approx(x, inverse)
+        s = c.sqrt()
+        return root / s if inverse else root * s, root, s
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, inverse, _, lya_iters = inputs
+        _, root, s = output
+        ctx.mark_non_differentiable(root, s)
+        ctx.save_for_backward(a if inverse else None, root, s)
+        ctx.inverse, ctx.lya_iters = inverse, lya_iters
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, _grad_root, _grad_s):
+        a, root, s = ctx.saved_tensors
+        g = 0.5 * (grad + grad.mT)
+        if ctx.inverse:
+            # root = (A/c)^{-1/2}; S_n = (A/c)·root; RHS −Y Ḡ Y = −root Ḡ root / c, then /√c for S = √c·S_n.
+            sqrt_n = (a / s.square()) @ root
+            rhs = root @ g @ root
+            return lyapunov_sign(sqrt_n, rhs, ctx.lya_iters) / -(s * s.square()), None, None, None
+        return lyapunov_sign(root, g, ctx.lya_iters) / s, None, None, None
+
+
+def _mtp_lya(a: torch.Tensor, inverse: bool, degree: int, lya_iters: int) -> torch.Tensor:
+    """Matrix Taylor Polynomial: √A ≈ √‖A‖ Σ_k c_k X^k, X = I − A/‖A‖_F (1/√ series for the inverse)."""
+    def approx(x, inv):
+        coeffs = _coefficients.taylor_sqrt(degree, inv)
+        return _poly(coeffs, _powers(x, _split(degree, 1)))
+
+    return _LyaRoot.apply(a, inverse, approx, lya_iters)[0]
+
+
+def _mpa_lya(a: torch.Tensor, inverse: bool, degree: tuple[int, int], lya_iters: int) -> torch.Tensor:
+    """Matrix Padé Approximant: √A ≈ √‖A‖ Q(X)⁻¹P(X); the inverse root swaps P and Q. P and Q are
+    polynomials of the same symmetric X, so they commute and are symmetric positive definite for
+    normalised input: one Cholesky factorisation and a triangular solve, never an explicit inverse."""
+    m, n = degree
+
+    def approx(x, inv):
+        p, q = _coefficients.pade_sqrt(m, n)
+        powers = _powers(x, _split(max(m, n), 2))
+        num, den = _poly(p, powers), _poly(q, powers)
+        if inv:
+            num, den = den, num
+        chol = torch.linalg.cholesky_ex(den)[0]
+        return torch.cholesky_solve(num, chol)
+
+    return _LyaRoot.apply(a, inverse, approx, lya_iters)[0]
+
+
+def _mtp_degree(key, value):
+    return int_at_least(1)(key, value)
+
+
+def _mpa_degree(key, value):
+    m, n = degree_pair(key, value)
+    try:
+        _coefficients.pade_sqrt(m, n)
+    except ValueError as err:
+        raise ValueError(f"{key}={value!r}: {err}; (5, 5) is the default") from None
+    return m, n
+
+
+_LYA = Option(8, int_at_least(1), "coupled sign iterations of the Lyapunov solver in the backward")
+
+register_backend(
+    "mtp_lya",
+    _mtp_lya,
+    {"degree": Option(10, _mtp_degree, "degree of the Taylor polynomial"), "lya_iters": _LYA},
+    doc="Matrix Taylor Polynomial forward, Lyapunov backward (Song et al., ICLR 2022)",
+)
+register_backend(
+    "mpa_lya",
+    _mpa_lya,
+    {"degree": Option((5, 5), _mpa_degree, "[m/n] degree of the Padé approximant"), "lya_iters": _LYA},
+    doc="Matrix Padé Approximant forward, Lyapunov backward (Song et al., ICLR 2022)",
+)

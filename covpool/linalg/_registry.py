@@ -1,0 +1,154 @@
+"""The backend registry: a dict from name to :class:`Backend`, and option checking."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["Backend", "Option", "register_backend", "get_backend", "list_backends", "resolve_backend"]
+
+BackendFn = Callable[..., torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One keyword option of a backend: its default and a check that returns the normalised value."""
+
+    default: Any
+    check: Callable[[str, Any], Any]
+    doc: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A registered square-root backend.
+
+    ``fn(a, inverse, **options)`` receives a float32/float64 tensor of shape ``(B, n, n)`` (batch dims
+    flattened, autocast off) and returns the square root (``inverse=False``) or inverse square root.
+    """
+
+    name: str
+    fn: BackendFn
+    options: Mapping[str, Option]
+    doc: str = ""
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {k: opt.default for k, opt in self.options.items()}
+
+    def bind(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults overridden by ``options``, each checked; unknown names raise and list the valid ones."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            valid = ", ".join(f"{k}={v.default!r}" for k, v in self.options.items()) or "none"
+            raise TypeError(f"backend {self.name!r} got unknown option(s) {unknown}; its options are: {valid}")
+        bound = self.defaults
+        for key, value in options.items():
+            bound[key] = self.options[key].check(f"{self.name}.{key}", value)
+        return bound
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(
+    name: str,
+    fn: BackendFn,
+    options: Mapping[str, Option] | None = None,
+    doc: str = "",
+) -> Backend:
+    """Register ``fn`` under ``name`` so ``sqrtm(a, backend=name)`` can use it.
+
+    Example::
+
+        >>> import torch, covpool
+        >>> from covpool.linalg import Option, register_backend
+        >>> def my_eig(a, inverse):
+        ...     lam, v = torch.linalg.eigh(a)
+        ...     f = lam.clamp_min(1e-12).rsqrt() if inverse else lam.clamp_min(0).sqrt()
+        ...     return (v * f.unsqueeze(-2)) @ v.mT
+        >>> _ = register_backend("my_eig", my_eig)
+        >>> covpool.sqrtm(4 * torch.eye(2), backend="my_eig")
+        tensor([[2., 0.],
+                [0., 2.]])
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a backend name must be a non-empty string, got {name!r}")
+    if name in _REGISTRY:
+        raise ValueError(f"backend {name!r} is already registered; pick another name")
+    backend = Backend(name=name, fn=fn, options=dict(options or {}), doc=doc)
+    _REGISTRY[name] = backend
+    return backend
+
+
+def list_backends() -> list[str]:
+    """Names of the registered backends, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """The :class:`Backend` registered as ``name``; an unknown name raises and lists the valid ones."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown backend {name!r}; valid backends are: {', '.join(_REGISTRY)}") from None
+
+
+def resolve_backend(backend: str | Mapping[str, Any], options: Mapping[str, Any]) -> tuple[Backend, dict[str, Any]]:
+    """Turn ``backend`` (a name, or a dict with ``name`` and options) plus keyword options into a backend
+    and its checked options. Keyword options override those in the dict."""
+    if isinstance(backend, Mapping):
+        spec = dict(backend)
+        if "name" not in spec:
+            raise ValueError(f"a backend dict needs a 'name' key (one of {', '.join(_REGISTRY)}), got {backend!r}")
+        name = spec.pop("name")
+        spec.update(options)
+        options = spec
+    elif isinstance(backend, str):
+        name = backend
+    else:
+        raise TypeError(f"backend must be a name or a dict with 'name', got {type(backend).__name__}")
+    entry = get_backend(name)
+    return entry, entry.bind(options)
+
+
+def int_at_least(low: int) -> Callable[[str, Any], int]:
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        return value
+
+    return check
+
+
+def positive_float_or_none(key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{key} must be a positive number or None, got {value!r}")
+    return float(value)
+
+
+def one_of(*choices: str) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+
+    return check
+
+
+def degree_pair(key: str, value: Any) -> tuple[int, int]:
+    """A Padé degree: ``(m, n)`` (a list from a config file is fine) or one int meaning ``(k, k)``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value)
+        or sum(value) < 2
+    ):
+        raise ValueError(f"{key} must be a pair (m, n) of non-negative integers with m + n >= 2, got {value!r}")
+    return int(value[0]), int(value[1])
