@@ -1,0 +1,57 @@
+"""Matrix families and float64 references shared by the tests and `covpool bench` (internal)."""
+import torch
+
+__all__ = ["well_conditioned", "well_separated", "rank_deficient", "repeated_eigenvalues", "exact_root", "exact_grad"]
+
+
+def well_conditioned(batch: int, n: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """SPD matrices with eigenvalues spread over [1, 4]."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))
+    lam = 1 + 3 * torch.rand(batch, n, generator=g, dtype=torch.float64)
+    return ((q * lam.unsqueeze(-2)) @ q.mT).to(dtype)
+
+
+def well_separated(batch: int, n: int, ratio: float = 1.5, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """SPD matrices with eigenvalues ratio**k, k = 0..n-1: neighbouring eigenvalues never close."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))
+    lam = ratio ** torch.arange(n, dtype=torch.float64)
+    return ((q * lam.unsqueeze(-2)) @ q.mT / lam[-1]).to(dtype)
+
+
+def rank_deficient(batch: int, n: int, samples: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """Covariances of ``samples`` < n feature vectors: rank ``samples - 1`` after centring."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, samples, generator=g, dtype=torch.float64)
+    x = x - x.mean(-1, keepdim=True)
+    return (x @ x.mT / samples).to(dtype)
+
+
+def repeated_eigenvalues(batch: int, n: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """Eigenvalues in three tied clusters {1, 1, ..., 2, 2, ..., 3, 3, ...}, random eigenvectors."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))
+    lam = (torch.arange(n, dtype=torch.float64) * 3 // n + 1).expand(batch, n)
+    return ((q * lam.unsqueeze(-2)) @ q.mT).to(dtype)
+
+
+def exact_root(a: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Float64 eigh reference."""
+    lam, v = torch.linalg.eigh(a.double())
+    f = lam.rsqrt() if inverse else lam.clamp_min(0).sqrt()
+    return (v * f.unsqueeze(-2)) @ v.mT
+
+
+def exact_grad(a: torch.Tensor, g: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Float64 Daleckii–Krein gradient of <root(a), g> (g symmetrised), from the divided differences."""
+    lam, v = torch.linalg.eigh(a.double())
+    f = lam.rsqrt() if inverse else lam.sqrt()
+    li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
+    fi, fj = f.unsqueeze(-1), f.unsqueeze(-2)
+    diff = li - lj
+    same = diff.abs() < 1e-12 * li.abs().clamp_min(1)
+    deriv = (-0.5 * f / lam if inverse else 0.5 / f).unsqueeze(-1).expand_as(diff)
+    k = torch.where(same, deriv, (fi - fj) / torch.where(same, torch.ones_like(diff), diff))
+    gs = 0.5 * (g + g.mT).double()
+    return v @ (k * (v.mT @ gs @ v)) @ v.mT

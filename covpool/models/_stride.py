@@ -1,0 +1,73 @@
+"""Changing the stride of a ResNet stage in place (internal, shared by the iSQRT-COV ResNets and
+:func:`covpool.swap_pooling`)."""
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["stage_stride", "set_stage_stride"]
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _strided_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    # The block itself is skipped: torchvision blocks keep an unused ``stride`` int for reference.
+    return [
+        (name, m)
+        for name, m in block.named_modules()
+        if name and getattr(m, "stride", None) is not None and any(s != 1 for s in _pair(m.stride))
+    ]
+
+
+def _first_block(stage: nn.Module) -> nn.Module:
+    if not isinstance(stage, nn.Sequential) or len(stage) == 0:
+        raise ValueError(f"expected a ResNet stage as a non-empty nn.Sequential of blocks, got {type(stage).__name__}")
+    return stage[0]
+
+
+def stage_stride(stage: nn.Module) -> int:
+    """Spatial stride of a ResNet stage: 2 when its first block downsamples, else 1 (also for dilated stages)."""
+    return 2 if _strided_modules(_first_block(stage)) else 1
+
+
+def set_stage_stride(stage: nn.Module, stride: int) -> int:
+    """Set a ResNet stage's stride to 1 or 2 in place and return the stride it had.
+
+    Only the downsampling that ResNets use can be removed: strided ``nn.Conv2d`` (the 3×3 or first conv of
+    the first block and its 1×1 projection) become stride 1 with the same padding, which keeps every weight
+    shape, and a ResNet-D ``nn.AvgPool2d`` shortcut pool becomes ``nn.Identity`` as timm builds it at stride 1.
+    Restoring a stride of 2 is refused because a stride-1 stage does not record where it was removed.
+
+    Raises:
+        ValueError: ``stride`` is not 1 or 2, the stage is not an ``nn.Sequential`` of blocks, it would need
+            stride 2 restored, or it downsamples with a module other than a convolution or average pool
+            (e.g. anti-aliased blur pooling).
+    """
+    if stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+    block = _first_block(stage)
+    strided = _strided_modules(block)
+    current = 2 if strided else 1
+    if stride == current:
+        return current
+    if stride == 2:
+        raise ValueError(
+            "cannot restore stride 2 in a stage that has stride 1 (dilated or already modified); "
+            "build the model with its default stride instead"
+        )
+    unsupported = [f"{name} ({type(m).__name__})" for name, m in strided if not isinstance(m, (nn.Conv2d, nn.AvgPool2d))]
+    if unsupported:
+        raise ValueError(
+            "cannot remove the downsampling of this stage: only nn.Conv2d and nn.AvgPool2d strides can be "
+            f"changed, found {', '.join(unsupported)}"
+        )
+    for name, m in strided:
+        if isinstance(m, nn.Conv2d):
+            m.stride = (1, 1)
+        else:
+            parent_name, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent_name), child, nn.Identity())
+    if isinstance(getattr(block, "stride", None), int):
+        block.stride = 1
+    return current

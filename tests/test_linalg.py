@@ -1,0 +1,403 @@
+"""Backends against float64 references: forward, backward, hard matrix families, dtypes and errors."""
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+import covpool
+from covpool._testing import (
+    exact_grad,
+    exact_root,
+    rank_deficient,
+    repeated_eigenvalues,
+    well_conditioned,
+    well_separated,
+)
+from covpool.linalg import covariance, get_backend, lyapunov_sign, triu_vectorize
+
+BACKENDS = covpool.list_backends()
+EXACT_FORWARD = ["eig", "svd_pi", "svd_taylor", "svd_pade"]
+ROOTS = [pytest.param(False, id="sqrt"), pytest.param(True, id="inv")]
+
+
+def root(a, backend, inverse, **options):
+    return (covpool.inv_sqrtm if inverse else covpool.sqrtm)(a, backend, **options)
+
+
+def rel(x, y):
+    x, y = x.detach().double(), y.detach().double()
+    return float((x - y).norm() / y.norm())
+
+
+def test_registry_lists_the_seven_backends_in_order():
+    assert BACKENDS[:7] == ["eig", "svd_pi", "svd_taylor", "svd_pade", "ns", "mtp_lya", "mpa_lya"]
+
+
+# ------------------------------------------------------------------ float64 references of the algorithms
+def ns_reference(a, num_iters):
+    """iSQRT-COV as published: trace normalisation, coupled NS, compensation; one matrix at a time."""
+    out_s, out_i = [], []
+    for m in a.double():
+        n = m.shape[0]
+        eye = torch.eye(n, dtype=torch.float64)
+        tr = torch.trace(m)
+        y, z = m / tr, eye.clone()
+        for _ in range(num_iters):
+            t = 0.5 * (3 * eye - z @ y)
+            y, z = y @ t, t @ z
+        out_s.append(y * tr.sqrt())
+        out_i.append(z / tr.sqrt())
+    return torch.stack(out_s), torch.stack(out_i)
+
+
+def sqrt_series(degree, exponent):
+    """(1 - x)**exponent = sum c_k x^k, coefficients by the generalised binomial theorem."""
+    return [math.prod(exponent - j for j in range(k)) / math.factorial(k) * (-1) ** k for k in range(degree + 1)]
+
+
+def pade_reference(m, n):
+    """[m/n] Padé of sqrt(1 - x) by a float64 Toeplitz solve (independent of covpool's exact arithmetic)."""
+    c = torch.tensor(sqrt_series(m + n, 0.5), dtype=torch.float64)
+    rows = torch.tensor([[c[k - j] if k >= j else 0.0 for j in range(1, n + 1)] for k in range(m + 1, m + n + 1)],
+                        dtype=torch.float64)
+    q = torch.cat([torch.ones(1, dtype=torch.float64), torch.linalg.solve(rows, -c[m + 1:m + n + 1])])
+    p = torch.stack([sum(q[j] * c[k - j] for j in range(min(k, n) + 1)) for k in range(m + 1)])
+    return p, q
+
+
+def matrix_poly(coeffs, x):
+    out = torch.zeros_like(x)
+    power = torch.eye(x.shape[-1], dtype=x.dtype).expand_as(x)
+    for c in coeffs:
+        out = out + float(c) * power
+        power = power @ x
+    return out
+
+
+def normalised(a):
+    a = a.double()
+    norm = torch.linalg.matrix_norm(a)[:, None, None]
+    return torch.eye(a.shape[-1], dtype=torch.float64) - a / norm, norm
+
+
+def mtp_reference(a, degree, inverse):
+    x, norm = normalised(a)
+    poly = matrix_poly(sqrt_series(degree, -0.5 if inverse else 0.5), x)
+    return poly / norm.sqrt() if inverse else poly * norm.sqrt()
+
+
+def mpa_reference(a, degree, inverse):
+    x, norm = normalised(a)
+    p, q = pade_reference(*degree)
+    pm, qm = matrix_poly(p, x), matrix_poly(q, x)
+    if inverse:
+        return torch.linalg.inv(pm) @ qm / norm.sqrt()
+    return torch.linalg.inv(qm) @ pm * norm.sqrt()
+
+
+REFERENCES = {
+    "ns": lambda a, inverse: ns_reference(a, 5)[inverse],
+    "mtp_lya": lambda a, inverse: mtp_reference(a, 10, inverse),
+    "mpa_lya": lambda a, inverse: mpa_reference(a, (5, 5), inverse),
+}
+
+
+@pytest.mark.parametrize("inverse", ROOTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_matches_float64_reference(backend, inverse):
+    a64 = well_conditioned(4, 12, seed=1)
+    ref = REFERENCES[backend](a64, inverse) if backend in REFERENCES else exact_root(a64, inverse)
+    assert rel(root(a64, backend, inverse), ref) < 1e-10
+    out32 = root(a64.float(), backend, inverse)
+    assert out32.dtype == torch.float32
+    assert rel(out32, ref) < 2e-5
+
+
+@pytest.mark.parametrize("inverse", ROOTS)
+def test_forward_on_covariance_of_features(inverse):
+    a = rank_deficient(3, 16, 64, seed=2) + 0.05 * torch.eye(16, dtype=torch.float64)
+    for backend, ref in REFERENCES.items():
+        assert rel(root(a, backend, inverse), ref(a, inverse)) < 1e-10, backend
+
+
+@pytest.mark.parametrize(
+    "backend, key, values",
+    [("ns", "num_iters", [3, 5, 10, 20]), ("mtp_lya", "degree", [4, 10, 80]), ("mpa_lya", "degree", [(2, 2), (5, 5), (8, 8)])],
+)
+@pytest.mark.parametrize("inverse", ROOTS)
+def test_more_iterations_or_degree_approach_the_exact_root(backend, key, values, inverse):
+    a = well_conditioned(3, 16, seed=3)
+    ref = exact_root(a, inverse)
+    errors = [rel(root(a, backend, inverse, **{key: v}), ref) for v in values]
+    assert all(e2 < e1 for e1, e2 in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-3, errors
+
+
+def test_frobenius_prenormalisation_of_ns_is_more_accurate_for_the_same_cost():
+    a = well_conditioned(8, 32, seed=4)
+    ref = exact_root(a)
+    assert rel(covpool.sqrtm(a, "ns", norm="fro"), ref) < 0.5 * rel(covpool.sqrtm(a, "ns"), ref)
+
+
+# ------------------------------------------------------------------------------------------- backward
+def symmetrised(fn):
+    return lambda m: fn(0.5 * (m + m.mT))
+
+
+@pytest.mark.parametrize("inverse", ROOTS)
+@pytest.mark.parametrize("backend", ["eig", "ns"])
+def test_gradcheck_where_the_backward_is_exact(backend, inverse):
+    a = well_conditioned(2, 5, seed=5).requires_grad_()
+    assert torch.autograd.gradcheck(symmetrised(lambda m: root(m, backend, inverse)), (a,))
+
+
+@pytest.mark.parametrize("inverse", ROOTS)
+def test_ns_gradient_equals_autograd_through_the_published_iteration(inverse):
+    a = well_conditioned(3, 8, seed=6)
+    g = torch.randn(3, 8, 8, dtype=torch.float64)
+    x = a.clone().requires_grad_()
+    (root(x, "ns", inverse) * g).sum().backward()
+    y = a.clone().requires_grad_()
+    (ns_reference(y, 5)[inverse] * g).sum().backward()
+    assert rel(x.grad, y.grad) < 1e-10
+
+
+# Stated tolerances of the approximate backwards against the exact Daleckii–Krein gradient on
+# well-conditioned input (eigenvalues in [1, 4]), float64 so only the approximation is measured.
+# Measured (sqrt / inverse): svd_pi 0.23 / 0.67, svd_taylor 0.23 / 0.22, svd_pade 0.095 / 0.089,
+# mtp_lya 0.013 / 0.074, mpa_lya 3.7e-4 / 6.5e-4. ns is checked against its own iteration instead: its
+# gradient is exact for the 5-step approximation, which is itself far from the root at this size.
+APPROX_GRAD_TOL = {"eig": 1e-10, "svd_pi": 0.9, "svd_taylor": 0.3, "svd_pade": 0.13, "mtp_lya": 0.1, "mpa_lya": 1e-3}
+
+
+@pytest.mark.parametrize("inverse", ROOTS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in APPROX_GRAD_TOL])
+def test_gradient_close_to_exact_on_well_conditioned_input(backend, inverse):
+    a = well_conditioned(4, 16, seed=7)
+    g = torch.randn(4, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = a.clone().requires_grad_()
+    (root(x, backend, inverse) * g).sum().backward()
+    err = rel(x.grad, exact_grad(a, g, inverse))
+    assert err < APPROX_GRAD_TOL[backend], err
+
+
+@pytest.mark.parametrize(
+    "backend, options",
+    [("svd_pi", {"num_iters": 400}), ("svd_taylor", {"degree": 400}), ("svd_pade", {"degree": (200, 200)}),
+     ("mtp_lya", {"degree": 60, "lya_iters": 30}), ("mpa_lya", {"degree": (8, 8), "lya_iters": 30})],
+)
+@pytest.mark.parametrize("inverse", ROOTS)
+def test_approximate_gradients_converge_to_the_exact_one(backend, options, inverse):
+    # The SVD family's error comes from close eigenvalue pairs, the Lyapunov family's from the forward.
+    family = well_separated if backend.startswith("svd") else well_conditioned
+    a = family(2, 10, seed=8)
+    g = torch.randn(2, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = a.clone().requires_grad_()
+    (root(x, backend, inverse, **options) * g).sum().backward()
+    assert rel(x.grad, exact_grad(a, g, inverse)) < 2e-3
+
+
+# ------------------------------------------------------------------------- hard families, all backends
+FAMILIES = {
+    "rank_deficient_49x256": lambda: rank_deficient(2, 256, 49, dtype=torch.float32),
+    "rank_deficient_8x32": lambda: rank_deficient(4, 32, 8, dtype=torch.float32),
+    "repeated": lambda: repeated_eigenvalues(4, 24, dtype=torch.float32),
+    "identity": lambda: torch.eye(16).expand(3, 16, 16).clone(),
+    "zero_matrix": lambda: torch.zeros(2, 8, 8),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("inverse", ROOTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_output_and_gradient_on_hard_matrices(backend, inverse, family):
+    a = FAMILIES[family]()
+    if family == "zero_matrix" and inverse:
+        pytest.skip("the inverse root of the zero matrix is infinite by definition")
+    x = a.clone().requires_grad_()
+    out = root(x, backend, inverse)
+    assert torch.isfinite(out).all()
+    out.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+# The polynomial backends approximate √x badly near x = 0 (measured: ns 0.011, mtp_lya 0.57, mpa_lya 0.30
+# relative error on 8 samples of 32 channels); the exact-forward backends only lose the floored eigenvalues.
+RANK_DEFICIENT_TOL = {"ns": 0.02, "mtp_lya": 0.7, "mpa_lya": 0.4}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sqrt_of_rank_deficient_covariance(backend):
+    a = rank_deficient(2, 32, 8)
+    ref = exact_root(a)
+    tol = RANK_DEFICIENT_TOL.get(backend, 1e-6)
+    assert rel(covpool.sqrtm(a, backend), ref) < tol
+
+
+def test_pade_solve_at_batch_64_dim_256():
+    # The published MPA-Lya uses torch.linalg.solve, whose batched LU fails on the CPU at this size.
+    a = rank_deficient(64, 256, 512, dtype=torch.float32, seed=9) + 0.1 * torch.eye(256)
+    x = a.clone().requires_grad_()
+    out = covpool.sqrtm(x, "mpa_lya")
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    for inverse in (False, True):
+        ref = mpa_reference(a[:4], (5, 5), inverse)
+        assert rel(root(a, "mpa_lya", inverse)[:4], ref) < 5e-4  # float32 rounding at d = 256
+
+
+# ----------------------------------------------------------------------- batches, dtypes and autocast
+@pytest.mark.parametrize("inverse", ROOTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_matrix_is_independent_of_its_batch(backend, inverse):
+    a = well_conditioned(3, 10, seed=10)
+    g = torch.randn(3, 10, 10, dtype=torch.float64)
+    x = a.clone().requires_grad_()
+    (root(x, backend, inverse) * g).sum().backward()
+    b = a.clone()
+    b[1:] = 1000 * rank_deficient(2, 10, 4, seed=11)
+    y = b.clone().requires_grad_()
+    (root(y, backend, inverse) * g).sum().backward()
+    torch.testing.assert_close(root(b, backend, inverse)[0], root(a, backend, inverse)[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(y.grad[0], x.grad[0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_number_of_batch_dimensions(backend):
+    a = well_conditioned(6, 7, seed=12)
+    flat = covpool.sqrtm(a, backend)
+    torch.testing.assert_close(covpool.sqrtm(a.reshape(2, 3, 7, 7), backend), flat.reshape(2, 3, 7, 7))
+    torch.testing.assert_close(covpool.sqrtm(a[0], backend), flat[0])
+    assert covpool.inv_sqrtm(a.reshape(1, 2, 1, 3, 7, 7), backend).shape == (1, 2, 1, 3, 7, 7)
+    assert covpool.sqrtm(a[:0], backend).shape == (0, 7, 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_input_computes_in_float32(backend, dtype):
+    a = well_conditioned(2, 16, seed=13)
+    x = a.to(dtype).requires_grad_()
+    out = covpool.sqrtm(x, backend)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    ref32 = covpool.sqrtm(a.to(dtype).float(), backend)
+    torch.testing.assert_close(out, ref32.to(dtype))
+    out.float().sum().backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_region_runs_the_root_in_float32(backend):
+    a = well_conditioned(2, 16, dtype=torch.float32, seed=14)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = covpool.sqrtm(a, backend)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, covpool.sqrtm(a, backend))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("inverse", ROOTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_matches_cpu(backend, inverse):
+    a = well_conditioned(4, 32, dtype=torch.float32, seed=15)
+    x = a.cuda().requires_grad_()
+    out = root(x, backend, inverse)
+    out.sum().backward()
+    assert out.device == x.device and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(out.cpu(), root(a, backend, inverse), rtol=1e-3, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "a, message",
+    [(torch.ones(3), "at least 2 dimensions"), (torch.ones(2, 3, 4), "square"),
+     (torch.ones(3, 3, dtype=torch.int64), "floating-point"), ([[1.0]], "torch.Tensor")],
+)
+def test_bad_input_is_named(a, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        covpool.sqrtm(a)
+
+
+def test_unknown_backend_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown backend 'newton'.*eig, svd_pi, svd_taylor, svd_pade, ns, mtp_lya, mpa_lya"):
+        covpool.sqrtm(torch.eye(3), backend="newton")
+
+
+def test_unknown_option_lists_the_backend_options():
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['iters'\].*num_iters=5, norm='trace'"):
+        covpool.sqrtm(torch.eye(3), backend="ns", iters=3)
+
+
+@pytest.mark.parametrize(
+    "backend, options, message",
+    [("ns", {"num_iters": 0}, "ns.num_iters must be an integer >= 1"),
+     ("ns", {"num_iters": 2.5}, "integer"),
+     ("ns", {"norm": "max"}, "ns.norm must be one of 'trace', 'fro'"),
+     ("mpa_lya", {"degree": "5"}, "pair"),
+     ("mpa_lya", {"degree": (1, 0)}, "m \\+ n >= 2"),
+     ("svd_pi", {"num_iters": 1}, ">= 2"),
+     ("eig", {"eps": -1.0}, "positive"),
+     ("mtp_lya", {"lya_iters": 0}, ">= 1")],
+)
+def test_invalid_option_values(backend, options, message):
+    with pytest.raises(ValueError, match=message):
+        covpool.sqrtm(torch.eye(3), backend=backend, **options)
+
+
+def test_backend_given_as_a_config_dict():
+    a = well_conditioned(2, 8, seed=16)
+    spec = {"name": "mpa_lya", "degree": [3, 3]}
+    torch.testing.assert_close(covpool.sqrtm(a, spec), covpool.sqrtm(a, "mpa_lya", degree=(3, 3)))
+    assert spec == {"name": "mpa_lya", "degree": [3, 3]}, "the caller's dict must not be modified"
+    with pytest.raises(ValueError, match="needs a 'name' key"):
+        covpool.sqrtm(a, {"degree": 3})
+
+
+def test_registering_a_name_twice_raises_and_a_new_backend_works():
+    def halves(a, inverse, scale):
+        return covpool.sqrtm(a, "eig") * (1 / scale if inverse else scale)
+
+    name = "test_scaled_eig"
+    if name not in covpool.list_backends():
+        covpool.register_backend(name, halves, {"scale": covpool.linalg.Option(2.0, lambda k, v: float(v))})
+    with pytest.raises(ValueError, match="already registered"):
+        covpool.register_backend(name, halves)
+    torch.testing.assert_close(covpool.sqrtm(4 * torch.eye(2), name), 4 * torch.eye(2))
+    assert get_backend(name).defaults == {"scale": 2.0}
+
+
+# ------------------------------------------------------------------------------- coefficients, helpers
+def test_taylor_and_pade_coefficients_are_exact():
+    from covpool.linalg import _coefficients as co
+
+    assert co.taylor_sqrt(4, False) == (1.0, -0.5, -0.125, -0.0625, -0.0390625)
+    assert co.taylor_sqrt(3, True) == (1.0, 0.5, 0.375, 0.3125)
+    for m, n in [(5, 5), (3, 4), (6, 2)]:
+        p, q = co._pade(co._binomial_series(Fraction(1, 2), m + n), m, n)
+        series = co._binomial_series(Fraction(1, 2), m + n)
+        product = [sum(q[j] * series[k - j] for j in range(min(k, n) + 1)) for k in range(m + n + 1)]
+        assert product[: m + 1] == list(p) and all(c == 0 for c in product[m + 1:])
+        pf, qf = co.pade_sqrt(m, n)
+        torch.testing.assert_close(torch.tensor(pf, dtype=torch.float64), pade_reference(m, n)[0])
+
+
+def test_lyapunov_solver_solves_the_equation():
+    b = covpool.sqrtm(well_conditioned(3, 12, seed=17), "eig")
+    b = b / torch.linalg.matrix_norm(b, ord=2)[:, None, None]
+    c = torch.randn(3, 12, 12, dtype=torch.float64)
+    c = c + c.mT
+    x = lyapunov_sign(b, c, num_iters=12)
+    assert rel(b @ x + x @ b, c) < 1e-10
+
+
+def test_covariance_matches_the_centring_matrix_formula():
+    x = torch.randn(2, 6, 10, dtype=torch.float64)
+    centre = torch.eye(10, dtype=torch.float64) - torch.full((10, 10), 0.1, dtype=torch.float64)
+    torch.testing.assert_close(covariance(x), x @ centre @ x.mT / 10)
+
+
+def test_triu_vectorize_order_and_width():
+    a = torch.arange(9.0).reshape(3, 3)
+    assert triu_vectorize(a).tolist() == [0.0, 1.0, 2.0, 4.0, 5.0, 8.0]
+    assert triu_vectorize(torch.zeros(2, 256, 256)).shape == (2, 32896)
