@@ -109,7 +109,7 @@ class SoViTHead(nn.Module):
         """
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
-        current = next(self.reduce.parameters(), None)
+        current = next(self.parameters(), None)
         if current is not None:
             device = current.device if device is None else device
             dtype = current.dtype if dtype is None else dtype

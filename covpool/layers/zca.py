@@ -37,9 +37,9 @@ class _ZCABatchNorm(nn.Module):
         check_positive_int("num_features", num_features)
         check_positive_int("group_size", group_size)
         if num_features % group_size:
-            divisors = [g for g in (4, 8, 16, 32, 64) if num_features % g == 0] or [1]
+            nearest = max(g for g in range(1, group_size) if num_features % g == 0)
             raise ValueError(f"group_size={group_size} does not divide num_features={num_features}; pick a divisor "
-                             f"such as {divisors[-1]}")
+                             f"such as {nearest}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"eps must be a positive number, got {eps!r}")
         if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
