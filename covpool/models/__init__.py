@@ -1,2 +1,11 @@
-"""Backbones registered in timm's model registry (the only place covpool imports timm)."""
-__all__: list[str] = []
+"""Backbones registered in timm's model registry (the only place covpool imports timm).
+
+Importing this package registers ``resnet{18,50,101}_isqrt`` and ``so_vit_{7,10,14,19}`` with timm, so
+``timm.create_model("so_vit_7")`` works after ``import covpool``. The model classes live in their
+modules (:mod:`covpool.models.resnet_isqrt`, :mod:`covpool.models.so_vit`); the public helper is
+:func:`swap_pooling`.
+"""
+from . import resnet_isqrt, so_vit, swap
+from .swap import swap_pooling
+
+__all__ = ["swap_pooling"]

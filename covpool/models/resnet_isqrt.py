@@ -25,11 +25,13 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from ..layers import CovPool
-from ._stride import set_stage_stride
+from ._common import check_num_classes, set_last_stride
 
 __all__ = ["ISqrtResNet", "checkpoint_filter_fn"]
 
 _HEAD_PREFIXES = ("global_pool.", "fc.")
+# fast-MPN-COV (the iSQRT-COV authors' code) names of the reduction layers -> CovPool's.
+_AUTHORS_KEYS = (("layer_reduce_bn.", "global_pool.reduce.bn."), ("layer_reduce.", "global_pool.reduce.conv."))
 
 
 def _check_global_pool(global_pool: str | None) -> None:
@@ -38,11 +40,6 @@ def _check_global_pool(global_pool: str | None) -> None:
             f"global_pool={global_pool!r} is not supported: covariance pooling is this model's pooling "
             "(pass None or 'cov'); build timm's plain ResNet for average pooling"
         )
-
-
-def _check_num_classes(num_classes: Any) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
 
 
 class ISqrtResNet(ResNet):
@@ -79,35 +76,28 @@ class ISqrtResNet(ResNet):
             backend: str | Mapping[str, Any] = "ns",
             **kwargs: Any,
     ) -> None:
-        _check_num_classes(num_classes)
+        check_num_classes(num_classes)
         _check_global_pool(global_pool)
         if last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}")
         super().__init__(block, layers, num_classes=num_classes, **kwargs)
-        self._set_last_stride(last_stride)
-        self._install_covpool(reduced_dim=reduced_dim, backend=backend)
+        set_last_stride(self, last_stride)
+        self._install_covpool(CovPool(self.feature_info[-1]["num_chs"], reduced_dim=reduced_dim, backend=backend))
 
-    def _set_last_stride(self, last_stride: int) -> None:
-        before = set_stage_stride(self.layer4, last_stride)
-        if before != last_stride:
-            # feature_info is what timm's feature wrappers read; keep its reduction truthful.
-            self.feature_info[-1] = dict(self.feature_info[-1], reduction=self.feature_info[-1]["reduction"] // 2)
-
-    def _install_covpool(self, **covpool_options: Any) -> None:
-        """Replace ``global_pool`` with a :class:`covpool.CovPool` and size ``fc`` to its output."""
-        if covpool_options.get("vectorize", True) is not True:
+    def _install_covpool(self, pool: CovPool) -> None:
+        """Make ``pool`` the global pooling and size a fresh ``fc`` to its output (used at construction and
+        by :func:`covpool.swap_pooling` on a timm ResNet)."""
+        if not pool.vectorize:
             raise ValueError("vectorize must be True: the classifier needs the covariance as a vector")
         ref = next(self.parameters())
-        pool = CovPool(self.feature_info[-1]["num_chs"], **covpool_options)
-        self.global_pool = pool.to(device=ref.device, dtype=ref.dtype)
+        self.global_pool = pool.to(device=ref.device, dtype=ref.dtype).train(self.training)
         self.num_features = self.head_hidden_size = pool.out_features
         self.reset_classifier(self.num_classes)
 
-    @torch.jit.ignore
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace ``fc`` by a fresh linear layer with ``num_classes`` outputs (``nn.Identity`` for 0); the
         covariance pooling is kept, so ``global_pool`` may only be ``None`` or ``"cov"``."""
-        _check_num_classes(num_classes)
+        check_num_classes(num_classes)
         _check_global_pool(global_pool)
         ref = next(self.parameters())
         self.num_classes = num_classes
@@ -118,6 +108,13 @@ class ISqrtResNet(ResNet):
         self.fc.train(self.training)
 
 
+def _rename_authors_key(key: str) -> str:
+    for old, new in _AUTHORS_KEYS:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ISqrtResNet) -> dict[str, torch.Tensor]:
     """Map a timm, torchvision or covpool ResNet checkpoint onto an :class:`ISqrtResNet`.
 
@@ -126,8 +123,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ISqrtRes
     is a plain ResNet: its ``fc`` is for 2048/512 pooled features, so the head and classifier keep the
     model's fresh initialisation and the backbone still loads strictly. A covpool checkpoint passes
     through whole; timm then drops its classifier if the class count differs, as for any timm model.
+    The authors' released ``mpncovresnet50/101`` checkpoints (fast-MPN-COV) name the reduction
+    ``layer_reduce`` / ``layer_reduce_bn``; those keys are renamed onto ``global_pool.reduce``.
     """
-    state_dict = dict(state_dict)
+    state_dict = {_rename_authors_key(k): v for k, v in state_dict.items()}
     if any(k.startswith("global_pool.") for k in state_dict):
         return state_dict
     own = model.state_dict()

@@ -1,10 +1,17 @@
-"""Changing the stride of a ResNet stage in place (internal, shared by the iSQRT-COV ResNets and
-:func:`covpool.swap_pooling`)."""
+"""Helpers shared by covpool's models (internal): argument checks and changing a ResNet's last stride
+in place (used by the iSQRT-COV ResNets and :func:`covpool.swap_pooling`)."""
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
-__all__ = ["stage_stride", "set_stage_stride"]
+__all__ = ["check_num_classes", "stage_stride", "set_stage_stride", "set_last_stride"]
+
+
+def check_num_classes(num_classes: Any) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -71,3 +78,12 @@ def set_stage_stride(stage: nn.Module, stride: int) -> int:
     if isinstance(getattr(block, "stride", None), int):
         block.stride = 1
     return current
+
+
+def set_last_stride(model: nn.Module, stride: int) -> None:
+    """Set the stride of a timm or torchvision ResNet's last stage (``layer4``) with :func:`set_stage_stride`,
+    keeping a timm model's ``feature_info`` reduction (what timm's feature wrappers read) truthful."""
+    before = set_stage_stride(model.layer4, stride)
+    info = getattr(model, "feature_info", None)
+    if before != stride and isinstance(info, list) and info:
+        info[-1] = dict(info[-1], reduction=info[-1]["reduction"] * stride // before)
