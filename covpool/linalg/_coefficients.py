@@ -8,6 +8,8 @@ from __future__ import annotations
 from fractions import Fraction
 from functools import lru_cache
 
+import torch
+
 __all__: list[str] = []
 
 
@@ -46,15 +48,27 @@ def _to_float(coeffs: tuple[Fraction, ...]) -> tuple[float, ...]:
     return tuple(float(c) for c in coeffs)
 
 
-@lru_cache(maxsize=None)
+# The public functions are constants to torch.compile (assume_constant_result): Dynamo calls them
+# instead of tracing the rational arithmetic, which would take minutes.
+@torch.compiler.assume_constant_result
 def taylor_sqrt(degree: int, inverse: bool) -> tuple[float, ...]:
     """Taylor coefficients of sqrt(1 - x) (or 1 / sqrt(1 - x)) up to x**degree."""
+    return _taylor_sqrt(degree, inverse)
+
+
+@torch.compiler.assume_constant_result
+def pade_sqrt(m: int, n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """[m/n] Padé approximant P/Q of sqrt(1 - x); 1/sqrt(1 - x) is Q/P."""
+    return _pade_sqrt(m, n)
+
+
+@lru_cache(maxsize=None)
+def _taylor_sqrt(degree: int, inverse: bool) -> tuple[float, ...]:
     return _to_float(_binomial_series(Fraction(-1 if inverse else 1, 2), degree))
 
 
 @lru_cache(maxsize=None)
-def pade_sqrt(m: int, n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """[m/n] Padé approximant P/Q of sqrt(1 - x); 1/sqrt(1 - x) is Q/P."""
+def _pade_sqrt(m: int, n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     p, q = _pade(_binomial_series(Fraction(1, 2), m + n), m, n)
     if _min_on_unit_interval(q) <= 0 or _min_on_unit_interval(p) <= 0:
         raise ValueError(f"the [{m}/{n}] Padé approximant of sqrt(1-x) is not positive on [0, 1]")

@@ -1,0 +1,268 @@
+"""``covpool bench``: time and accuracy of every backend, in units of one batched matrix product.
+
+Times are medians from :mod:`torch.utils.benchmark`; each is also divided by the time of one batched
+product ``bmm`` of the same shape ("product equivalents"), which makes figures comparable across
+machines. Accuracy is measured against float64 eigendecomposition on three matrix families.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils import benchmark
+
+from . import linalg
+from ._testing import exact_grad, exact_root, rank_deficient, repeated_eigenvalues, well_conditioned
+from .linalg._iterative import _split
+
+__all__ = ["Variant", "default_variants", "product_count", "run_bench", "format_table", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One column of the benchmark: a backend with options, or a baseline function."""
+
+    label: str
+    backend: str | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+    baseline: Callable[[torch.Tensor, bool], torch.Tensor] | None = None
+
+    def __call__(self, a: torch.Tensor, inverse: bool) -> torch.Tensor:
+        if self.baseline is not None:
+            return self.baseline(a, inverse)
+        fn = linalg.inv_sqrtm if inverse else linalg.sqrtm
+        return fn(a, self.backend, **dict(self.options))
+
+
+def _matrix_sqrth(a: torch.Tensor, inverse: bool) -> torch.Tensor:
+    s = torch.linalg.matrix_sqrth(a)
+    return torch.cholesky_inverse(torch.linalg.cholesky(s)) if inverse else s
+
+
+def _eigh_autograd(a: torch.Tensor, inverse: bool) -> torch.Tensor:
+    lam, v = torch.linalg.eigh(a)
+    lam = lam.clamp_min(torch.finfo(a.dtype).eps * lam[..., -1:])
+    f = lam.rsqrt() if inverse else lam.sqrt()
+    return (v * f.unsqueeze(-2)) @ v.mT
+
+
+def default_variants(quick: bool = False) -> list[Variant]:
+    """Every backend at its defaults, the accuracy options, and the two baselines."""
+    variants = [Variant(name, name) for name in linalg.list_backends()]
+    if not quick:
+        variants += [
+            Variant("ns fro", "ns", (("norm", "fro"),)),
+            Variant("ns 10", "ns", (("num_iters", 10),)),
+            Variant("mtp_lya 20", "mtp_lya", (("degree", 20),)),
+            Variant("mpa_lya 8/8", "mpa_lya", (("degree", (8, 8)),)),
+        ]
+    variants += [Variant("matrix_sqrth", baseline=_matrix_sqrth), Variant("eigh autograd", baseline=_eigh_autograd)]
+    return variants
+
+
+def product_count(variant: Variant, inverse: bool = False) -> tuple[int, int] | None:
+    """(forward, forward+backward) batched products the algorithm performs, for the product backends.
+
+    ns: 3N − 3 forward, and an exact backward costs two products per forward product.
+    mtp_lya / mpa_lya: Paterson–Stockmeyer powers and Horner steps (mpa also one Cholesky solve,
+    counted as one product), then 5 products per Lyapunov step (3 in the last), plus the right-hand
+    side and S = A·Y for the inverse root (3 more).
+    """
+    opts = dict(variant.options)
+    if variant.backend == "ns":
+        n = opts.get("num_iters", 5)
+        fwd = max(1, 3 * n - 3) if n > 1 else 1
+        return fwd, 3 * fwd
+    if variant.backend in ("mtp_lya", "mpa_lya"):
+        lya = opts.get("lya_iters", 8)
+        bwd = 5 * (lya - 1) + 3 + (3 if inverse else 0)
+        if variant.backend == "mtp_lya":
+            deg = opts.get("degree", 10)
+            s = _split(deg, 1)
+            fwd = (s - 1) + math.ceil((deg + 1) / s) - 1
+        else:
+            m, n = opts.get("degree", (5, 5))
+            s = _split(max(m, n), 2)
+            fwd = (s - 1) + (math.ceil((m + 1) / s) - 1) + (math.ceil((n + 1) / s) - 1) + 1
+        return fwd, fwd + bwd
+    return None
+
+
+def _time(fn: Callable[[], Any], device: torch.device, min_run_time: float) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+FAMILIES: dict[str, Callable[..., torch.Tensor]] = {
+    "well-conditioned": lambda b, n: well_conditioned(b, n, seed=1),
+    "rank-deficient": lambda b, n: rank_deficient(b, n, max(2, n // 4), seed=2),
+    "repeated": lambda b, n: repeated_eigenvalues(b, n, seed=3),
+}
+
+
+def _errors(variant: Variant, n: int, inverse: bool, device: torch.device, batch: int = 4) -> dict[str, float]:
+    """Relative forward and gradient errors (float32 computation vs float64 exact) per family."""
+    out = {}
+    g = torch.randn(batch, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for family, make in FAMILIES.items():
+        a64 = make(batch, n)
+        if family == "rank-deficient":
+            # A ridge of 1e-3 × the mean eigenvalue keeps the exact gradient finite (it is infinite at 0).
+            ridge = 1e-3 * a64.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
+            a64 = a64 + ridge * torch.eye(n, dtype=torch.float64)
+        x = a64.to(device=device, dtype=torch.float32).requires_grad_()
+        y = variant(x, inverse)
+        (grad,) = torch.autograd.grad(y, x, g.to(device=device, dtype=torch.float32))
+        ref = exact_root(a64, inverse)
+        out[f"fwd err {family}"] = float((y.detach().cpu().double() - ref).norm() / ref.norm())
+        ref_g = exact_grad(a64, g, inverse)
+        out[f"grad err {family}"] = float((grad.cpu().double() - ref_g).norm() / ref_g.norm())
+    return out
+
+
+def run_bench(
+    variants: Sequence[Variant] | None = None,
+    batch: int = 64,
+    dims: Sequence[int] = (32, 64, 128, 256, 512),
+    device: str | torch.device = "cpu",
+    inverse: bool = False,
+    compile: bool = False,
+    min_run_time: float = 0.2,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Measure ``variants`` (default: :func:`default_variants`) at ``batch`` × ``dims``; one row each."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    variants = list(variants or default_variants())
+    if compile:
+        variants += [
+            Variant(f"{v.label} compiled", baseline=_compiled(v)) for v in variants if v.backend in ("ns", "mtp_lya", "mpa_lya")
+        ]
+    rows = []
+    jobs = [(n, v) for n in dims for v in variants]
+    for n, variant in tqdm(jobs, desc="bench", disable=not progress):
+        a = well_conditioned(batch, n, dtype=torch.float32, seed=0).to(device)
+        x = a.clone().requires_grad_()
+        g = torch.randn_like(a)
+        t_mm = _time(lambda: torch.bmm(a, a), device, min_run_time)
+
+        def fwd():
+            with torch.no_grad():
+                return variant(a, inverse)
+
+        def fwd_bwd():
+            return torch.autograd.grad(variant(x, inverse), x, g)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t_f = _time(fwd, device, min_run_time)
+        t_fb = _time(fwd_bwd, device, min_run_time)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        counts = product_count(variant, inverse)
+        row = {
+            "variant": variant.label, "batch": batch, "d": n, "device": device.type, "root": "inv" if inverse else "sqrt",
+            "bmm ms": 1e3 * t_mm, "fwd ms": 1e3 * t_f, "fwd+bwd ms": 1e3 * t_fb,
+            "fwd prod-eq": t_f / t_mm, "fwd+bwd prod-eq": t_fb / t_mm,
+            "products fwd": counts[0] if counts else None, "products fwd+bwd": counts[1] if counts else None,
+            "peak MiB": peak,
+        }
+        row.update(_errors(variant, min(n, 128), inverse, device))
+        rows.append(row)
+    return rows
+
+
+def _compiled(variant: Variant) -> Callable[[torch.Tensor, bool], torch.Tensor]:
+    compiled = {inv: torch.compile(linalg.inv_sqrtm if inv else linalg.sqrtm, fullgraph=True) for inv in (False, True)}
+    return lambda a, inverse: compiled[inverse](a, variant.backend, **dict(variant.options))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
+    return "–" if value is None else str(value)
+
+
+TABLE_COLUMNS = ("variant", "d", "fwd ms", "fwd+bwd ms", "fwd prod-eq", "fwd+bwd prod-eq", "products fwd+bwd",
+                 "fwd err well-conditioned", "grad err well-conditioned", "grad err rank-deficient", "grad err repeated")
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """Markdown table of ``rows``."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
+    """Time against d per variant, and the accuracy/cost frontier at the largest d ≤ 256."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(13, 5))
+    labels = list(dict.fromkeys(r["variant"] for r in rows))
+    for label in labels:
+        rs = [r for r in rows if r["variant"] == label]
+        ax_t.plot([r["d"] for r in rs], [r["fwd+bwd ms"] for r in rs], marker="o", label=label)
+    ax_t.set(xscale="log", yscale="log", xlabel="d", ylabel="forward+backward time (ms)",
+             title=f"batch {rows[0]['batch']}, {rows[0]['device']}, {rows[0]['root']}")
+    ax_t.legend(fontsize=7)
+    d_front = max((r["d"] for r in rows if r["d"] <= 256), default=rows[0]["d"])
+    for r in (r for r in rows if r["d"] == d_front):
+        ax_f.scatter(r["fwd+bwd prod-eq"], max(r["fwd err well-conditioned"], 1e-8))
+        ax_f.annotate(r["variant"], (r["fwd+bwd prod-eq"], max(r["fwd err well-conditioned"], 1e-8)), fontsize=7)
+    ax_f.set(xscale="log", yscale="log", xlabel="forward+backward cost (product equivalents)",
+             ylabel="forward relative error (well-conditioned)", title=f"accuracy / cost, d = {d_front}")
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="covpool bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one small size, backends at defaults (under a minute)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--dims", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--inverse", action="store_true", help="measure the inverse square root")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile ns, mtp_lya and mpa_lya")
+    parser.add_argument("--backends", nargs="+", help="only these variant labels (default: all)")
+    parser.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")
+    args = parser.parse_args(argv)
+    variants = default_variants(quick=args.quick)
+    if args.backends:
+        unknown = sorted(set(args.backends) - {v.label for v in variants})
+        if unknown:
+            parser.error(f"unknown variant(s) {unknown}; choose from {[v.label for v in variants]}")
+        variants = [v for v in variants if v.label in args.backends]
+    batch, dims, min_time = (16, [64], 0.05) if args.quick else (args.batch, args.dims, 0.2)
+    rows = run_bench(variants, batch, dims, args.device, args.inverse, args.compile, min_time)
+    print(format_table(rows))
+    os.makedirs(args.out, exist_ok=True)
+    write_csv(rows, os.path.join(args.out, "bench.csv"))
+    plot(rows, os.path.join(args.out, "bench.png"))
+    print(f"\nwrote {os.path.join(args.out, 'bench.csv')} and {os.path.join(args.out, 'bench.png')}")
+    return 0
