@@ -152,6 +152,15 @@ def test_gradcheck_where_the_backward_is_exact(backend, inverse):
     assert torch.autograd.gradcheck(symmetrised(lambda m: root(m, backend, inverse)), (a,))
 
 
+@pytest.mark.parametrize("norm", ["trace", "fro"])
+@pytest.mark.parametrize("num_iters", [1, 2, 3, 6])
+@pytest.mark.parametrize("inverse", ROOTS)
+def test_ns_hand_written_backward_passes_gradcheck(num_iters, norm, inverse):
+    a = well_conditioned(2, 5, seed=num_iters).requires_grad_()
+    fn = symmetrised(lambda m: root(m, "ns", inverse, num_iters=num_iters, norm=norm))
+    assert torch.autograd.gradcheck(fn, (a,))
+
+
 @pytest.mark.parametrize("inverse", ROOTS)
 def test_ns_gradient_equals_autograd_through_the_published_iteration(inverse):
     a = well_conditioned(3, 8, seed=6)

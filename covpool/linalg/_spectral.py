@@ -52,12 +52,15 @@ class _Spectral(torch.autograd.Function):
         _, inverse, _, kernel = inputs
         _, root, v = output
         ctx.mark_non_differentiable(root, v)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(root, v)
         ctx.inverse, ctx.kernel = inverse, kernel
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad, _grad_root, _grad_v):
+        if grad is None:
+            return None, None, None, None
         root, v = ctx.saved_tensors
         k = ctx.kernel(root, ctx.inverse)
         g = v.mT @ (0.5 * (grad + grad.mT)) @ v
