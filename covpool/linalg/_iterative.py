@@ -43,7 +43,8 @@ class _NewtonSchulz(torch.autograd.Function):
     @staticmethod
     def forward(a: torch.Tensor, inverse: bool, num_iters: int, norm: str):
         out, c, ys, zs, ts = _ns_iterate(a, inverse, num_iters, norm, keep=True)
-        return (out, c, *ys, *zs[1:], *ts)
+        # Z₁ is T₁: return each tensor once (torch.compile rejects an output listed twice).
+        return (out, c, *ys, *zs[2:], *ts)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -60,7 +61,9 @@ class _NewtonSchulz(torch.autograd.Function):
             return None, None, None, None
         out, c, *rest = ctx.saved_tensors
         n_it = ctx.num_iters
-        ys, zs, ts = rest[:n_it], [None, *rest[n_it:2 * n_it - 1]], rest[2 * n_it - 1:]
+        n_z = max(n_it - 2, 0)
+        ys, ts = rest[:n_it], rest[n_it + n_z:]
+        zs = [None, ts[0], *rest[n_it:n_it + n_z]]
         g_out = grad * (c.rsqrt() if ctx.inverse else c.sqrt())
         # The output is out_n·c^(±½): c̄ = ±½ <Ḡ, out>/c.
         g_c = (grad * out).sum(dim=(-2, -1), keepdim=True) / c * (-0.5 if ctx.inverse else 0.5)

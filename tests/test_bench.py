@@ -1,0 +1,66 @@
+"""`covpool bench`: the figures it reports are consistent, and the quick mode writes its outputs."""
+import csv
+
+import pytest
+import torch
+
+import covpool._testing  # noqa: F401  (used in the compile test)
+
+from covpool.bench import Variant, default_variants, format_table, main, product_count, run_bench
+
+
+def test_product_counts_follow_the_algorithms():
+    assert product_count(Variant("ns", "ns")) == (12, 36)
+    assert product_count(Variant("ns 10", "ns", (("num_iters", 10),))) == (27, 81)
+    # MTP degree 10 by Paterson–Stockmeyer: X², X³ and 3 Horner steps; Lyapunov 8 steps: 7·5 + 3.
+    assert product_count(Variant("mtp_lya", "mtp_lya")) == (5, 43)
+    # MPA [5/5]: X², X³, one Horner step per polynomial, one Cholesky solve.
+    assert product_count(Variant("mpa_lya", "mpa_lya")) == (5, 43)
+    assert product_count(Variant("mpa_lya", "mpa_lya"), inverse=True) == (5, 46)
+    assert product_count(Variant("eig", "eig")) is None
+
+
+def test_run_bench_rows_are_consistent():
+    variants = [v for v in default_variants(quick=True) if v.label in ("eig", "ns", "matrix_sqrth")]
+    rows = run_bench(variants, batch=4, dims=[16], min_run_time=0.01, progress=False)
+    assert [r["variant"] for r in rows] == ["eig", "ns", "matrix_sqrth"]
+    for r in rows:
+        assert r["fwd+bwd prod-eq"] == pytest.approx(r["fwd+bwd ms"] / r["bmm ms"])
+        assert r["fwd ms"] > 0 and r["fwd+bwd ms"] > 0
+    eig, ns, native = rows
+    assert eig["fwd err well-conditioned"] < 1e-5 and native["fwd err well-conditioned"] < 1e-5
+    assert eig["grad err well-conditioned"] < 1e-4
+    assert ns["fwd err well-conditioned"] > 1e-3  # 5 trace-normalised steps are visibly approximate
+    assert "| eig | 16 |" in format_table(rows)
+
+
+def test_quick_cli_writes_table_csv_and_png(tmp_path, capsys):
+    assert main(["--quick", "--backends", "eig", "mpa_lya", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| mpa_lya | 64 |" in out
+    with open(tmp_path / "bench.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["variant"] for r in rows] == ["eig", "mpa_lya"]
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_unknown_variant_is_an_error():
+    with pytest.raises(SystemExit):
+        main(["--quick", "--backends", "nope"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ns", "mtp_lya", "mpa_lya"])
+def test_torch_compile_fullgraph_matches_eager(backend):
+    import covpool
+
+    torch._dynamo.reset()
+    a = covpool._testing.well_conditioned(3, 12, dtype=torch.float32, seed=0)
+    for fn in (covpool.sqrtm, covpool.inv_sqrtm):
+        compiled = torch.compile(fn, fullgraph=True)
+        x, y = a.clone().requires_grad_(), a.clone().requires_grad_()
+        out_c, out_e = compiled(x, backend), fn(y, backend)
+        out_c.square().sum().backward()
+        out_e.square().sum().backward()
+        torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-3, atol=1e-4)
