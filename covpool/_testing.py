@@ -1,7 +1,7 @@
 """Matrix families and float64 references shared by the tests and `covpool bench` (internal)."""
 import torch
 
-__all__ = ["well_conditioned", "well_separated", "rank_deficient", "repeated_eigenvalues", "exact_root", "exact_grad"]
+__all__ = ["well_conditioned", "well_separated", "ill_conditioned", "rank_deficient", "repeated_eigenvalues", "exact_root", "exact_grad"]
 
 
 def well_conditioned(batch: int, n: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
@@ -18,6 +18,14 @@ def well_separated(batch: int, n: int, ratio: float = 1.5, dtype=torch.float64, 
     q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))
     lam = ratio ** torch.arange(n, dtype=torch.float64)
     return ((q * lam.unsqueeze(-2)) @ q.mT / lam[-1]).to(dtype)
+
+
+def ill_conditioned(batch: int, n: int, kappa: float = 100.0, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """SPD matrices with log-spaced eigenvalues from 1 down to 1/kappa (a whitening matrix's spread)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))
+    lam = torch.logspace(0, -torch.log10(torch.tensor(float(kappa))).item(), n, dtype=torch.float64)
+    return ((q * lam.unsqueeze(-2)) @ q.mT).to(dtype)
 
 
 def rank_deficient(batch: int, n: int, samples: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch.utils import benchmark
 
 from . import linalg
-from ._testing import exact_grad, exact_root, rank_deficient, repeated_eigenvalues, well_conditioned
+from ._testing import exact_grad, exact_root, ill_conditioned, rank_deficient, repeated_eigenvalues, well_conditioned
 from .linalg._iterative import _split
 
 __all__ = ["Variant", "default_variants", "product_count", "run_bench", "format_table", "main"]
@@ -61,6 +61,8 @@ def default_variants(quick: bool = False) -> list[Variant]:
             Variant("ns 10", "ns", (("num_iters", 10),)),
             Variant("mtp_lya 20", "mtp_lya", (("degree", 20),)),
             Variant("mpa_lya 8/8", "mpa_lya", (("degree", (8, 8)),)),
+            Variant("mpa_lya refine 2", "mpa_lya", (("refine", 2),)),
+            Variant("mtp_lya refine 2", "mtp_lya", (("refine", 2),)),
         ]
     variants += [Variant("matrix_sqrth", baseline=_matrix_sqrth), Variant("eigh autograd", baseline=_eigh_autograd)]
     return variants
@@ -90,6 +92,7 @@ def product_count(variant: Variant, inverse: bool = False) -> tuple[int, int] | 
             m, n = opts.get("degree", (5, 5))
             s = _split(max(m, n), 2)
             fwd = (s - 1) + (math.ceil((m + 1) / s) - 1) + (math.ceil((n + 1) / s) - 1) + 1
+        fwd += 3 * opts.get("refine", 0)
         return fwd, fwd + bwd
     return None
 
@@ -105,6 +108,7 @@ FAMILIES: dict[str, Callable[..., torch.Tensor]] = {
     "well-conditioned": lambda b, n: well_conditioned(b, n, seed=1),
     "rank-deficient": lambda b, n: rank_deficient(b, n, max(2, n // 4), seed=2),
     "repeated": lambda b, n: repeated_eigenvalues(b, n, seed=3),
+    "ill-conditioned": lambda b, n: ill_conditioned(b, n, kappa=100.0, seed=4),
 }
 
 
@@ -194,7 +198,8 @@ def _fmt(value: Any) -> str:
 
 
 TABLE_COLUMNS = ("variant", "d", "fwd ms", "fwd+bwd ms", "fwd prod-eq", "fwd+bwd prod-eq", "products fwd+bwd",
-                 "fwd err well-conditioned", "grad err well-conditioned", "grad err rank-deficient", "grad err repeated")
+                 "fwd err well-conditioned", "fwd err ill-conditioned", "grad err well-conditioned",
+                 "grad err rank-deficient", "grad err repeated")
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
@@ -229,11 +234,16 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
              title=f"batch {rows[0]['batch']}, {rows[0]['device']}, {rows[0]['root']}")
     ax_t.legend(fontsize=7)
     d_front = max((r["d"] for r in rows if r["d"] <= 256), default=rows[0]["d"])
-    for r in (r for r in rows if r["d"] == d_front):
-        ax_f.scatter(r["fwd+bwd prod-eq"], max(r["fwd err well-conditioned"], 1e-8))
-        ax_f.annotate(r["variant"], (r["fwd+bwd prod-eq"], max(r["fwd err well-conditioned"], 1e-8)), fontsize=7)
+    front = [r for r in rows if r["d"] == d_front]
+    for family, marker in (("well-conditioned", "o"), ("ill-conditioned", "x")):
+        xs = [r["fwd+bwd prod-eq"] for r in front]
+        ys = [max(r[f"fwd err {family}"], 1e-8) for r in front]
+        ax_f.scatter(xs, ys, marker=marker, label=family)
+        for r, x, y in zip(front, xs, ys):
+            ax_f.annotate(r["variant"], (x, y), fontsize=6)
+    ax_f.legend(fontsize=7)
     ax_f.set(xscale="log", yscale="log", xlabel="forward+backward cost (product equivalents)",
-             ylabel="forward relative error (well-conditioned)", title=f"accuracy / cost, d = {d_front}")
+             ylabel="forward relative error", title=f"accuracy / cost, d = {d_front} (errors at d <= 128)")
     fig.tight_layout()
     tmp = f"{path}.tmp.png"
     fig.savefig(tmp, dpi=110)

@@ -64,8 +64,8 @@ def test_import_registers_the_models_with_timm():
 def test_backend_options_are_documented_defaults():
     defaults = {name: covpool.get_backend(name).defaults for name in covpool.list_backends()[:7]}
     assert defaults["ns"] == {"num_iters": 5, "norm": "trace"}
-    assert defaults["mtp_lya"] == {"degree": 10, "lya_iters": 8}
-    assert defaults["mpa_lya"] == {"degree": (5, 5), "lya_iters": 8}
+    assert defaults["mtp_lya"] == {"degree": 10, "lya_iters": 8, "refine": 0}
+    assert defaults["mpa_lya"] == {"degree": (5, 5), "lya_iters": 8, "refine": 0}
 
 
 def test_cli_lists_commands_and_rejects_unknown(capsys):

@@ -17,6 +17,7 @@ def test_product_counts_follow_the_algorithms():
     # MPA [5/5]: X², X³, one Horner step per polynomial, one Cholesky solve.
     assert product_count(Variant("mpa_lya", "mpa_lya")) == (5, 43)
     assert product_count(Variant("mpa_lya", "mpa_lya"), inverse=True) == (5, 46)
+    assert product_count(Variant("mpa_lya", "mpa_lya", (("refine", 2),))) == (11, 49)
     assert product_count(Variant("eig", "eig")) is None
 
 
