@@ -48,8 +48,11 @@ class ModelConfig:
     )
     num_classes: int | None = _opt(None, "classifier size; null takes it from the data set")
     swap_pooling: bool = _opt(False, "replace a ResNet's average pooling + fc by covariance pooling (covpool.swap_pooling)")
-    covpool: dict = _opt({}, "keyword options for covpool.swap_pooling, e.g. {reduced_dim: 256, backend: ns}")
-    zca: bool = _opt(False, "convert the model's ZCA layers to synchronised ones under DDP (covpool.convert_sync_zca)")
+    covpool: dict = _opt({}, "keyword options for covpool.swap_pooling, e.g. {reduced_dim: 256, backend: ns, "
+                         "last_stride: 1}")
+    zca: str = _opt("none", "ZCA whitening batch norm (covpool.ZCABatchNorm2d) in place of BatchNorm2d: none | stem "
+                    "(the first one) | all; synchronised across processes under DDP")
+    zca_options: dict = _opt({}, "keyword options for covpool.ZCABatchNorm2d, e.g. {group_size: 16, backend: ns}")
     cifar_stem: bool = _opt(False, "ResNet stem for 32x32 input: 3x3 stride-1 first conv, no max-pool")
     kwargs: dict = _opt({}, "extra keyword arguments for timm.create_model (drop_rate, output_stride, img_size, ...)")
 

@@ -1,0 +1,34 @@
+"""Training tools on top of covpool: configs, data, the training loop, checkpoints and the demo.
+
+``covpool train --config configs/<name>.yaml [key=value ...]`` and ``covpool eval`` are thin wrappers over
+:func:`train` and :func:`evaluate`. Importing this package is cheap; timm and torchvision data sets load
+when a run starts.
+"""
+from .checkpoint import atomic_save, load_checkpoint
+from .config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
+from .data import CUB200, DatasetNotFoundError, build_datasets, dataset_names
+from .embedded import EmbeddedTextures
+from .engine import NonFiniteLossError, RunExistsError, TrainResult, evaluate, train
+from ._model import build_model
+
+__all__ = [
+    "TrainConfig",
+    "ModelConfig",
+    "DataConfig",
+    "OptimConfig",
+    "ConfigError",
+    "load_config",
+    "train",
+    "evaluate",
+    "TrainResult",
+    "NonFiniteLossError",
+    "RunExistsError",
+    "build_model",
+    "build_datasets",
+    "dataset_names",
+    "DatasetNotFoundError",
+    "EmbeddedTextures",
+    "CUB200",
+    "atomic_save",
+    "load_checkpoint",
+]

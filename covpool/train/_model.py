@@ -1,0 +1,113 @@
+"""Model construction for ``covpool train``: timm model + optional covariance pooling, CIFAR stem, ZCA."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError, ModelConfig
+
+__all__ = ["build_model", "head_parameter_names", "param_groups"]
+
+_ZCA_MODES = ("none", "stem", "all")
+
+
+def _cifar_stem(model: nn.Module) -> None:
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise ConfigError("model.cifar_stem needs a ResNet with a single-conv stem (conv1 + maxpool), such as "
+                          "timm's or torchvision's resnet18/34/50; deep stems (resnet*d, resnet*t) are not supported")
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def _convert_zca(model: nn.Module, mode: str, options: dict[str, Any]) -> None:
+    import covpool
+
+    if mode not in _ZCA_MODES:
+        raise ConfigError(f"model.zca must be one of {', '.join(_ZCA_MODES)}, got {mode!r}")
+    if mode == "none":
+        return
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.BatchNorm2d]
+    if not targets:
+        raise ConfigError(f"model.zca={mode!r}: {type(model).__name__} has no BatchNorm2d to replace")
+    for name, bn in targets[:1] if mode == "stem" else targets:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        opts = {"eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine, **options}
+        setattr(parent, name.rpartition(".")[2], covpool.ZCABatchNorm2d(bn.num_features, **opts))
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """Build ``cfg.name`` with timm (covpool's models registered) and apply the config's surgery.
+
+    ``cfg.pretrained`` may be ``True`` (timm's hub weights, needs the network), ``False``, or a path to a
+    local checkpoint (loaded by timm, which drops the classifier when the class count differs). Surgery
+    happens after the weights load, in this order: CIFAR stem, ZCA batch norm, covariance pooling.
+    """
+    import timm
+
+    import covpool  # noqa: F401  (registers resnet*_isqrt and so_vit_* with timm)
+
+    kwargs = dict(cfg.kwargs)
+    pretrained = cfg.pretrained
+    if isinstance(pretrained, str):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained={pretrained!r} is not a file; give a local checkpoint "
+                                    "path, true (download from the hub) or false (random init)")
+        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
+        pretrained = True
+    if not timm.is_model(cfg.name):
+        raise ConfigError(f"model.name={cfg.name!r} is not a timm model; see timm.list_models() "
+                          "(covpool adds resnet18/50/101_isqrt and so_vit_7/10/14/19)")
+    try:
+        model = timm.create_model(cfg.name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if not pretrained or isinstance(cfg.pretrained, str):
+            raise
+        raise RuntimeError(f"could not fetch pretrained weights for {cfg.name!r} ({type(err).__name__}: {err}). "
+                           "Without network access, download them elsewhere and pass model.pretrained=/path/to/"
+                           "file.safetensors (or .pth), or train from scratch with model.pretrained=false") from err
+    if cfg.cifar_stem:
+        _cifar_stem(model)
+    _convert_zca(model, cfg.zca, dict(cfg.zca_options))
+    if cfg.swap_pooling:
+        covpool.swap_pooling(model, **cfg.covpool)
+    elif cfg.covpool:
+        raise ConfigError("model.covpool options are only used with model.swap_pooling=true")
+    return model
+
+
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of the new head: the classifier (timm's ``get_classifier()``, or ``fc``)
+    plus every covariance-pooling module (:class:`covpool.CovPool`, :class:`covpool.SoViTHead`), whose
+    reduction convolution is as new as the classifier when a pretrained backbone is fine-tuned."""
+    import covpool
+
+    heads: list[nn.Module] = []
+    if hasattr(model, "get_classifier"):
+        heads.append(model.get_classifier())
+    elif isinstance(getattr(model, "fc", None), nn.Module):
+        heads.append(model.fc)
+    heads += [m for m in model.modules() if isinstance(m, (covpool.CovPool, covpool.SoViTHead))]
+    ids = {id(p) for head in heads for p in head.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float) -> list[dict[str, Any]]:
+    """Up to four groups, (backbone | head) x (decay | no decay). Biases, norm weights and the model's
+    ``no_weight_decay()`` names get no decay, as in timm; the head's groups carry ``lr_scale``, which
+    timm's schedulers multiply into the scheduled learning rate."""
+    head = head_parameter_names(model)
+    skip = set(getattr(model, "no_weight_decay", lambda: ())())
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim > 1 and name not in skip and not name.endswith(".bias")
+        groups.setdefault((name in head, decay), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+             "lr_scale": head_lr_mult if is_head else 1.0}
+            for (is_head, decay), params in sorted(groups.items())]

@@ -1,0 +1,444 @@
+"""covpool.train: configs, data, the training loop, checkpoints, resume, torchrun, the demo."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import covpool
+from covpool.train import checkpoint as ckpt_mod
+from covpool.train import engine
+from covpool.train._model import build_model, param_groups
+from covpool.train.cli import eval_main, train_main
+from covpool.train.config import ConfigError, config_to_dict, load_config
+from covpool.train.data import (DatasetNotFoundError, build_datasets, build_loaders, dataset_names,
+                                num_classes_of)
+from covpool.train.demo import demo_config, run_demo
+from covpool.train.embedded import EMBEDDED_CLASSES, EmbeddedTextures, _patch_boxes
+
+from _train_helpers import REPO, make_cub, make_imagefolder, tiny_overrides
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine a second spinning
+    OpenMP thread slows every step down instead of speeding it up."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# -- config ------------------------------------------------------------------------------------------------
+def test_unknown_override_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.lrr=0.1"])
+    msg = str(err.value)
+    assert "'optim.lrr'" in msg and "did you mean 'optim.lr'" in msg
+    assert "optim.weight_decay" in msg and "optim.head_lr_mult" in msg
+
+
+def test_unknown_yaml_key_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("epochs: 2\nmodel:\n  nmae: resnet18\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.nmae' in .*bad.yaml.*model\.name"):
+        load_config(path)
+
+
+def test_unknown_key_on_the_command_line_exits_2(tmp_path, capsys):
+    assert train_main(["--config", str(REPO / "configs" / "demo.yaml"), "data.imgsize=32"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'data.imgsize'" in err and "data.img_size" in err
+
+
+def test_override_values_are_yaml_scalars_with_types_checked():
+    cfg = load_config(None, ["optim.lr=1e-4", "epochs=3", "model.pretrained=/w.pth", "data.scale=[0.5, 1.0]",
+                             "model.covpool.reduced_dim=64", "clip_grad=null"])
+    assert cfg.optim.lr == pytest.approx(1e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.epochs == 3 and cfg.model.pretrained == "/w.pth" and cfg.data.scale == [0.5, 1.0]
+    assert cfg.model.covpool == {"reduced_dim": 64} and cfg.clip_grad is None
+    with pytest.raises(ConfigError, match="'epochs' must be int"):
+        load_config(None, ["epochs=two"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["epochs"])
+
+
+def test_demo_yaml_is_the_demo_average_pooling_run():
+    assert config_to_dict(load_config(REPO / "configs" / "demo.yaml")) == config_to_dict(demo_config("avgpool"))
+    cov = demo_config("covpool")
+    assert cov.model.swap_pooling and cov.model.covpool == {"reduced_dim": 64, "backend": "ns", "last_stride": 1}
+
+
+# -- embedded data -------------------------------------------------------------------------------------------
+def test_embedded_is_deterministic_and_seeded():
+    a = EmbeddedTextures("train", img_size=16, per_class=4, seed=3)
+    b = EmbeddedTextures("train", img_size=16, per_class=4, seed=3)
+    c = EmbeddedTextures("train", img_size=16, per_class=4, seed=4)
+    assert len(a) == 4 * len(EMBEDDED_CLASSES) and a.images.shape == (32, 3, 16, 16)
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
+    image, label = a[5]
+    assert image.dtype == torch.float32 and 0.0 <= image.min() and image.max() <= 1.0 and label == 1
+    # grey by default: the three channels are equal, so colour cannot give a class away
+    assert torch.equal(a.images[:, 0], a.images[:, 1])
+
+
+@pytest.mark.parametrize("h,w", [(512, 512), (300, 451), (1000, 400)])
+def test_embedded_train_and_val_regions_are_disjoint(h, w):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    long = max(h, w)
+    axis = 1 if w >= h else 0  # boxes are (top, left, side, side)
+    train = _patch_boxes(h, w, 500, True, rng)
+    val = _patch_boxes(h, w, 500, False, rng)
+    assert (train[:, axis] + train[:, 2]).max() <= int(0.70 * long) < int(0.75 * long) <= val[:, axis].min()
+    assert (val[:, axis] + val[:, 2]).max() <= long
+    assert (train[:, 1 - axis] >= 0).all() and (train[:, 1 - axis] + train[:, 2] <= min(h, w)).all()
+
+
+# -- data sets and their errors --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [n for n in dataset_names() if n != "embedded"])
+def test_missing_root_error_names_the_layout(name, tmp_path):
+    cfg = load_config(None, [f"data.dataset={name}", f"data.root={tmp_path / 'nowhere'}"])
+    with pytest.raises(DatasetNotFoundError) as err:
+        build_datasets(cfg.data)
+    msg = str(err.value)
+    assert name in msg and "Expected layout" in msg and "nowhere" in msg
+    unset = load_config(None, [f"data.dataset={name}"])
+    with pytest.raises(DatasetNotFoundError, match="data.root is not set"):
+        num_classes_of(unset.data)
+
+
+@pytest.mark.parametrize("name,expect", [("stanford_cars", "stanford_cars"), ("fgvc_aircraft", "fgvc-aircraft"),
+                                         ("flowers102", "flowers-102"), ("oxford_pet", "oxford-iiit-pet"),
+                                         ("cifar10", "cifar-10-batches-py")])
+def test_empty_root_torchvision_error_is_rewritten(name, expect, tmp_path):
+    cfg = load_config(None, [f"data.dataset={name}", f"data.root={tmp_path}"])
+    with pytest.raises(DatasetNotFoundError, match=expect):
+        build_datasets(cfg.data)
+
+
+def test_missing_root_on_the_command_line_exits_2(tmp_path, capsys):
+    rc = train_main(["--config", str(REPO / "configs" / "cub200_resnet50_isqrt.yaml"), f"data.root={tmp_path / 'x'}",
+                     f"output_dir={tmp_path}", "model.pretrained=false"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "image_class_labels.txt" in err and "train_test_split.txt" in err
+
+
+def test_cub_native_layout_is_read(tmp_path):
+    make_cub(tmp_path, classes=3, per_class=4)
+    cfg = load_config(None, ["data.dataset=cub200", f"data.root={tmp_path}", "data.img_size=16"])
+    train_set, val_set = build_datasets(cfg.data)
+    assert len(train_set) == 6 and len(val_set) == 6
+    assert sorted(set(train_set.targets)) == [0, 1, 2]
+    image, label = train_set[0]
+    assert image.shape == (3, 16, 16) and label == 0
+
+
+# -- every shipped config builds its model and data pipeline ------------------------------------------------
+def _prepare(path: Path, tmp_path: Path) -> tuple[list[str], bool]:
+    """Overrides that make ``path`` buildable here, and whether its data set can be faked locally."""
+    data = yaml.safe_load(path.read_text())
+    dataset = data["data"]["dataset"]
+    over = ["model.pretrained=false", "data.workers=0", "data.batch_size=2", f"output_dir={tmp_path}"]
+    if dataset != "embedded":
+        over.append("data.img_size=64")
+    if data["model"]["name"].startswith("so_vit"):
+        over.append("model.kwargs.img_size=64")
+    if dataset == "imagefolder":
+        make_imagefolder(tmp_path / "data", classes=3, per_class=2)
+        return [*over, f"data.root={tmp_path / 'data'}"], True
+    if dataset == "cub200":
+        make_cub(tmp_path / "data", classes=3, per_class=2)
+        return [*over, f"data.root={tmp_path / 'data'}"], True
+    return over, dataset == "embedded"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_builds_model_and_data(path, tmp_path):
+    over, local = _prepare(path, tmp_path)
+    cfg = load_config(path, over)
+    if not local:  # torchvision data sets: no data here, so the error must say what to provide
+        with pytest.raises(DatasetNotFoundError, match="Expected layout"):
+            num_classes_of(cfg.data)
+        num_classes = {"stanford_cars": 196, "fgvc_aircraft": 100, "cifar10": 10}[cfg.data.dataset]
+    else:
+        num_classes = num_classes_of(cfg.data)
+    if cfg.data.dataset == "cub200":
+        assert num_classes == 200  # CUB's label space, whatever subset the folder holds
+    model = build_model(cfg.model, num_classes)
+    size = cfg.data.img_size
+    if local:
+        train_set, val_set = build_datasets(cfg.data, model, seed=0)
+        train_loader, val_loader = build_loaders(cfg.data, train_set, val_set, seed=0)
+        images, labels = next(iter(train_loader))
+        assert images.shape == (2, 3, size, size) and labels.shape == (2,)
+    else:
+        images = torch.randn(2, 3, size, size)
+    model.eval()
+    with torch.no_grad():
+        assert model(images).shape == (2, num_classes)
+
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.head_lr_mult)
+    scales = {g["lr_scale"] for g in groups}
+    assert scales == ({1.0, cfg.optim.head_lr_mult} if cfg.optim.head_lr_mult != 1.0 else {1.0})
+    if cfg.model.name.endswith("_isqrt"):
+        assert cfg.optim.head_lr_mult == 5.0 and cfg.data.batch_size == 2 and cfg.optim.lr == pytest.approx(1.2e-3)
+        head = {id(p) for g in groups if g["lr_scale"] == 5.0 for p in g["params"]}
+        assert id(model.fc.weight) in head
+        assert any(id(p) in head for p in model.global_pool.parameters())  # the covariance reduction conv
+        assert id(model.conv1.weight) not in head
+    if cfg.model.zca == "all":
+        zca = [m for m in model.modules() if isinstance(m, covpool.ZCABatchNorm2d)]
+        assert len(zca) == 20 and not any(type(m) is torch.nn.BatchNorm2d for m in model.modules())
+        assert model.conv1.stride == (1, 1) and isinstance(model.maxpool, torch.nn.Identity)
+
+
+# -- training, evaluation, outputs -------------------------------------------------------------------------------
+def test_two_step_training_then_eval(tmp_path, capsys):
+    over = tiny_overrides(tmp_path, max_steps_per_epoch=2)
+    assert train_main(["--config", str(REPO / "configs" / "demo.yaml"), *over]) == 0
+    run = tmp_path / "tiny"
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.yaml", "curves.png", "last.pt",
+                                                     "metrics.csv"]
+    rows = _rows(run / "metrics.csv")
+    assert len(rows) == 1 and rows[0]["epoch"] == "1"
+    loss = float(rows[0]["train_loss"])
+    assert math.isfinite(loss) and 0.5 < loss < 5.0  # ~ln(8) at the start on 8 classes
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["global_step"] == 2 and state["epoch"] == 1 and state["step_in_epoch"] == 0
+    assert state["config"]["model"]["name"] == "test_resnet" and isinstance(state["rng"][0]["torch"], torch.Tensor)
+    out = capsys.readouterr().out
+    assert "epoch 1/1" in out and "val acc" in out and "best val acc" in out
+
+    assert eval_main(["--checkpoint", str(run / "last.pt")]) == 0
+    out = capsys.readouterr().out
+    acc = float(out.split("top-1 ")[1].split("%")[0])
+    assert acc == pytest.approx(float(rows[0]["val_acc1"]), abs=0.01)
+    assert "(16 images)" in out
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path, max_steps_per_epoch=1))
+    engine.train(cfg)
+    with pytest.raises(engine.RunExistsError, match="--resume"):
+        engine.train(cfg)
+    assert engine.train(cfg, overwrite=True).final["epoch"] == 1
+
+
+def test_amp_ema_mixup_clip_and_workers(tmp_path):
+    over = tiny_overrides(tmp_path, epochs=2, amp="bf16", ema="true", ema_decay=0.5, mixup=0.8, cutmix=1.0,
+                          label_smoothing=0.1, clip_grad=1.0, data__workers=1, model__swap_pooling="true",
+                          model__covpool__reduced_dim=16)
+    result = engine.train(load_config(None, over))
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["ema_val_acc1"]) for r in result.history)
+    ema = engine.evaluate(tmp_path / "tiny" / "last.pt", use_ema=True)
+    assert ema["count"] == 16 and ema["acc1"] == pytest.approx(result.history[-1]["ema_val_acc1"])
+    with pytest.raises(ConfigError, match="amp=fp16 needs CUDA"):
+        engine.train(load_config(None, tiny_overrides(tmp_path, "fp16", amp="fp16", device="cpu")))
+
+
+def test_pretrained_from_a_local_file(tmp_path):
+    import timm
+
+    source = timm.create_model("test_resnet")  # ImageNet's 1000 classes
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    cfg = load_config(None, ["model.name=test_resnet", f"model.pretrained={tmp_path / 'weights.pth'}"])
+    model = build_model(cfg.model, 8)
+    assert torch.equal(model.conv1[0].weight, source.conv1[0].weight)  # backbone loaded
+    assert model.fc.weight.shape == (8, 96)  # classifier re-sized, not loaded
+    missing = load_config(None, ["model.name=test_resnet", f"model.pretrained={tmp_path / 'nope.pth'}"])
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        build_model(missing.model, 8)
+    with pytest.raises(ConfigError, match="not a timm model"):
+        build_model(load_config(None, ["model.name=resnet_nonexistent"]).model, 8)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "last.pt", weights_only=True)["model"]
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])]
+    keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc1", "lr")
+    ra, rb = _rows(a / "metrics.csv"), _rows(b / "metrics.csv")
+    assert [[r[k] for k in keys] for r in ra] == [[r[k] for k in keys] for r in rb]
+
+
+def test_resume_after_an_epoch_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    """2 epochs straight == 1 epoch, then --resume for the second (weights and metrics identical)."""
+    extra = dict(epochs=2)
+    straight = load_config(None, tiny_overrides(tmp_path, "straight", **extra))
+    engine.train(straight)
+
+    saved = []
+    real_save = engine.atomic_save
+
+    def keep_first_epoch(state, path):
+        if Path(path).name == "last.pt" and state["epoch"] == 1:
+            saved.append(real_save(state, tmp_path / "after_epoch_1.pt"))
+        return real_save(state, path)
+
+    monkeypatch.setattr(engine, "atomic_save", keep_first_epoch)
+    engine.train(load_config(None, tiny_overrides(tmp_path, "scratch", **extra)))
+    monkeypatch.setattr(engine, "atomic_save", real_save)
+    assert saved, "no checkpoint after epoch 1"
+    # resume from the epoch-1 checkpoint through the command line, taking the config from the checkpoint
+    rc = train_main(["--resume", str(saved[0]), "name=resumed", f"output_dir={tmp_path}"])
+    assert rc == 0
+    _assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, monkeypatch):
+    """SIGINT at global step 4 (epoch 2, step 1): saved and stopped; resuming gives the uninterrupted run."""
+    extra = dict(epochs=2, optim__head_lr_mult=3.0, model__swap_pooling="true", model__covpool__reduced_dim=16)
+    engine.train(load_config(None, tiny_overrides(tmp_path, "straight", **extra)))
+
+    real_step = engine._Trainer._train_step
+
+    def step_then_interrupt(self, images, target, stop):
+        if self.global_step == 3:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does; the handler only sets a flag
+        return real_step(self, images, target, stop)
+
+    cfg = load_config(None, tiny_overrides(tmp_path, "interrupted", **extra))
+    monkeypatch.setattr(engine._Trainer, "_train_step", step_then_interrupt)
+    result = engine.train(cfg)
+    monkeypatch.setattr(engine._Trainer, "_train_step", real_step)
+    assert result.interrupted and len(result.history) == 1
+    state = torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 1, 4)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    resumed = engine.train(cfg, resume=True)
+    assert not resumed.interrupted and [r["epoch"] for r in resumed.history] == [1, 2]
+    _assert_same_run(tmp_path / "straight", tmp_path / "interrupted")
+
+
+class _NaNAfter(torch.nn.Module):
+    """Wraps a model; its ``calls``-th training forward returns NaN logits."""
+
+    def __init__(self, inner: torch.nn.Module, calls: int) -> None:
+        super().__init__()
+        self.inner, self.calls, self.seen = inner, calls, 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.seen += 1
+            if self.seen == self.calls:
+                out = out * float("nan")
+        return out
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good(tmp_path, monkeypatch, capsys):
+    real_build = engine.build_model
+    monkeypatch.setattr(engine, "build_model", lambda cfg, n: _NaNAfter(real_build(cfg, n), calls=4))
+    over = tiny_overrides(tmp_path, epochs=3)
+    rc = train_main(["--config", str(REPO / "configs" / "demo.yaml"), *over])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss (nan) at epoch 2, step 1 of 3 (global step 4)" in err
+    assert str(tmp_path / "tiny" / "last.pt") in err
+    state = torch.load(tmp_path / "tiny" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert len(_rows(tmp_path / "tiny" / "metrics.csv")) == 1
+
+
+def test_non_finite_loss_before_any_checkpoint(tmp_path, monkeypatch):
+    real_build = engine.build_model
+    monkeypatch.setattr(engine, "build_model", lambda cfg, n: _NaNAfter(real_build(cfg, n), calls=2))
+    with pytest.raises(engine.NonFiniteLossError, match=r"epoch 1, step 2 of 3 .*No checkpoint was written yet"):
+        engine.train(load_config(None, tiny_overrides(tmp_path)))
+    assert not (tmp_path / "tiny" / "last.pt").exists()
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------
+def test_atomic_save_leaves_old_file_and_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt_mod.atomic_save({"w": torch.ones(3)}, path)
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt_mod.atomic_save({"w": torch.zeros(3)}, path)
+    assert os.listdir(tmp_path) == ["last.pt"]
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    ckpt_mod.atomic_save({"rng": ckpt_mod.rng_state()}, tmp_path / "r.pt")
+    first = (random.random(), float(np.random.rand()), torch.rand(2))
+    ckpt_mod.set_rng_state(ckpt_mod.load_checkpoint(tmp_path / "r.pt")["rng"])
+    again = (random.random(), float(np.random.rand()), torch.rand(2))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+# -- scale out -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path):
+    over = tiny_overrides(tmp_path, "ddp", epochs=2, model__zca="stem", model__zca_options__group_size=8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "covpool",
+         "train", "--config", str(REPO / "configs" / "demo.yaml"), *over],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "ddp"
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.yaml", "curves.png", "last.pt",
+                                                     "metrics.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # nothing else written anywhere
+    # only rank 0 prints: one summary line per epoch, one final table
+    assert proc.stdout.count("epoch 1/2  train loss") == 1 and proc.stdout.count("epoch 2/2  train loss") == 1
+    assert proc.stdout.count("best val acc") == 1
+    state = torch.load(run / "last.pt", weights_only=True)
+    # 24 images, 2 processes x batch 8 -> 1 step per epoch; both processes' RNG states are kept
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["global_step"] == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    assert state["model"]["conv1.1.running_cov"].shape == (2, 8, 8)  # the stem's ZCA layer, 2 groups of 8
+    assert len(_rows(run / "metrics.csv")) == 2
+
+
+# -- the demo --------------------------------------------------------------------------------------------------
+def test_run_demo_tiny(tmp_path, capsys):
+    rc = run_demo(["--output-dir", str(tmp_path), "--no-progress", "epochs=1", "model.name=test_resnet",
+                   "data.img_size=32", "data.batch_size=8",
+                   "data.embedded_train_per_class=2", "data.embedded_val_per_class=1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "val acc" in line and " s" in line and "best" in line]
+    assert [line.split()[0] for line in lines] == ["avgpool", "covpool"]
+    for line in lines:
+        assert 0.0 <= float(line.split("val acc")[1].split("%")[0]) <= 100.0
+    assert (tmp_path / "comparison.png").stat().st_size > 1000
+    assert _rows(tmp_path / "avgpool" / "metrics.csv")[0]["epoch"] == "1"
+    state = torch.load(tmp_path / "covpool" / "last.pt", weights_only=True)
+    assert any(k.startswith("global_pool.") for k in state["model"])  # covariance pooling really in place
