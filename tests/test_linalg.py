@@ -88,13 +88,20 @@ def mtp_reference(a, degree, inverse):
     return poly / norm.sqrt() if inverse else poly * norm.sqrt()
 
 
+def sym_inv(m):
+    # Batched LU in torch 2.14 on the CPU intermittently rejects its own pivots at this size
+    # ("Pivots given to lu_solve must all be greater or equal to 1"); eigh is safe for symmetric m.
+    lam, v = torch.linalg.eigh(m)
+    return (v / lam.unsqueeze(-2)) @ v.mT
+
+
 def mpa_reference(a, degree, inverse):
     x, norm = normalised(a)
     p, q = pade_reference(*degree)
     pm, qm = matrix_poly(p, x), matrix_poly(q, x)
     if inverse:
-        return torch.linalg.inv(pm) @ qm / norm.sqrt()
-    return torch.linalg.inv(qm) @ pm * norm.sqrt()
+        return sym_inv(pm) @ qm / norm.sqrt()
+    return sym_inv(qm) @ pm * norm.sqrt()
 
 
 REFERENCES = {
