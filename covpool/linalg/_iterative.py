@@ -285,7 +285,9 @@ def _mpa_lya(a: torch.Tensor, inverse: bool, degree: tuple[int, int], lya_iters:
         if inv:
             num, den = den, num
         chol = torch.linalg.cholesky_ex(den)[0]
-        return torch.cholesky_solve(num, chol)
+        # The solve returns column-major matrices; the result is symmetric (P and Q commute), so its
+        # transpose is the same matrix in the row-major layout the batched products run fastest on.
+        return torch.cholesky_solve(num, chol).mT
 
     return _LyaRoot.apply(a, inverse, approx, lya_iters, refine)[0]
 
