@@ -321,13 +321,15 @@ def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, monkeypatch):
         return real_step(self, images, target, stop)
 
     cfg = load_config(None, tiny_overrides(tmp_path, "interrupted", **extra))
+    # Whatever SIGINT did before (a background job or nohup starts with it ignored) must be restored.
+    handler_before = signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(engine._Trainer, "_train_step", step_then_interrupt)
     result = engine.train(cfg)
     monkeypatch.setattr(engine._Trainer, "_train_step", real_step)
     assert result.interrupted and len(result.history) == 1
     state = torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 1, 4)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before
 
     resumed = engine.train(cfg, resume=True)
     assert not resumed.interrupted and [r["epoch"] for r in resumed.history] == [1, 2]
