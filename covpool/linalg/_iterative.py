@@ -116,14 +116,14 @@ def _ns_iterate(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, keep:
         out = t.clone() if inverse else y @ t
     else:
         y, z = y @ t, t
-        for _ in range(num_iters - 1):
+        for step in range(num_iters - 1):
             if keep:
                 ys.append(y)
                 zs.append(z)
             t = torch.baddbmm(eye15, z, y, alpha=-0.5)
             if keep:
                 ts.append(t)
-            if _ < num_iters - 2:
+            if step < num_iters - 2:  # the last step only forms the requested root, below
                 y, z = y @ t, t @ z
         out = t @ z if inverse else y @ t
     out.mul_(c.rsqrt() if inverse else c.sqrt())
@@ -292,10 +292,6 @@ def _mpa_lya(a: torch.Tensor, inverse: bool, degree: tuple[int, int], lya_iters:
     return _LyaRoot.apply(a, inverse, approx, lya_iters, refine)[0]
 
 
-def _mtp_degree(key, value):
-    return int_at_least(1)(key, value)
-
-
 def _mpa_degree(key, value):
     m, n = degree_pair(key, value)
     try:
@@ -312,7 +308,7 @@ _REFINE = Option(0, int_at_least(0), "Newton–Schulz refinement steps after the
 register_backend(
     "mtp_lya",
     _mtp_lya,
-    {"degree": Option(10, _mtp_degree, "degree of the Taylor polynomial"), "lya_iters": _LYA, "refine": _REFINE},
+    {"degree": Option(10, int_at_least(1), "degree of the Taylor polynomial"), "lya_iters": _LYA, "refine": _REFINE},
     doc="Matrix Taylor Polynomial forward, Lyapunov backward (Song et al., ICLR 2022)",
 )
 register_backend(

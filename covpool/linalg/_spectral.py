@@ -104,6 +104,10 @@ def _geometric(r: torch.Tensor, terms: int) -> torch.Tensor:
     return out
 
 
+def _with_approx_kernel(a: torch.Tensor, inverse: bool, eps: float | None, series) -> torch.Tensor:
+    return _Spectral.apply(a, inverse, eps, lambda root, inv: _approx_kernel(root, inv, series))[0]
+
+
 def _eig(a: torch.Tensor, inverse: bool, eps: float | None) -> torch.Tensor:
     return _Spectral.apply(a, inverse, eps, _exact_kernel)[0]
 
@@ -115,7 +119,7 @@ def _svd_pi(a: torch.Tensor, inverse: bool, num_iters: int, eps: float | None) -
     def series(r):
         return _geometric(r, num_iters), _geometric(r, num_iters - 1)
 
-    return _Spectral.apply(a, inverse, eps, lambda root, inv: _approx_kernel(root, inv, series))[0]
+    return _with_approx_kernel(a, inverse, eps, series)
 
 
 def _svd_taylor(a: torch.Tensor, inverse: bool, degree: int, eps: float | None) -> torch.Tensor:
@@ -123,7 +127,7 @@ def _svd_taylor(a: torch.Tensor, inverse: bool, degree: int, eps: float | None) 
         g = _geometric(r, degree + 1)
         return g, g
 
-    return _Spectral.apply(a, inverse, eps, lambda root, inv: _approx_kernel(root, inv, series))[0]
+    return _with_approx_kernel(a, inverse, eps, series)
 
 
 def _svd_pade(a: torch.Tensor, inverse: bool, degree: tuple[int, int], eps: float | None) -> torch.Tensor:
@@ -139,7 +143,7 @@ def _svd_pade(a: torch.Tensor, inverse: bool, degree: tuple[int, int], eps: floa
         g = (1 - rho * r).reciprocal()
         return g, g
 
-    return _Spectral.apply(a, inverse, eps, lambda root, inv: _approx_kernel(root, inv, series))[0]
+    return _with_approx_kernel(a, inverse, eps, series)
 
 
 _EPS = Option(None, positive_float_or_none, "eigenvalue floor relative to the largest eigenvalue "
