@@ -227,9 +227,11 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
 
     fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(13, 5))
     labels = list(dict.fromkeys(r["variant"] for r in rows))
-    for label in labels:
+    for i, label in enumerate(labels):
         rs = [r for r in rows if r["variant"] == label]
-        ax_t.plot([r["d"] for r in rs], [r["fwd+bwd ms"] for r in rs], marker="o", label=label)
+        # Ten colours cycle; the line style tells apart the variants that share one.
+        ax_t.plot([r["d"] for r in rs], [r["fwd+bwd ms"] for r in rs], marker="o", label=label,
+                  linestyle=("-", "--", ":")[i // 10 % 3])
     ax_t.set(xscale="log", yscale="log", xlabel="d", ylabel="forward+backward time (ms)",
              title=f"batch {rows[0]['batch']}, {rows[0]['device']}, {rows[0]['root']}")
     ax_t.legend(fontsize=7)
