@@ -213,8 +213,8 @@ class _LyaRoot(torch.autograd.Function):
     @staticmethod
     def forward(a: torch.Tensor, inverse: bool, approx, lya_iters: int, refine: int):
         c = _norm(a, "fro")
-        a_n = a / c
-        x = a_n.neg()
+        x = a / -c
+        a_n = x.neg() if refine else None  # A/‖A‖_F, only the refinement needs it
         x.diagonal(dim1=-2, dim2=-1).add_(1.0)
         root = approx(x, inverse) if refine == 0 else _refine(a_n, approx(x, True), inverse, refine)
         s = c.sqrt()
@@ -238,7 +238,7 @@ class _LyaRoot(torch.autograd.Function):
         g = 0.5 * (grad + grad.mT)
         if ctx.inverse:
             # root = (A/c)^{-1/2}; S_n = (A/c)·root; RHS −Y Ḡ Y = −root Ḡ root / c, then /√c for S = √c·S_n.
-            sqrt_n = (a / s.square()) @ root
+            sqrt_n = (a @ root).div_(s.square())
             rhs = root @ g @ root
             return lyapunov_sign(sqrt_n, rhs, ctx.lya_iters).div_(-(s * s.square())), None, None, None, None
         return lyapunov_sign(root, g, ctx.lya_iters).div_(s), None, None, None, None
