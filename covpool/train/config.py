@@ -18,6 +18,7 @@ import yaml
 
 __all__ = [
     "ConfigError",
+    "ConfigNotFoundError",
     "ModelConfig",
     "DataConfig",
     "OptimConfig",
@@ -31,7 +32,11 @@ __all__ = [
 
 
 class ConfigError(ValueError):
-    """A config file or override names an unknown key or holds a value of the wrong type."""
+    """A config file or override is unreadable, names an unknown key or holds a value of the wrong type."""
+
+
+class ConfigNotFoundError(ConfigError, FileNotFoundError):
+    """The config file given does not exist (a :class:`ConfigError` and a :class:`FileNotFoundError`)."""
 
 
 def _opt(default: Any, help_: str) -> Any:
@@ -220,13 +225,47 @@ def _set_dotted(data: dict, cls: type, dotted: str, value: Any) -> None:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``key=value`` strings (dotted keys, YAML-scalar values) to a plain config dict, in order."""
+    if not isinstance(data, dict) and data is not None:
+        raise ConfigError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
     out = yaml.safe_load(yaml.safe_dump(data or {}))
     for item in overrides:
-        if "=" not in item:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.01)")
-        key, raw = item.split("=", 1)
-        _set_dotted(out, TrainConfig, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
+        _set_dotted(out, TrainConfig, key.strip(), value)
     return out
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def _read_config_file(path: str | Path) -> dict:
+    """The plain dict a YAML config file holds; every way it can be unusable is a :class:`ConfigError`
+    that names the file (missing: :class:`ConfigNotFoundError`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigNotFoundError(f"config file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {err.strerror or err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values (key: value lines), "
+                          f"but its top level is a {type(data).__name__}")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -234,10 +273,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict = {}
     where = ""
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} not found; the shipped ones are in configs/")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read_config_file(path)
         where = f" in {path}"
     data = apply_overrides(data, list(overrides or []))
     return config_from_dict(data, where)

@@ -1,0 +1,232 @@
+"""The command line: ``covpool train | eval`` argument handling, config files and overrides, error lines.
+
+No test here trains: ``covpool.train.engine.train`` is replaced by a recorder, so these check what the
+command line hands to the library, and that every input mistake is one ``error:`` line with exit status 2.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import covpool
+from covpool.cli import main
+from covpool.train import engine
+from covpool.train.config import ConfigError, ConfigNotFoundError, config_to_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """Calls of ``engine.train`` made by the command line, recorded instead of run."""
+    calls = []
+
+    def fake_train(cfg, resume=None, overwrite=False, **kwargs):
+        calls.append(SimpleNamespace(cfg=cfg, resume=resume, overwrite=overwrite))
+        return SimpleNamespace(interrupted=False)
+
+    monkeypatch.setattr(engine, "train", fake_train)
+    return calls
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: base\nepochs: 5\noptim:\n  lr: 0.1\n")
+    return path
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# -- overrides and flags in any order -----------------------------------------------------------------------
+def test_overrides_before_between_and_after_flags(runs, config):
+    assert main(["train", "--config", str(config), "epochs=1", "--overwrite", "name=x", "optim.lr=0.5"]) == 0
+    (call,) = runs
+    assert call.cfg.epochs == 1 and call.cfg.name == "x" and call.cfg.optim.lr == 0.5
+    assert call.overwrite is True and not call.resume
+    assert main(["train", "epochs=2", "--config", str(config)]) == 0
+    assert runs[1].cfg.epochs == 2 and runs[1].cfg.name == "base"
+
+
+def test_resume_flag_never_takes_an_override_as_checkpoint(runs, config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "epochs=2").write_text("a file named like an override is still an override")
+    assert main(["train", "--config", str(config), "--resume", "epochs=2"]) == 0
+    assert runs[0].resume is True and runs[0].cfg.epochs == 2
+    assert main(["train", "--resume", "epochs=3", "--config", str(config)]) == 0
+    assert runs[1].resume is True and runs[1].cfg.epochs == 3
+
+
+def _checkpoint(tmp_path: Path, name: str = "last.pt") -> Path:
+    path = tmp_path / name
+    torch.save({"config": config_to_dict(load_config(None, ["name=stored", "epochs=4"]))}, path)
+    return path
+
+
+def test_resume_from_checkpoint_takes_its_config_with_overrides(runs, tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    assert main(["train", "--resume-from", str(ckpt), "epochs=6"]) == 0
+    assert runs[0].resume == str(ckpt) and runs[0].cfg.name == "stored" and runs[0].cfg.epochs == 6
+    # 0.1.0's spelling, `--resume CKPT`, still means the same when CKPT is a checkpoint file
+    assert main(["train", "--resume", str(ckpt), "epochs=7"]) == 0
+    assert runs[1].resume == str(ckpt) and runs[1].cfg.epochs == 7
+
+
+def test_resume_from_with_a_config_uses_the_config(runs, config, tmp_path):
+    ckpt = _checkpoint(tmp_path, "other.pt")
+    assert main(["train", "--config", str(config), "--resume-from", str(ckpt)]) == 0
+    assert runs[0].resume == str(ckpt) and runs[0].cfg.name == "base"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume"], "give --config too"),
+    ([], "--config is required"),
+    (["--config", "{config}", "--resume", "--overwrite"], "not allowed with"),
+    (["--config", "{config}", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--config", "{config}", "epochs"], "overrides look like key=value"),
+    (["--config", "{config}", "--resume", "runs/x"], "overrides look like key=value"),
+    (["--resume-from", "{tmp}/missing.pt"], "missing.pt' not found"),
+])
+def test_command_line_mistakes_are_one_error_line(runs, capsys, config, tmp_path, argv, message):
+    argv = [a.format(config=config, tmp=tmp_path) for a in argv]
+    assert main(["train", *argv]) == 2
+    assert message in one_error_line(capsys)
+    assert not runs
+
+
+# -- config mistakes: one `error:` line, status 2 -------------------------------------------------------------
+@pytest.mark.parametrize("text, overrides, message", [
+    ("epochs: 2\nmodel:\n  nmae: resnet18\n", [], "unknown config key 'model.nmae'"),
+    ("epochs: 2\n", ["optim.lrr=0.1"], "unknown config key 'optim.lrr' (command-line override)"),
+    ("epochs: two\n", [], "'epochs' must be int"),
+    ("epochs: 2\n", ["epochs=2.5"], "'epochs' must be int"),
+    ("epochs: [2\n", [], "is not valid YAML"),
+    ("- epochs: 2\n- name: x\n", [], "its top level is a list"),
+    ("just a string\n", [], "its top level is a str"),
+    ("- epochs: 2\n", ["epochs=3"], "its top level is a list"),
+    ("model: 3\n", [], "section 'model'"),
+    ("epochs: 2\n", ["epochs.x=1"], "'epochs' is not a section"),
+    ("epochs: 2\n", ["data.scale=[0.5"], "the value is not valid YAML"),
+    ("epochs: 2\n", ["=3"], "look like key=value"),
+    ("epochs: 2\n", ["model=resnet18"], "section 'model'"),
+    ("epochs: 2\n", ["model.covpool=3"], "'model.covpool' must be dict"),
+])
+def test_config_mistakes_are_one_error_line(runs, capsys, tmp_path, text, overrides, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["train", "--config", str(path), *overrides]) == 2
+    line = one_error_line(capsys)
+    assert message in line, line
+    assert not runs
+
+
+def test_unreadable_config_files_are_one_error_line(runs, capsys, tmp_path):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml' not found" in one_error_line(capsys)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert main(["train", "--config", str(latin1)]) == 2
+    assert "latin1.yaml' is not UTF-8" in one_error_line(capsys)
+    assert main(["train", "--config", str(tmp_path)]) == 2  # a folder
+    assert "not found" in one_error_line(capsys)
+
+
+def test_top_level_list_error_names_the_file(tmp_path):
+    path = tmp_path / "listed.yaml"
+    path.write_text("- name: a\n- name: b\n")
+    with pytest.raises(ConfigError, match=r"listed\.yaml.*mapping.*top level is a list"):
+        load_config(path)
+
+
+def test_missing_config_is_both_config_and_file_not_found_error(tmp_path):
+    with pytest.raises(ConfigNotFoundError) as err:
+        load_config(tmp_path / "missing.yaml")
+    assert isinstance(err.value, ConfigError) and isinstance(err.value, FileNotFoundError)
+
+
+def test_config_mistake_in_a_real_process_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-m", "covpool", "train", "--config", str(bad), "epochs=1", "--overwrite"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "top level is a list" in lines[0], out.stderr
+
+
+# -- run-time errors -----------------------------------------------------------------------------------------
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to simulate a full disk")
+def test_full_disk_reports_the_real_os_error(monkeypatch, capsys, config):
+    def train_on_full_disk(cfg, resume=None, overwrite=False, **kwargs):
+        with open("/dev/full", "wb") as f:  # torch.save raises "unexpected pos ..." from the real ENOSPC
+            torch.save({"w": torch.zeros(100_000)}, f)
+
+    monkeypatch.setattr(engine, "train", train_on_full_disk)
+    assert main(["train", "--config", str(config)]) == 1
+    assert "No space left on device" in one_error_line(capsys)
+
+
+def test_covpool_errors_are_lines_and_foreign_errors_keep_their_traceback(monkeypatch, capsys, config):
+    def non_finite(cfg, **kwargs):
+        raise engine.NonFiniteLossError("non-finite loss at step 3")
+
+    monkeypatch.setattr(engine, "train", non_finite)
+    assert main(["train", "--config", str(config)]) == 1
+    assert one_error_line(capsys) == "error: non-finite loss at step 3"
+
+    def bug(cfg, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(engine, "train", bug)
+    with pytest.raises(ZeroDivisionError):
+        main(["train", "--config", str(config)])
+
+
+def test_ctrl_c_during_set_up_does_not_name_a_missing_checkpoint(monkeypatch, capsys, config, tmp_path):
+    def interrupted(cfg, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "train", interrupted)
+    assert main(["train", "--config", str(config), f"output_dir={tmp_path}"]) == 130
+    line = one_error_line(capsys)
+    assert "no checkpoint was written" in line and "last.pt" not in line
+
+
+# -- covpool itself ------------------------------------------------------------------------------------------
+def test_version_and_help(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"covpool {covpool.__version__}"
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--resume-from" in out and "optim.lr" in out
+
+
+def test_eval_overrides_after_flags_and_error_lines(monkeypatch, capsys, tmp_path):
+    seen = {}
+
+    def fake_evaluate(checkpoint, cfg, use_ema=False):
+        seen.update(checkpoint=checkpoint, cfg=cfg, ema=use_ema)
+        return {"loss": 1.0, "acc1": 50.0, "acc5": 90.0, "count": 8}
+
+    monkeypatch.setattr(engine, "evaluate", fake_evaluate)
+    ckpt = _checkpoint(tmp_path)
+    assert main(["eval", "--checkpoint", str(ckpt), "epochs=9", "--ema", "name=e"]) == 0
+    assert seen["cfg"].epochs == 9 and seen["cfg"].name == "e" and seen["ema"] is True
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(ckpt), "optim.lrr=1"]) == 2
+    assert "unknown config key 'optim.lrr'" in one_error_line(capsys)
+    assert main(["eval"]) == 2
+    assert "--checkpoint" in one_error_line(capsys)
