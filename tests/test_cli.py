@@ -230,3 +230,81 @@ def test_eval_overrides_after_flags_and_error_lines(monkeypatch, capsys, tmp_pat
     assert "unknown config key 'optim.lrr'" in one_error_line(capsys)
     assert main(["eval"]) == 2
     assert "--checkpoint" in one_error_line(capsys)
+
+
+# -- shipped configs -----------------------------------------------------------------------------------------
+def test_shipped_configs_are_one_copy_inside_the_package():
+    from covpool.train.config import shipped_configs
+
+    shipped = shipped_configs()
+    package_dir = Path(covpool.__file__).parent / "configs"
+    assert set(shipped) == {p.stem for p in package_dir.glob("*.yaml")} and "cub200_resnet50_isqrt" in shipped
+    # the repository's configs/ (what the README's commands use) is the package's folder, not a copy
+    assert (REPO / "configs").resolve() == (REPO / "covpool" / "configs").resolve()
+    for name, path in shipped.items():
+        load_config(path)  # every shipped config is valid
+
+
+@pytest.mark.parametrize("given", ["cub200_resnet50_isqrt", "cub200_resnet50_isqrt.yaml",
+                                   "configs/cub200_resnet50_isqrt.yaml"])
+def test_shipped_config_by_name_from_any_folder(runs, tmp_path, monkeypatch, given):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the name resolves inside the package
+    assert main(["train", "--config", given, "data.root=/data/cub"]) == 0
+    expected = load_config(Path(covpool.__file__).parent / "configs" / "cub200_resnet50_isqrt.yaml",
+                           ["data.root=/data/cub"])
+    assert config_to_dict(runs[0].cfg) == config_to_dict(expected)
+
+
+def test_local_config_wins_over_a_shipped_name(runs, tmp_path, monkeypatch):
+    from covpool.train.config import resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo.yaml").write_text("name: mine\n")
+    assert main(["train", "--config", "demo.yaml"]) == 0
+    assert runs[0].cfg.name == "mine"
+    assert resolve_config("demo.yaml") == Path("demo.yaml")
+    assert resolve_config("demo").parent == Path(covpool.__file__).parent.resolve() / "configs"
+
+
+def test_unknown_config_name_lists_the_shipped_ones(runs, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "cub200_resnet50"]) == 2
+    line = one_error_line(capsys)
+    assert "'cub200_resnet50' not found" in line and "cub200_resnet50_isqrt" in line and "demo" in line
+    assert main(["train", "--config", "elsewhere/demo.yaml"]) == 2  # a path, not a name: no fallback
+    assert "not found" in one_error_line(capsys)
+
+
+def test_list_configs(capsys):
+    from covpool.train.config import shipped_configs
+
+    assert main(["train", "--list-configs"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in shipped_configs()) and "CUB-200-2011" in out
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_configs(tmp_path):
+    """The built wheel holds every config once, inside the package, and an install resolves them by name."""
+    pytest.importorskip("setuptools", reason="building the wheel without isolation needs setuptools")
+    import shutil
+    import zipfile
+
+    from covpool.train.config import shipped_configs
+
+    # build from a copy: setuptools leaves build/ and *.egg-info in the source tree
+    src = shutil.copytree(REPO, tmp_path / "src", symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "runs", "bench_out", "*.egg-info", "__pycache__", ".pytest_cache"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = (tmp_path / "dist").glob("covpool-*.whl")
+    yamls = sorted(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml"))
+    assert yamls == [f"covpool/configs/{name}.yaml" for name in shipped_configs()]
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    code = "import covpool.train.config as c; print(c.resolve_config('demo')); print(c.load_config('demo').name)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(tmp_path / "site" / "covpool" / "configs" / "demo.yaml"), "avgpool"]

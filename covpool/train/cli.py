@@ -117,12 +117,26 @@ def _interrupted(cfg) -> int:
     return 130
 
 
+def _list_configs() -> str:
+    from .config import shipped_configs
+
+    lines = []
+    for name, path in shipped_configs().items():
+        first = path.read_text(encoding="utf-8").splitlines()[:1]
+        about = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        lines.append(f"{name:<28} {about}")
+    return "\n".join(lines + ["", "use one with: covpool train --config <name> [key=value ...]"])
+
+
 def train_main(argv: list[str]) -> int:
-    """``covpool train --config <name or file> [--resume | --resume-from CKPT | --overwrite] [key=value ...]``."""
+    """``covpool train --config <name or file> | --list-configs [--resume | --resume-from CKPT | --overwrite] [key=value ...]``."""
     prog = "covpool train"
     parser = _parser(prog, "Train or fine-tune a model from a YAML config; outputs go to <output_dir>/<name>/ "
                      "(runs/<name>/ by default). Also runs under torchrun.")
-    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--config", metavar="NAME|FILE",
+                        help="YAML config: a file, or the name of a shipped config (see --list-configs); "
+                             "a local file wins over a shipped name")
+    parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
                       help="continue the run's own <output_dir>/<name>/last.pt (needs --config)")
@@ -141,6 +155,9 @@ def train_main(argv: list[str]) -> int:
     cfg = None
     try:
         args = _parse(parser, _legacy_resume(list(argv)))
+        if args.list_configs:
+            print(_list_configs())
+            return 0
         if args.config is not None:
             cfg = load_config(args.config, args.overrides)
         elif args.resume_from is not None:
@@ -169,7 +186,9 @@ def eval_main(argv: list[str]) -> int:
     """``covpool eval --checkpoint runs/<name>/best.pt [--config ...] [--ema] [key=value ...]``."""
     prog = "covpool eval"
     parser = _parser(prog, "Evaluate a checkpoint on its config's validation set.")
-    parser.add_argument("--config", help="YAML config; default: the config stored in the checkpoint")
+    parser.add_argument("--config", metavar="NAME|FILE",
+                        help="YAML config (a file or a shipped config's name); default: the one stored in the "
+                             "checkpoint")
     parser.add_argument("--checkpoint", required=True, help="a last.pt / best.pt written by covpool train")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights (runs with ema=true)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")

@@ -1,6 +1,7 @@
 """The training configuration: one dataclass schema that lists every key with its default and help.
 
-A YAML file fills it; ``key=value`` overrides on the command line use dotted keys for nested sections
+A YAML file fills it (a path, or the name of a config shipped inside the package, see
+:func:`shipped_configs`); ``key=value`` overrides on the command line use dotted keys for nested sections
 (``optim.lr=0.01``) and YAML scalars for values. An unknown key raises :class:`ConfigError` listing the
 valid keys of its section. ``model.kwargs`` and ``model.covpool`` are free-form dicts passed on untouched.
 """
@@ -24,6 +25,8 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "load_config",
+    "resolve_config",
+    "shipped_configs",
     "config_from_dict",
     "config_to_dict",
     "apply_overrides",
@@ -268,11 +271,41 @@ def _read_config_file(path: str | Path) -> dict:
     return data
 
 
+def _shipped_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs shipped inside the package, name (file name without ``.yaml``) -> file, sorted by name.
+    ``covpool train --config <name>`` and :func:`load_config` accept these names."""
+    return {p.stem: p for p in sorted(_shipped_dir().glob("*.yaml"))}
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """The config file meant by ``name_or_path``: an existing file first (a local path always wins), else
+    the shipped config of that name, with or without ``.yaml`` (``configs/<name>.yaml`` too, so the README's
+    commands work from any folder once covpool is installed). Raises :class:`ConfigNotFoundError` listing
+    the shipped names otherwise."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    bare = len(path.parts) == 1 or (len(path.parts) == 2 and path.parts[0] == "configs")
+    if bare and path.suffix in ("", ".yaml", ".yml"):
+        stem = path.stem if path.suffix else path.name
+        if stem in shipped:
+            return shipped[stem]
+    raise ConfigNotFoundError(f"config {str(name_or_path)!r} not found: no such file, and no shipped config of "
+                              f"that name; shipped configs: {', '.join(shipped) or '(none)'}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config (or start from the defaults when ``path`` is None) and apply overrides."""
+    """Read a YAML config (a file, or a shipped config's name; the defaults when ``path`` is None) and apply
+    ``key=value`` overrides."""
     data: dict = {}
     where = ""
     if path is not None:
+        path = resolve_config(path)
         data = _read_config_file(path)
         where = f" in {path}"
     data = apply_overrides(data, list(overrides or []))
