@@ -308,3 +308,112 @@ def test_wheel_ships_the_configs(tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == [str(tmp_path / "site" / "covpool" / "configs" / "demo.yaml"), "avgpool"]
+
+
+# -- ranges of numeric keys ----------------------------------------------------------------------------------
+def _leaf_fields(cls=None, prefix=""):
+    import dataclasses
+    import typing
+
+    from covpool.train.config import TrainConfig
+
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaf_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f, hints[f.name]
+
+
+def test_every_numeric_key_has_a_range_shown_in_help(capsys):
+    import typing
+
+    numeric = []
+    for key, f, hint in _leaf_fields():
+        options = set(typing.get_args(hint) or (hint,)) - {type(None)}
+        if options & {int, float}:
+            assert "interval" in f.metadata, f"{key} has no range"
+            numeric.append(key)
+    assert len(numeric) >= 25
+    assert main(["train", "--help"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    for key in numeric:
+        assert any(w in lines[key] for w in ("; >= ", "; > ", "; in ", "numbers, each")), lines[key]
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("clip_grad=-1", "'clip_grad' must be > 0 or null, got -1.0"),
+    ("clip_grad=0", "'clip_grad' must be > 0 or null"),
+    ("ema_decay=2", "'ema_decay' must be in [0, 1), got 2.0"),
+    ("ema_decay=1", "'ema_decay' must be in [0, 1)"),
+    ("mixup=-1", "'mixup' must be >= 0"),
+    ("cutmix=-0.5", "'cutmix' must be >= 0"),
+    ("label_smoothing=1", "'label_smoothing' must be in [0, 1)"),
+    ("max_val_steps=0", "'max_val_steps' must be >= 1 or null, got 0"),
+    ("max_steps_per_epoch=0", "'max_steps_per_epoch' must be >= 1 or null"),
+    ("epochs=0", "'epochs' must be >= 1"),
+    ("seed=-1", "'seed' must be in [0, 4294967295]"),
+    ("seed=4294967296", "'seed' must be in [0, 4294967295]"),
+    ("optim.lr=-0.1", "'optim.lr' must be >= 0"),
+    ("optim.lr=.inf", "'optim.lr' must be >= 0, got inf"),
+    ("optim.lr=.nan", "'optim.lr' must be >= 0, got nan"),
+    ("optim.momentum=1", "'optim.momentum' must be in [0, 1)"),
+    ("optim.weight_decay=-1e-4", "'optim.weight_decay' must be >= 0"),
+    ("optim.head_lr_mult=-1", "'optim.head_lr_mult' must be >= 0"),
+    ("optim.warmup_epochs=-1", "'optim.warmup_epochs' must be >= 0"),
+    ("optim.warmup_lr=-1", "'optim.warmup_lr' must be >= 0"),
+    ("optim.min_lr=-1", "'optim.min_lr' must be >= 0"),
+    ("optim.decay_epochs=0", "'optim.decay_epochs' must be > 0"),
+    ("optim.decay_rate=0", "'optim.decay_rate' must be in (0, 1]"),
+    ("optim.decay_milestones=[60, 30]", "'optim.decay_milestones' must be ascending numbers, each >= 0"),
+    ("optim.decay_milestones=[-1]", "'optim.decay_milestones' must be ascending numbers, each >= 0"),
+    ("data.batch_size=0", "'data.batch_size' must be >= 1"),
+    ("data.val_batch_size=0", "'data.val_batch_size' must be >= 1 or null"),
+    ("data.img_size=0", "'data.img_size' must be >= 1"),
+    ("data.workers=-1", "'data.workers' must be >= 0"),
+    ("data.hflip=1.5", "'data.hflip' must be in [0, 1]"),
+    ("data.re_prob=-0.1", "'data.re_prob' must be in [0, 1]"),
+    ("data.color_jitter=-1", "'data.color_jitter' must be >= 0"),
+    ("data.crop_pct=0", "'data.crop_pct' must be in (0, 1] or null"),
+    ("data.scale=[0.5]", "'data.scale' must be 2 ascending numbers, each in (0, 1] or null"),
+    ("data.scale=[1.0, 0.5]", "'data.scale' must be 2 ascending numbers"),
+    ("data.scale=[0, 1]", "'data.scale' must be 2 ascending numbers"),
+    ("data.embedded_train_per_class=0", "'data.embedded_train_per_class' must be >= 1"),
+    ("data.embedded_val_per_class=0", "'data.embedded_val_per_class' must be >= 1"),
+    ("model.num_classes=0", "'model.num_classes' must be >= 1 or null"),
+])
+def test_out_of_range_values_are_config_errors(runs, capsys, override, shown):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert shown in str(err.value)
+    assert main(["train", "--config", "demo", override]) == 2  # and one error line on the command line
+    line = one_error_line(capsys)
+    assert shown in line and "demo.yaml" not in line  # an override is not blamed on the file
+    assert not runs
+
+
+def test_out_of_range_value_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "neg.yaml"
+    path.write_text("optim:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"'optim.lr' must be >= 0, got -1.0 in .*neg\.yaml"):
+        load_config(path)
+
+
+def test_boundary_values_are_accepted():
+    cfg = load_config(None, ["clip_grad=1e-6", "ema_decay=0", "mixup=0", "max_val_steps=1", "max_steps_per_epoch=1",
+                             "epochs=1", "seed=4294967295", "optim.lr=0", "optim.momentum=0", "optim.decay_rate=1",
+                             "data.workers=0", "data.hflip=1", "data.scale=[0.08, 1]", "data.crop_pct=1",
+                             "optim.decay_milestones=[]", "clip_grad=null", "max_val_steps=null"])
+    assert cfg.ema_decay == 0.0 and cfg.optim.lr == 0.0 and cfg.data.scale == [0.08, 1]
+    assert cfg.clip_grad is None and cfg.max_val_steps is None
+
+
+def test_direct_construction_checks_ranges_too():
+    from covpool.train.config import OptimConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match="'epochs' must be >= 1, got 0"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="'lr' must be >= 0"):
+        OptimConfig(lr=-1.0)
+    assert TrainConfig().epochs == 10

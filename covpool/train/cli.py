@@ -148,7 +148,6 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
 
     from .checkpoint import load_checkpoint
-    from .config import apply_overrides
     from .data import DatasetNotFoundError
     from .engine import RunExistsError, train
 
@@ -163,7 +162,7 @@ def train_main(argv: list[str]) -> int:
         elif args.resume_from is not None:
             # continue from the checkpoint's own config, with the command line's overrides on top
             stored = load_checkpoint(args.resume_from)["config"]
-            cfg = config_from_dict(apply_overrides(stored, args.overrides), where=f" (from {args.resume_from})")
+            cfg = config_from_dict(stored, where=f" (from {args.resume_from})", overrides=args.overrides)
         elif args.resume:
             raise _UsageError("--resume continues the last.pt of a config's run folder: give --config too, "
                               "or --resume-from CKPT")
@@ -194,7 +193,6 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
 
     from .checkpoint import load_checkpoint
-    from .config import apply_overrides
     from .data import DatasetNotFoundError
     from .engine import evaluate
 
@@ -204,7 +202,7 @@ def eval_main(argv: list[str]) -> int:
             cfg = load_config(args.config, args.overrides)
         else:
             stored = load_checkpoint(args.checkpoint)["config"]
-            cfg = config_from_dict(apply_overrides(stored, args.overrides), where=f" (from {args.checkpoint})")
+            cfg = config_from_dict(stored, where=f" (from {args.checkpoint})", overrides=args.overrides)
         metrics = evaluate(args.checkpoint, cfg, use_ema=args.ema)
     except _UsageError as err:
         return _usage_error(prog, err)

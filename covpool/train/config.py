@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -42,19 +43,89 @@ class ConfigNotFoundError(ConfigError, FileNotFoundError):
     """The config file given does not exist (a :class:`ConfigError` and a :class:`FileNotFoundError`)."""
 
 
-def _opt(default: Any, help_: str) -> Any:
+@dataclass(frozen=True)
+class _Interval:
+    """A key's allowed values, written as in maths: ``[0, 1)``, ``(0, inf)``; numbers must also be finite."""
+
+    text: str
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "_Interval":
+        low, high = (float(x) for x in text[1:-1].split(","))
+        return cls(text, low, high, text[0] == "[", text[-1] == "]")
+
+    def __contains__(self, x: float) -> bool:
+        return (math.isfinite(x) and (self.low <= x if self.low_closed else self.low < x)
+                and (x <= self.high if self.high_closed else x < self.high))
+
+    def __str__(self) -> str:
+        if math.isinf(self.high):
+            low = self.text[1:].split(",")[0].strip()
+            return f"{'>=' if self.low_closed else '>'} {low}"
+        return f"in {self.text}"
+
+
+def _opt(default: Any, help_: str, interval: str | None = None, *, length: int | None = None,
+         ascending: bool = False) -> Any:
+    """A config key: default, help and, for a number (or each number of a list), the interval it must lie in;
+    ``length`` and ``ascending`` further constrain a list."""
+    meta: dict[str, Any] = {"help": help_}
+    if interval is not None:
+        meta["interval"] = _Interval.parse(interval)
+    if length is not None:
+        meta["length"] = length
+    if ascending:
+        meta["ascending"] = True
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help_})
-    return field(default=default, metadata={"help": help_})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _range_text(f: dataclasses.Field) -> str:
+    """The constraint of a key in words, for ``--help`` and errors ('' when it has none)."""
+    meta = f.metadata
+    if "interval" not in meta:
+        return ""
+    words = str(meta["interval"])
+    if "length" in meta or "ascending" in meta:
+        shape = " ".join(x for x in (f"{meta['length']}" if "length" in meta else "",
+                                     "ascending" if meta.get("ascending") else "") if x)
+        words = f"{shape} numbers, each {words}"
+    return words + (" or null" if f.default is None else "")
+
+
+def _check_range(f: dataclasses.Field, value: Any, key: str, where: str = "") -> None:
+    """Raise :class:`ConfigError` when ``value`` lies outside the range that key ``f`` declares."""
+    interval = f.metadata.get("interval")
+    if interval is None or value is None:
+        return
+    numbers = value if isinstance(value, list) else [value]
+    ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) and x in interval for x in numbers)
+    ok = ok and len(numbers) == f.metadata.get("length", len(numbers))
+    ok = ok and (not f.metadata.get("ascending") or numbers == sorted(numbers))
+    if not ok:
+        raise ConfigError(f"config key {key!r} must be {_range_text(f)}, got {value!r}{where}")
+
+
+class _Section:
+    """Checks every key's range when a section is built directly in Python, as files and overrides are."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_range(f, getattr(self, f.name), f.name)
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     name: str = _opt("resnet18", "any timm model name, covpool's included (resnet50_isqrt, so_vit_7, ...)")
     pretrained: bool | str = _opt(
         False, "true: timm's hub weights (needs the network once); a path: a local checkpoint file; false: random init"
     )
-    num_classes: int | None = _opt(None, "classifier size; null takes it from the data set")
+    num_classes: int | None = _opt(None, "classifier size; null takes it from the data set", "[1, inf)")
     swap_pooling: bool = _opt(False, "replace a ResNet's average pooling + fc by covariance pooling (covpool.swap_pooling)")
     covpool: dict = _opt({}, "keyword options for covpool.swap_pooling, e.g. {reduced_dim: 256, backend: ns, "
                          "last_stride: 1}")
@@ -66,59 +137,64 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     dataset: str = _opt("embedded", "embedded | imagefolder | cub200 | stanford_cars | fgvc_aircraft | flowers102 | "
                         "oxford_pet | cifar10 | cifar100")
     root: str | None = _opt(None, "data-set folder (not needed for 'embedded')")
     download: bool = _opt(False, "let torchvision download the data set into root (where torchvision can)")
-    img_size: int = _opt(224, "input resolution (square)")
-    batch_size: int = _opt(32, "batch size per process")
-    val_batch_size: int | None = _opt(None, "evaluation batch size; null uses 2 x batch_size")
-    workers: int = _opt(2, "data-loader worker processes per process")
-    scale: list | None = _opt(None, "RandomResizedCrop scale range; null is timm's (0.08, 1.0)")
-    hflip: float = _opt(0.5, "horizontal flip probability")
-    color_jitter: float = _opt(0.0, "colour jitter strength")
+    img_size: int = _opt(224, "input resolution (square)", "[1, inf)")
+    batch_size: int = _opt(32, "batch size per process", "[1, inf)")
+    val_batch_size: int | None = _opt(None, "evaluation batch size; null uses 2 x batch_size", "[1, inf)")
+    workers: int = _opt(2, "data-loader worker processes per process", "[0, inf)")
+    scale: list | None = _opt(None, "RandomResizedCrop area range [low, high]; null is timm's [0.08, 1.0]", "(0, 1]",
+                               length=2, ascending=True)
+    hflip: float = _opt(0.5, "horizontal flip probability", "[0, 1]")
+    color_jitter: float = _opt(0.0, "colour jitter strength", "[0, inf)")
     auto_augment: str | None = _opt(None, "timm auto-augment string, e.g. rand-m9-mstd0.5-inc1")
-    re_prob: float = _opt(0.0, "random-erasing probability")
-    crop_pct: float | None = _opt(None, "evaluation centre-crop fraction; null is the model's")
+    re_prob: float = _opt(0.0, "random-erasing probability", "[0, 1]")
+    crop_pct: float | None = _opt(None, "evaluation centre-crop fraction; null is the model's", "(0, 1]")
     interpolation: str | None = _opt(None, "resize interpolation; null is the model's")
-    embedded_train_per_class: int = _opt(160, "embedded data set: training patches per class")
-    embedded_val_per_class: int = _opt(60, "embedded data set: validation patches per class")
+    embedded_train_per_class: int = _opt(160, "embedded data set: training patches per class", "[1, inf)")
+    embedded_val_per_class: int = _opt(60, "embedded data set: validation patches per class", "[1, inf)")
     embedded_grayscale: bool = _opt(True, "embedded data set: grey patches, so texture (not colour) tells classes apart")
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Section):
     opt: str = _opt("sgd", "timm optimizer name (sgd, adamw, ...)")
-    lr: float = _opt(0.01, "learning rate of the backbone (per batch_size x processes as given)")
-    head_lr_mult: float = _opt(1.0, "learning-rate multiplier of the new head (classifier + covariance pooling)")
-    momentum: float = _opt(0.9, "momentum (SGD)")
-    weight_decay: float = _opt(1e-4, "weight decay (not applied to biases and norm parameters)")
+    lr: float = _opt(0.01, "learning rate of the backbone (per batch_size x processes as given)", "[0, inf)")
+    head_lr_mult: float = _opt(1.0, "learning-rate multiplier of the new head (classifier + covariance pooling)",
+                              "[0, inf)")
+    momentum: float = _opt(0.9, "momentum (SGD)", "[0, 1)")
+    weight_decay: float = _opt(1e-4, "weight decay (not applied to biases and norm parameters)", "[0, inf)")
     sched: str = _opt("cosine", "timm scheduler: cosine | step | multistep | constant | poly | ...")
-    warmup_epochs: float = _opt(0, "linear warm-up epochs")
-    warmup_lr: float = _opt(1e-5, "learning rate at the start of the warm-up")
-    min_lr: float = _opt(0.0, "floor of the decaying schedules")
-    decay_epochs: float = _opt(30, "step schedule: epochs between decays")
-    decay_milestones: list = _opt([30, 60, 90], "multistep schedule: epochs to decay at")
-    decay_rate: float = _opt(0.1, "step/multistep decay factor")
+    warmup_epochs: float = _opt(0, "linear warm-up epochs", "[0, inf)")
+    warmup_lr: float = _opt(1e-5, "learning rate at the start of the warm-up", "[0, inf)")
+    min_lr: float = _opt(0.0, "floor of the decaying schedules", "[0, inf)")
+    decay_epochs: float = _opt(30, "step schedule: epochs between decays", "(0, inf)")
+    decay_milestones: list = _opt([30, 60, 90], "multistep schedule: epochs to decay at", "[0, inf)", ascending=True)
+    decay_rate: float = _opt(0.1, "step/multistep decay factor", "(0, 1]")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     name: str = _opt("run", "run name; outputs go to <output_dir>/<name>/")
     output_dir: str = _opt("runs", "parent folder of the run folders")
-    seed: int = _opt(0, "seed of every random number generator (data order, init, augmentation)")
-    epochs: int = _opt(10, "number of epochs")
+    seed: int = _opt(0, "seed of every random number generator (data order, init, augmentation)",
+                     "[0, 4294967295]")
+    epochs: int = _opt(10, "number of epochs", "[1, inf)")
     device: str = _opt("auto", "auto | cpu | cuda (auto: cuda when available)")
     amp: str = _opt("none", "mixed precision: none | bf16 | fp16 (fp16 only on CUDA, with a GradScaler)")
-    clip_grad: float | None = _opt(None, "clip the global gradient norm to this value; null: no clipping")
+    clip_grad: float | None = _opt(None, "clip the global gradient norm to this value; null: no clipping",
+                                   "(0, inf)")
     ema: bool = _opt(False, "keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it too")
-    ema_decay: float = _opt(0.9998, "EMA decay")
-    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
-    mixup: float = _opt(0.0, "mixup alpha (0: off)")
-    cutmix: float = _opt(0.0, "cutmix alpha (0: off)")
-    max_steps_per_epoch: int | None = _opt(None, "cap on training steps per epoch (smoke tests); null: whole epoch")
-    max_val_steps: int | None = _opt(None, "cap on evaluation batches; null: whole validation set")
+    ema_decay: float = _opt(0.9998, "EMA decay (weight of the old average per step)", "[0, 1)")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", "[0, 1)")
+    mixup: float = _opt(0.0, "mixup alpha (0: off)", "[0, inf)")
+    cutmix: float = _opt(0.0, "cutmix alpha (0: off)", "[0, inf)")
+    max_steps_per_epoch: int | None = _opt(None, "cap on training steps per epoch (smoke tests); null: whole epoch",
+                                            "[1, inf)")
+    max_val_steps: int | None = _opt(None, "cap on evaluation batches; null: whole validation set", "[1, inf)")
     progress: bool = _opt(True, "show tqdm progress bars")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model section"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data section"})
@@ -144,7 +220,7 @@ def _unknown(key: str, cls: type, prefix: str, where: str) -> ConfigError:
     return ConfigError(f"unknown config key {prefix + key!r}{where}{hint}; valid keys: {', '.join(valid)}")
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
+def _coerce(value: Any, hint: Any, key: str, where: str = "") -> Any:
     """Check ``value`` against a field's type; ints become floats and numeric strings (PyYAML reads
     ``1e-4`` as a string) become numbers where the field is a float."""
     origin = typing.get_origin(hint)
@@ -152,7 +228,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if value is None:
         if type(None) in options:
             return None
-        raise ConfigError(f"config key {key!r} cannot be null")
+        raise ConfigError(f"config key {key!r} cannot be null{where}")
     for opt in options:
         base = typing.get_origin(opt) or opt
         if base is bool and isinstance(value, bool):
@@ -173,29 +249,44 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         except ValueError:
             pass
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ConfigError(f"config key {key!r} must be {names}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"config key {key!r} must be {names}, got {value!r} ({type(value).__name__}){where}")
 
 
-def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
+def _build(cls: type, data: Any, prefix: str, where: Callable[[str], str]) -> Any:
+    """``cls`` from ``data``; ``where(dotted_key)`` says where a key's value came from, for errors."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'!r}{where} must be a mapping, got {data!r}")
+        section = prefix.rstrip(".")
+        raise ConfigError(f"config section {section or '<top>'!r}{where(section)} must be a mapping, got {data!r}")
     hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
-            raise _unknown(str(key), cls, prefix, where)
+        if key not in fields:
+            raise _unknown(str(key), cls, prefix, where(prefix + str(key)))
         hint = hints[key]
         if _is_section(hint):
             kwargs[key] = _build(hint, value if value is not None else {}, f"{prefix}{key}.", where)
         else:
-            kwargs[key] = _coerce(value, hint, prefix + key)
+            kwargs[key] = _coerce(value, hint, prefix + key, where(prefix + key))
+            _check_range(fields[key], kwargs[key], prefix + key, where(prefix + key))
     return cls(**kwargs)
 
 
-def config_from_dict(data: dict, where: str = "") -> TrainConfig:
-    """Build a :class:`TrainConfig` from a (nested) plain dict; ``where`` names the source in errors."""
-    return _build(TrainConfig, data or {}, "", where)
+def config_from_dict(data: dict, where: str = "", overrides: list[str] | None = None) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a (nested) plain dict with ``key=value`` ``overrides`` on top;
+    ``where`` names the dict's source in errors (e.g. ``" in c.yaml"``), errors in an override name it."""
+    overrides = list(overrides or [])
+    data = apply_overrides(data, overrides) if overrides else data
+    overridden = [item.partition("=")[0].strip() for item in overrides]
+
+    def source(key: str) -> str:
+        # a value set by an override, or inside a section an override replaced, is the override's doing
+        for o in overridden:
+            if o == key or o.startswith(key + ".") or key.startswith(o + "."):
+                return " (command-line override)"
+        return where
+
+    return _build(TrainConfig, data or {}, "", source)
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
@@ -308,12 +399,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = resolve_config(path)
         data = _read_config_file(path)
         where = f" in {path}"
-    data = apply_overrides(data, list(overrides or []))
-    return config_from_dict(data, where)
+    return config_from_dict(data, where, overrides)
 
 
 def describe_config() -> str:
-    """Every key with its default and help, for ``covpool train --help``."""
+    """Every key with its default, help and range, for ``covpool train --help``."""
     lines = []
 
     def walk(cls: type, prefix: str) -> None:
@@ -323,7 +413,9 @@ def describe_config() -> str:
             if _is_section(hint):
                 walk(hint, f"{prefix}{f.name}.")
             else:
-                lines.append(f"  {prefix + f.name:<32} {getattr(defaults, f.name)!r:<12} {f.metadata['help']}")
+                limits = _range_text(f)
+                help_ = f.metadata["help"] + (f"; {limits}" if limits else "")
+                lines.append(f"  {prefix + f.name:<32} {getattr(defaults, f.name)!r:<12} {help_}")
 
     walk(TrainConfig, "")
     return "\n".join(lines)
