@@ -417,3 +417,23 @@ def test_direct_construction_checks_ranges_too():
     with pytest.raises(ConfigError, match="'lr' must be >= 0"):
         OptimConfig(lr=-1.0)
     assert TrainConfig().epochs == 10
+
+
+# -- checkpoints given on the command line -------------------------------------------------------------------
+@pytest.mark.parametrize("content, message", [
+    (b"", "cannot be read as a checkpoint"),
+    (b"epochs: 3\nthis is a text file\n", "cannot be read as a checkpoint"),
+    (None, "holds no covpool config"),  # a plain state_dict
+])
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_unusable_checkpoint_is_one_error_line(runs, capsys, tmp_path, content, message, command):
+    path = tmp_path / "weights.pt"
+    if content is None:
+        torch.save({"fc.weight": torch.zeros(2, 2)}, path)
+    else:
+        path.write_bytes(content)
+    argv = ["train", "--resume-from", str(path)] if command == "train" else ["eval", "--checkpoint", str(path)]
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert message in line and str(path) in line
+    assert not runs

@@ -31,6 +31,10 @@ class _UsageError(Exception):
     """A mistake in the command line itself (unknown option, missing --config, ...)."""
 
 
+class _BadCheckpoint(Exception):
+    """A checkpoint given on the command line that cannot be read or holds no covpool config."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one `error:` line and status 2, the same from main() as from a shell
         raise _UsageError(message)
@@ -75,6 +79,32 @@ def _parse(parser: _Parser, argv: list[str]) -> argparse.Namespace:
         raise _UsageError(f"unexpected argument {stray[0]!r}: overrides look like key=value (e.g. optim.lr=0.01)"
                           + ("; a checkpoint goes after --resume-from" if "train" in parser.prog else ""))
     return args
+
+
+def _short(err: BaseException) -> str:
+    """``err``'s type and, when short, its first line (torch's weights-only message is a page of advice to
+    load without ``weights_only``, not what a user needs here)."""
+    lines = str(err).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(err).__name__}: {first}" if first and len(first) <= 100 else type(err).__name__
+
+
+def _stored_config(path: str, option: str) -> dict:
+    """The config a ``covpool train`` checkpoint stores, or a :class:`_BadCheckpoint` that says what is wrong."""
+    from .checkpoint import load_checkpoint
+
+    try:
+        state = load_checkpoint(path)
+    except Exception as err:
+        if isinstance(err, OSError) or type(err).__module__.split(".")[0] == "covpool":
+            raise  # missing file, or the library's own explanation
+        raise _BadCheckpoint(f"{option} {path}: cannot be read as a checkpoint ({_short(err)}); it is "
+                             "damaged or not a file covpool train wrote (try best.pt, or another checkpoint)") from err
+    config = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(config, dict):
+        raise _BadCheckpoint(f"{option} {path}: holds no covpool config (a plain state_dict, or a file another "
+                             "program wrote?); give the run's config with --config")
+    return config
 
 
 def _os_error_in(err: BaseException) -> OSError | None:
@@ -147,7 +177,6 @@ def train_main(argv: list[str]) -> int:
                       help="start afresh even if the run folder has a checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
 
-    from .checkpoint import load_checkpoint
     from .data import DatasetNotFoundError
     from .engine import RunExistsError, train
 
@@ -161,7 +190,7 @@ def train_main(argv: list[str]) -> int:
             cfg = load_config(args.config, args.overrides)
         elif args.resume_from is not None:
             # continue from the checkpoint's own config, with the command line's overrides on top
-            stored = load_checkpoint(args.resume_from)["config"]
+            stored = _stored_config(args.resume_from, "--resume-from")
             cfg = config_from_dict(stored, where=f" (from {args.resume_from})", overrides=args.overrides)
         elif args.resume:
             raise _UsageError("--resume continues the last.pt of a config's run folder: give --config too, "
@@ -174,7 +203,8 @@ def train_main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         return _interrupted(cfg)
     except Exception as err:
-        status = _report(err, (ConfigError, DatasetNotFoundError, RunExistsError, FileNotFoundError))
+        status = _report(err, (ConfigError, DatasetNotFoundError, RunExistsError, FileNotFoundError,
+                                    _BadCheckpoint))
         if status is None:
             raise
         return status
@@ -192,7 +222,6 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights (runs with ema=true)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
 
-    from .checkpoint import load_checkpoint
     from .data import DatasetNotFoundError
     from .engine import evaluate
 
@@ -201,7 +230,7 @@ def eval_main(argv: list[str]) -> int:
         if args.config is not None:
             cfg = load_config(args.config, args.overrides)
         else:
-            stored = load_checkpoint(args.checkpoint)["config"]
+            stored = _stored_config(args.checkpoint, "--checkpoint")
             cfg = config_from_dict(stored, where=f" (from {args.checkpoint})", overrides=args.overrides)
         metrics = evaluate(args.checkpoint, cfg, use_ema=args.ema)
     except _UsageError as err:
@@ -210,7 +239,8 @@ def eval_main(argv: list[str]) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        status = _report(err, (ConfigError, DatasetNotFoundError, FileNotFoundError, ValueError))
+        status = _report(err, (ConfigError, DatasetNotFoundError, FileNotFoundError, ValueError,
+                                    _BadCheckpoint))
         if status is None:
             raise
         return status
