@@ -437,3 +437,34 @@ def test_unusable_checkpoint_is_one_error_line(runs, capsys, tmp_path, content, 
     line = one_error_line(capsys)
     assert message in line and str(path) in line
     assert not runs
+
+
+# -- config_diff (what a resume with a changed config reports) -----------------------------------------------
+def test_config_diff_lists_changed_dotted_keys():
+    from covpool.train.config import MISSING, config_diff, format_config_diff
+
+    stored = config_to_dict(load_config("demo", ["epochs=1"]))  # what a checkpoint holds
+    new = load_config("demo", ["epochs=3", "optim.lr=0.01", "model.covpool.reduced_dim=64", "optim.sched=step"])
+    diff = config_diff(stored, new)
+    assert diff == [("epochs", 1, 3), ("model.covpool.reduced_dim", MISSING, 64), ("optim.lr", 0.05, 0.01),
+                    ("optim.sched", "cosine", "step")]
+    assert format_config_diff(diff[:1] + diff[2:3]) == "epochs: 1 -> 3, optim.lr: 0.05 -> 0.01"
+    assert config_diff(new, new) == [] and config_diff(stored, load_config("demo", ["epochs=1"])) == []
+    # removed keys come last, with MISSING on the new side; ignored keys and everything under them are skipped
+    assert config_diff(new, stored, ignore=["epochs", "optim"]) == [("model.covpool.reduced_dim", 64, MISSING)]
+    assert repr(MISSING) == "<missing>"
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ({"a": 1}, {"a": 1.0}, []),                        # an int read from YAML equals the float it becomes
+    ({"a": [0.5, 1.0]}, {"a": (0.5, 1)}, []),          # a tuple equals the list with the same items
+    ({"a": True}, {"a": 1}, [("a", True, 1)]),          # but true is not 1 in a config
+    ({"a": None}, {"a": 0}, [("a", None, 0)]),
+    ({"s": {"x": 1}}, {"s": 3}, [("s", {"x": 1}, 3)]),  # a section replaced by a value: reported whole
+    ({"s": {"x": [1, 2]}}, {"s": {"x": [1, 2, 3]}}, [("s.x", [1, 2], [1, 2, 3])]),
+    ({}, {}, []),
+])
+def test_config_diff_value_rules(old, new, expected):
+    from covpool.train.config import config_diff
+
+    assert config_diff(old, new) == expected

@@ -32,6 +32,9 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "describe_config",
+    "config_diff",
+    "format_config_diff",
+    "MISSING",
 ]
 
 
@@ -400,6 +403,63 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = _read_config_file(path)
         where = f" in {path}"
     return config_from_dict(data, where, overrides)
+
+
+class _Missing:
+    """The value of a key that one of two configs compared by :func:`config_diff` does not have."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+    def __reduce__(self) -> str:
+        return "MISSING"
+
+
+MISSING = _Missing()
+
+
+def config_diff(old: dict | TrainConfig, new: dict | TrainConfig,
+                ignore: tuple[str, ...] | list[str] = ()) -> list[tuple[str, Any, Any]]:
+    """The dotted keys whose values differ between two configs, as ``(key, old_value, new_value)``.
+
+    Configs are :class:`TrainConfig` or plain dicts (what a checkpoint stores); nested sections and free-form
+    dicts (``model.kwargs``) are compared key by key, a key present on one side only has :data:`MISSING` on the
+    other; ``1`` equals ``1.0`` and a tuple equals the list with the same items. Keys in ``ignore``, and
+    every key under them, are skipped. Order: the new config's keys first, then keys only the old one has.
+
+    >>> config_diff({"epochs": 1, "optim": {"lr": 0.1}}, {"epochs": 3, "optim": {"lr": 0.1}})
+    [('epochs', 1, 3)]
+    """
+    old = config_to_dict(old) if isinstance(old, TrainConfig) else old
+    new = config_to_dict(new) if isinstance(new, TrainConfig) else new
+    ignored = tuple(ignore)
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        key = prefix.rstrip(".")
+        if key and any(key == i or key.startswith(i + ".") for i in ignored):
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in [*b, *(k for k in a if k not in b)]:
+                walk(a.get(k, MISSING), b.get(k, MISSING), f"{prefix}{k}.")
+        elif not _same(a, b):
+            out.append((key, a, b))
+
+    walk(old or {}, new or {}, "")
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):  # True == 1 in Python, not in a config
+        return type(a) is type(b) and a == b
+    return a is b or (type(a) is not _Missing and type(b) is not _Missing and a == b)
+
+
+def format_config_diff(diff: list[tuple[str, Any, Any]]) -> str:
+    """``config_diff``'s result as one line: ``epochs: 1 -> 3, optim.lr: 0.1 -> 0.01``."""
+    return ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in diff)
 
 
 def describe_config() -> str:
