@@ -417,6 +417,11 @@ def test_direct_construction_checks_ranges_too():
     with pytest.raises(ConfigError, match="'lr' must be >= 0"):
         OptimConfig(lr=-1.0)
     assert TrainConfig().epochs == 10
+    from covpool.train.config import DataConfig
+
+    assert DataConfig(scale=(0.5, 1.0)).scale == (0.5, 1.0)
+    with pytest.raises(ConfigError, match="'scale' must be 2 ascending numbers"):
+        DataConfig(scale=(1.0, 0.5))
 
 
 # -- checkpoints given on the command line -------------------------------------------------------------------

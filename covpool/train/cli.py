@@ -17,7 +17,8 @@ from .config import ConfigError, config_from_dict, describe_config, load_config
 __all__ = ["train_main", "eval_main"]
 
 _EPILOG = """overrides: key=value pairs anywhere among the options, dotted for nested keys, values read as YAML
-(e.g. optim.lr=0.01 data.root=/data/cub model.covpool.reduced_dim=128). Every key, its default and help:
+(e.g. optim.lr=0.01 data.root=/data/cub model.covpool.reduced_dim=128). Every key, its default, help and range
+(a value outside the range is an error):
 
 """
 
@@ -175,7 +176,7 @@ def train_main(argv: list[str]) -> int:
                            "(`--resume CKPT` is still read this way)")
     mode.add_argument("--overwrite", action="store_true",
                       help="start afresh even if the run folder has a checkpoint")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
 
     from .data import DatasetNotFoundError
     from .engine import RunExistsError, train
@@ -220,7 +221,7 @@ def eval_main(argv: list[str]) -> int:
                              "checkpoint")
     parser.add_argument("--checkpoint", required=True, help="a last.pt / best.pt written by covpool train")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights (runs with ema=true)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
 
     from .data import DatasetNotFoundError
     from .engine import evaluate

@@ -106,7 +106,7 @@ def _check_range(f: dataclasses.Field, value: Any, key: str, where: str = "") ->
     interval = f.metadata.get("interval")
     if interval is None or value is None:
         return
-    numbers = value if isinstance(value, list) else [value]
+    numbers = list(value) if isinstance(value, (list, tuple)) else [value]
     ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) and x in interval for x in numbers)
     ok = ok and len(numbers) == f.metadata.get("length", len(numbers))
     ok = ok and (not f.metadata.get("ascending") or numbers == sorted(numbers))
