@@ -113,6 +113,7 @@ def test_command_line_mistakes_are_one_error_line(runs, capsys, config, tmp_path
     ("epochs: two\n", [], "'epochs' must be int"),
     ("epochs: 2\n", ["epochs=2.5"], "'epochs' must be int"),
     ("epochs: [2\n", [], "is not valid YAML"),
+    ("epochs: 1\noptim: {lr: 0.1}\nepochs: 2\n", [], "found the key 'epochs' twice at line 3"),
     ("- epochs: 2\n- name: x\n", [], "its top level is a list"),
     ("just a string\n", [], "its top level is a str"),
     ("- epochs: 2\n", ["epochs=3"], "its top level is a list"),

@@ -12,6 +12,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -251,7 +252,7 @@ def _coerce(value: Any, hint: Any, key: str, where: str = "") -> Any:
             return float(value)
         except ValueError:
             pass
-    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"config key {key!r} must be {names}, got {value!r} ({type(value).__name__}){where}")
 
 
@@ -343,6 +344,22 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not "the last wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark,
+                                                        f"found the key {key!r} twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_config_file(path: str | Path) -> dict:
     """The plain dict a YAML config file holds; every way it can be unusable is a :class:`ConfigError`
     that names the file (missing: :class:`ConfigNotFoundError`)."""
@@ -350,7 +367,7 @@ def _read_config_file(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigNotFoundError(f"config file {str(path)!r} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}") from None
     except UnicodeDecodeError as err:
