@@ -16,7 +16,7 @@ _COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: covpool <command> [options]", "", "commands:"]
+    lines = ["usage: covpool <command> [options]   (covpool --version: the installed version)", "", "commands:"]
     lines += [f"  {name:<7} {help_}" for name, (_, _, help_) in _COMMANDS.items()]
     lines += ["", "`covpool <command> --help` shows a command's options."]
     return "\n".join(lines)
@@ -27,9 +27,21 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"covpool {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in _COMMANDS:
-        print(f"covpool: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"error: unknown command {command!r}; the commands are {', '.join(_COMMANDS)} (see `covpool --help`)",
+              file=sys.stderr)
         return 2
     module, func, _ = _COMMANDS[command]
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except SystemExit as exit_:  # argparse's --help and usage errors: main() returns what the shell would see
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        print(exit_.code, file=sys.stderr)
+        return 1

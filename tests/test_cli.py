@@ -1,0 +1,476 @@
+"""The command line: ``covpool train | eval`` argument handling, config files and overrides, error lines.
+
+No test here trains: ``covpool.train.engine.train`` is replaced by a recorder, so these check what the
+command line hands to the library, and that every input mistake is one ``error:`` line with exit status 2.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import covpool
+from covpool.cli import main
+from covpool.train import engine
+from covpool.train.config import ConfigError, ConfigNotFoundError, config_to_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """Calls of ``engine.train`` made by the command line, recorded instead of run."""
+    calls = []
+
+    def fake_train(cfg, resume=None, overwrite=False, **kwargs):
+        calls.append(SimpleNamespace(cfg=cfg, resume=resume, overwrite=overwrite))
+        return SimpleNamespace(interrupted=False)
+
+    monkeypatch.setattr(engine, "train", fake_train)
+    return calls
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: base\nepochs: 5\noptim:\n  lr: 0.1\n")
+    return path
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# -- overrides and flags in any order -----------------------------------------------------------------------
+def test_overrides_before_between_and_after_flags(runs, config):
+    assert main(["train", "--config", str(config), "epochs=1", "--overwrite", "name=x", "optim.lr=0.5"]) == 0
+    (call,) = runs
+    assert call.cfg.epochs == 1 and call.cfg.name == "x" and call.cfg.optim.lr == 0.5
+    assert call.overwrite is True and not call.resume
+    assert main(["train", "epochs=2", "--config", str(config)]) == 0
+    assert runs[1].cfg.epochs == 2 and runs[1].cfg.name == "base"
+
+
+def test_resume_flag_never_takes_an_override_as_checkpoint(runs, config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "epochs=2").write_text("a file named like an override is still an override")
+    assert main(["train", "--config", str(config), "--resume", "epochs=2"]) == 0
+    assert runs[0].resume is True and runs[0].cfg.epochs == 2
+    assert main(["train", "--resume", "epochs=3", "--config", str(config)]) == 0
+    assert runs[1].resume is True and runs[1].cfg.epochs == 3
+
+
+def _checkpoint(tmp_path: Path, name: str = "last.pt") -> Path:
+    path = tmp_path / name
+    torch.save({"config": config_to_dict(load_config(None, ["name=stored", "epochs=4"]))}, path)
+    return path
+
+
+def test_resume_from_checkpoint_takes_its_config_with_overrides(runs, tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    assert main(["train", "--resume-from", str(ckpt), "epochs=6"]) == 0
+    assert runs[0].resume == str(ckpt) and runs[0].cfg.name == "stored" and runs[0].cfg.epochs == 6
+    # 0.1.0's spelling, `--resume CKPT`, still means the same when CKPT is a checkpoint file
+    assert main(["train", "--resume", str(ckpt), "epochs=7"]) == 0
+    assert runs[1].resume == str(ckpt) and runs[1].cfg.epochs == 7
+
+
+def test_resume_from_with_a_config_uses_the_config(runs, config, tmp_path):
+    ckpt = _checkpoint(tmp_path, "other.pt")
+    assert main(["train", "--config", str(config), "--resume-from", str(ckpt)]) == 0
+    assert runs[0].resume == str(ckpt) and runs[0].cfg.name == "base"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume"], "give --config too"),
+    ([], "--config is required"),
+    (["--config", "{config}", "--resume", "--overwrite"], "not allowed with"),
+    (["--config", "{config}", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--config", "{config}", "epochs"], "overrides look like key=value"),
+    (["--config", "{config}", "--resume", "runs/x"], "overrides look like key=value"),
+    (["--resume-from", "{tmp}/missing.pt"], "missing.pt' not found"),
+])
+def test_command_line_mistakes_are_one_error_line(runs, capsys, config, tmp_path, argv, message):
+    argv = [a.format(config=config, tmp=tmp_path) for a in argv]
+    assert main(["train", *argv]) == 2
+    assert message in one_error_line(capsys)
+    assert not runs
+
+
+# -- config mistakes: one `error:` line, status 2 -------------------------------------------------------------
+@pytest.mark.parametrize("text, overrides, message", [
+    ("epochs: 2\nmodel:\n  nmae: resnet18\n", [], "unknown config key 'model.nmae'"),
+    ("epochs: 2\n", ["optim.lrr=0.1"], "unknown config key 'optim.lrr' (command-line override)"),
+    ("epochs: two\n", [], "'epochs' must be int"),
+    ("epochs: 2\n", ["epochs=2.5"], "'epochs' must be int"),
+    ("epochs: [2\n", [], "is not valid YAML"),
+    ("epochs: 1\noptim: {lr: 0.1}\nepochs: 2\n", [], "found the key 'epochs' twice at line 3"),
+    ("- epochs: 2\n- name: x\n", [], "its top level is a list"),
+    ("just a string\n", [], "its top level is a str"),
+    ("- epochs: 2\n", ["epochs=3"], "its top level is a list"),
+    ("model: 3\n", [], "section 'model'"),
+    ("epochs: 2\n", ["epochs.x=1"], "'epochs' is not a section"),
+    ("epochs: 2\n", ["data.scale=[0.5"], "the value is not valid YAML"),
+    ("epochs: 2\n", ["=3"], "look like key=value"),
+    ("epochs: 2\n", ["model=resnet18"], "section 'model'"),
+    ("epochs: 2\n", ["model.covpool=3"], "'model.covpool' must be dict"),
+])
+def test_config_mistakes_are_one_error_line(runs, capsys, tmp_path, text, overrides, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["train", "--config", str(path), *overrides]) == 2
+    line = one_error_line(capsys)
+    assert message in line, line
+    assert not runs
+
+
+def test_unreadable_config_files_are_one_error_line(runs, capsys, tmp_path):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml' not found" in one_error_line(capsys)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert main(["train", "--config", str(latin1)]) == 2
+    assert "latin1.yaml' is not UTF-8" in one_error_line(capsys)
+    assert main(["train", "--config", str(tmp_path)]) == 2  # a folder
+    assert "not found" in one_error_line(capsys)
+
+
+def test_top_level_list_error_names_the_file(tmp_path):
+    path = tmp_path / "listed.yaml"
+    path.write_text("- name: a\n- name: b\n")
+    with pytest.raises(ConfigError, match=r"listed\.yaml.*mapping.*top level is a list"):
+        load_config(path)
+
+
+def test_missing_config_is_both_config_and_file_not_found_error(tmp_path):
+    with pytest.raises(ConfigNotFoundError) as err:
+        load_config(tmp_path / "missing.yaml")
+    assert isinstance(err.value, ConfigError) and isinstance(err.value, FileNotFoundError)
+
+
+def test_config_mistake_in_a_real_process_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-m", "covpool", "train", "--config", str(bad), "epochs=1", "--overwrite"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "top level is a list" in lines[0], out.stderr
+
+
+# -- run-time errors -----------------------------------------------------------------------------------------
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to simulate a full disk")
+def test_full_disk_reports_the_real_os_error(monkeypatch, capsys, config):
+    def train_on_full_disk(cfg, resume=None, overwrite=False, **kwargs):
+        with open("/dev/full", "wb") as f:  # torch.save raises "unexpected pos ..." from the real ENOSPC
+            torch.save({"w": torch.zeros(100_000)}, f)
+
+    monkeypatch.setattr(engine, "train", train_on_full_disk)
+    assert main(["train", "--config", str(config)]) == 1
+    assert "No space left on device" in one_error_line(capsys)
+
+
+def test_covpool_errors_are_lines_and_foreign_errors_keep_their_traceback(monkeypatch, capsys, config):
+    def non_finite(cfg, **kwargs):
+        raise engine.NonFiniteLossError("non-finite loss at step 3")
+
+    monkeypatch.setattr(engine, "train", non_finite)
+    assert main(["train", "--config", str(config)]) == 1
+    assert one_error_line(capsys) == "error: non-finite loss at step 3"
+
+    def bug(cfg, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(engine, "train", bug)
+    with pytest.raises(ZeroDivisionError):
+        main(["train", "--config", str(config)])
+
+
+def test_ctrl_c_during_set_up_does_not_name_a_missing_checkpoint(monkeypatch, capsys, config, tmp_path):
+    def interrupted(cfg, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "train", interrupted)
+    assert main(["train", "--config", str(config), f"output_dir={tmp_path}"]) == 130
+    line = one_error_line(capsys)
+    assert "no checkpoint was written" in line and "last.pt" not in line
+
+
+# -- covpool itself ------------------------------------------------------------------------------------------
+def test_version_and_help(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"covpool {covpool.__version__}"
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--resume-from" in out and "optim.lr" in out
+
+
+def test_eval_overrides_after_flags_and_error_lines(monkeypatch, capsys, tmp_path):
+    seen = {}
+
+    def fake_evaluate(checkpoint, cfg, use_ema=False):
+        seen.update(checkpoint=checkpoint, cfg=cfg, ema=use_ema)
+        return {"loss": 1.0, "acc1": 50.0, "acc5": 90.0, "count": 8}
+
+    monkeypatch.setattr(engine, "evaluate", fake_evaluate)
+    ckpt = _checkpoint(tmp_path)
+    assert main(["eval", "--checkpoint", str(ckpt), "epochs=9", "--ema", "name=e"]) == 0
+    assert seen["cfg"].epochs == 9 and seen["cfg"].name == "e" and seen["ema"] is True
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(ckpt), "optim.lrr=1"]) == 2
+    assert "unknown config key 'optim.lrr'" in one_error_line(capsys)
+    assert main(["eval"]) == 2
+    assert "--checkpoint" in one_error_line(capsys)
+
+
+# -- shipped configs -----------------------------------------------------------------------------------------
+def test_shipped_configs_are_one_copy_inside_the_package():
+    from covpool.train.config import shipped_configs
+
+    shipped = shipped_configs()
+    package_dir = Path(covpool.__file__).parent / "configs"
+    assert set(shipped) == {p.stem for p in package_dir.glob("*.yaml")} and "cub200_resnet50_isqrt" in shipped
+    # the repository's configs/ (what the README's commands use) is the package's folder, not a copy
+    assert (REPO / "configs").resolve() == (REPO / "covpool" / "configs").resolve()
+    for name, path in shipped.items():
+        load_config(path)  # every shipped config is valid
+
+
+@pytest.mark.parametrize("given", ["cub200_resnet50_isqrt", "cub200_resnet50_isqrt.yaml",
+                                   "configs/cub200_resnet50_isqrt.yaml"])
+def test_shipped_config_by_name_from_any_folder(runs, tmp_path, monkeypatch, given):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the name resolves inside the package
+    assert main(["train", "--config", given, "data.root=/data/cub"]) == 0
+    expected = load_config(Path(covpool.__file__).parent / "configs" / "cub200_resnet50_isqrt.yaml",
+                           ["data.root=/data/cub"])
+    assert config_to_dict(runs[0].cfg) == config_to_dict(expected)
+
+
+def test_local_config_wins_over_a_shipped_name(runs, tmp_path, monkeypatch):
+    from covpool.train.config import resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo.yaml").write_text("name: mine\n")
+    assert main(["train", "--config", "demo.yaml"]) == 0
+    assert runs[0].cfg.name == "mine"
+    assert resolve_config("demo.yaml") == Path("demo.yaml")
+    assert resolve_config("demo").parent == Path(covpool.__file__).parent.resolve() / "configs"
+
+
+def test_unknown_config_name_lists_the_shipped_ones(runs, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "cub200_resnet50"]) == 2
+    line = one_error_line(capsys)
+    assert "'cub200_resnet50' not found" in line and "cub200_resnet50_isqrt" in line and "demo" in line
+    assert main(["train", "--config", "elsewhere/demo.yaml"]) == 2  # a path, not a name: no fallback
+    assert "not found" in one_error_line(capsys)
+
+
+def test_list_configs(capsys):
+    from covpool.train.config import shipped_configs
+
+    assert main(["train", "--list-configs"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in shipped_configs()) and "CUB-200-2011" in out
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_configs(tmp_path):
+    """The built wheel holds every config once, inside the package, and an install resolves them by name."""
+    pytest.importorskip("setuptools", reason="building the wheel without isolation needs setuptools")
+    import shutil
+    import zipfile
+
+    from covpool.train.config import shipped_configs
+
+    # build from a copy: setuptools leaves build/ and *.egg-info in the source tree
+    src = shutil.copytree(REPO, tmp_path / "src", symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "runs", "bench_out", "*.egg-info", "__pycache__", ".pytest_cache"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = (tmp_path / "dist").glob("covpool-*.whl")
+    yamls = sorted(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml"))
+    assert yamls == [f"covpool/configs/{name}.yaml" for name in shipped_configs()]
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    code = "import covpool.train.config as c; print(c.resolve_config('demo')); print(c.load_config('demo').name)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(tmp_path / "site" / "covpool" / "configs" / "demo.yaml"), "avgpool"]
+
+
+# -- ranges of numeric keys ----------------------------------------------------------------------------------
+def _leaf_fields(cls=None, prefix=""):
+    import dataclasses
+    import typing
+
+    from covpool.train.config import TrainConfig
+
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaf_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f, hints[f.name]
+
+
+def test_every_numeric_key_has_a_range_shown_in_help(capsys):
+    import typing
+
+    numeric = []
+    for key, f, hint in _leaf_fields():
+        options = set(typing.get_args(hint) or (hint,)) - {type(None)}
+        if options & {int, float}:
+            assert "interval" in f.metadata, f"{key} has no range"
+            numeric.append(key)
+    assert len(numeric) >= 25
+    assert main(["train", "--help"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    for key in numeric:
+        assert any(w in lines[key] for w in ("; >= ", "; > ", "; in ", "numbers, each")), lines[key]
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("clip_grad=-1", "'clip_grad' must be > 0 or null, got -1.0"),
+    ("clip_grad=0", "'clip_grad' must be > 0 or null"),
+    ("ema_decay=2", "'ema_decay' must be in [0, 1), got 2.0"),
+    ("ema_decay=1", "'ema_decay' must be in [0, 1)"),
+    ("mixup=-1", "'mixup' must be >= 0"),
+    ("cutmix=-0.5", "'cutmix' must be >= 0"),
+    ("label_smoothing=1", "'label_smoothing' must be in [0, 1)"),
+    ("max_val_steps=0", "'max_val_steps' must be >= 1 or null, got 0"),
+    ("max_steps_per_epoch=0", "'max_steps_per_epoch' must be >= 1 or null"),
+    ("epochs=0", "'epochs' must be >= 1"),
+    ("seed=-1", "'seed' must be in [0, 4294967295]"),
+    ("seed=4294967296", "'seed' must be in [0, 4294967295]"),
+    ("optim.lr=-0.1", "'optim.lr' must be >= 0"),
+    ("optim.lr=.inf", "'optim.lr' must be >= 0, got inf"),
+    ("optim.lr=.nan", "'optim.lr' must be >= 0, got nan"),
+    ("optim.momentum=1", "'optim.momentum' must be in [0, 1)"),
+    ("optim.weight_decay=-1e-4", "'optim.weight_decay' must be >= 0"),
+    ("optim.head_lr_mult=-1", "'optim.head_lr_mult' must be >= 0"),
+    ("optim.warmup_epochs=-1", "'optim.warmup_epochs' must be >= 0"),
+    ("optim.warmup_lr=-1", "'optim.warmup_lr' must be >= 0"),
+    ("optim.min_lr=-1", "'optim.min_lr' must be >= 0"),
+    ("optim.decay_epochs=0", "'optim.decay_epochs' must be > 0"),
+    ("optim.decay_rate=0", "'optim.decay_rate' must be in (0, 1]"),
+    ("optim.decay_milestones=[60, 30]", "'optim.decay_milestones' must be ascending numbers, each >= 0"),
+    ("optim.decay_milestones=[-1]", "'optim.decay_milestones' must be ascending numbers, each >= 0"),
+    ("data.batch_size=0", "'data.batch_size' must be >= 1"),
+    ("data.val_batch_size=0", "'data.val_batch_size' must be >= 1 or null"),
+    ("data.img_size=0", "'data.img_size' must be >= 1"),
+    ("data.workers=-1", "'data.workers' must be >= 0"),
+    ("data.hflip=1.5", "'data.hflip' must be in [0, 1]"),
+    ("data.re_prob=-0.1", "'data.re_prob' must be in [0, 1]"),
+    ("data.color_jitter=-1", "'data.color_jitter' must be >= 0"),
+    ("data.crop_pct=0", "'data.crop_pct' must be in (0, 1] or null"),
+    ("data.scale=[0.5]", "'data.scale' must be 2 ascending numbers, each in (0, 1] or null"),
+    ("data.scale=[1.0, 0.5]", "'data.scale' must be 2 ascending numbers"),
+    ("data.scale=[0, 1]", "'data.scale' must be 2 ascending numbers"),
+    ("data.embedded_train_per_class=0", "'data.embedded_train_per_class' must be >= 1"),
+    ("data.embedded_val_per_class=0", "'data.embedded_val_per_class' must be >= 1"),
+    ("model.num_classes=0", "'model.num_classes' must be >= 1 or null"),
+])
+def test_out_of_range_values_are_config_errors(runs, capsys, override, shown):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert shown in str(err.value)
+    assert main(["train", "--config", "demo", override]) == 2  # and one error line on the command line
+    line = one_error_line(capsys)
+    assert shown in line and "demo.yaml" not in line  # an override is not blamed on the file
+    assert not runs
+
+
+def test_out_of_range_value_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "neg.yaml"
+    path.write_text("optim:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"'optim.lr' must be >= 0, got -1.0 in .*neg\.yaml"):
+        load_config(path)
+
+
+def test_boundary_values_are_accepted():
+    cfg = load_config(None, ["clip_grad=1e-6", "ema_decay=0", "mixup=0", "max_val_steps=1", "max_steps_per_epoch=1",
+                             "epochs=1", "seed=4294967295", "optim.lr=0", "optim.momentum=0", "optim.decay_rate=1",
+                             "data.workers=0", "data.hflip=1", "data.scale=[0.08, 1]", "data.crop_pct=1",
+                             "optim.decay_milestones=[]", "clip_grad=null", "max_val_steps=null"])
+    assert cfg.ema_decay == 0.0 and cfg.optim.lr == 0.0 and cfg.data.scale == [0.08, 1]
+    assert cfg.clip_grad is None and cfg.max_val_steps is None
+
+
+def test_direct_construction_checks_ranges_too():
+    from covpool.train.config import OptimConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match="'epochs' must be >= 1, got 0"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="'lr' must be >= 0"):
+        OptimConfig(lr=-1.0)
+    assert TrainConfig().epochs == 10
+    from covpool.train.config import DataConfig
+
+    assert DataConfig(scale=(0.5, 1.0)).scale == (0.5, 1.0)
+    with pytest.raises(ConfigError, match="'scale' must be 2 ascending numbers"):
+        DataConfig(scale=(1.0, 0.5))
+
+
+# -- checkpoints given on the command line -------------------------------------------------------------------
+@pytest.mark.parametrize("content, message", [
+    (b"", "cannot be read as a checkpoint"),
+    (b"epochs: 3\nthis is a text file\n", "cannot be read as a checkpoint"),
+    (None, "holds no covpool config"),  # a plain state_dict
+])
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_unusable_checkpoint_is_one_error_line(runs, capsys, tmp_path, content, message, command):
+    path = tmp_path / "weights.pt"
+    if content is None:
+        torch.save({"fc.weight": torch.zeros(2, 2)}, path)
+    else:
+        path.write_bytes(content)
+    argv = ["train", "--resume-from", str(path)] if command == "train" else ["eval", "--checkpoint", str(path)]
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert message in line and str(path) in line
+    assert not runs
+
+
+# -- config_diff (what a resume with a changed config reports) -----------------------------------------------
+def test_config_diff_lists_changed_dotted_keys():
+    from covpool.train.config import MISSING, config_diff, format_config_diff
+
+    stored = config_to_dict(load_config("demo", ["epochs=1"]))  # what a checkpoint holds
+    new = load_config("demo", ["epochs=3", "optim.lr=0.01", "model.covpool.reduced_dim=64", "optim.sched=step"])
+    diff = config_diff(stored, new)
+    assert diff == [("epochs", 1, 3), ("model.covpool.reduced_dim", MISSING, 64), ("optim.lr", 0.05, 0.01),
+                    ("optim.sched", "cosine", "step")]
+    assert format_config_diff(diff[:1] + diff[2:3]) == "epochs: 1 -> 3, optim.lr: 0.05 -> 0.01"
+    assert config_diff(new, new) == [] and config_diff(stored, load_config("demo", ["epochs=1"])) == []
+    # removed keys come last, with MISSING on the new side; ignored keys and everything under them are skipped
+    assert config_diff(new, stored, ignore=["epochs", "optim"]) == [("model.covpool.reduced_dim", 64, MISSING)]
+    assert repr(MISSING) == "<missing>"
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ({"a": 1}, {"a": 1.0}, []),                        # an int read from YAML equals the float it becomes
+    ({"a": [0.5, 1.0]}, {"a": (0.5, 1)}, []),          # a tuple equals the list with the same items
+    ({"a": True}, {"a": 1}, [("a", True, 1)]),          # but true is not 1 in a config
+    ({"a": None}, {"a": 0}, [("a", None, 0)]),
+    ({"s": {"x": 1}}, {"s": 3}, [("s", {"x": 1}, 3)]),  # a section replaced by a value: reported whole
+    ({"s": {"x": [1, 2]}}, {"s": {"x": [1, 2, 3]}}, [("s.x", [1, 2], [1, 2, 3])]),
+    ({}, {}, []),
+])
+def test_config_diff_value_rules(old, new, expected):
+    from covpool.train.config import config_diff
+
+    assert config_diff(old, new) == expected
