@@ -26,7 +26,7 @@ from timm.models.resnet import ResNet as TimmResNet
 from torch import nn
 from torchvision.models import ResNet as TorchvisionResNet
 
-from ..layers import CovPool
+from ..layers import CovPool, SoViTHead
 from ._common import check_num_classes, set_last_stride
 from .resnet_isqrt import ISqrtResNet
 
@@ -315,7 +315,7 @@ def swap_pooling(model: nn.Module, *, last_stride: int | None = None, **covpool_
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_pooling expects an nn.Module, one of {_SUPPORTED}; got {type(model).__name__}")
     if isinstance(model, (ISqrtResNet, SecondOrderNet)) or any(
-            isinstance(m, (CovPool, TokenCovPool)) for m in model.children()):
+            isinstance(m, (CovPool, TokenCovPool, SoViTHead)) for m in model.children()):
         raise ValueError(f"{type(model).__name__} already uses covariance pooling")
     if type(model) is TimmResNet:
         return _swap_timm_resnet(model, last_stride, covpool_options)
