@@ -60,7 +60,7 @@ def test_param_count(name):
         with torch.device("meta"):
             plain = timm.create_model(name.removesuffix("_isqrt"), num_classes=0)
         channels = plain.num_features
-        assert model.num_features == 32896
+        assert model.head_hidden_size == 32896 and model.num_features == channels
         assert count == _params(plain) + channels * 256 + 2 * 256 + 32896 * 1000 + 1000
 
 
@@ -87,7 +87,7 @@ def test_forward_backward_and_classifier(name):
         pre = model.forward_head(model.forward_features(x), pre_logits=True)
         model.reset_classifier(0)
         features = model(x)
-    assert pre.shape == features.shape == (2, model.num_features)
+    assert pre.shape == features.shape == (2, model.head_hidden_size)
     assert torch.allclose(pre, features)
     model.reset_classifier(3)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_builders_share_no_state():
 
 def test_isqrt_resnet_options():
     model = timm.create_model("resnet18_isqrt", num_classes=2, backend="eig", reduced_dim=32)
-    assert model.global_pool.backend == "eig" and model.num_features == 32 * 33 // 2
+    assert model.global_pool.backend == "eig" and model.head_hidden_size == 32 * 33 // 2
     assert model.forward_features(_images()).shape[-1] == IMG // 16
     assert model.feature_info[-1]["reduction"] == 16
     strided = timm.create_model("resnet18_isqrt", num_classes=2, last_stride=2)
@@ -256,7 +256,7 @@ def test_swap_pooling_timm_resnet(tmp_path):
 
     model = build()
     assert isinstance(model, ISqrtResNet) and isinstance(model.global_pool, CovPool)
-    assert model.num_classes == 7 and model.fc.in_features == model.num_features == 32896
+    assert model.num_classes == 7 and model.fc.in_features == model.head_hidden_size == 32896
     assert model.forward_features(_images()).shape[-1] == IMG // 16
     assert model(_images()).shape == (2, 7)
     _train_step(model, 7)
@@ -269,7 +269,7 @@ def test_swap_pooling_timm_resnet(tmp_path):
 
     kept = covpool.swap_pooling(timm.create_model("resnet18", num_classes=3), reduced_dim=16, backend="eig")
     assert kept.forward_features(_images()).shape[-1] == IMG // 32
-    assert kept.num_features == 16 * 17 // 2 and kept.global_pool.backend == "eig"
+    assert kept.head_hidden_size == 16 * 17 // 2 and kept.global_pool.backend == "eig"
 
 
 def test_swap_pooling_torchvision_resnet(tmp_path):
@@ -286,7 +286,7 @@ def test_swap_pooling_torchvision_resnet(tmp_path):
 
 
 def test_swap_pooling_errors():
-    with pytest.raises(TypeError, match="supports timm's ResNet family"):
+    with pytest.raises(TypeError, match="swap_pooling supports"):
         covpool.swap_pooling(nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1)))
     with pytest.raises(TypeError, match="supports"):
         covpool.swap_pooling(torchvision.models.squeezenet1_1(weights=None))

@@ -15,11 +15,13 @@ covpool checkpoint instead (with ``weights_only=True`` or safetensors, through t
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
@@ -29,16 +31,24 @@ from ._common import check_num_classes, set_last_stride
 
 __all__ = ["ISqrtResNet", "checkpoint_filter_fn"]
 
+# CovPool checks its input's layout in Python, which symbolic tracing cannot follow: a leaf for timm's FX
+# tracer (torchvision feature extraction with timm's leaf modules, ``features_only=True, feature_cls="fx"``).
+register_notrace_module(CovPool)
+
 _HEAD_PREFIXES = ("global_pool.", "fc.")
 # fast-MPN-COV (the iSQRT-COV authors' code) names of the reduction layers -> CovPool's.
 _AUTHORS_KEYS = (("layer_reduce_bn.", "global_pool.reduce.bn."), ("layer_reduce.", "global_pool.reduce.conv."))
 
 
+_POOL_TYPES = ("cov", "")
+
+
 def _check_global_pool(global_pool: str | None) -> None:
-    if global_pool not in (None, "cov"):
+    if global_pool is not None and global_pool not in _POOL_TYPES:
         raise ValueError(
-            f"global_pool={global_pool!r} is not supported: covariance pooling is this model's pooling "
-            "(pass None or 'cov'); build timm's plain ResNet for average pooling"
+            f"global_pool={global_pool!r} is not supported: use 'cov' (covariance pooling, this model's head), "
+            "'' (no pooling: unpooled feature maps, timm's convention) or None (keep the current one); build "
+            "timm's plain ResNet for average pooling"
         )
 
 
@@ -47,20 +57,25 @@ class ISqrtResNet(ResNet):
 
     Everything but the head is timm's :class:`~timm.models.resnet.ResNet` (same parameter names, so timm and
     torchvision ResNet checkpoints load into the backbone). ``global_pool`` is a :class:`covpool.CovPool`
-    and ``fc`` a linear layer on its ``out_features``-dim output; ``num_features`` and ``head_hidden_size``
-    are that width (what ``forward_head(x, pre_logits=True)`` and ``reset_classifier(0)`` give), while
-    ``feature_info[-1]["num_chs"]`` is the backbone's channel count that ``forward_features`` returns.
+    and ``fc`` a linear layer on its ``out_features``-dim output.
+
+    timm's model contract holds as for timm's own ResNet: ``num_features`` is the channel count that
+    ``forward_features`` returns (512 for ResNet-18, 2048 for ResNet-50), ``head_hidden_size`` the width of
+    ``forward_head(x, pre_logits=True)`` (the covariance vector, 32 896 by default), ``global_pool=''`` or
+    ``reset_classifier(0, '')`` give the unpooled feature map (what ``features_only`` and
+    ``prune_intermediate_layers`` rely on), and ``reset_classifier(n)`` keeps the covariance pooling.
 
     Args:
         block, layers, num_classes, in_chans, drop_rate, ...: as timm's ResNet (``drop_rate`` is the dropout
             on the covariance vector before ``fc``).
         last_stride: stride of the last stage, 1 (iSQRT-COV, default) or 2 (the plain ResNet's).
-        global_pool: only ``None`` or ``"cov"``; present so timm's keyword is refused clearly.
+        global_pool: ``None`` or ``"cov"`` (covariance pooling), or ``""`` (no pooling and no classifier:
+            ``num_classes`` must be 0 and ``forward`` returns the feature map).
         **kwargs: the rest go to timm's ResNet; :class:`covpool.CovPool` options are ``reduced_dim``
             (default 256, ``None`` keeps the backbone width) and ``backend`` (a name or a dict such as
             ``{"name": "ns", "num_iters": 5}``, passed down untouched).
 
-    Shapes: input ``(B, in_chans, H, W)``; ``forward_features`` → ``(B, C, H/16, W/16)`` at
+    Shapes: input ``(B, in_chans, H, W)``; ``forward_features`` → ``(B, num_features, H/16, W/16)`` at
     ``last_stride=1`` (``H/32`` at 2); ``forward`` → ``(B, num_classes)``.
     """
 
@@ -82,30 +97,57 @@ class ISqrtResNet(ResNet):
             raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}")
         super().__init__(block, layers, num_classes=num_classes, **kwargs)
         set_last_stride(self, last_stride)
-        self._install_covpool(CovPool(self.feature_info[-1]["num_chs"], reduced_dim=reduced_dim, backend=backend))
+        pool = CovPool(self.num_features, reduced_dim=reduced_dim, backend=backend)
+        self._install_covpool(pool)
+        if global_pool == "":
+            self.reset_classifier(num_classes, "")
 
     def _install_covpool(self, pool: CovPool) -> None:
         """Make ``pool`` the global pooling and size a fresh ``fc`` to its output (used at construction and
         by :func:`covpool.swap_pooling` on a timm ResNet)."""
         if not pool.vectorize:
             raise ValueError("vectorize must be True: the classifier needs the covariance as a vector")
+        # What a later reset_classifier(n, 'cov') rebuilds the pooling from once '' has dropped it.
+        self.covpool_options = {"reduced_dim": pool.reduced_dim, "backend": copy.deepcopy(pool.backend)}
+        self._set_head(pool, self.num_classes)
+
+    def _set_head(self, pool: nn.Module, num_classes: int) -> None:
         ref = next(self.parameters())
         self.global_pool = pool.to(device=ref.device, dtype=ref.dtype).train(self.training)
-        self.num_features = self.head_hidden_size = pool.out_features
-        self.reset_classifier(self.num_classes)
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace ``fc`` by a fresh linear layer with ``num_classes`` outputs (``nn.Identity`` for 0); the
-        covariance pooling is kept, so ``global_pool`` may only be ``None`` or ``"cov"``."""
-        check_num_classes(num_classes)
-        _check_global_pool(global_pool)
-        ref = next(self.parameters())
+        self.head_hidden_size = pool.out_features if isinstance(pool, CovPool) else self.num_features
         self.num_classes = num_classes
         self.fc = (
-            nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            nn.Linear(self.head_hidden_size, num_classes, device=ref.device, dtype=ref.dtype)
             if num_classes > 0 else nn.Identity()
         )
         self.fc.train(self.training)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace ``fc`` by a fresh linear layer with ``num_classes`` outputs (``nn.Identity`` for 0).
+
+        ``global_pool``: ``None`` keeps the current pooling (a trained :class:`covpool.CovPool` is kept; a
+        classifier on unpooled features brings covariance pooling back), ``"cov"`` covariance pooling (a fresh
+        one if there was none), ``""`` none: with ``num_classes=0`` ``forward`` then returns the unpooled
+        ``(B, num_features, H, W)`` map, as timm's models do.
+        """
+        check_num_classes(num_classes)
+        _check_global_pool(global_pool)
+        pooled = isinstance(self.global_pool, CovPool)
+        pool_type = ("cov" if pooled or num_classes > 0 else "") if global_pool is None else global_pool
+        if pool_type == "" and num_classes > 0:
+            raise ValueError(
+                f"reset_classifier({num_classes}, ''): unpooled features have no classifier; pass num_classes=0 "
+                "for feature maps, or global_pool='cov' (or None) to classify the covariance"
+            )
+        if pool_type == "":
+            pool: nn.Module = nn.Identity()
+        elif pooled:
+            pool = self.global_pool
+        else:
+            options = self.covpool_options
+            pool = CovPool(self.num_features, reduced_dim=options["reduced_dim"],
+                           backend=copy.deepcopy(options["backend"]))
+        self._set_head(pool, num_classes)
 
 
 def _rename_authors_key(key: str) -> str:

@@ -74,7 +74,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         _cifar_stem(model)
     _convert_zca(model, cfg.zca, dict(cfg.zca_options))
     if cfg.swap_pooling:
-        covpool.swap_pooling(model, **cfg.covpool)
+        model = covpool.swap_pooling(model, **cfg.covpool)  # timm non-ResNets come back wrapped
     elif cfg.covpool:
         raise ConfigError("model.covpool options are only used with model.swap_pooling=true")
     return model
