@@ -20,6 +20,8 @@ from covpool.linalg import covariance, get_backend, lyapunov_sign, triu_vectoriz
 BACKENDS = covpool.list_backends()
 EXACT_FORWARD = ["eig", "svd_pi", "svd_taylor", "svd_pade"]
 ROOTS = [pytest.param(False, id="sqrt"), pytest.param(True, id="inv")]
+# Relative errors below this are float64 rounding: two of them are equal, whatever their order.
+MACHINE_FLOOR = 1e-12
 
 
 def root(a, backend, inverse, **options):
@@ -138,14 +140,15 @@ def test_more_iterations_or_degree_approach_the_exact_root(backend, key, values,
     a = well_conditioned(3, 16, seed=3)
     ref = exact_root(a, inverse)
     errors = [rel(root(a, backend, inverse, **{key: v}), ref) for v in values]
-    assert all(e2 < e1 for e1, e2 in zip(errors, errors[1:])), errors
+    # Once both are at float64 rounding (~1e-15) their order is decided by the BLAS: a floor, not `<`.
+    assert all(e2 < e1 or e2 < MACHINE_FLOOR for e1, e2 in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-3, errors
 
 
 def test_frobenius_prenormalisation_of_ns_is_more_accurate_for_the_same_cost():
     a = well_conditioned(8, 32, seed=4)
     ref = exact_root(a)
-    assert rel(covpool.sqrtm(a, "ns", norm="fro"), ref) < 0.5 * rel(covpool.sqrtm(a, "ns"), ref)
+    assert rel(covpool.sqrtm(a, "ns", norm="fro"), ref) < max(0.5 * rel(covpool.sqrtm(a, "ns"), ref), MACHINE_FLOOR)
 
 
 @pytest.mark.parametrize("backend", ["mtp_lya", "mpa_lya"])
@@ -155,7 +158,8 @@ def test_newton_schulz_refinement_of_the_approximants(backend, inverse):
     a = ill_conditioned(8, 16, kappa=100.0, dtype=torch.float32, seed=18)
     ref = exact_root(a, inverse)
     errors = [rel(root(a, backend, inverse, refine=k), ref) for k in (0, 1, 2)]
-    assert errors[2] < errors[1] < errors[0], errors
+    floor = 1e-6  # float32 rounding at this size
+    assert errors[2] < max(errors[1], floor) and errors[1] < max(errors[0], floor), errors
     assert errors[2] < {"mpa_lya": 0.02, "mtp_lya": 0.4}[backend], errors
     x = a.clone().requires_grad_()
     root(x, backend, inverse, refine=2).sum().backward()
