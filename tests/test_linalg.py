@@ -462,3 +462,57 @@ def test_triu_vectorize_order_and_width():
     a = torch.arange(9.0).reshape(3, 3)
     assert triu_vectorize(a).tolist() == [0.0, 1.0, 2.0, 4.0, 5.0, 8.0]
     assert triu_vectorize(torch.zeros(2, 256, 256)).shape == (2, 32896)
+
+
+# --------------------------------------------------------------------------------- second derivatives
+DOUBLE_BACKWARD = {"ns"}  # backends whose double backward is exact; every other one must raise
+
+
+def issue_example(backend, **options):
+    """d/dw of ‖∂/∂z Σ sqrtm(w·z)‖² at z = 4·I₃, w = 2; the exact value is 9/16."""
+    z = (4 * torch.eye(3, dtype=torch.float64)).requires_grad_()
+    w = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(covpool.sqrtm(w * z, backend, **options).sum(), z, create_graph=True)
+    (gw,) = torch.autograd.grad(g.pow(2).sum(), w)
+    return float(gw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivative_is_right_or_raises(backend):
+    if backend in DOUBLE_BACKWARD:
+        assert issue_example(backend, num_iters=20) == pytest.approx(0.5625, rel=1e-10)
+    else:
+        with pytest.raises(RuntimeError, match=f"backend '{backend}' has no second derivative"):
+            issue_example(backend)
+
+
+@pytest.mark.parametrize("inverse", ROOTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradgradcheck_or_a_clear_error(backend, inverse):
+    a = well_conditioned(2, 4, seed=20).requires_grad_()
+    fn = symmetrised(lambda m: root(m, backend, inverse))
+    if backend in DOUBLE_BACKWARD:
+        assert torch.autograd.gradgradcheck(fn, (a,))
+    else:
+        # The upstream gradient requires grad here (the path once_differentiable alone covers).
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.gradgradcheck(fn, (a,))
+
+
+@pytest.mark.parametrize("norm", ["trace", "fro"])
+@pytest.mark.parametrize("num_iters", [1, 3])
+def test_ns_gradgradcheck_options(num_iters, norm):
+    a = well_conditioned(2, 4, seed=21).requires_grad_()
+    for inverse in (False, True):
+        fn = symmetrised(lambda m: root(m, "ns", inverse, num_iters=num_iters, norm=norm))
+        assert torch.autograd.gradgradcheck(fn, (a,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_create_graph_alone_keeps_the_first_derivative(backend):
+    # Only differentiating the gradient raises; the gradient itself is the usual one.
+    a = well_conditioned(2, 6, seed=22)
+    x, y = a.clone().requires_grad_(), a.clone().requires_grad_()
+    (g1,) = torch.autograd.grad(covpool.sqrtm(x, backend).square().sum(), x, create_graph=True)
+    (g0,) = torch.autograd.grad(covpool.sqrtm(y, backend).square().sum(), y)
+    torch.testing.assert_close(g1.detach(), g0, rtol=1e-10, atol=1e-12)

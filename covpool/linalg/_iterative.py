@@ -6,9 +6,8 @@ fast on GPUs. Inputs are ``(B, n, n)`` float32/float64, already validated by the
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
-
 from . import _coefficients
+from ._double import guard
 from ._registry import Option, degree_pair, int_at_least, one_of, register_backend
 
 __all__ = ["lyapunov_sign"]
@@ -48,18 +47,24 @@ class _NewtonSchulz(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, inverse, num_iters, norm = inputs
+        a, inverse, num_iters, norm = inputs
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # the intermediates get no gradient: don't fill zeros for them
-        ctx.save_for_backward(*output)
+        ctx.save_for_backward(a, *output)
         ctx.inverse, ctx.num_iters, ctx.norm = inverse, num_iters, norm
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad, *_):
         if grad is None:
             return None, None, None, None
-        out, c, *rest = ctx.saved_tensors
+        a, out, c, *rest = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the iteration again, with autograd, from the saved input,
+            # so that a second derivative is exact (the fast path below works on constants).
+            with torch.enable_grad():
+                root = _ns_iterate(a, ctx.inverse, ctx.num_iters, ctx.norm, keep=False)[0]
+                (g_a,) = torch.autograd.grad(root, a, 0.5 * (grad + grad.mT), create_graph=True)
+            return g_a, None, None, None
         n_it = ctx.num_iters
         n_z = max(n_it - 2, 0)
         ys, ts = rest[:n_it], rest[n_it + n_z:]
@@ -113,11 +118,12 @@ def _ns_iterate(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, keep:
     c = _norm(a, norm)
     eye15 = _eye(a, 1.5)
     y = a / c
-    t = y.mul(-0.5)
-    t.diagonal(dim1=-2, dim2=-1).add_(1.5)
+    # Out of place (no in-place update of a diagonal view): exportable to ONNX and differentiable
+    # twice, at the cost of no extra pass.
+    t = torch.add(eye15, y, alpha=-0.5)
     ys, zs, ts = ([y], [None], [t]) if keep else ([], [], [])
     if num_iters == 1:
-        out = t.clone() if inverse else y @ t
+        out = t if inverse else y @ t
     else:
         y, z = y @ t, t
         for step in range(num_iters - 1):
@@ -130,7 +136,7 @@ def _ns_iterate(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, keep:
             if step < num_iters - 2:  # the last step only forms the requested root, below
                 y, z = y @ t, t @ z
         out = t @ z if inverse else y @ t
-    out.mul_(c.rsqrt() if inverse else c.sqrt())
+    out = out * (c.rsqrt() if inverse else c.sqrt())
     return out, c, ys, zs, ts
 
 
@@ -217,7 +223,7 @@ class _LyaRoot(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(a: torch.Tensor, inverse: bool, approx, lya_iters: int, refine: int):
+    def forward(a: torch.Tensor, inverse: bool, approx, lya_iters: int, refine: int, name: str):
         c = _norm(a, "fro")
         x = a / -c
         a_n = x.neg() if refine else None  # A/‖A‖_F, only the refinement needs it
@@ -228,26 +234,29 @@ class _LyaRoot(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, inverse, _, lya_iters, _ = inputs
+        a, inverse, _, lya_iters, _, name = inputs
         _, root, s = output
         ctx.mark_non_differentiable(root, s)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(a if inverse else None, root, s)
-        ctx.inverse, ctx.lya_iters = inverse, lya_iters
+        ctx.save_for_backward(a, root, s)  # a: the inverse root's S = A·Y, and the second-derivative guard
+        ctx.inverse, ctx.lya_iters, ctx.name = inverse, lya_iters, name
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad, _grad_root, _grad_s):
         if grad is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         a, root, s = ctx.saved_tensors
-        g = 0.5 * (grad + grad.mT)
-        if ctx.inverse:
-            # root = (A/c)^{-1/2}; S_n = (A/c)·root; RHS −Y Ḡ Y = −root Ḡ root / c, then /√c for S = √c·S_n.
-            sqrt_n = (a @ root).div_(s.square())
-            rhs = root @ g @ root
-            return lyapunov_sign(sqrt_n, rhs, ctx.lya_iters).div_(-(s * s.square())), None, None, None, None
-        return lyapunov_sign(root, g, ctx.lya_iters).div_(s), None, None, None, None
+        with torch.no_grad():
+            g = 0.5 * (grad + grad.mT)
+            if ctx.inverse:
+                # root = (A/c)^{-1/2}; S_n = (A/c)·root; RHS −Y Ḡ Y = −root Ḡ root / c, then /√c for
+                # S = √c·S_n. Divide by s and s² in turn: s³ overflows float32 for ‖A‖ > 1e25.
+                sqrt_n = (a @ root).div_(s.square())
+                rhs = root @ g @ root
+                g_a = lyapunov_sign(sqrt_n, rhs, ctx.lya_iters).div_(s).div_(s.square()).neg_()
+            else:
+                g_a = lyapunov_sign(root, g, ctx.lya_iters).div_(s)
+        return guard(g_a, ctx.name, a, grad), None, None, None, None, None
 
 
 def _refine(a_n: torch.Tensor, z: torch.Tensor, inverse: bool, steps: int) -> torch.Tensor:
@@ -275,7 +284,7 @@ def _mtp_lya(a: torch.Tensor, inverse: bool, degree: int, lya_iters: int, refine
         coeffs = _coefficients.taylor_sqrt(degree, inv)
         return _poly(coeffs, _powers(x, _split(degree, 1)))
 
-    return _LyaRoot.apply(a, inverse, approx, lya_iters, refine)[0]
+    return _LyaRoot.apply(a, inverse, approx, lya_iters, refine, "mtp_lya")[0]
 
 
 def _mpa_lya(a: torch.Tensor, inverse: bool, degree: tuple[int, int], lya_iters: int, refine: int) -> torch.Tensor:
@@ -295,7 +304,7 @@ def _mpa_lya(a: torch.Tensor, inverse: bool, degree: tuple[int, int], lya_iters:
         # transpose is the same matrix in the row-major layout the batched products run fastest on.
         return torch.cholesky_solve(num, chol).mT
 
-    return _LyaRoot.apply(a, inverse, approx, lya_iters, refine)[0]
+    return _LyaRoot.apply(a, inverse, approx, lya_iters, refine, "mpa_lya")[0]
 
 
 def _mpa_degree(key, value):
