@@ -516,3 +516,58 @@ def test_create_graph_alone_keeps_the_first_derivative(backend):
     (g1,) = torch.autograd.grad(covpool.sqrtm(x, backend).square().sum(), x, create_graph=True)
     (g0,) = torch.autograd.grad(covpool.sqrtm(y, backend).square().sum(), y)
     torch.testing.assert_close(g1.detach(), g0, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ scale invariance
+SCALES = [1e-30, 1e-20, 1e-10, 1.0, 1e10, 1e20, 1e30]
+
+
+@pytest.mark.parametrize("inverse", ROOTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_roots_are_scale_invariant_from_1e_minus_30_to_1e30(backend, inverse):
+    # root(s·A) = s^(±1/2)·root(A): the error against the float64 eigh reference must not grow with the
+    # scale (it overflowed to inf / NaN in the Frobenius normaliser of mtp_lya / mpa_lya before).
+    a = well_conditioned(2, 6, seed=23)
+    ref = exact_root(a, inverse)
+    for dtype, floor in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        base = rel(root(a.to(dtype), backend, inverse), ref)
+        assert base < 0.5, (dtype, base)
+        for s in SCALES:
+            out = root((s * a).to(dtype), backend, inverse)
+            assert torch.isfinite(out).all(), (dtype, s)
+            err = rel(out.double() * s ** (0.5 if inverse else -0.5), ref)
+            assert err < 1.5 * base + floor, (dtype, s, err, base)
+
+
+@pytest.mark.parametrize("inverse", ROOTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_are_scale_invariant_in_float64(backend, inverse):
+    # ∂root(sA) = s^(-1/2) ∂root(A) (square root) or s^(-3/2) (inverse root), at every scale.
+    a = well_conditioned(2, 6, seed=24)
+    g = torch.randn(2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def grad_at(s):
+        x = (s * a).requires_grad_()
+        (root(x, backend, inverse) * g).sum().backward()
+        return x.grad
+
+    base = grad_at(1.0)
+    for s in SCALES:
+        scaled = grad_at(s) * s ** (1.5 if inverse else 0.5)
+        assert rel(scaled, base) < 1e-8, (s, rel(scaled, base))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cov_pool_and_zca_of_features_scaled_by_1e10(backend):
+    # Through the layers, float32: CovPool's root scales with the features, ZCA's output does not
+    # (it was NaN for mpa_lya and all zeros for ZCA before the normaliser was made scale-safe).
+    x = torch.randn(2, 6, 40, generator=torch.Generator().manual_seed(5))
+    pool = covpool.CovPool(6, reduced_dim=None, backend=backend)
+    big = pool(1e10 * x.unsqueeze(-1))
+    assert torch.isfinite(big).all()
+    assert rel(big / 1e10, pool(x.unsqueeze(-1))) < 1e-4
+    feats = torch.randn(64, 8, generator=torch.Generator().manual_seed(6))
+    y = covpool.zca_batch_norm(feats, training=True, group_size=4, eps=0.0, backend=backend)
+    y_big = covpool.zca_batch_norm(1e10 * feats, training=True, group_size=4, eps=0.0, backend=backend)
+    assert torch.isfinite(y_big).all() and y_big.norm() > 0.5 * y.norm() > 0
+    assert rel(y_big, y) < 1e-3

@@ -19,12 +19,19 @@ def _eye(a: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 
 
 def _norm(a: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-matrix normaliser (B, 1, 1), floored at the smallest normal number so a zero matrix gives 0."""
+    """Per-matrix normaliser (B, 1, 1), floored at the smallest normal number so a zero matrix gives 0.
+
+    The Frobenius norm is taken of A / max|a_ij| and scaled back: its squares would overflow float32 for
+    entries above ~1e19 and underflow below ~1e-19 (then A/‖A‖ is inf or NaN). The trace needs no care
+    below ~1e38 / n.
+    """
+    tiny = torch.finfo(a.dtype).tiny
     if kind == "trace":
         c = a.diagonal(dim1=-2, dim2=-1).sum(-1)
     else:
-        c = torch.linalg.matrix_norm(a)
-    return c.clamp_min(torch.finfo(a.dtype).tiny)[:, None, None]
+        m = a.abs().amax(dim=(-2, -1)).clamp_min(tiny)
+        c = torch.linalg.matrix_norm(a / m[:, None, None]) * m
+    return c.clamp_min(tiny)[:, None, None]
 
 
 # ---------------------------------------------------------------------------------------------- ns
