@@ -571,3 +571,87 @@ def test_cov_pool_and_zca_of_features_scaled_by_1e10(backend):
     y_big = covpool.zca_batch_norm(1e10 * feats, training=True, group_size=4, eps=0.0, backend=backend)
     assert torch.isfinite(y_big).all() and y_big.norm() > 0.5 * y.norm() > 0
     assert rel(y_big, y) < 1e-3
+
+
+# --------------------------------------------------------------------------------------- input contract
+@pytest.mark.parametrize("inverse", ROOTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_matrices_give_empty_roots(backend, inverse):
+    for shape in [(3, 0, 0), (0, 0), (2, 3, 0, 0)]:
+        for dtype in (torch.float64, torch.float16):
+            x = torch.zeros(shape, dtype=dtype, requires_grad=True)
+            out = root(x, backend, inverse)
+            assert out.shape == shape and out.dtype == dtype
+            out.sum().backward()
+            assert x.grad.shape == shape
+    assert torch.linalg.matrix_sqrth(torch.zeros(3, 0, 0)).shape == (3, 0, 0)  # what torch.linalg does
+
+
+@pytest.mark.parametrize("eps", [math.inf, math.nan, -1.0, 0.0])
+def test_backend_eps_must_be_positive_and_finite(eps):
+    with pytest.raises(ValueError, match="eig.eps must be a positive finite number"):
+        covpool.sqrtm(torch.eye(3), "eig", eps=eps)
+
+
+@pytest.mark.parametrize("eps", [math.inf, math.nan, -1e-5, "1e-5"])
+def test_zca_eps_must_be_finite_and_non_negative(eps):
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        covpool.zca_batch_norm(torch.randn(16, 4), training=True, group_size=4, eps=eps)
+
+
+def test_integer_features_are_promoted_not_truncated():
+    x = torch.randint(-3, 4, (2, 5, 30), generator=torch.Generator().manual_seed(7))
+    cov = covariance(x)
+    assert cov.dtype == torch.get_default_dtype()
+    torch.testing.assert_close(cov, covariance(x.float()))
+    assert cov.frac().abs().max() > 0, "this data has a non-integer covariance"
+    pool = covpool.CovPool(5, reduced_dim=None)
+    out = pool(x.unsqueeze(-1))
+    assert out.dtype == torch.get_default_dtype()
+    torch.testing.assert_close(out, pool(x.float().unsqueeze(-1)))
+    with pytest.raises(TypeError, match="real"):
+        covariance(torch.zeros(2, 3, 4, dtype=torch.complex64))
+
+
+def indefinite(n=4, seed=25):
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    lam = torch.tensor([4.0, 2.0, 1.0, -0.5], dtype=torch.float64)
+    return (q * lam) @ q.T, q, lam
+
+
+@pytest.mark.parametrize("fn", [covpool.sqrtm, covpool.inv_sqrtm])
+def test_check_input_rejects_non_symmetric_indefinite_and_non_finite(fn):
+    good = well_conditioned(3, 4, seed=26)
+    bad = good.clone()
+    bad[1, 0, 2] += 0.1
+    with pytest.raises(ValueError, match=r"batch index \(1,\) is not symmetric"):
+        fn(bad, check_input=True)
+    a, _, _ = indefinite()
+    with pytest.raises(ValueError, match=r"the matrix is indefinite: smallest eigenvalue -0.5\b"):
+        fn(a, check_input=True)
+    stacked = torch.stack([good[0], 1e12 * a]).reshape(2, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"batch index \(1, 0\) is indefinite"):
+        fn(stacked, check_input=True)
+    nan = good.clone()
+    nan[2, 1, 1] = math.nan
+    with pytest.raises(ValueError, match=r"batch index \(2,\) has inf or NaN"):
+        fn(nan, check_input=True)
+    fn(bad)  # unchecked by default
+    fn(a)
+
+
+def test_check_input_accepts_rounding():
+    # float32 covariances of 12 samples in 64 channels: rank 11, the rest at rounding level, some < 0.
+    a = rank_deficient(2, 64, 12, dtype=torch.float32, seed=27)
+    assert float(torch.linalg.eigvalsh(a)[:, 0].min()) < 0, "the test needs rounding-negative eigenvalues"
+    covpool.sqrtm(a, "ns", check_input=True)
+    jitter = a + 1e-8 * torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(8))
+    covpool.sqrtm(jitter, check_input=True)
+    covpool.sqrtm(1e-30 * well_conditioned(2, 5, seed=28), check_input=True)
+
+
+@pytest.mark.parametrize("backend", EXACT_FORWARD)
+def test_exact_forward_backends_clip_a_negative_eigenvalue(backend):
+    # The documented behaviour on unchecked indefinite input: the root of the PSD part.
+    a, q, lam = indefinite()
+    torch.testing.assert_close(covpool.sqrtm(a, backend), (q * lam.clamp_min(0).sqrt()) @ q.T, rtol=0, atol=1e-6)
