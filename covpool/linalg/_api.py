@@ -160,4 +160,9 @@ def triu_vectorize(a: torch.Tensor) -> torch.Tensor:
     ``torch.triu_indices`` order: 32 896 features for n = 256."""
     _check_square(a)
     n = a.shape[-1]
+    if torch.compiler.is_compiling():
+        # Under torch.compile / torch.export the index is a traced (fake) tensor: caching it would
+        # hand it to later eager calls.
+        rows, cols = torch.triu_indices(n, n, device=a.device)
+        return a.flatten(-2)[..., rows * n + cols]
     return a.flatten(-2)[..., _triu_flat_index(n, a.device)]
