@@ -201,8 +201,9 @@ def test_ns_gradient_is_the_symmetric_part_of_autograd_through_the_published_ite
 
 # Options under which each backend's gradient is the exact Daleckii–Krein one to < 2e-3 (the SVD family
 # on well-separated spectra, see test_approximate_gradients_converge_to_the_exact_one).
-CONVERGED = {"eig": {}, "svd_pi": {"num_iters": 400}, "svd_taylor": {"degree": 400}, "svd_pade": {"degree": (200, 200)},
-             "ns": {"num_iters": 30}, "mtp_lya": {"degree": 60, "lya_iters": 30}, "mpa_lya": {"degree": (8, 8), "lya_iters": 30}}
+CONVERGED = {"eig": {}, "svd_pi": {"num_iters": 400}, "svd_taylor": {"degree": 400},
+             "svd_pade": {"degree": (200, 200)}, "ns": {"num_iters": 30},
+             "mtp_lya": {"degree": 60, "lya_iters": 30}, "mpa_lya": {"degree": (8, 8), "lya_iters": 30}}
 
 
 @pytest.mark.parametrize("inverse", ROOTS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from . import _coefficients
 from ._double import guard
 from ._registry import Option, degree_pair, int_at_least, one_of, register_backend
@@ -43,9 +44,11 @@ class _NewtonSchulz(torch.autograd.Function):
     Y₀ = A/c, Z₀ = I; T = ½(3I − Z Y), Y ← Y T, Z ← T Z; √A ≈ √c·Y, A^{-1/2} ≈ Z/√c. With N =
     ``num_iters`` the forward costs 3N − 3 products (the first step has Z₀ = I, the last updates only
     the output). The backward is reverse-mode differentiation of exactly these steps applied to the
-    symmetrised upstream gradient sym(Ḡ) (the symmetric part of autograd through the loop), with every Y, Z, T symmetric (they are polynomials in A) so transposes are
-    free, and each adjoint update fused into one ``baddbmm``: 6N − 6 products and no other full-size
-    passes besides the normalisation.
+    symmetrised upstream gradient sym(Ḡ) (the symmetric part of autograd through the loop), with every
+    Y, Z, T symmetric (they are polynomials in A) so transposes are free, and each adjoint update fused
+    into one ``baddbmm``: 6N − 6 products and no other full-size passes besides the normalisation.
+    Under ``create_graph=True`` it re-runs the iteration under autograd instead, so that second
+    derivatives are exact.
     """
 
     @staticmethod
