@@ -642,9 +642,11 @@ def test_check_input_rejects_non_symmetric_indefinite_and_non_finite(fn):
 
 
 def test_check_input_accepts_rounding():
-    # float32 covariances of 12 samples in 64 channels: rank 11, the rest at rounding level, some < 0.
-    a = rank_deficient(2, 64, 12, dtype=torch.float32, seed=27)
-    assert float(torch.linalg.eigvalsh(a)[:, 0].min()) < 0, "the test needs rounding-negative eigenvalues"
+    # float32 covariances of 12 samples in 64 channels (rank 11), shifted so that the null space sits at
+    # −1e-7 × the largest eigenvalue: rounding-level negative eigenvalues, as float32 covariances have.
+    a64 = rank_deficient(2, 64, 12, seed=27)
+    a = (a64 - 1e-7 * torch.linalg.matrix_norm(a64, ord=2)[:, None, None] * torch.eye(64)).float()
+    assert float(torch.linalg.eigvalsh(a)[:, 0].max()) < 0, "the test needs rounding-negative eigenvalues"
     covpool.sqrtm(a, "ns", check_input=True)
     jitter = a + 1e-8 * torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(8))
     covpool.sqrtm(jitter, check_input=True)
