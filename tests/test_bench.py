@@ -35,6 +35,14 @@ def test_run_bench_rows_are_consistent():
     assert "| eig | 16 |" in format_table(rows)
 
 
+def test_gradient_error_compares_like_with_like():
+    # Every gradient and the exact reference follow the symmetric convention, so a converged iteration
+    # reports a small gradient error (it read ~1.0 when ns's gradient was not symmetric).
+    (row,) = run_bench([Variant("ns 20", "ns", (("num_iters", 20),))], batch=2, dims=[16], min_run_time=0.01,
+                       progress=False)
+    assert row["grad err well-conditioned"] < 1e-4 and row["grad err repeated"] < 1e-4
+
+
 def test_quick_cli_writes_table_csv_and_png(tmp_path, capsys):
     assert main(["--quick", "--backends", "eig", "mpa_lya", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

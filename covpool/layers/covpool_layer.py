@@ -47,7 +47,8 @@ class CovPool(nn.Module):
 
     Numerical caveats: N < d gives a rank-deficient covariance whose square root every backend computes
     finitely, but the gradient of ``eig``/``svd_*`` near zero eigenvalues is large; ``ns`` (trace
-    normalised) is the robust default. Half-precision input is pooled in float32 and cast back.
+    normalised) is the robust default. Half-precision input is pooled in float32 and cast back; integer
+    features (``reduced_dim=None``) are promoted to the default float dtype, and so is the output.
 
     Example::
 

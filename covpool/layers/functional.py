@@ -5,6 +5,7 @@ these.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,7 +39,8 @@ def cov_pool(x: torch.Tensor, backend: Spec = "ns", vectorize: bool = True) -> t
     Returns:
         ``(*, d(d+1)/2)`` or ``(*, d, d)`` in the dtype of ``x``. float16/bfloat16 input (and autocast
         regions) are pooled in float32, because the covariance of half-precision features loses most
-        of its significant digits.
+        of its significant digits. Integer or bool features are promoted to
+        ``torch.get_default_dtype()``, and so is the result.
 
     Example::
 
@@ -50,10 +52,14 @@ def cov_pool(x: torch.Tensor, backend: Spec = "ns", vectorize: bool = True) -> t
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] < 1:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"cov_pool expects features of shape (*, d, N) with N >= 1, got {shape}")
+    if x.is_complex():
+        raise TypeError(f"cov_pool expects real features, got dtype {x.dtype}")
+    # Integer features are promoted, not truncated back: the pooled covariance root is not an integer.
+    out_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     with torch.autocast(device_type=x.device.type, enabled=False):
-        root = sqrtm(covariance(x.to(work_dtype(x.dtype))), backend)
+        root = sqrtm(covariance(x.to(work_dtype(out_dtype))), backend)
         out = triu_vectorize(root) if vectorize else root
-    return out.to(x.dtype)
+    return out.to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------- ZCA
@@ -145,6 +151,8 @@ def zca_batch_norm(
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or channels % group_size:
         raise ValueError(f"group_size must be a positive divisor of the {channels} channels of input shape "
                          f"{tuple(x.shape)}, got {group_size!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite number >= 0 (added to the covariance diagonal), got {eps!r}")
     if (running_mean is None) != (running_cov is None):
         raise ValueError("pass both running_mean and running_cov, or neither")
     groups = channels // group_size

@@ -25,10 +25,59 @@ def _check_square(a: Any, what: str = "a") -> None:
         raise TypeError(f"{what} must be a floating-point tensor, got dtype {a.dtype}")
 
 
-def _root(a: torch.Tensor, backend: str | Mapping[str, Any], options: dict[str, Any], inverse: bool) -> torch.Tensor:
+def _location(k: int, batch_shape: torch.Size) -> str:
+    if not batch_shape:
+        return "the matrix"
+    index = [int(i) for i in torch.unravel_index(torch.tensor(k), batch_shape)]
+    return f"the matrix at batch index {tuple(index)}"
+
+
+def _check_symmetric_psd(a: torch.Tensor) -> None:
+    """Raise ValueError unless every matrix is finite, symmetric to a relative 1000·ε and has no
+    eigenvalue below −10·n·ε·max|λ| (ε of the working dtype): rounding passes, a real defect does not.
+    One ``eigvalsh`` per matrix; scale-safe (each matrix is divided by its largest entry first)."""
+    n = a.shape[-1]
+    with torch.no_grad():
+        x = a.detach()
+        x = (x if x.dtype in _WORK_DTYPES else x.float()).reshape(-1, n, n)
+        finfo = torch.finfo(x.dtype)
+        finite = torch.isfinite(x).flatten(1).all(-1)
+        if not bool(finite.all()):
+            k = int((~finite).nonzero()[0, 0])
+            raise ValueError(f"check_input: {_location(k, a.shape[:-2])} has inf or NaN entries")
+        m = x.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(finfo.tiny)
+        x = x / m
+        asym = torch.linalg.matrix_norm(x - x.mT) / torch.linalg.matrix_norm(x).clamp_min(finfo.tiny)
+        tol = 1000 * finfo.eps
+        if bool((asym > tol).any()):
+            k = int((asym > tol).nonzero()[0, 0])
+            raise ValueError(
+                f"check_input: {_location(k, a.shape[:-2])} is not symmetric (‖A − Aᵀ‖_F / ‖A‖_F = "
+                f"{float(asym[k]):.2e} > {tol:.1e}); the roots are defined for symmetric positive semi-definite "
+                "matrices: pass 0.5·(A + Aᵀ) if the asymmetry is rounding")
+        lam = torch.linalg.eigvalsh(0.5 * (x + x.mT))
+        top = lam.abs().amax(-1)
+        bad = lam[:, 0] < -10 * n * finfo.eps * top
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0, 0])
+            scale = float(m[k])
+            raise ValueError(
+                f"check_input: {_location(k, a.shape[:-2])} is indefinite: smallest eigenvalue "
+                f"{float(lam[k, 0]) * scale:.3g}, largest {float(lam[k, -1]) * scale:.3g}; the roots need "
+                "eigenvalues >= 0 (a covariance is PSD: check how the matrix was formed, or add eps·I)")
+
+
+def _root(
+    a: torch.Tensor, backend: str | Mapping[str, Any], options: dict[str, Any], inverse: bool, check_input: bool
+) -> torch.Tensor:
     _check_square(a)
     entry, bound = resolve_backend(backend, options)
+    if check_input:
+        _check_symmetric_psd(a)
     n = a.shape[-1]
+    if n == 0:
+        # The root of a 0×0 matrix is 0×0 (as in torch.linalg); every backend agrees, none is called.
+        return a.clone()
     work = a if a.dtype in _WORK_DTYPES else a.float()
     # Autocast would run the products in half precision, where the iterations lose convergence.
     with torch.autocast(device_type=a.device.type, enabled=False):
@@ -36,7 +85,9 @@ def _root(a: torch.Tensor, backend: str | Mapping[str, Any], options: dict[str, 
     return out.reshape(a.shape).to(a.dtype)
 
 
-def sqrtm(a: torch.Tensor, backend: str | Mapping[str, Any] = "eig", **options: Any) -> torch.Tensor:
+def sqrtm(
+    a: torch.Tensor, backend: str | Mapping[str, Any] = "eig", *, check_input: bool = False, **options: Any
+) -> torch.Tensor:
     """Square root of a batch of symmetric positive (semi-)definite matrices, differentiably.
 
     Args:
@@ -44,11 +95,17 @@ def sqrtm(a: torch.Tensor, backend: str | Mapping[str, Any] = "eig", **options: 
             used as they are; float16/bfloat16 (and autocast regions) compute in float32 and return
             the input dtype.
         backend: a name from :func:`list_backends` or a dict ``{"name": ..., **options}``.
+        check_input: raise ValueError unless every matrix is finite, symmetric (to a relative 1000·ε)
+            and positive semi-definite (smallest eigenvalue >= −10·n·ε·max|λ|). Off by default: it costs
+            an ``eigvalsh`` and a host sync. Unchecked, a negative eigenvalue is clipped to the floor by
+            ``eig`` and the SVD family and gives a finite but meaningless result with ``ns``,
+            ``mtp_lya`` and ``mpa_lya`` (README, "Square-root backends").
         **options: backend options (see the README's backend table), e.g. ``num_iters=5`` for ``ns``.
 
     Returns:
         ``(*, n, n)`` tensor of the input dtype. Every matrix is treated on its own: its result and
-        gradient do not depend on the rest of the batch.
+        gradient do not depend on the rest of the batch. ``(*, 0, 0)`` input gives ``(*, 0, 0)``. For a
+        symmetric input the gradient is symmetric whatever the upstream gradient (torch's convention).
 
     Example::
 
@@ -59,26 +116,35 @@ def sqrtm(a: torch.Tensor, backend: str | Mapping[str, Any] = "eig", **options: 
         >>> s.shape
         torch.Size([8, 16, 16])
     """
-    return _root(a, backend, options, inverse=False)
+    return _root(a, backend, options, inverse=False, check_input=check_input)
 
 
-def inv_sqrtm(a: torch.Tensor, backend: str | Mapping[str, Any] = "eig", **options: Any) -> torch.Tensor:
+def inv_sqrtm(
+    a: torch.Tensor, backend: str | Mapping[str, Any] = "eig", *, check_input: bool = False, **options: Any
+) -> torch.Tensor:
     """Inverse square root ``a^{-1/2}``; same arguments and conventions as :func:`sqrtm`.
 
     Rank-deficient input has no inverse root: the backends return a finite, large result (``eig`` and
     the SVD family floor the eigenvalues, the iterative backends stop short of convergence). Add
     ``eps·I`` first when you whiten.
     """
-    return _root(a, backend, options, inverse=True)
+    return _root(a, backend, options, inverse=True, check_input=check_input)
 
 
 def covariance(x: torch.Tensor) -> torch.Tensor:
     """Sample covariance Σ = (1/N) X_c X_cᵀ of ``x`` with shape ``(*, n, N)`` (n features, N samples),
-    centred by subtracting the per-feature mean (no N×N centring matrix). Returns ``(*, n, n)``."""
+    centred by subtracting the per-feature mean (no N×N centring matrix). Returns ``(*, n, n)``.
+
+    Integer or bool features are promoted to ``torch.get_default_dtype()`` (the covariance of integers
+    is not an integer); floating-point features keep their dtype."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a tensor of shape (*, n, N), got {getattr(x, 'shape', type(x).__name__)}")
     if x.shape[-1] < 1:
         raise ValueError(f"x needs at least one sample in its last dimension, got shape {tuple(x.shape)}")
+    if x.is_complex():
+        raise TypeError(f"x must be real (floating-point, integer or bool), got dtype {x.dtype}")
+    if not x.is_floating_point():
+        x = x.to(torch.get_default_dtype())
     xc = x - x.mean(dim=-1, keepdim=True)
     return xc @ xc.mT / x.shape[-1]
 
@@ -94,4 +160,9 @@ def triu_vectorize(a: torch.Tensor) -> torch.Tensor:
     ``torch.triu_indices`` order: 32 896 features for n = 256."""
     _check_square(a)
     n = a.shape[-1]
+    if torch.compiler.is_compiling():
+        # Under torch.compile / torch.export the index is a traced (fake) tensor: caching it would
+        # hand it to later eager calls.
+        rows, cols = torch.triu_indices(n, n, device=a.device)
+        return a.flatten(-2)[..., rows * n + cols]
     return a.flatten(-2)[..., _triu_flat_index(n, a.device)]

@@ -62,6 +62,19 @@ def pade_sqrt(m: int, n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return _pade_sqrt(m, n)
 
 
+@torch.compiler.assume_constant_result
+def pade_range(m: int, n: int) -> tuple[float, float, float, float]:
+    """(min P, max P, min Q, max Q) of the [m/n] Padé polynomials of sqrt(1 - x) on [0, 1], on a grid."""
+    return _pade_range(m, n)
+
+
+@lru_cache(maxsize=None)
+def _pade_range(m: int, n: int) -> tuple[float, float, float, float]:
+    p, q = _pade(_binomial_series(Fraction(1, 2), m + n), m, n)
+    return (_min_on_unit_interval(p), -_min_on_unit_interval(tuple(-c for c in p)),
+            _min_on_unit_interval(q), -_min_on_unit_interval(tuple(-c for c in q)))
+
+
 @lru_cache(maxsize=None)
 def _taylor_sqrt(degree: int, inverse: bool) -> tuple[float, ...]:
     return _to_float(_binomial_series(Fraction(-1 if inverse else 1, 2), degree))

@@ -15,8 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
-
+from ._double import guard
 from ._registry import Option, int_at_least, positive_float_or_none, degree_pair, register_backend
 
 __all__: list[str] = []
@@ -40,7 +39,7 @@ class _Spectral(torch.autograd.Function):
     """Exact eigendecomposition forward; backward ``V (K ∘ Vᵀ Ḡ V) Vᵀ`` with a backend-given K."""
 
     @staticmethod
-    def forward(a: torch.Tensor, inverse: bool, eps: float | None, kernel: KernelFn):
+    def forward(a: torch.Tensor, inverse: bool, eps: float | None, kernel: KernelFn, name: str):
         lam, v = torch.linalg.eigh(a)
         lam = _floor(lam, eps)
         root = lam.sqrt()
@@ -49,22 +48,23 @@ class _Spectral(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, inverse, _, kernel = inputs
+        a, inverse, _, kernel, name = inputs
         _, root, v = output
         ctx.mark_non_differentiable(root, v)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(root, v)
-        ctx.inverse, ctx.kernel = inverse, kernel
+        ctx.save_for_backward(a, root, v)  # a only anchors the second-derivative guard
+        ctx.inverse, ctx.kernel, ctx.name = inverse, kernel, name
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad, _grad_root, _grad_v):
         if grad is None:
-            return None, None, None, None
-        root, v = ctx.saved_tensors
-        k = ctx.kernel(root, ctx.inverse)
-        g = v.mT @ (0.5 * (grad + grad.mT)) @ v
-        return v @ (g * k) @ v.mT, None, None, None
+            return None, None, None, None, None
+        a, root, v = ctx.saved_tensors
+        with torch.no_grad():
+            k = ctx.kernel(root, ctx.inverse)
+            g = v.mT @ (0.5 * (grad + grad.mT)) @ v
+            g_a = v @ (g * k) @ v.mT
+        return guard(g_a, ctx.name, a, grad), None, None, None, None
 
 
 def _exact_kernel(root: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -104,12 +104,12 @@ def _geometric(r: torch.Tensor, terms: int) -> torch.Tensor:
     return out
 
 
-def _with_approx_kernel(a: torch.Tensor, inverse: bool, eps: float | None, series) -> torch.Tensor:
-    return _Spectral.apply(a, inverse, eps, lambda root, inv: _approx_kernel(root, inv, series))[0]
+def _with_approx_kernel(a: torch.Tensor, inverse: bool, eps: float | None, series, name: str) -> torch.Tensor:
+    return _Spectral.apply(a, inverse, eps, lambda root, inv: _approx_kernel(root, inv, series), name)[0]
 
 
 def _eig(a: torch.Tensor, inverse: bool, eps: float | None) -> torch.Tensor:
-    return _Spectral.apply(a, inverse, eps, _exact_kernel)[0]
+    return _Spectral.apply(a, inverse, eps, _exact_kernel, "eig")[0]
 
 
 def _svd_pi(a: torch.Tensor, inverse: bool, num_iters: int, eps: float | None) -> torch.Tensor:
@@ -119,7 +119,7 @@ def _svd_pi(a: torch.Tensor, inverse: bool, num_iters: int, eps: float | None) -
     def series(r):
         return _geometric(r, num_iters), _geometric(r, num_iters - 1)
 
-    return _with_approx_kernel(a, inverse, eps, series)
+    return _with_approx_kernel(a, inverse, eps, series, "svd_pi")
 
 
 def _svd_taylor(a: torch.Tensor, inverse: bool, degree: int, eps: float | None) -> torch.Tensor:
@@ -127,7 +127,7 @@ def _svd_taylor(a: torch.Tensor, inverse: bool, degree: int, eps: float | None) 
         g = _geometric(r, degree + 1)
         return g, g
 
-    return _with_approx_kernel(a, inverse, eps, series)
+    return _with_approx_kernel(a, inverse, eps, series, "svd_taylor")
 
 
 def _svd_pade(a: torch.Tensor, inverse: bool, degree: tuple[int, int], eps: float | None) -> torch.Tensor:
@@ -143,7 +143,7 @@ def _svd_pade(a: torch.Tensor, inverse: bool, degree: tuple[int, int], eps: floa
         g = (1 - rho * r).reciprocal()
         return g, g
 
-    return _with_approx_kernel(a, inverse, eps, series)
+    return _with_approx_kernel(a, inverse, eps, series, "svd_pade")
 
 
 _EPS = Option(None, positive_float_or_none, "eigenvalue floor relative to the largest eigenvalue "
