@@ -251,6 +251,16 @@ def test_amp_ema_mixup_clip_and_workers(tmp_path):
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["ema_val_acc1"]) for r in result.history)
     ema = engine.evaluate(tmp_path / "tiny" / "last.pt", use_ema=True)
     assert ema["count"] == 16 and ema["acc1"] == pytest.approx(result.history[-1]["ema_val_acc1"])
+    # timm reads the checkpoint as it reads its own: the EMA weights with use_ema=True, the model's without
+    import timm
+
+    state = torch.load(tmp_path / "tiny" / "last.pt", weights_only=True)
+    assert state["arch"] == "test_resnet" and state["args"]["ema"] is True
+    model = build_model(result.model and load_config(None, over).model, 8)
+    for use_ema, key in ((True, "state_dict_ema"), (False, "state_dict")):
+        timm.models.load_checkpoint(model, str(tmp_path / "tiny" / "last.pt"), use_ema=use_ema)
+        assert all(torch.equal(v, state[key][k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(state["state_dict"][k], v) for k, v in state["state_dict_ema"].items())
     with pytest.raises(ConfigError, match="amp=fp16 needs CUDA"):
         engine.train(load_config(None, tiny_overrides(tmp_path, "fp16", amp="fp16", device="cpu")))
 
@@ -272,7 +282,7 @@ def test_pretrained_from_a_local_file(tmp_path):
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "last.pt", weights_only=True)["model"]
+    return torch.load(run / "last.pt", weights_only=True)["state_dict"]
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
@@ -363,7 +373,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good(tmp_path, mon
     assert str(tmp_path / "tiny" / "last.pt") in err
     state = torch.load(tmp_path / "tiny" / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and state["global_step"] == 3
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
     assert len(_rows(tmp_path / "tiny" / "metrics.csv")) == 1
 
 
@@ -399,7 +409,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
     ckpt_mod.atomic_save({"rng": ckpt_mod.rng_state()}, tmp_path / "r.pt")
     first = (random.random(), float(np.random.rand()), torch.rand(2))
-    ckpt_mod.set_rng_state(ckpt_mod.load_checkpoint(tmp_path / "r.pt")["rng"])
+    ckpt_mod.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
     again = (random.random(), float(np.random.rand()), torch.rand(2))
     assert first[:2] == again[:2] and torch.equal(first[2], again[2])
 
@@ -425,7 +435,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     # 24 images, 2 processes x batch 8 -> 1 step per epoch; both processes' RNG states are kept
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["global_step"] == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
-    assert state["model"]["conv1.1.running_cov"].shape == (2, 8, 8)  # the stem's ZCA layer, 2 groups of 8
+    assert state["state_dict"]["conv1.1.running_cov"].shape == (2, 8, 8)  # the stem's ZCA layer, 2 groups of 8
     assert len(_rows(run / "metrics.csv")) == 2
 
 
@@ -443,4 +453,150 @@ def test_run_demo_tiny(tmp_path, capsys):
     assert (tmp_path / "comparison.png").stat().st_size > 1000
     assert _rows(tmp_path / "avgpool" / "metrics.csv")[0]["epoch"] == "1"
     state = torch.load(tmp_path / "covpool" / "last.pt", weights_only=True)
-    assert any(k.startswith("global_pool.") for k in state["model"])  # covariance pooling really in place
+    assert any(k.startswith("global_pool.") for k in state["state_dict"])  # covariance pooling really in place
+
+
+# -- guarantees after a kill at any moment ---------------------------------------------------------------------
+class _Killed(BaseException):
+    """Stands for SIGKILL in fault-injection tests: nothing after it runs, no handler sees it."""
+
+
+def _checkpoint_invariants(run: Path) -> None:
+    """What must hold after any kill: last.pt's record of the best epoch is never newer than best.pt."""
+    if not (run / "last.pt").exists():
+        return
+    last = torch.load(run / "last.pt", weights_only=True)
+    if last["best_epoch"] > 0:
+        best = torch.load(run / "best.pt", weights_only=True)
+        assert best["epoch"] >= last["best_epoch"]
+        if best["epoch"] == last["best_epoch"]:
+            assert best["best_acc1"] == last["best_acc1"]
+
+
+@pytest.fixture
+def straight_run(tmp_path):
+    """A 3-epoch run without faults (with a best.pt that is not the last epoch's on this seed)."""
+    cfg = load_config(None, tiny_overrides(tmp_path, "straight", epochs=3, optim__lr=0.2))
+    result = engine.train(cfg)
+    return tmp_path / "straight", result
+
+
+def test_kill_before_any_save_call_then_resume_gives_the_straight_run(tmp_path, monkeypatch, straight_run):
+    """Kill at the k-th checkpoint write (every k), check the files, resume: best.pt, last.pt, metrics.csv
+    and the summary equal those of the uninterrupted run."""
+    straight, expect = straight_run
+    accs = [r["val_acc1"] for r in expect.history]
+    bests = sum(1 for i, a in enumerate(accs) if a > max(accs[:i], default=-1.0))
+    assert 1 < bests < len(accs)  # best.pt is written more than once and is not the last epoch
+    real_save = engine.atomic_save
+    for k in range(1, len(accs) + bests + 1):  # before each write of the run
+        count = [0]
+
+        def killing_save(state, path, k=k):
+            count[0] += 1
+            if count[0] == k:
+                raise _Killed
+            return real_save(state, path)
+
+        cfg = load_config(None, tiny_overrides(tmp_path, f"kill{k}", epochs=3, optim__lr=0.2))
+        monkeypatch.setattr(engine, "atomic_save", killing_save)
+        try:
+            engine.train(cfg)
+        except _Killed:
+            pass
+        monkeypatch.setattr(engine, "atomic_save", real_save)
+        run = tmp_path / f"kill{k}"
+        _checkpoint_invariants(run)
+        result = engine.train(cfg, resume=True) if (run / "last.pt").exists() else engine.train(cfg, overwrite=True)
+        assert (result.best_epoch, result.best_acc1) == (expect.best_epoch, expect.best_acc1)
+        for name in ("last.pt", "best.pt"):
+            a = torch.load(straight / name, weights_only=True)
+            b = torch.load(run / name, weights_only=True)
+            assert a["epoch"] == b["epoch"] and a["checksum"] == b["checksum"], (k, name)
+        assert _same_metrics(run, straight), k
+
+
+def _same_metrics(a: Path, b: Path) -> bool:
+    keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc1", "lr")
+    return [[r[k] for k in keys] for r in _rows(a / "metrics.csv")] == [[r[k] for k in keys]
+                                                                      for r in _rows(b / "metrics.csv")]
+
+
+def test_metrics_csv_short_after_a_kill_is_rewritten_on_resume(tmp_path, monkeypatch):
+    cfg = load_config(None, tiny_overrides(tmp_path, epochs=2, max_steps_per_epoch=1))
+    real_write = engine._write_csv
+
+    def kill_at_last_epoch(history, path):
+        if len(history) == 2:
+            raise _Killed  # after last.pt of the final epoch, before its metrics row
+        return real_write(history, path)
+
+    monkeypatch.setattr(engine, "_write_csv", kill_at_last_epoch)
+    with pytest.raises(_Killed):
+        engine.train(cfg)
+    monkeypatch.setattr(engine, "_write_csv", real_write)
+    run = tmp_path / "tiny"
+    assert len(_rows(run / "metrics.csv")) == 1 and torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+    result = engine.train(cfg, resume=True)  # nothing left to train: only the outputs are brought up to date
+    assert len(result.history) == 2 and [r["epoch"] for r in _rows(run / "metrics.csv")] == ["1", "2"]
+
+
+def test_stale_temp_files_are_removed_and_only_covpools(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path, max_steps_per_epoch=1))
+    run = tmp_path / "tiny"
+    run.mkdir()
+    stale = [".last.pt.k3j_x9.tmp", ".best.pt.a1b2c3.tmp", ".metrics.csv.tmp", ".curves.png.zz12.png"]
+    kept = [".notes.tmp", "last.pt.tmp", ".other.pt.x.tmp", "mine.png"]
+    for name in stale + kept:
+        (run / name).write_bytes(b"x" * 10)
+    engine.train(cfg)
+    left = sorted(p.name for p in run.iterdir())
+    assert not set(stale) & set(left) and set(kept) <= set(left)
+
+
+# -- corrupt and foreign checkpoints ------------------------------------------------------------------------
+def test_corrupt_or_foreign_checkpoints_name_the_file_and_the_problem(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path, max_steps_per_epoch=1))
+    engine.train(cfg)
+    good = tmp_path / "tiny" / "last.pt"
+    state = torch.load(good, weights_only=True)
+    cases = {"empty.pt": (b"", r"is empty \(0 bytes\)"),
+             "text.pt": (b"epoch 3, not a checkpoint\n" * 4, "is not a readable PyTorch file"),
+             "truncated.pt": (good.read_bytes()[: good.stat().st_size // 2], "is not a readable PyTorch file")}
+    for name, (content, match) in cases.items():
+        (tmp_path / name).write_bytes(content)
+    torch.save(state["state_dict"], tmp_path / "plain.pt")
+    cases["plain.pt"] = (None, r"is a plain state_dict \(\d+ tensors.*model.pretrained=")
+    torch.save({"epoch": 3, "net": state["state_dict"]}, tmp_path / "foreign.pt")
+    cases["foreign.pt"] = (None, r"lacks covpool's keys state_dict, config \(it has 'epoch', 'net'\)")
+    tampered = dict(state, state_dict={k: v.clone() for k, v in state["state_dict"].items()})
+    tampered["state_dict"]["fc.weight"][0, 0] += 1e-3
+    torch.save(tampered, tmp_path / "tampered.pt")
+    cases["tampered.pt"] = (None, r"damaged: its 'state_dict' weights do not match the checksum")
+    for name, (_, match) in cases.items():
+        with pytest.raises(ckpt_mod.CheckpointError, match=match) as err:
+            ckpt_mod.load_checkpoint(tmp_path / name)
+        assert str(tmp_path / name) in str(err.value)
+        if name != "plain.pt":
+            assert "best.pt" in str(err.value) and "--resume-from" in str(err.value)
+    # a flipped bit in the stored weights: torch reads the file happily, the checksum does not match
+    raw = bytearray(good.read_bytes())
+    weight = state["state_dict"]["fc.weight"].numpy().tobytes()
+    at = bytes(raw).find(weight[:64])
+    assert at > 0
+    raw[at + 5] ^= 0x10
+    (tmp_path / "bitrot.pt").write_bytes(bytes(raw))
+    with pytest.raises(ckpt_mod.CheckpointError, match=r"bitrot.pt.* is damaged: .* do not match the checksum"):
+        ckpt_mod.load_checkpoint(tmp_path / "bitrot.pt")
+    # resuming from or evaluating a damaged file stops with the same message
+    good.write_bytes(b"")
+    with pytest.raises(ckpt_mod.CheckpointError, match="is empty"):
+        engine.train(cfg, resume=True)
+    assert eval_main(["--checkpoint", str(tmp_path / "text.pt")]) == 2
+
+
+def test_checkpoints_of_covpool_0_1_still_load(tmp_path):
+    w = {"fc.weight": torch.ones(2, 3)}
+    torch.save({"model": w, "ema": None, "config": {"epochs": 1}}, tmp_path / "old.pt")
+    ckpt = ckpt_mod.load_checkpoint(tmp_path / "old.pt")
+    assert torch.equal(ckpt["state_dict"]["fc.weight"], w["fc.weight"]) and ckpt["state_dict_ema"] is None

@@ -34,7 +34,8 @@ from tqdm import tqdm
 from ._dist import DistContext, all_gather_objects, all_reduce_sum, init_distributed, shutdown_distributed
 from ._model import build_model, param_groups
 from ._plot import plot_history
-from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (CheckpointError, atomic_save, load_checkpoint, remove_stale_temp_files, rng_state,
+                         set_rng_state, with_checksums)
 from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from .data import build_datasets, build_loaders, num_classes_of
 
@@ -244,6 +245,11 @@ class _Trainer:
             self.scheduler.step_update(num_updates=self.global_step)
 
     def _resume_checkpoint(self, resume, overwrite: bool) -> dict | None:
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # what a killed atomic write left behind (covpool's own temporary names only)
+            remove_stale_temp_files(self.run_dir, ("last.pt", "best.pt", "metrics.csv"))
+            remove_stale_temp_files(self.run_dir, ("curves.png",), suffix=".png")
         last = self.run_dir / "last.pt"
         if resume:
             path = last if resume is True else Path(resume)
@@ -268,9 +274,13 @@ class _Trainer:
     def _state(self, rngs: list[dict]) -> dict[str, Any]:
         from covpool import __version__
 
-        return {
-            "model": self.model.state_dict(),
-            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+        config = config_to_dict(self.cfg)
+        return with_checksums({
+            # timm's keys: timm.models.load_checkpoint(model, path, use_ema=True) reads them as they are
+            "state_dict": self.model.state_dict(),
+            "state_dict_ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "arch": self.cfg.model.name,
+            "args": config,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -283,9 +293,9 @@ class _Trainer:
             "best_acc1": self.best_acc1,
             "best_epoch": self.best_epoch,
             "world_size": self.ctx.world_size,
-            "config": config_to_dict(self.cfg),
+            "config": config,  # the same object as "args": pickled once
             "covpool_version": __version__,
-        }
+        })
 
     def _save(self, best: bool) -> None:
         # every process contributes its RNG state, so all of them resume their own augmentation stream
@@ -293,18 +303,20 @@ class _Trainer:
         if not self.ctx.is_main:
             return
         state = self._state(rngs)
-        atomic_save(state, self.run_dir / "last.pt")
+        # best.pt first: a kill between the two writes leaves last.pt one epoch behind, which resume redoes
+        # identically; the other order could leave best.pt older than what last.pt records as the best
         if best:
             atomic_save(state, self.run_dir / "best.pt")
+        atomic_save(state, self.run_dir / "last.pt")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
+        self.model.load_state_dict(ckpt["state_dict"])
         if self.ema is not None:
-            if ckpt.get("ema") is None:
+            if ckpt.get("state_dict_ema") is None:
                 warnings.warn("the checkpoint has no EMA weights; the EMA restarts from the current model")
-                self.ema.module.load_state_dict(ckpt["model"])
+                self.ema.module.load_state_dict(ckpt["state_dict"])
             else:
-                self.ema.module.load_state_dict(ckpt["ema"])
+                self.ema.module.load_state_dict(ckpt["state_dict_ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt.get("scheduler") is not None:
             self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -426,19 +438,30 @@ class _Trainer:
         self.epoch, self.step_in_epoch, self.partial = self.epoch + 1, 0, [0.0, 0.0, 0.0]
         self._save(best=is_best)
         if ctx.is_main:
-            _write_csv(self.history, self.run_dir / "metrics.csv")
-            plot_history(self.history, self.run_dir / "curves.png", title=f"{cfg.name}: {cfg.model.name}")
+            self._write_outputs()
             ema = f"  ema val acc {ema_acc:.2f}%" if self.ema is not None else ""
             tqdm.write(f"epoch {row['epoch']}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
                        f"acc {row['train_acc']:.2f}%  val loss {row['val_loss']:.4f} acc {row['val_acc1']:.2f}% "
                        f"(top-5 {row['val_acc5']:.2f}%){ema}  {row['epoch_time_s']:.1f}s "
                        f"{row['train_img_per_s']:.0f} img/s" + ("  *best*" if is_best else ""))
 
+    def _write_outputs(self, only_if_stale: bool = False) -> None:
+        """metrics.csv and curves.png from the history (rank 0). ``only_if_stale``: only when a kill left
+        metrics.csv behind the checkpoint it belongs to, or curves.png missing."""
+        csv_path, png_path = self.run_dir / "metrics.csv", self.run_dir / "curves.png"
+        if only_if_stale and csv_path.is_file() and png_path.is_file():
+            with open(csv_path, newline="") as f:
+                if sum(1 for _ in csv.DictReader(f)) == len(self.history):
+                    return
+        _write_csv(self.history, csv_path)
+        plot_history(self.history, png_path, title=f"{self.cfg.name}: {self.cfg.model.name}")
+
     def run(self) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
         if ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            if self.history:
+                self._write_outputs(only_if_stale=True)
         start = time.perf_counter()
         interrupted = False
         with _StopFlag().installed() as stop:
@@ -493,9 +516,10 @@ def evaluate(checkpoint: str | Path, cfg: TrainConfig | None = None, use_ema: bo
 
         model_cfg = replace(model_cfg, pretrained=False)  # the checkpoint holds every weight
     model = build_model(model_cfg, num_classes).to(ctx.device)
-    key = "ema" if use_ema else "model"
+    key = "state_dict_ema" if use_ema else "state_dict"
     if ckpt.get(key) is None:
-        raise ValueError(f"{checkpoint} has no {key!r} weights (EMA is stored only when the run used ema=true)")
+        raise CheckpointError(f"{checkpoint} has no EMA weights ({key!r}): they are stored only when the run used "
+                              "ema=true; evaluate the model's own weights without --ema")
     model.load_state_dict(ckpt[key])
     _, val_set = build_datasets(cfg.data, model, seed=cfg.seed)
     _, val_loader = build_loaders(cfg.data, val_set, val_set, seed=cfg.seed, rank=ctx.rank,
