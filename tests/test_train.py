@@ -318,8 +318,11 @@ def test_resume_after_an_epoch_matches_an_uninterrupted_run(tmp_path, monkeypatc
     _assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
-def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, monkeypatch):
-    """SIGINT at global step 4 (epoch 2, step 1): saved and stopped; resuming gives the uninterrupted run."""
+@pytest.mark.parametrize("signame,code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGUSR1", 128 + 10)])
+def test_stop_signal_saves_mid_epoch_and_resume_matches(tmp_path, monkeypatch, signame, code):
+    """Ctrl-C, SIGTERM or SIGUSR1 at global step 4 (epoch 2, step 1): saved and stopped; resuming gives the
+    uninterrupted run."""
+    signum = getattr(signal, signame)
     extra = dict(epochs=2, optim__head_lr_mult=3.0, model__swap_pooling="true", model__covpool__reduced_dim=16)
     engine.train(load_config(None, tiny_overrides(tmp_path, "straight", **extra)))
 
@@ -327,19 +330,20 @@ def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, monkeypatch):
 
     def step_then_interrupt(self, images, target, stop):
         if self.global_step == 3:
-            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does; the handler only sets a flag
+            signal.raise_signal(signum)  # what Ctrl-C / torchrun / SLURM do; the handler only sets a flag
         return real_step(self, images, target, stop)
 
     cfg = load_config(None, tiny_overrides(tmp_path, "interrupted", **extra))
     # Whatever SIGINT did before (a background job or nohup starts with it ignored) must be restored.
-    handler_before = signal.getsignal(signal.SIGINT)
+    handlers_before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     monkeypatch.setattr(engine._Trainer, "_train_step", step_then_interrupt)
     result = engine.train(cfg)
     monkeypatch.setattr(engine._Trainer, "_train_step", real_step)
     assert result.interrupted and len(result.history) == 1
+    assert result.stop_signal == signum and result.exit_code == code
     state = torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 1, 4)
-    assert signal.getsignal(signal.SIGINT) is handler_before
+    assert {s: signal.getsignal(s) for s in handlers_before} == handlers_before
 
     resumed = engine.train(cfg, resume=True)
     assert not resumed.interrupted and [r["epoch"] for r in resumed.history] == [1, 2]
@@ -600,3 +604,30 @@ def test_checkpoints_of_covpool_0_1_still_load(tmp_path):
     torch.save({"model": w, "ema": None, "config": {"epochs": 1}}, tmp_path / "old.pt")
     ckpt = ckpt_mod.load_checkpoint(tmp_path / "old.pt")
     assert torch.equal(ckpt["state_dict"]["fc.weight"], w["fc.weight"]) and ckpt["state_dict_ema"] is None
+
+
+def test_first_ctrl_c_during_set_up_stops_cleanly_and_second_aborts_truthfully(tmp_path, monkeypatch):
+    real_build = engine.build_datasets
+    presses = [1]
+
+    def build_with_ctrl_c(*args, **kwargs):
+        for _ in range(presses[0]):
+            signal.raise_signal(signal.SIGINT)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "build_datasets", build_with_ctrl_c)
+    cfg = load_config(None, tiny_overrides(tmp_path, max_steps_per_epoch=1))
+    result = engine.train(cfg)  # one Ctrl-C while setting up: nothing trained, nothing written, no abort
+    assert result.interrupted and result.exit_code == 130 and result.history == []
+    assert not (tmp_path / "tiny" / "last.pt").exists()
+    presses[0] = 2
+    with pytest.raises(engine.TrainingAborted, match="during set-up; no checkpoint was written") as err:
+        engine.train(cfg)
+    assert "last.pt" not in str(err.value)
+
+    monkeypatch.setattr(engine, "build_datasets", real_build)
+    engine.train(cfg, overwrite=True)
+    presses[0] = 2
+    monkeypatch.setattr(engine, "build_datasets", build_with_ctrl_c)
+    with pytest.raises(engine.TrainingAborted, match=r"last.pt holds epoch 1, step 0 \(global step 1\)"):
+        engine.train(cfg, resume=True)

@@ -4,11 +4,11 @@
 :func:`train` and :func:`evaluate`. Importing this package is cheap; timm and torchvision data sets load
 when a run starts.
 """
-from .checkpoint import atomic_save, load_checkpoint
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
 from .data import CUB200, DatasetNotFoundError, build_datasets, dataset_names
 from .embedded import EmbeddedTextures
-from .engine import NonFiniteLossError, RunExistsError, TrainResult, evaluate, train
+from .engine import NonFiniteLossError, RunExistsError, TrainingAborted, TrainResult, evaluate, train
 from ._model import build_model
 
 __all__ = [
@@ -23,6 +23,8 @@ __all__ = [
     "TrainResult",
     "NonFiniteLossError",
     "RunExistsError",
+    "TrainingAborted",
+    "CheckpointError",
     "build_model",
     "build_datasets",
     "dataset_names",

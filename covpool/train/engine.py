@@ -6,8 +6,9 @@ One process or many under ``torchrun`` (DistributedDataParallel, gloo on CPU, nc
 
 Resuming restores the model, EMA, optimizer, scheduler, GradScaler, the RNG states of every process and
 the position in the epoch, so a resumed run computes what the uninterrupted one would have (same data
-order, same augmentation draws, same updates). Ctrl-C stops at the next step boundary and saves first;
-a second Ctrl-C aborts at once.
+order, same augmentation draws, same updates). Ctrl-C, SIGTERM (torchrun, SLURM, Kubernetes) and SIGUSR1
+(SLURM pre-emption) stop every process at the next step boundary and save first; a second Ctrl-C aborts
+at once (:class:`TrainingAborted`).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from .checkpoint import (CheckpointError, atomic_save, load_checkpoint, remove_s
 from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from .data import build_datasets, build_loaders, num_classes_of
 
-__all__ = ["NonFiniteLossError", "RunExistsError", "TrainResult", "train", "evaluate", "evaluate_model",
+__all__ = ["NonFiniteLossError", "RunExistsError", "TrainingAborted", "TrainResult", "train", "evaluate", "evaluate_model",
            "format_table"]
 
 _AMP_DTYPES = MappingProxyType({"none": None, "bf16": torch.bfloat16, "fp16": torch.float16})
@@ -66,10 +67,19 @@ class TrainResult:
     elapsed_s: float
     interrupted: bool = False
     model: nn.Module | None = field(default=None, repr=False)
+    stop_signal: int | None = None  # the signal that stopped an interrupted run (SIGINT, SIGTERM, SIGUSR1)
 
     @property
     def final(self) -> dict[str, float]:
         return self.history[-1] if self.history else {}
+
+    @property
+    def exit_code(self) -> int:
+        """0 for a finished run; 128 + the signal number for a stopped one, as shells report a run killed
+        by that signal (130 for Ctrl-C, 143 for SIGTERM, 138 for SIGUSR1 on Linux)."""
+        if not self.interrupted:
+            return 0
+        return 128 + (self.stop_signal or int(signal.SIGINT))
 
 
 def _amp_context(amp: str, device: torch.device):
@@ -153,27 +163,40 @@ def _write_csv(history: list[dict[str, float]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _stop_signals() -> tuple[signal.Signals, ...]:
+    # SIGTERM: what torchrun, SLURM and Kubernetes send before killing; SIGUSR1: SLURM's pre-emption warning
+    return tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+class TrainingAborted(KeyboardInterrupt):
+    """A second Ctrl-C aborted the run at once; the message says which checkpoint, if any, holds the work."""
+
+
 class _StopFlag:
-    """SIGINT handler that asks the loop to stop at the next step boundary; a second Ctrl-C aborts."""
+    """Handler of SIGINT, SIGTERM and SIGUSR1 that asks the loop to stop at the next step boundary (all
+    processes agree on it and save); a second Ctrl-C aborts at once with :class:`TrainingAborted`."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            raise TrainingAborted
+        if not self.requested:
+            self.requested, self.signum = True, int(signum)
 
     @contextmanager
     def installed(self):
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = signal.signal(signal.SIGINT, self._handle)
+        previous = {sig: signal.signal(sig, self._handle) for sig in _stop_signals()}
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 class _Trainer:
@@ -353,8 +376,11 @@ class _Trainer:
         # one all-reduce carries the loss, the accuracy and any rank's stop request, so every process
         # takes the same decision at the same step
         shared = torch.stack([loss.detach().float(), correct.float(),
-                              torch.tensor(float(stop.requested), device=ctx.device)])
+                              torch.tensor(float(stop.signum or 0), device=ctx.device)])
         all_reduce_sum(shared, ctx)
+        if shared[2].item() > 0 and stop.signum is None:  # another process was signalled
+            received = int(shared[2].item())
+            stop.signum = received if received in {int(s) for s in _stop_signals()} else int(signal.SIGTERM)
         loss_value = shared[0].item() / ctx.world_size
         if not math.isfinite(loss_value):
             last = self.run_dir / "last.pt"
@@ -456,31 +482,40 @@ class _Trainer:
         _write_csv(self.history, csv_path)
         plot_history(self.history, png_path, title=f"{self.cfg.name}: {self.cfg.model.name}")
 
-    def run(self) -> TrainResult:
+    def _stopped_during_set_up(self, stop: _StopFlag) -> bool:
+        flag = torch.tensor([float(stop.signum or 0)], device=self.ctx.device)
+        all_reduce_sum(flag, self.ctx)
+        if flag.item() > 0 and stop.signum is None:
+            stop.signum = int(signal.SIGTERM)
+        return flag.item() > 0
+
+    def run(self, stop: _StopFlag) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
         if ctx.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             if self.history:
                 self._write_outputs(only_if_stale=True)
         start = time.perf_counter()
-        interrupted = False
-        with _StopFlag().installed() as stop:
-            while self.epoch < cfg.epochs:
-                if not self._train_epoch(stop):
-                    interrupted = True
-                    self._save(best=False)
-                    if ctx.is_main:
-                        tqdm.write(f"interrupted at epoch {self.epoch + 1}, step {self.step_in_epoch}: saved "
-                                   f"{self.run_dir / 'last.pt'}; continue with --resume")
-                    break
-                self._end_epoch()
+        interrupted = self._stopped_during_set_up(stop)
+        if interrupted and ctx.is_main:
+            tqdm.write(f"stopped by {signal.Signals(stop.signum).name} during set-up: nothing trained, no checkpoint "
+                       "written" + (" (the resumed one is unchanged)" if self.global_step else ""))
+        while not interrupted and self.epoch < cfg.epochs:
+            if not self._train_epoch(stop):
+                interrupted = True
+                self._save(best=False)
+                if ctx.is_main:
+                    tqdm.write(f"stopped by {signal.Signals(stop.signum).name} at epoch {self.epoch + 1}, step "
+                               f"{self.step_in_epoch}: saved {self.run_dir / 'last.pt'}; continue with --resume")
+                break
+            self._end_epoch()
         elapsed = time.perf_counter() - start
         if ctx.is_main and not interrupted and self.history:
             tqdm.write(format_table(self.history))
             tqdm.write(f"best val acc {self.best_acc1:.2f}% at epoch {self.best_epoch}; outputs in {self.run_dir}/ "
                        "(last.pt, best.pt, metrics.csv, curves.png)")
         return TrainResult(self.run_dir, self.history, self.best_acc1, self.best_epoch, elapsed, interrupted,
-                           self.model)
+                           self.model, stop.signum if interrupted else None)
 
 
 def train(cfg: TrainConfig, resume: str | Path | bool | None = None, overwrite: bool = False) -> TrainResult:
@@ -497,11 +532,30 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, overwrite: 
             checkpoint is kept).
         DatasetNotFoundError: the data set's root is missing (the message shows the expected layout).
     """
-    trainer = _Trainer(cfg, resume, overwrite)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    with _StopFlag().installed() as stop:
+        try:
+            trainer = _Trainer(cfg, resume, overwrite)
+        except TrainingAborted:
+            raise TrainingAborted(f"aborted by a second Ctrl-C during set-up; {_saved_work(run_dir)}") from None
+        try:
+            return trainer.run(stop)
+        except TrainingAborted:
+            raise TrainingAborted(f"aborted by a second Ctrl-C; {_saved_work(run_dir)}") from None
+        finally:
+            shutdown_distributed(trainer.ctx)
+
+
+def _saved_work(run_dir: Path) -> str:
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        return "no checkpoint was written"
     try:
-        return trainer.run()
-    finally:
-        shutdown_distributed(trainer.ctx)
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        return (f"{last} holds epoch {state['epoch']}, step {state['step_in_epoch']} (global step "
+                f"{state['global_step']}); continue with --resume")
+    except Exception:  # whatever is there, the abort message must not fail
+        return f"{last} holds the last saved state; continue with --resume"
 
 
 def evaluate(checkpoint: str | Path, cfg: TrainConfig | None = None, use_ema: bool = False) -> dict[str, float]:
