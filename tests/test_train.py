@@ -381,6 +381,29 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good(tmp_path, mon
     assert len(_rows(tmp_path / "tiny" / "metrics.csv")) == 1
 
 
+class _InfInputAfter(_NaNAfter):
+    """Its ``calls``-th training forward feeds the model infinite pixels (a diverged network's activations)."""
+
+    def forward(self, x):
+        if self.training:
+            self.seen += 1
+            if self.seen == self.calls:
+                x = x * float("inf")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("backend", ["eig", "svd_pade", "ns", "mpa_lya"])
+def test_non_finite_features_stop_the_same_way_whatever_the_backend(tmp_path, monkeypatch, backend):
+    """eigh/SVD raise LinAlgError on NaN input where the products-only backends return NaN: the run stops
+    with the same NonFiniteLossError, naming the step, in both cases."""
+    real_build = engine.build_model
+    monkeypatch.setattr(engine, "build_model", lambda cfg, n: _InfInputAfter(real_build(cfg, n), calls=2))
+    over = tiny_overrides(tmp_path, model__swap_pooling="true", model__covpool__reduced_dim=8,
+                          model__covpool__backend=backend)
+    with pytest.raises(engine.NonFiniteLossError, match=r"^non-finite .* at epoch 1, step 2 of 3 \(global step 2\)"):
+        engine.train(load_config(None, over))
+
+
 def test_non_finite_loss_before_any_checkpoint(tmp_path, monkeypatch):
     real_build = engine.build_model
     monkeypatch.setattr(engine, "build_model", lambda cfg, n: _NaNAfter(real_build(cfg, n), calls=2))

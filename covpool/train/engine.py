@@ -369,10 +369,17 @@ class _Trainer:
         hard_target = target
         if self.mixup is not None:
             images, target = self.mixup(images, target)
-        with self.amp_ctx():
-            logits = self.ddp(images)
-            loss = self.criterion(logits, target)
-        correct = (logits.detach().argmax(dim=-1) == hard_target).sum()
+        failure = None
+        try:
+            with self.amp_ctx():
+                logits = self.ddp(images)
+                loss = self.criterion(logits, target)
+            correct = (logits.detach().argmax(dim=-1) == hard_target).sum()
+        except torch.linalg.LinAlgError as err:
+            # eigh/svd refuse NaN/inf (or hopelessly degenerate) input where the products-only backends pass
+            # NaN on to the loss: both end in the same stop, agreed on by every process through the all-reduce
+            failure = err
+            loss, correct = torch.tensor(float("nan"), device=ctx.device), torch.zeros((), device=ctx.device)
         # one all-reduce carries the loss, the accuracy and any rank's stop request, so every process
         # takes the same decision at the same step
         shared = torch.stack([loss.detach().float(), correct.float(),
@@ -384,8 +391,13 @@ class _Trainer:
         loss_value = shared[0].item() / ctx.world_size
         if not math.isfinite(loss_value):
             last = self.run_dir / "last.pt"
+            what = f"non-finite loss ({loss_value})"
+            if failure is not None:
+                first = str(failure).strip().splitlines()[0][:160] if str(failure).strip() else ""
+                what = (f"non-finite or degenerate features reached the matrix decomposition "
+                        f"({type(failure).__name__.lstrip('_')}: {first})")
             raise NonFiniteLossError(
-                f"non-finite loss ({loss_value}) at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} of "
+                f"{what} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} of "
                 f"{self.steps_per_epoch} (global step {self.global_step + 1}); stopped before updating the "
                 "weights. " + (f"The last good checkpoint is {last}. " if last.exists() else "No checkpoint was "
                 "written yet. ") + "Lower optim.lr, set clip_grad (e.g. clip_grad=1.0) or use amp=none.")
