@@ -654,3 +654,34 @@ def test_first_ctrl_c_during_set_up_stops_cleanly_and_second_aborts_truthfully(t
     monkeypatch.setattr(engine, "build_datasets", build_with_ctrl_c)
     with pytest.raises(engine.TrainingAborted, match=r"last.pt holds epoch 1, step 0 \(global step 1\)"):
         engine.train(cfg, resume=True)
+
+
+# -- resuming with a changed config ----------------------------------------------------------------------------
+def test_resume_with_more_epochs_and_a_lower_lr_rebuilds_the_schedule(tmp_path, capsys):
+    """epochs=1 then --resume with epochs=3 optim.lr=0.02: epochs 2-3 run on the schedule of a fresh 3-epoch
+    run at lr 0.02 (not at lr 0 where the 1-epoch cosine ended), and the log says so."""
+    fresh = engine.train(load_config(None, tiny_overrides(tmp_path, "fresh", epochs=3, optim__lr=0.02)))
+    engine.train(load_config(None, tiny_overrides(tmp_path, epochs=1)))
+    assert torch.load(tmp_path / "tiny" / "last.pt", weights_only=True)["history"][0]["lr"] == 0.0
+    capsys.readouterr()
+    resumed = engine.train(load_config(None, tiny_overrides(tmp_path, epochs=3, optim__lr=0.02)), resume=True)
+    lrs = [r["lr"] for r in resumed.history]
+    assert lrs[0] == 0.0 and lrs[1:] == pytest.approx([r["lr"] for r in fresh.history[1:]], rel=1e-12)
+    assert lrs[1] > 0.004  # cosine at 2/3 of the way: 0.02 * (1 + cos(2pi/3)) / 2 = 0.005
+    out = capsys.readouterr().out
+    assert "resume: config changed: epochs 1 -> 3, optim.lr 0.05 -> 0.02; optimizer hyper-parameters and " \
+           "scheduler rebuilt from the new config, continuing at global step 3 of 9" in out
+
+
+def test_resume_refuses_changes_it_cannot_honour(tmp_path):
+    engine.train(load_config(None, tiny_overrides(tmp_path, max_steps_per_epoch=1)))
+    changed = tiny_overrides(tmp_path, max_steps_per_epoch=1, model__name="resnet10t", data__embedded_val_per_class=3,
+                             optim__opt="adamw")
+    with pytest.raises(ConfigError) as err:
+        engine.train(load_config(None, changed), resume=True)
+    msg = str(err.value)
+    assert "cannot resume with a different model.name, data.embedded_val_per_class, optim.opt" in msg
+    assert "model.name 'test_resnet' -> 'resnet10t'" in msg and "model.pretrained=<checkpoint>" in msg
+    # what a resume may change freely: a (local or hub) pretrained source is not even read
+    free = tiny_overrides(tmp_path, epochs=2, max_steps_per_epoch=1, model__pretrained=str(tmp_path / "gone.pth"))
+    assert [r["epoch"] for r in engine.train(load_config(None, free), resume=True).history] == [1, 2]

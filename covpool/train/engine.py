@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -163,6 +163,46 @@ def _write_csv(history: list[dict[str, float]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+# Keys a resumed run cannot honour: the weights, the optimizer state or the label space would not fit
+# (model.pretrained is irrelevant on resume: the checkpoint holds every weight).
+_FIXED_ON_RESUME = ("model.", "data.dataset", "data.embedded_", "optim.opt")
+_FREE_ON_RESUME = ("model.pretrained", "name", "output_dir")
+# Keys of the learning-rate schedule: rebuilt from the new config at the resumed global step.
+_SCHEDULE_KEYS = ("epochs", "max_steps_per_epoch")
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ("kwargs", "covpool", "zca_options"):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _config_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old, new)}`` for every key whose value differs (a missing key reads as None).
+    Local stand-in for ``covpool.train.config.config_diff``."""
+    a, b = _flatten(old), _flatten(new)
+    keys = list(b) + [key for key in a if key not in b]
+    return {key: (a.get(key), b.get(key)) for key in keys if a.get(key) != b.get(key)}
+
+
+def _check_resume_config(stored: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """The changes between a checkpoint's config and this run's, after refusing those that cannot be
+    honoured (raises :class:`ConfigError` listing them)."""
+    changes = {k: v for k, v in _config_diff(stored, current).items() if not k.startswith(_FREE_ON_RESUME)}
+    fixed = {k: v for k, v in changes.items() if k.startswith(_FIXED_ON_RESUME)}
+    if fixed:
+        listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in fixed.items())
+        raise ConfigError(f"cannot resume with a different {', '.join(fixed)}: {listed}. The checkpoint's weights "
+                          "and optimizer state belong to the old values; resume with them, or start a new run "
+                          "that loads these weights with model.pretrained=<checkpoint> (and --overwrite or a new "
+                          "name=)")
+    return changes
+
+
 def _stop_signals() -> tuple[signal.Signals, ...]:
     # SIGTERM: what torchrun, SLURM and Kubernetes send before killing; SIGUSR1: SLURM's pre-emption warning
     return tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
@@ -212,9 +252,15 @@ class _Trainer:
             raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
 
         checkpoint = self._resume_checkpoint(resume, overwrite)
+        self.resume_changes: dict[str, tuple[Any, Any]] = {}
+        model_cfg = cfg.model
+        if checkpoint is not None:
+            self.resume_changes = _check_resume_config(checkpoint["config"], config_to_dict(cfg))
+            if model_cfg.pretrained:  # the checkpoint holds every weight: no download, no file needed
+                model_cfg = replace(model_cfg, pretrained=False)
         _seed_all(cfg.seed)
         num_classes = cfg.model.num_classes or num_classes_of(cfg.data)
-        model = build_model(cfg.model, num_classes).to(self.ctx.device)
+        model = build_model(model_cfg, num_classes).to(self.ctx.device)
         if self.ctx.distributed:
             import covpool
 
@@ -266,6 +312,8 @@ class _Trainer:
             self._restore(checkpoint)
         if self.scheduler is not None:
             self.scheduler.step_update(num_updates=self.global_step)
+        if checkpoint is not None and self.ctx.is_main:
+            self._log_resume(resume)
 
     def _resume_checkpoint(self, resume, overwrite: bool) -> dict | None:
         if self.ctx.is_main:
@@ -340,9 +388,19 @@ class _Trainer:
                 self.ema.module.load_state_dict(ckpt["state_dict"])
             else:
                 self.ema.module.load_state_dict(ckpt["state_dict_ema"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scheduler is not None and ckpt.get("scheduler") is not None:
-            self.scheduler.load_state_dict(ckpt["scheduler"])
+        # The optimizer's state (momentum, Adam moments) comes from the checkpoint; its hyper-parameters
+        # (lr, weight decay, momentum, head multiplier) and the whole schedule come from this run's config. A
+        # timm scheduler is a function of the config and the global step, so it is rebuilt rather than
+        # loaded: an unchanged config resumes exactly, a changed one (epochs=3 after epochs=1, a lower
+        # optim.lr after a non-finite stop) takes effect from the resumed step.
+        fresh = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as err:
+            raise ConfigError(f"cannot resume the optimizer state: {err} (the parameter groups changed; start "
+                              "a new run with model.pretrained=<checkpoint> instead)") from err
+        for group, hyper in zip(self.optimizer.param_groups, fresh):
+            group.update(hyper)
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step_in_epoch = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
@@ -358,6 +416,18 @@ class _Trainer:
                           f"{self.ctx.world_size}: weights and optimizer resume exactly, the data order and "
                           "augmentation draws do not")
             _seed_all(self.cfg.seed + 7919 * self.ctx.rank + self.global_step)
+
+    def _log_resume(self, resume) -> None:
+        source = self.run_dir / "last.pt" if resume is True else Path(resume)
+        tqdm.write(f"resume: {source} at epoch {self.epoch + 1}, step {self.step_in_epoch} (global step "
+                   f"{self.global_step})")
+        if self.resume_changes:
+            changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in self.resume_changes.items())
+            rebuilt = [key for key in self.resume_changes if key in _SCHEDULE_KEYS or key.startswith("optim.")]
+            tqdm.write(f"resume: config changed: {changes}" + (
+                f"; optimizer hyper-parameters and scheduler rebuilt from the new config, continuing at global "
+                f"step {self.global_step} of {self.steps_per_epoch * self.cfg.epochs} with lr {self._lr():.3g}"
+                if rebuilt else ""))
 
     # -- loop --------------------------------------------------------------------------------------------
     def _lr(self) -> float:
@@ -578,8 +648,6 @@ def evaluate(checkpoint: str | Path, cfg: TrainConfig | None = None, use_ema: bo
     num_classes = cfg.model.num_classes or num_classes_of(cfg.data)
     model_cfg = cfg.model
     if isinstance(model_cfg.pretrained, str) or model_cfg.pretrained:
-        from dataclasses import replace
-
         model_cfg = replace(model_cfg, pretrained=False)  # the checkpoint holds every weight
     model = build_model(model_cfg, num_classes).to(ctx.device)
     key = "state_dict_ema" if use_ema else "state_dict"
