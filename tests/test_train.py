@@ -281,6 +281,30 @@ def test_pretrained_from_a_local_file(tmp_path):
         build_model(load_config(None, ["model.name=resnet_nonexistent"]).model, 8)
 
 
+def test_own_checkpoint_as_pretrained_keeps_its_classifier_when_it_fits(tmp_path):
+    import timm
+
+    from covpool.models._common import keep_fitting_classifier
+
+    engine.train(load_config(None, tiny_overrides(tmp_path, max_steps_per_epoch=1)))
+    path = tmp_path / "tiny" / "last.pt"
+    trained = torch.load(path, weights_only=True)["state_dict"]
+    cfg = load_config(None, ["model.name=test_resnet", f"model.pretrained={path}"])
+    model = build_model(cfg.model, 8)  # the run's 8 classes: every weight, the classifier included
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    other = build_model(cfg.model, 5)  # another label space: backbone loaded, classifier fresh
+    assert other.fc.weight.shape == (5, 96) and torch.equal(other.conv1[0].weight, trained["conv1.0.weight"])
+    # the same for a covpool model built by timm directly, with its two classifiers
+    so_vit = timm.create_model("so_vit_7", num_classes=5)
+    torch.save({"state_dict": so_vit.state_dict()}, tmp_path / "so_vit.pt")
+    kwargs = keep_fitting_classifier("so_vit_7", dict(num_classes=5, pretrained_cfg_overlay=dict(
+        file=str(tmp_path / "so_vit.pt"))))
+    loaded = timm.create_model("so_vit_7", pretrained=True, **kwargs)
+    assert all(torch.equal(v, so_vit.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert keep_fitting_classifier("so_vit_7", dict(num_classes=7, pretrained_cfg_overlay=dict(
+        file=str(tmp_path / "so_vit.pt"))))["pretrained_cfg_overlay"].get("num_classes") is None
+
+
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "last.pt", weights_only=True)["state_dict"]
 
@@ -685,3 +709,23 @@ def test_resume_refuses_changes_it_cannot_honour(tmp_path):
     # what a resume may change freely: a (local or hub) pretrained source is not even read
     free = tiny_overrides(tmp_path, epochs=2, max_steps_per_epoch=1, model__pretrained=str(tmp_path / "gone.pth"))
     assert [r["epoch"] for r in engine.train(load_config(None, free), resume=True).history] == [1, 2]
+
+
+# -- one run per folder -------------------------------------------------------------------------------------
+def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_runs_lock_taken_over(tmp_path, capsys):
+    cfg = load_config(None, tiny_overrides(tmp_path, max_steps_per_epoch=1))
+    run = tmp_path / "tiny"
+    holder = engine._RunLock(run)  # what a live concurrent run holds
+    assert holder.acquire() is None
+    with pytest.raises(engine.RunLockedError, match=rf"{run} is in use by a run in progress \(pid {os.getpid()} on "):
+        engine.train(cfg)
+    assert train_main(["--config", str(REPO / "configs" / "demo.yaml"),
+                       *tiny_overrides(tmp_path, max_steps_per_epoch=1)]) == 2
+    assert "is in use by a run in progress" in capsys.readouterr().err
+    assert not (run / "last.pt").exists()
+    holder.release()
+    # a run killed with -9 leaves the file but not the lock (the kernel drops it): taken over, with a note
+    (run / ".lock").write_text("pid 4194999 on some-host")
+    assert engine.train(cfg).final["epoch"] == 1
+    assert "locked by pid 4194999 on some-host, which has ended" in capsys.readouterr().out
+    assert not (run / ".lock").exists()

@@ -43,7 +43,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """Build ``cfg.name`` with timm (covpool's models registered) and apply the config's surgery.
 
     ``cfg.pretrained`` may be ``True`` (timm's hub weights, needs the network), ``False``, or a path to a
-    local checkpoint (loaded by timm, which drops the classifier when the class count differs). Surgery
+    local checkpoint (loaded by timm; its classifier is kept when it has ``num_classes`` rows, dropped
+    otherwise). Surgery
     happens after the weights load, in this order: CIFAR stem, ZCA batch norm, covariance pooling.
     """
     import timm
@@ -62,6 +63,11 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     if not timm.is_model(cfg.name):
         raise ConfigError(f"model.name={cfg.name!r} is not a timm model; see timm.list_models() "
                           "(covpool adds resnet18/50/101_isqrt and so_vit_7/10/14/19)")
+    if isinstance(cfg.pretrained, str):
+        from covpool.models._common import keep_fitting_classifier
+
+        kwargs = keep_fitting_classifier(cfg.name, {**kwargs, "num_classes": num_classes})
+        kwargs.pop("num_classes")
     try:
         model = timm.create_model(cfg.name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:

@@ -40,7 +40,7 @@ from .checkpoint import (CheckpointError, atomic_save, load_checkpoint, remove_s
 from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from .data import build_datasets, build_loaders, num_classes_of
 
-__all__ = ["NonFiniteLossError", "RunExistsError", "TrainingAborted", "TrainResult", "train", "evaluate", "evaluate_model",
+__all__ = ["NonFiniteLossError", "RunExistsError", "RunLockedError", "TrainingAborted", "TrainResult", "train", "evaluate", "evaluate_model",
            "format_table"]
 
 _AMP_DTYPES = MappingProxyType({"none": None, "bf16": torch.bfloat16, "fp16": torch.float16})
@@ -54,6 +54,63 @@ class NonFiniteLossError(RuntimeError):
 
 class RunExistsError(FileExistsError):
     """The run folder already holds a checkpoint and neither resume nor overwrite was asked for."""
+
+
+class RunLockedError(RunExistsError):
+    """Another live process is training in the same run folder."""
+
+
+class _RunLock:
+    """An advisory ``flock`` on ``<run folder>/.lock``, which names its holder. The kernel drops the lock
+    when its process dies, so the lock of a killed run is taken over, never stale. Rank 0 holds it; the
+    file is removed on release. Where ``fcntl`` is missing (Windows) runs are not locked."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns the previous holder's description when a dead process had left it,
+        raises :class:`RunLockedError` when a live one holds it."""
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RunLockedError(f"run folder {self.path.parent} is in use by a run in progress ({holder}); "
+                                     "wait for it to end, or pick another name=<run name>") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file that its last holder removed between our open and our lock
+                break
+            os.close(fd)
+        previous = os.read(fd, 200).decode(errors="replace").strip()
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self.fd = fd
+        return previous or None
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        import fcntl
+
+        self.path.unlink(missing_ok=True)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
 
 
 @dataclass
@@ -250,7 +307,30 @@ class _Trainer:
         self.amp_ctx()  # validate before any heavy work
         if cfg.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
+        self.lock = _RunLock(self.run_dir)
+        self._lock_run_dir()
+        try:
+            self._build(resume, overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
 
+    def _lock_run_dir(self) -> None:
+        error = None
+        if self.ctx.is_main:
+            try:
+                taken_over = self.lock.acquire()
+                if taken_over:
+                    tqdm.write(f"note: {self.run_dir} was locked by {taken_over}, which has ended; taking it over")
+            except RunLockedError as err:
+                error = str(err)
+        if self.ctx.distributed:  # every process learns rank 0's verdict, so none waits in a collective
+            error = all_gather_objects(error, self.ctx)[0]
+        if error is not None:
+            raise RunLockedError(error)
+
+    def _build(self, resume, overwrite: bool) -> None:
+        cfg = self.cfg
         checkpoint = self._resume_checkpoint(resume, overwrite)
         self.resume_changes: dict[str, tuple[Any, Any]] = {}
         model_cfg = cfg.model
@@ -610,6 +690,9 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, overwrite: 
 
     Raises:
         RunExistsError: the run folder holds ``last.pt`` and neither ``resume`` nor ``overwrite`` is set.
+        RunLockedError: another live process trains in the same run folder (a subclass of RunExistsError).
+        CheckpointError: the checkpoint to resume is empty, foreign or damaged.
+        TrainingAborted: a second Ctrl-C (the message says which checkpoint holds the work).
         NonFiniteLossError: the loss became NaN/inf (the message names the step; the last good
             checkpoint is kept).
         DatasetNotFoundError: the data set's root is missing (the message shows the expected layout).
@@ -625,6 +708,7 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, overwrite: 
         except TrainingAborted:
             raise TrainingAborted(f"aborted by a second Ctrl-C; {_saved_work(run_dir)}") from None
         finally:
+            trainer.lock.release()
             shutdown_distributed(trainer.ctx)
 
 
