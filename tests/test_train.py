@@ -729,3 +729,73 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_runs_lock_taken_o
     assert engine.train(cfg).final["epoch"] == 1
     assert "locked by pid 4194999 on some-host, which has ended" in capsys.readouterr().out
     assert not (run / ".lock").exists()
+
+
+_FROZEN_RANK = """
+import sys, time
+from covpool.train import engine
+from covpool.train.config import load_config
+
+real_step = engine._Trainer._train_step
+reached = []
+
+def step(self, images, target, stop):
+    if self.global_step == 1:
+        reached.append(time.perf_counter())
+        if self.ctx.rank == 1:
+            time.sleep(float(sys.argv[1]))  # a frozen process (deadlocked data loader, hung file system, ...)
+    return real_step(self, images, target, stop)
+
+engine._Trainer._train_step = step
+try:
+    engine.train(load_config(None, sys.argv[2:]))
+except engine.DistributedFailure as err:
+    print(f"waited {time.perf_counter() - reached[0]:.1f} s; DistributedFailure:", err, flush=True)
+    sys.exit(3)
+"""
+
+
+def test_dist_timeout_plumbing(monkeypatch):
+    from covpool.train import _dist
+
+    monkeypatch.delenv("COVPOOL_DIST_TIMEOUT", raising=False)
+    assert _dist.dist_timeout_s() == 600.0 and _dist.dist_timeout_s(30) == 30.0
+    monkeypatch.setenv("COVPOOL_DIST_TIMEOUT", "45")
+    assert _dist.dist_timeout_s() == 45.0 and _dist.dist_timeout_s(5) == 5.0  # the config wins
+    for bad in (0, -1, float("inf"), "soon"):
+        with pytest.raises(ValueError, match="dist_timeout must be a positive number of seconds"):
+            _dist.dist_timeout_s(bad)
+    monkeypatch.setenv("COVPOOL_DIST_TIMEOUT", "0")
+    with pytest.raises(ValueError, match="COVPOOL_DIST_TIMEOUT must be a positive"):
+        _dist.dist_timeout_s()
+    assert _dist.is_collective_failure(RuntimeError("[gloo/unbound_buffer.cc:78] Timed out waiting 2000ms for recv"))
+    assert not _dist.is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+@pytest.mark.slow  # ~25 s: two processes import torch and timm
+def test_a_frozen_rank_ends_a_ddp_job_within_dist_timeout(tmp_path):
+    """Two gloo processes, rank 1 frozen for 10 s at its second step, COVPOOL_DIST_TIMEOUT=2: rank 0 stops
+    after ~2 s with a message naming rank 1 and the last checkpoint, instead of torch's 30 minutes."""
+    import re
+    import socket
+
+    script = tmp_path / "frozen.py"
+    script.write_text(_FROZEN_RANK)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    over = tiny_overrides(tmp_path, "ddp", epochs=3, data__embedded_train_per_class=4, device="cpu")
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "COVPOOL_DIST_TIMEOUT": "2"}
+        procs.append(subprocess.Popen([sys.executable, str(script), "10", *over], env=env, cwd=tmp_path,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    out0, _ = procs[0].communicate(timeout=120)
+    procs[1].communicate(timeout=120)
+    assert procs[0].returncode == 3, out0[-3000:]
+    assert "rank 0 of 2: a collective operation failed within dist_timeout=2 s" in out0
+    assert "rank 1 is frozen or died" in out0 and "no checkpoint was written" in out0.lower()
+    waited = float(re.search(r"waited ([\d.]+) s", out0).group(1))
+    assert 1.5 < waited < 8  # the timeout, not the frozen process, ended the wait

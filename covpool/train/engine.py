@@ -32,7 +32,8 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from ._dist import DistContext, all_gather_objects, all_reduce_sum, init_distributed, shutdown_distributed
+from ._dist import (DistContext, DistributedFailure, all_gather_objects, all_reduce_sum, dist_timeout_s, init_distributed,
+                    is_collective_failure, shutdown_distributed)
 from ._model import build_model, param_groups
 from ._plot import plot_history
 from .checkpoint import (CheckpointError, atomic_save, load_checkpoint, remove_stale_temp_files, rng_state,
@@ -40,7 +41,7 @@ from .checkpoint import (CheckpointError, atomic_save, load_checkpoint, remove_s
 from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from .data import build_datasets, build_loaders, num_classes_of
 
-__all__ = ["NonFiniteLossError", "RunExistsError", "RunLockedError", "TrainingAborted", "TrainResult", "train", "evaluate", "evaluate_model",
+__all__ = ["DistributedFailure", "NonFiniteLossError", "RunExistsError", "RunLockedError", "TrainingAborted", "TrainResult", "train", "evaluate", "evaluate_model",
            "format_table"]
 
 _AMP_DTYPES = MappingProxyType({"none": None, "bf16": torch.bfloat16, "fp16": torch.float16})
@@ -301,7 +302,7 @@ class _Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: str | Path | bool | None, overwrite: bool) -> None:
         self.cfg = cfg
-        self.ctx = init_distributed(cfg.device)
+        self.ctx = init_distributed(cfg.device, getattr(cfg, "dist_timeout", None))
         self.run_dir = Path(cfg.output_dir) / cfg.name
         self.amp_ctx = lambda: _amp_context(cfg.amp, self.ctx.device)
         self.amp_ctx()  # validate before any heavy work
@@ -693,6 +694,8 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, overwrite: 
         RunLockedError: another live process trains in the same run folder (a subclass of RunExistsError).
         CheckpointError: the checkpoint to resume is empty, foreign or damaged.
         TrainingAborted: a second Ctrl-C (the message says which checkpoint holds the work).
+        DistributedFailure: under torchrun, a collective timed out (``dist_timeout`` seconds, 600 by default)
+            or lost a peer; the message names the ranks and the last checkpoint.
         NonFiniteLossError: the loss became NaN/inf (the message names the step; the last good
             checkpoint is kept).
         DatasetNotFoundError: the data set's root is missing (the message shows the expected layout).
@@ -703,13 +706,33 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, overwrite: 
             trainer = _Trainer(cfg, resume, overwrite)
         except TrainingAborted:
             raise TrainingAborted(f"aborted by a second Ctrl-C during set-up; {_saved_work(run_dir)}") from None
+        except RuntimeError as err:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and is_collective_failure(err):
+                raise _collective_failure(err, cfg, run_dir) from err
+            raise
         try:
             return trainer.run(stop)
         except TrainingAborted:
             raise TrainingAborted(f"aborted by a second Ctrl-C; {_saved_work(run_dir)}") from None
+        except RuntimeError as err:
+            if trainer.ctx.distributed and is_collective_failure(err):
+                raise _collective_failure(err, cfg, run_dir) from err
+            raise
         finally:
             trainer.lock.release()
             shutdown_distributed(trainer.ctx)
+
+
+def _collective_failure(err: RuntimeError, cfg: TrainConfig, run_dir: Path) -> DistributedFailure:
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    others = f"rank {1 - rank}" if world == 2 else f"one of the other {world - 1} processes"
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    saved = _saved_work(run_dir)
+    return DistributedFailure(
+        f"rank {rank} of {world}: a collective operation failed within dist_timeout="
+        f"{dist_timeout_s(getattr(cfg, 'dist_timeout', None)):g} s ({first}); {others} is frozen or died (see its "
+        f"log). {saved[0].upper()}{saved[1:]}. If steps legitimately take longer, "
+        "raise dist_timeout=<seconds> (or COVPOOL_DIST_TIMEOUT).")
 
 
 def _saved_work(run_dir: Path) -> str:
@@ -728,7 +751,7 @@ def evaluate(checkpoint: str | Path, cfg: TrainConfig | None = None, use_ema: bo
     """Evaluate a checkpoint on its config's validation set (``cfg`` overrides the stored config)."""
     ckpt = load_checkpoint(checkpoint)
     cfg = cfg or config_from_dict(ckpt["config"], where=f" (stored in {checkpoint})")
-    ctx = init_distributed(cfg.device)
+    ctx = init_distributed(cfg.device, getattr(cfg, "dist_timeout", None))
     num_classes = cfg.model.num_classes or num_classes_of(cfg.data)
     model_cfg = cfg.model
     if isinstance(model_cfg.pretrained, str) or model_cfg.pretrained:
