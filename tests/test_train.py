@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import signal
@@ -799,3 +800,24 @@ def test_a_frozen_rank_ends_a_ddp_job_within_dist_timeout(tmp_path):
     assert "rank 1 is frozen or died" in out0 and "no checkpoint was written" in out0.lower()
     waited = float(re.search(r"waited ([\d.]+) s", out0).group(1))
     assert 1.5 < waited < 8  # the timeout, not the frozen process, ended the wait
+
+
+# -- progress output -------------------------------------------------------------------------------------------
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(engine, "_DEFAULT_LOG_INTERVAL", 2)
+    over = tiny_overrides(tmp_path, progress="true", epochs=2)
+    engine.train(load_config(None, over))  # under capsys: stdout and stderr are not terminals
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err
+    lines = [line for line in out.splitlines() if "step" in line]
+    assert [line.split("  ")[:2] for line in lines] == [["epoch 1/2", "step 2/3"], ["epoch 2/2", "step 2/3"]]
+    assert all("loss" in line and "img/s" in line and "lr" in line for line in lines)
+    # on a terminal: tqdm's redrawing bars, no plain lines
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    engine.train(load_config(None, over), overwrite=True)
+    assert "\r" in sys.stderr.getvalue() and "step 2/3" not in capsys.readouterr().out

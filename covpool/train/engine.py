@@ -17,6 +17,7 @@ import io
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -47,6 +48,19 @@ __all__ = ["DistributedFailure", "NonFiniteLossError", "RunExistsError", "RunLoc
 _AMP_DTYPES = MappingProxyType({"none": None, "bf16": torch.bfloat16, "fp16": torch.float16})
 _CSV_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc1", "val_acc5", "ema_val_acc1", "lr",
                "epoch_time_s", "train_img_per_s")
+
+
+_DEFAULT_LOG_INTERVAL = 50  # steps between plain progress lines when the output is not a terminal
+
+
+def _interactive() -> bool:
+    """Whether progress bars can redraw in place: tqdm writes to stderr, and a log file or pipe would get
+    every carriage-return redraw as text."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
 
 
 class NonFiniteLossError(RuntimeError):
@@ -175,7 +189,8 @@ def evaluate_model(model: nn.Module, loader, ctx: DistContext, amp: str = "none"
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss_sum, top1, top5, count
     total = len(loader) if max_steps is None else min(max_steps, len(loader))
-    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not (progress and ctx.is_main))
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
+               disable=not (progress and ctx.is_main and _interactive()))
     for step, (images, target) in enumerate(loader):
         if step >= total:
             break
@@ -583,8 +598,11 @@ class _Trainer:
         self.train_loader.generator.manual_seed(cfg.seed * 1_000_003 + self.epoch * 7919 + ctx.rank)
         self.ddp.train()
         batch = cfg.data.batch_size * ctx.world_size
+        show = cfg.progress and ctx.is_main
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                   leave=False, dynamic_ncols=True, disable=not (cfg.progress and ctx.is_main))
+                   leave=False, dynamic_ncols=True, disable=not (show and _interactive()))
+        # not a terminal (a log file, a pipe, SLURM's output): a plain line every log_interval steps instead
+        every = (getattr(cfg, "log_interval", None) or _DEFAULT_LOG_INTERVAL) if show and bar.disable else 0
         start, done_here = time.perf_counter(), 0
         for images, target in self.train_loader:
             if self.step_in_epoch >= self.steps_per_epoch:
@@ -596,10 +614,13 @@ class _Trainer:
             self.partial[1] += correct
             self.partial[2] += batch
             rate = done_here * batch / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{self.partial[0] / self.partial[2]:.4f}",
-                            acc=f"{100 * self.partial[1] / self.partial[2]:.1f}%", img_s=f"{rate:.0f}",
-                            lr=f"{self._lr():.2e}", refresh=False)
+            loss_avg, acc_avg = self.partial[0] / self.partial[2], 100 * self.partial[1] / self.partial[2]
+            bar.set_postfix(loss=f"{loss_avg:.4f}", acc=f"{acc_avg:.1f}%", img_s=f"{rate:.0f}", lr=f"{self._lr():.2e}",
+                            refresh=False)
             bar.update()
+            if every and self.step_in_epoch % every == 0:
+                tqdm.write(f"epoch {self.epoch + 1}/{cfg.epochs}  step {self.step_in_epoch}/{self.steps_per_epoch}  "
+                           f"loss {loss_avg:.4f}  acc {acc_avg:.1f}%  {rate:.0f} img/s  lr {self._lr():.2e}")
             if stop_now and self.step_in_epoch < self.steps_per_epoch:
                 bar.close()
                 return False
