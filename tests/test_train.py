@@ -821,3 +821,43 @@ def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path, monkeyp
     monkeypatch.setattr(sys, "stderr", _Terminal())
     engine.train(load_config(None, over), overwrite=True)
     assert "\r" in sys.stderr.getvalue() and "step 2/3" not in capsys.readouterr().out
+
+
+# -- layer-wise learning-rate decay ------------------------------------------------------------------------------
+def _scales(model, groups) -> dict[str, float]:
+    by_id = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    return {name: by_id[id(p)] for name, p in model.named_parameters()}
+
+
+def test_layer_decay_combines_with_head_lr_mult(tmp_path):
+    cfg = load_config(None, ["model.name=test_resnet", "model.swap_pooling=true", "model.covpool.reduced_dim=8"])
+    model = build_model(cfg.model, 8)
+    plain = _scales(model, param_groups(model, 1e-4, 5.0))
+    assert _scales(model, param_groups(model, 1e-4, 5.0, layer_decay=1.0)) == pytest.approx(plain, rel=1e-12)
+    decayed = _scales(model, param_groups(model, 1e-4, 5.0, layer_decay=0.5))
+    from timm.models import group_parameters
+
+    layers = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    top = max(layers.values())
+    for name, scale in decayed.items():
+        expect = 0.5 ** (top - layers.get(name, top)) * (5.0 if plain[name] == 5.0 else 1.0)
+        assert scale == pytest.approx(expect, rel=1e-12), name
+    assert decayed["fc.weight"] == 5.0 and decayed["conv1.0.weight"] == pytest.approx(0.5 ** top)
+    assert any(k.startswith("global_pool.") and v == 5.0 for k, v in decayed.items())  # covariance head too
+    with pytest.raises(ConfigError, match=r"optim.layer_decay must be in \(0, 1\]"):
+        param_groups(model, 1e-4, 5.0, layer_decay=1.5)
+    # the training loop reads optim.layer_decay (a key for the config schema) and hands it to timm's optimizer
+    run_cfg = load_config(None, tiny_overrides(tmp_path, optim__head_lr_mult=5.0, optim__sched="constant",
+                                               model__swap_pooling="true", model__covpool__reduced_dim=8))
+    for layer_decay in (None, 0.5):
+        run_cfg.optim.layer_decay = layer_decay
+        trainer = engine._Trainer(run_cfg, None, True)
+        try:
+            trainer.scheduler.step_update(num_updates=5)
+            lrs = _scales(trainer.model, [dict(g, lr_scale=g["lr"] / run_cfg.optim.lr)
+                                          for g in trainer.optimizer.param_groups])
+            expect = _scales(trainer.model, param_groups(trainer.model, 1e-4, 5.0, layer_decay))
+        finally:
+            trainer.lock.release()
+        # every parameter at lr x its scale, the head at exactly 5x (not 25x: the scale is applied once)
+        assert lrs == pytest.approx(expect, rel=1e-12) and lrs["fc.weight"] == pytest.approx(5.0, rel=1e-12)

@@ -376,8 +376,11 @@ class _Trainer:
         o = cfg.optim
         self.optimizer = create_optimizer_v2(
             model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
-            param_group_fn=lambda m: param_groups(m, o.weight_decay, o.head_lr_mult))
+            param_group_fn=lambda m: param_groups(m, o.weight_decay, o.head_lr_mult, getattr(o, "layer_decay", None)))
         for group in self.optimizer.param_groups:
+            # timm's schedulers multiply lr_scale into the scheduled value of initial_lr, so initial_lr is the
+            # unscaled rate (it defaulted to the scaled lr: the head trained at head_lr_mult squared)
+            group["initial_lr"] = o.lr
             group["lr"] = o.lr * group["lr_scale"]
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=o.sched, num_epochs=cfg.epochs, decay_epochs=o.decay_epochs,
