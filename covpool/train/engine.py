@@ -1,8 +1,9 @@
 """The training and evaluation loops behind ``covpool train`` and ``covpool eval``.
 
 One process or many under ``torchrun`` (DistributedDataParallel, gloo on CPU, nccl on CUDA); only rank
-0 writes files and shows progress bars. A run lives in ``<output_dir>/<name>/``: ``config.yaml``,
-``last.pt`` and ``best.pt`` (written atomically every epoch), ``metrics.csv`` and ``curves.png``.
+0 writes files and shows progress. A run lives in ``<output_dir>/<name>/``, locked while it runs:
+``config.yaml``, ``best.pt`` then ``last.pt`` (written atomically every epoch, in that order, so ``best.pt``
+is never older than what ``last.pt`` records), ``metrics.csv`` and ``curves.png``.
 
 Resuming restores the model, EMA, optimizer, scheduler, GradScaler, the RNG states of every process and
 the position in the epoch, so a resumed run computes what the uninterrupted one would have (same data
