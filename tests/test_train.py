@@ -454,6 +454,25 @@ def test_atomic_save_leaves_old_file_and_no_partial_file(tmp_path, monkeypatch):
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
 
 
+def test_full_disk_names_the_file_and_the_cause(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "last.pt"
+    ckpt_mod.atomic_save({"w": torch.ones(3)}, path)
+
+    def full_disk(obj, f):  # what torch.save does on ENOSPC: the OSError, then a RuntimeError on cleanup
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    with pytest.raises(OSError, match=rf"could not write {path}: No space left on device; the previous file is "
+                                      "untouched") as err:
+        ckpt_mod.atomic_save({"w": torch.zeros(3)}, path)
+    assert err.value.errno == errno.ENOSPC and os.listdir(tmp_path) == ["last.pt"]
+
+
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     import random
 

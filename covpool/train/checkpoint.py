@@ -42,7 +42,12 @@ class CheckpointError(ValueError):
 def atomic_save(obj: dict[str, Any], path: str | Path) -> Path:
     """``torch.save`` to ``path`` atomically: a temporary file in the same directory (same file system, so
     the rename is atomic), flushed and fsynced, then ``os.replace``. On any error the temporary file is
-    removed and the old ``path``, if any, is untouched."""
+    removed and the old ``path``, if any, is untouched.
+
+    Raises:
+        OSError: the write failed (full disk, quota, I/O error); the message names ``path`` and the cause,
+            which torch otherwise reports as a bare "unexpected pos" RuntimeError.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -52,10 +57,27 @@ def atomic_save(obj: dict[str, Any], path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = _os_error_in(err)
+        if cause is None:
+            raise
+        kept = "the previous file is untouched" if path.exists() else "nothing was written"
+        message = (f"could not write {path}: {cause.strerror or cause}; {kept}. Free space in (or choose "
+                   "another) output_dir, then continue with --resume")
+        raise (OSError(cause.errno, message) if cause.errno is not None else OSError(message)) from err
     return path
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind ``err`` (torch.save reports ENOSPC as a RuntimeError raised while cleaning up)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def remove_stale_temp_files(folder: str | Path, names: tuple[str, ...], suffix: str = ".tmp") -> list[Path]:
