@@ -726,6 +726,12 @@ def test_resume_refuses_changes_it_cannot_honour(tmp_path):
     msg = str(err.value)
     assert "cannot resume with a different model.name, data.embedded_val_per_class, optim.opt" in msg
     assert "model.name 'test_resnet' -> 'resnet10t'" in msg and "model.pretrained=<checkpoint>" in msg
+    # a checkpoint written before a config key existed resumes as if it had the default value
+    from covpool.train.config import TrainConfig
+
+    old = config_to_dict(TrainConfig())
+    del old["model"]["zca"], old["max_val_steps"]
+    assert engine._check_resume_config(old, config_to_dict(TrainConfig())) == {}
     # what a resume may change freely: a (local or hub) pretrained source is not even read
     free = tiny_overrides(tmp_path, epochs=2, max_steps_per_epoch=1, model__pretrained=str(tmp_path / "gone.pth"))
     assert [r["epoch"] for r in engine.train(load_config(None, free), resume=True).history] == [1, 2]

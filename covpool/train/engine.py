@@ -263,9 +263,19 @@ def _config_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     return {key: (a.get(key), b.get(key)) for key in keys if a.get(key) != b.get(key)}
 
 
+def _with_defaults(data: dict, defaults: dict) -> dict:
+    out = dict(defaults)
+    for key, value in data.items():
+        both = isinstance(value, dict) and isinstance(defaults.get(key), dict) and key in ("model", "data", "optim")
+        out[key] = _with_defaults(value, defaults[key]) if both else value
+    return out
+
+
 def _check_resume_config(stored: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """The changes between a checkpoint's config and this run's, after refusing those that cannot be
     honoured (raises :class:`ConfigError` listing them)."""
+    # a key that did not exist when the checkpoint was written had its default value
+    stored = _with_defaults(stored, config_to_dict(TrainConfig()))
     changes = {k: v for k, v in _config_diff(stored, current).items() if not k.startswith(_FREE_ON_RESUME)}
     fixed = {k: v for k, v in changes.items() if k.startswith(_FIXED_ON_RESUME)}
     if fixed:
