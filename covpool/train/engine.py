@@ -34,8 +34,8 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from ._dist import (DistContext, DistributedFailure, all_gather_objects, all_reduce_sum, dist_timeout_s, init_distributed,
-                    is_collective_failure, shutdown_distributed)
+from ._dist import (DistContext, DistributedFailure, all_gather_objects, all_reduce_sum, dist_timeout_s,
+                    init_distributed, is_collective_failure, shutdown_distributed)
 from ._model import build_model, param_groups
 from ._plot import plot_history
 from .checkpoint import (CheckpointError, atomic_save, load_checkpoint, remove_stale_temp_files, rng_state,
@@ -43,8 +43,8 @@ from .checkpoint import (CheckpointError, atomic_save, load_checkpoint, remove_s
 from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from .data import build_datasets, build_loaders, num_classes_of
 
-__all__ = ["DistributedFailure", "NonFiniteLossError", "RunExistsError", "RunLockedError", "TrainingAborted", "TrainResult", "train", "evaluate", "evaluate_model",
-           "format_table"]
+__all__ = ["DistributedFailure", "NonFiniteLossError", "RunExistsError", "RunLockedError", "TrainingAborted",
+           "TrainResult", "train", "evaluate", "evaluate_model", "format_table"]
 
 _AMP_DTYPES = MappingProxyType({"none": None, "bf16": torch.bfloat16, "fp16": torch.float16})
 _CSV_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc1", "val_acc5", "ema_val_acc1", "lr",
