@@ -886,3 +886,18 @@ def test_layer_decay_combines_with_head_lr_mult(tmp_path):
             trainer.lock.release()
         # every parameter at lr x its scale, the head at exactly 5x (not 25x: the scale is applied once)
         assert lrs == pytest.approx(expect, rel=1e-12) and lrs["fc.weight"] == pytest.approx(5.0, rel=1e-12)
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = engine._RunLock(tmp_path / "run")
+    with pytest.warns(UserWarning, match=r"cannot lock .*\.lock .*No locks available"):
+        assert lock.acquire() is None
+    lock.release()
+    assert not (tmp_path / "run" / ".lock").exists()

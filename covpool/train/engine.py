@@ -99,11 +99,17 @@ class _RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:
                 holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
                 os.close(fd)
                 raise RunLockedError(f"run folder {self.path.parent} is in use by a run in progress ({holder}); "
                                      "wait for it to end, or pick another name=<run name>") from None
+            except OSError as err:  # a file system without locks (some NFS set-ups): run, but say so
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                warnings.warn(f"cannot lock {self.path} ({err}); nothing stops a second run from using the same "
+                              "folder at the same time")
+                return None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
