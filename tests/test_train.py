@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import signal
@@ -251,6 +252,16 @@ def test_amp_ema_mixup_clip_and_workers(tmp_path):
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["ema_val_acc1"]) for r in result.history)
     ema = engine.evaluate(tmp_path / "tiny" / "last.pt", use_ema=True)
     assert ema["count"] == 16 and ema["acc1"] == pytest.approx(result.history[-1]["ema_val_acc1"])
+    # timm reads the checkpoint as it reads its own: the EMA weights with use_ema=True, the model's without
+    import timm
+
+    state = torch.load(tmp_path / "tiny" / "last.pt", weights_only=True)
+    assert state["arch"] == "test_resnet" and state["args"]["ema"] is True
+    model = build_model(result.model and load_config(None, over).model, 8)
+    for use_ema, key in ((True, "state_dict_ema"), (False, "state_dict")):
+        timm.models.load_checkpoint(model, str(tmp_path / "tiny" / "last.pt"), use_ema=use_ema)
+        assert all(torch.equal(v, state[key][k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(state["state_dict"][k], v) for k, v in state["state_dict_ema"].items())
     with pytest.raises(ConfigError, match="amp=fp16 needs CUDA"):
         engine.train(load_config(None, tiny_overrides(tmp_path, "fp16", amp="fp16", device="cpu")))
 
@@ -271,8 +282,32 @@ def test_pretrained_from_a_local_file(tmp_path):
         build_model(load_config(None, ["model.name=resnet_nonexistent"]).model, 8)
 
 
+def test_own_checkpoint_as_pretrained_keeps_its_classifier_when_it_fits(tmp_path):
+    import timm
+
+    from covpool.models._common import keep_fitting_classifier
+
+    engine.train(load_config(None, tiny_overrides(tmp_path, max_steps_per_epoch=1)))
+    path = tmp_path / "tiny" / "last.pt"
+    trained = torch.load(path, weights_only=True)["state_dict"]
+    cfg = load_config(None, ["model.name=test_resnet", f"model.pretrained={path}"])
+    model = build_model(cfg.model, 8)  # the run's 8 classes: every weight, the classifier included
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    other = build_model(cfg.model, 5)  # another label space: backbone loaded, classifier fresh
+    assert other.fc.weight.shape == (5, 96) and torch.equal(other.conv1[0].weight, trained["conv1.0.weight"])
+    # the same for a covpool model built by timm directly, with its two classifiers
+    so_vit = timm.create_model("so_vit_7", num_classes=5)
+    torch.save({"state_dict": so_vit.state_dict()}, tmp_path / "so_vit.pt")
+    kwargs = keep_fitting_classifier("so_vit_7", dict(num_classes=5, pretrained_cfg_overlay=dict(
+        file=str(tmp_path / "so_vit.pt"))))
+    loaded = timm.create_model("so_vit_7", pretrained=True, **kwargs)
+    assert all(torch.equal(v, so_vit.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert keep_fitting_classifier("so_vit_7", dict(num_classes=7, pretrained_cfg_overlay=dict(
+        file=str(tmp_path / "so_vit.pt"))))["pretrained_cfg_overlay"].get("num_classes") is None
+
+
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "last.pt", weights_only=True)["model"]
+    return torch.load(run / "last.pt", weights_only=True)["state_dict"]
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
@@ -308,8 +343,11 @@ def test_resume_after_an_epoch_matches_an_uninterrupted_run(tmp_path, monkeypatc
     _assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
-def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, monkeypatch):
-    """SIGINT at global step 4 (epoch 2, step 1): saved and stopped; resuming gives the uninterrupted run."""
+@pytest.mark.parametrize("signame,code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGUSR1", 128 + 10)])
+def test_stop_signal_saves_mid_epoch_and_resume_matches(tmp_path, monkeypatch, signame, code):
+    """Ctrl-C, SIGTERM or SIGUSR1 at global step 4 (epoch 2, step 1): saved and stopped; resuming gives the
+    uninterrupted run."""
+    signum = getattr(signal, signame)
     extra = dict(epochs=2, optim__head_lr_mult=3.0, model__swap_pooling="true", model__covpool__reduced_dim=16)
     engine.train(load_config(None, tiny_overrides(tmp_path, "straight", **extra)))
 
@@ -317,19 +355,20 @@ def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, monkeypatch):
 
     def step_then_interrupt(self, images, target, stop):
         if self.global_step == 3:
-            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does; the handler only sets a flag
+            signal.raise_signal(signum)  # what Ctrl-C / torchrun / SLURM do; the handler only sets a flag
         return real_step(self, images, target, stop)
 
     cfg = load_config(None, tiny_overrides(tmp_path, "interrupted", **extra))
     # Whatever SIGINT did before (a background job or nohup starts with it ignored) must be restored.
-    handler_before = signal.getsignal(signal.SIGINT)
+    handlers_before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     monkeypatch.setattr(engine._Trainer, "_train_step", step_then_interrupt)
     result = engine.train(cfg)
     monkeypatch.setattr(engine._Trainer, "_train_step", real_step)
     assert result.interrupted and len(result.history) == 1
+    assert result.stop_signal == signum and result.exit_code == code
     state = torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 1, 4)
-    assert signal.getsignal(signal.SIGINT) is handler_before
+    assert {s: signal.getsignal(s) for s in handlers_before} == handlers_before
 
     resumed = engine.train(cfg, resume=True)
     assert not resumed.interrupted and [r["epoch"] for r in resumed.history] == [1, 2]
@@ -363,8 +402,31 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good(tmp_path, mon
     assert str(tmp_path / "tiny" / "last.pt") in err
     state = torch.load(tmp_path / "tiny" / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and state["global_step"] == 3
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
     assert len(_rows(tmp_path / "tiny" / "metrics.csv")) == 1
+
+
+class _InfInputAfter(_NaNAfter):
+    """Its ``calls``-th training forward feeds the model infinite pixels (a diverged network's activations)."""
+
+    def forward(self, x):
+        if self.training:
+            self.seen += 1
+            if self.seen == self.calls:
+                x = x * float("inf")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("backend", ["eig", "svd_pade", "ns", "mpa_lya"])
+def test_non_finite_features_stop_the_same_way_whatever_the_backend(tmp_path, monkeypatch, backend):
+    """eigh/SVD raise LinAlgError on NaN input where the products-only backends return NaN: the run stops
+    with the same NonFiniteLossError, naming the step, in both cases."""
+    real_build = engine.build_model
+    monkeypatch.setattr(engine, "build_model", lambda cfg, n: _InfInputAfter(real_build(cfg, n), calls=2))
+    over = tiny_overrides(tmp_path, model__swap_pooling="true", model__covpool__reduced_dim=8,
+                          model__covpool__backend=backend)
+    with pytest.raises(engine.NonFiniteLossError, match=r"^non-finite .* at epoch 1, step 2 of 3 \(global step 2\)"):
+        engine.train(load_config(None, over))
 
 
 def test_non_finite_loss_before_any_checkpoint(tmp_path, monkeypatch):
@@ -392,6 +454,25 @@ def test_atomic_save_leaves_old_file_and_no_partial_file(tmp_path, monkeypatch):
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
 
 
+def test_full_disk_names_the_file_and_the_cause(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "last.pt"
+    ckpt_mod.atomic_save({"w": torch.ones(3)}, path)
+
+    def full_disk(obj, f):  # what torch.save does on ENOSPC: the OSError, then a RuntimeError on cleanup
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    with pytest.raises(OSError, match=rf"could not write {path}: No space left on device; the previous file is "
+                                      "untouched") as err:
+        ckpt_mod.atomic_save({"w": torch.zeros(3)}, path)
+    assert err.value.errno == errno.ENOSPC and os.listdir(tmp_path) == ["last.pt"]
+
+
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     import random
 
@@ -399,7 +480,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
     ckpt_mod.atomic_save({"rng": ckpt_mod.rng_state()}, tmp_path / "r.pt")
     first = (random.random(), float(np.random.rand()), torch.rand(2))
-    ckpt_mod.set_rng_state(ckpt_mod.load_checkpoint(tmp_path / "r.pt")["rng"])
+    ckpt_mod.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
     again = (random.random(), float(np.random.rand()), torch.rand(2))
     assert first[:2] == again[:2] and torch.equal(first[2], again[2])
 
@@ -425,7 +506,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     # 24 images, 2 processes x batch 8 -> 1 step per epoch; both processes' RNG states are kept
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["global_step"] == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
-    assert state["model"]["conv1.1.running_cov"].shape == (2, 8, 8)  # the stem's ZCA layer, 2 groups of 8
+    assert state["state_dict"]["conv1.1.running_cov"].shape == (2, 8, 8)  # the stem's ZCA layer, 2 groups of 8
     assert len(_rows(run / "metrics.csv")) == 2
 
 
@@ -443,4 +524,380 @@ def test_run_demo_tiny(tmp_path, capsys):
     assert (tmp_path / "comparison.png").stat().st_size > 1000
     assert _rows(tmp_path / "avgpool" / "metrics.csv")[0]["epoch"] == "1"
     state = torch.load(tmp_path / "covpool" / "last.pt", weights_only=True)
-    assert any(k.startswith("global_pool.") for k in state["model"])  # covariance pooling really in place
+    assert any(k.startswith("global_pool.") for k in state["state_dict"])  # covariance pooling really in place
+
+
+# -- guarantees after a kill at any moment ---------------------------------------------------------------------
+class _Killed(BaseException):
+    """Stands for SIGKILL in fault-injection tests: nothing after it runs, no handler sees it."""
+
+
+def _checkpoint_invariants(run: Path) -> None:
+    """What must hold after any kill: last.pt's record of the best epoch is never newer than best.pt."""
+    if not (run / "last.pt").exists():
+        return
+    last = torch.load(run / "last.pt", weights_only=True)
+    if last["best_epoch"] > 0:
+        best = torch.load(run / "best.pt", weights_only=True)
+        assert best["epoch"] >= last["best_epoch"]
+        if best["epoch"] == last["best_epoch"]:
+            assert best["best_acc1"] == last["best_acc1"]
+
+
+@pytest.fixture
+def straight_run(tmp_path):
+    """A 3-epoch run without faults (with a best.pt that is not the last epoch's on this seed)."""
+    cfg = load_config(None, tiny_overrides(tmp_path, "straight", epochs=3, optim__lr=0.2))
+    result = engine.train(cfg)
+    return tmp_path / "straight", result
+
+
+def test_kill_before_any_save_call_then_resume_gives_the_straight_run(tmp_path, monkeypatch, straight_run):
+    """Kill at the k-th checkpoint write (every k), check the files, resume: best.pt, last.pt, metrics.csv
+    and the summary equal those of the uninterrupted run."""
+    straight, expect = straight_run
+    accs = [r["val_acc1"] for r in expect.history]
+    bests = sum(1 for i, a in enumerate(accs) if a > max(accs[:i], default=-1.0))
+    assert 1 < bests < len(accs)  # best.pt is written more than once and is not the last epoch
+    real_save = engine.atomic_save
+    for k in range(1, len(accs) + bests + 1):  # before each write of the run
+        count = [0]
+
+        def killing_save(state, path, k=k):
+            count[0] += 1
+            if count[0] == k:
+                raise _Killed
+            return real_save(state, path)
+
+        cfg = load_config(None, tiny_overrides(tmp_path, f"kill{k}", epochs=3, optim__lr=0.2))
+        monkeypatch.setattr(engine, "atomic_save", killing_save)
+        try:
+            engine.train(cfg)
+        except _Killed:
+            pass
+        monkeypatch.setattr(engine, "atomic_save", real_save)
+        run = tmp_path / f"kill{k}"
+        _checkpoint_invariants(run)
+        result = engine.train(cfg, resume=True) if (run / "last.pt").exists() else engine.train(cfg, overwrite=True)
+        assert (result.best_epoch, result.best_acc1) == (expect.best_epoch, expect.best_acc1)
+        for name in ("last.pt", "best.pt"):
+            a = torch.load(straight / name, weights_only=True)
+            b = torch.load(run / name, weights_only=True)
+            assert a["epoch"] == b["epoch"] and a["checksum"] == b["checksum"], (k, name)
+        assert _same_metrics(run, straight), k
+
+
+def _same_metrics(a: Path, b: Path) -> bool:
+    keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc1", "lr")
+    return [[r[k] for k in keys] for r in _rows(a / "metrics.csv")] == [[r[k] for k in keys]
+                                                                      for r in _rows(b / "metrics.csv")]
+
+
+def test_metrics_csv_short_after_a_kill_is_rewritten_on_resume(tmp_path, monkeypatch):
+    cfg = load_config(None, tiny_overrides(tmp_path, epochs=2, max_steps_per_epoch=1))
+    real_write = engine._write_csv
+
+    def kill_at_last_epoch(history, path):
+        if len(history) == 2:
+            raise _Killed  # after last.pt of the final epoch, before its metrics row
+        return real_write(history, path)
+
+    monkeypatch.setattr(engine, "_write_csv", kill_at_last_epoch)
+    with pytest.raises(_Killed):
+        engine.train(cfg)
+    monkeypatch.setattr(engine, "_write_csv", real_write)
+    run = tmp_path / "tiny"
+    assert len(_rows(run / "metrics.csv")) == 1 and torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+    result = engine.train(cfg, resume=True)  # nothing left to train: only the outputs are brought up to date
+    assert len(result.history) == 2 and [r["epoch"] for r in _rows(run / "metrics.csv")] == ["1", "2"]
+
+
+def test_stale_temp_files_are_removed_and_only_covpools(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path, max_steps_per_epoch=1))
+    run = tmp_path / "tiny"
+    run.mkdir()
+    stale = [".last.pt.k3j_x9.tmp", ".best.pt.a1b2c3.tmp", ".metrics.csv.tmp", ".curves.png.zz12.png"]
+    kept = [".notes.tmp", "last.pt.tmp", ".other.pt.x.tmp", "mine.png"]
+    for name in stale + kept:
+        (run / name).write_bytes(b"x" * 10)
+    engine.train(cfg)
+    left = sorted(p.name for p in run.iterdir())
+    assert not set(stale) & set(left) and set(kept) <= set(left)
+
+
+# -- corrupt and foreign checkpoints ------------------------------------------------------------------------
+def test_corrupt_or_foreign_checkpoints_name_the_file_and_the_problem(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path, max_steps_per_epoch=1))
+    engine.train(cfg)
+    good = tmp_path / "tiny" / "last.pt"
+    state = torch.load(good, weights_only=True)
+    cases = {"empty.pt": (b"", r"is empty \(0 bytes\)"),
+             "text.pt": (b"epoch 3, not a checkpoint\n" * 4, "is not a readable PyTorch file"),
+             "truncated.pt": (good.read_bytes()[: good.stat().st_size // 2], "is not a readable PyTorch file")}
+    for name, (content, match) in cases.items():
+        (tmp_path / name).write_bytes(content)
+    torch.save(state["state_dict"], tmp_path / "plain.pt")
+    cases["plain.pt"] = (None, r"is a plain state_dict \(\d+ tensors.*model.pretrained=")
+    torch.save({"epoch": 3, "net": state["state_dict"]}, tmp_path / "foreign.pt")
+    cases["foreign.pt"] = (None, r"lacks covpool's keys state_dict, config \(it has 'epoch', 'net'\)")
+    tampered = dict(state, state_dict={k: v.clone() for k, v in state["state_dict"].items()})
+    tampered["state_dict"]["fc.weight"][0, 0] += 1e-3
+    torch.save(tampered, tmp_path / "tampered.pt")
+    cases["tampered.pt"] = (None, r"damaged: its 'state_dict' weights do not match the checksum")
+    for name, (_, match) in cases.items():
+        with pytest.raises(ckpt_mod.CheckpointError, match=match) as err:
+            ckpt_mod.load_checkpoint(tmp_path / name)
+        assert str(tmp_path / name) in str(err.value)
+        if name != "plain.pt":
+            assert "best.pt" in str(err.value) and "--resume-from" in str(err.value)
+    # a flipped bit in the stored weights: torch reads the file happily, the checksum does not match
+    raw = bytearray(good.read_bytes())
+    weight = state["state_dict"]["fc.weight"].numpy().tobytes()
+    at = bytes(raw).find(weight[:64])
+    assert at > 0
+    raw[at + 5] ^= 0x10
+    (tmp_path / "bitrot.pt").write_bytes(bytes(raw))
+    with pytest.raises(ckpt_mod.CheckpointError, match=r"bitrot.pt.* is damaged: .* do not match the checksum"):
+        ckpt_mod.load_checkpoint(tmp_path / "bitrot.pt")
+    # resuming from or evaluating a damaged file stops with the same message
+    good.write_bytes(b"")
+    with pytest.raises(ckpt_mod.CheckpointError, match="is empty"):
+        engine.train(cfg, resume=True)
+    assert eval_main(["--checkpoint", str(tmp_path / "text.pt")]) == 2
+
+
+def test_checkpoints_of_covpool_0_1_still_load(tmp_path):
+    w = {"fc.weight": torch.ones(2, 3)}
+    torch.save({"model": w, "ema": None, "config": {"epochs": 1}}, tmp_path / "old.pt")
+    ckpt = ckpt_mod.load_checkpoint(tmp_path / "old.pt")
+    assert torch.equal(ckpt["state_dict"]["fc.weight"], w["fc.weight"]) and ckpt["state_dict_ema"] is None
+
+
+def test_first_ctrl_c_during_set_up_stops_cleanly_and_second_aborts_truthfully(tmp_path, monkeypatch):
+    real_build = engine.build_datasets
+    presses = [1]
+
+    def build_with_ctrl_c(*args, **kwargs):
+        for _ in range(presses[0]):
+            signal.raise_signal(signal.SIGINT)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "build_datasets", build_with_ctrl_c)
+    cfg = load_config(None, tiny_overrides(tmp_path, max_steps_per_epoch=1))
+    result = engine.train(cfg)  # one Ctrl-C while setting up: nothing trained, nothing written, no abort
+    assert result.interrupted and result.exit_code == 130 and result.history == []
+    assert not (tmp_path / "tiny" / "last.pt").exists()
+    presses[0] = 2
+    with pytest.raises(engine.TrainingAborted, match="during set-up; no checkpoint was written") as err:
+        engine.train(cfg)
+    assert "last.pt" not in str(err.value)
+
+    monkeypatch.setattr(engine, "build_datasets", real_build)
+    engine.train(cfg, overwrite=True)
+    presses[0] = 2
+    monkeypatch.setattr(engine, "build_datasets", build_with_ctrl_c)
+    with pytest.raises(engine.TrainingAborted, match=r"last.pt holds epoch 1, step 0 \(global step 1\)"):
+        engine.train(cfg, resume=True)
+
+
+# -- resuming with a changed config ----------------------------------------------------------------------------
+def test_resume_with_more_epochs_and_a_lower_lr_rebuilds_the_schedule(tmp_path, capsys):
+    """epochs=1 then --resume with epochs=3 optim.lr=0.02: epochs 2-3 run on the schedule of a fresh 3-epoch
+    run at lr 0.02 (not at lr 0 where the 1-epoch cosine ended), and the log says so."""
+    fresh = engine.train(load_config(None, tiny_overrides(tmp_path, "fresh", epochs=3, optim__lr=0.02)))
+    engine.train(load_config(None, tiny_overrides(tmp_path, epochs=1)))
+    assert torch.load(tmp_path / "tiny" / "last.pt", weights_only=True)["history"][0]["lr"] == 0.0
+    capsys.readouterr()
+    resumed = engine.train(load_config(None, tiny_overrides(tmp_path, epochs=3, optim__lr=0.02)), resume=True)
+    lrs = [r["lr"] for r in resumed.history]
+    assert lrs[0] == 0.0 and lrs[1:] == pytest.approx([r["lr"] for r in fresh.history[1:]], rel=1e-12)
+    assert lrs[1] > 0.004  # cosine at 2/3 of the way: 0.02 * (1 + cos(2pi/3)) / 2 = 0.005
+    out = capsys.readouterr().out
+    assert "resume: config changed: epochs 1 -> 3, optim.lr 0.05 -> 0.02; optimizer hyper-parameters and " \
+           "scheduler rebuilt from the new config, continuing at global step 3 of 9" in out
+
+
+def test_resume_refuses_changes_it_cannot_honour(tmp_path):
+    engine.train(load_config(None, tiny_overrides(tmp_path, max_steps_per_epoch=1)))
+    changed = tiny_overrides(tmp_path, max_steps_per_epoch=1, model__name="resnet10t", data__embedded_val_per_class=3,
+                             optim__opt="adamw")
+    with pytest.raises(ConfigError) as err:
+        engine.train(load_config(None, changed), resume=True)
+    msg = str(err.value)
+    assert "cannot resume with a different model.name, data.embedded_val_per_class, optim.opt" in msg
+    assert "model.name 'test_resnet' -> 'resnet10t'" in msg and "model.pretrained=<checkpoint>" in msg
+    # a checkpoint written before a config key existed resumes as if it had the default value
+    from covpool.train.config import TrainConfig
+
+    old = config_to_dict(TrainConfig())
+    del old["model"]["zca"], old["max_val_steps"]
+    assert engine._check_resume_config(old, config_to_dict(TrainConfig())) == {}
+    # what a resume may change freely: a (local or hub) pretrained source is not even read
+    free = tiny_overrides(tmp_path, epochs=2, max_steps_per_epoch=1, model__pretrained=str(tmp_path / "gone.pth"))
+    assert [r["epoch"] for r in engine.train(load_config(None, free), resume=True).history] == [1, 2]
+
+
+# -- one run per folder -------------------------------------------------------------------------------------
+def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_runs_lock_taken_over(tmp_path, capsys):
+    cfg = load_config(None, tiny_overrides(tmp_path, max_steps_per_epoch=1))
+    run = tmp_path / "tiny"
+    holder = engine._RunLock(run)  # what a live concurrent run holds
+    assert holder.acquire() is None
+    with pytest.raises(engine.RunLockedError, match=rf"{run} is in use by a run in progress \(pid {os.getpid()} on "):
+        engine.train(cfg)
+    assert train_main(["--config", str(REPO / "configs" / "demo.yaml"),
+                       *tiny_overrides(tmp_path, max_steps_per_epoch=1)]) == 2
+    assert "is in use by a run in progress" in capsys.readouterr().err
+    assert not (run / "last.pt").exists()
+    holder.release()
+    # a run killed with -9 leaves the file but not the lock (the kernel drops it): taken over, with a note
+    (run / ".lock").write_text("pid 4194999 on some-host")
+    assert engine.train(cfg).final["epoch"] == 1
+    assert "locked by pid 4194999 on some-host, which has ended" in capsys.readouterr().out
+    assert not (run / ".lock").exists()
+
+
+_FROZEN_RANK = """
+import sys, time
+from covpool.train import engine
+from covpool.train.config import load_config
+
+real_step = engine._Trainer._train_step
+reached = []
+
+def step(self, images, target, stop):
+    if self.global_step == 1:
+        reached.append(time.perf_counter())
+        if self.ctx.rank == 1:
+            time.sleep(float(sys.argv[1]))  # a frozen process (deadlocked data loader, hung file system, ...)
+    return real_step(self, images, target, stop)
+
+engine._Trainer._train_step = step
+try:
+    engine.train(load_config(None, sys.argv[2:]))
+except engine.DistributedFailure as err:
+    print(f"waited {time.perf_counter() - reached[0]:.1f} s; DistributedFailure:", err, flush=True)
+    sys.exit(3)
+"""
+
+
+def test_dist_timeout_plumbing(monkeypatch):
+    from covpool.train import _dist
+
+    monkeypatch.delenv("COVPOOL_DIST_TIMEOUT", raising=False)
+    assert _dist.dist_timeout_s() == 600.0 and _dist.dist_timeout_s(30) == 30.0
+    monkeypatch.setenv("COVPOOL_DIST_TIMEOUT", "45")
+    assert _dist.dist_timeout_s() == 45.0 and _dist.dist_timeout_s(5) == 5.0  # the config wins
+    for bad in (0, -1, float("inf"), "soon"):
+        with pytest.raises(ValueError, match="dist_timeout must be a positive number of seconds"):
+            _dist.dist_timeout_s(bad)
+    monkeypatch.setenv("COVPOOL_DIST_TIMEOUT", "0")
+    with pytest.raises(ValueError, match="COVPOOL_DIST_TIMEOUT must be a positive"):
+        _dist.dist_timeout_s()
+    assert _dist.is_collective_failure(RuntimeError("[gloo/unbound_buffer.cc:78] Timed out waiting 2000ms for recv"))
+    assert not _dist.is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+@pytest.mark.slow  # ~25 s: two processes import torch and timm
+def test_a_frozen_rank_ends_a_ddp_job_within_dist_timeout(tmp_path):
+    """Two gloo processes, rank 1 frozen for 10 s at its second step, COVPOOL_DIST_TIMEOUT=2: rank 0 stops
+    after ~2 s with a message naming rank 1 and the last checkpoint, instead of torch's 30 minutes."""
+    import re
+    import socket
+
+    script = tmp_path / "frozen.py"
+    script.write_text(_FROZEN_RANK)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    over = tiny_overrides(tmp_path, "ddp", epochs=3, data__embedded_train_per_class=4, device="cpu")
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "COVPOOL_DIST_TIMEOUT": "2"}
+        procs.append(subprocess.Popen([sys.executable, str(script), "10", *over], env=env, cwd=tmp_path,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    out0, _ = procs[0].communicate(timeout=120)
+    procs[1].communicate(timeout=120)
+    assert procs[0].returncode == 3, out0[-3000:]
+    assert "rank 0 of 2: a collective operation failed within dist_timeout=2 s" in out0
+    assert "rank 1 is frozen or died" in out0 and "no checkpoint was written" in out0.lower()
+    waited = float(re.search(r"waited ([\d.]+) s", out0).group(1))
+    assert 1.5 < waited < 8  # the timeout, not the frozen process, ended the wait
+
+
+# -- progress output -------------------------------------------------------------------------------------------
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(engine, "_DEFAULT_LOG_INTERVAL", 2)
+    over = tiny_overrides(tmp_path, progress="true", epochs=2)
+    engine.train(load_config(None, over))  # under capsys: stdout and stderr are not terminals
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err
+    lines = [line for line in out.splitlines() if "step" in line]
+    assert [line.split("  ")[:2] for line in lines] == [["epoch 1/2", "step 2/3"], ["epoch 2/2", "step 2/3"]]
+    assert all("loss" in line and "img/s" in line and "lr" in line for line in lines)
+    # on a terminal: tqdm's redrawing bars, no plain lines
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    engine.train(load_config(None, over), overwrite=True)
+    assert "\r" in sys.stderr.getvalue() and "step 2/3" not in capsys.readouterr().out
+
+
+# -- layer-wise learning-rate decay ------------------------------------------------------------------------------
+def _scales(model, groups) -> dict[str, float]:
+    by_id = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    return {name: by_id[id(p)] for name, p in model.named_parameters()}
+
+
+def test_layer_decay_combines_with_head_lr_mult(tmp_path):
+    cfg = load_config(None, ["model.name=test_resnet", "model.swap_pooling=true", "model.covpool.reduced_dim=8"])
+    model = build_model(cfg.model, 8)
+    plain = _scales(model, param_groups(model, 1e-4, 5.0))
+    assert _scales(model, param_groups(model, 1e-4, 5.0, layer_decay=1.0)) == pytest.approx(plain, rel=1e-12)
+    decayed = _scales(model, param_groups(model, 1e-4, 5.0, layer_decay=0.5))
+    from timm.models import group_parameters
+
+    layers = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    top = max(layers.values())
+    for name, scale in decayed.items():
+        expect = 0.5 ** (top - layers.get(name, top)) * (5.0 if plain[name] == 5.0 else 1.0)
+        assert scale == pytest.approx(expect, rel=1e-12), name
+    assert decayed["fc.weight"] == 5.0 and decayed["conv1.0.weight"] == pytest.approx(0.5 ** top)
+    assert any(k.startswith("global_pool.") and v == 5.0 for k, v in decayed.items())  # covariance head too
+    with pytest.raises(ConfigError, match=r"optim.layer_decay must be in \(0, 1\]"):
+        param_groups(model, 1e-4, 5.0, layer_decay=1.5)
+    # the training loop reads optim.layer_decay (a key for the config schema) and hands it to timm's optimizer
+    run_cfg = load_config(None, tiny_overrides(tmp_path, optim__head_lr_mult=5.0, optim__sched="constant",
+                                               model__swap_pooling="true", model__covpool__reduced_dim=8))
+    for layer_decay in (None, 0.5):
+        run_cfg.optim.layer_decay = layer_decay
+        trainer = engine._Trainer(run_cfg, None, True)
+        try:
+            trainer.scheduler.step_update(num_updates=5)
+            lrs = _scales(trainer.model, [dict(g, lr_scale=g["lr"] / run_cfg.optim.lr)
+                                          for g in trainer.optimizer.param_groups])
+            expect = _scales(trainer.model, param_groups(trainer.model, 1e-4, 5.0, layer_decay))
+        finally:
+            trainer.lock.release()
+        # every parameter at lr x its scale, the head at exactly 5x (not 25x: the scale is applied once)
+        assert lrs == pytest.approx(expect, rel=1e-12) and lrs["fc.weight"] == pytest.approx(5.0, rel=1e-12)
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = engine._RunLock(tmp_path / "run")
+    with pytest.warns(UserWarning, match=r"cannot lock .*\.lock .*No locks available"):
+        assert lock.acquire() is None
+    lock.release()
+    assert not (tmp_path / "run" / ".lock").exists()

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["check_num_classes", "stage_stride", "set_stage_stride", "set_last_stride"]
+__all__ = ["check_num_classes", "stage_stride", "set_stage_stride", "set_last_stride", "keep_fitting_classifier"]
 
 
 def check_num_classes(num_classes: Any) -> None:
@@ -87,3 +87,50 @@ def set_last_stride(model: nn.Module, stride: int) -> None:
     info = getattr(model, "feature_info", None)
     if before != stride and isinstance(info, list) and info:
         info[-1] = dict(info[-1], reduction=info[-1]["reduction"] * stride // before)
+
+
+def _file_classifier_rows(path: str, names: tuple[str, ...]) -> list[int | None]:
+    """Rows of ``<name>.weight`` for each classifier name in a local weights file (``None`` where absent),
+    reading tensors lazily (memory-mapped or safetensors slices), under timm's checkpoint keys."""
+    import torch
+
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            return [f.get_slice(f"{n}.weight").get_shape()[0] if f"{n}.weight" in keys else None for n in names]
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, ValueError, OSError):  # legacy (non-zip) files cannot be memory-mapped
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict):
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # timm's order with use_ema=True
+            if isinstance(ckpt.get(key), dict):
+                ckpt = ckpt[key]
+                break
+    rows = []
+    for n in names:
+        w = ckpt.get(f"{n}.weight", ckpt.get(f"module.{n}.weight")) if isinstance(ckpt, dict) else None
+        rows.append(int(w.shape[0]) if hasattr(w, "shape") and len(w.shape) > 0 else None)
+    return rows
+
+
+def keep_fitting_classifier(model_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` for ``timm.create_model`` such that a local file given by ``pretrained_cfg_overlay=dict(file=...)``
+    keeps its classifier when it has ``num_classes`` rows (timm drops it whenever ``num_classes`` differs from
+    the pretrained config's, 1000). The file's classifier names come from the model's pretrained config."""
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    num_classes = kwargs.get("num_classes")
+    if not overlay.get("file") or num_classes is None or "num_classes" in overlay:
+        return kwargs
+    import timm
+
+    names = overlay.get("classifier") or timm.models.get_pretrained_cfg_value(model_name, "classifier")
+    if not names:
+        return kwargs
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if all(rows == num_classes for rows in _file_classifier_rows(overlay["file"], names)):
+        overlay["num_classes"] = num_classes
+        return {**kwargs, "pretrained_cfg_overlay": overlay}
+    return kwargs

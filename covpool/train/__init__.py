@@ -4,11 +4,12 @@
 :func:`train` and :func:`evaluate`. Importing this package is cheap; timm and torchvision data sets load
 when a run starts.
 """
-from .checkpoint import atomic_save, load_checkpoint
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
 from .data import CUB200, DatasetNotFoundError, build_datasets, dataset_names
 from .embedded import EmbeddedTextures
-from .engine import NonFiniteLossError, RunExistsError, TrainResult, evaluate, train
+from .engine import (DistributedFailure, NonFiniteLossError, RunExistsError, RunLockedError, TrainingAborted,
+                     TrainResult, evaluate, train)
 from ._model import build_model
 
 __all__ = [
@@ -23,6 +24,10 @@ __all__ = [
     "TrainResult",
     "NonFiniteLossError",
     "RunExistsError",
+    "RunLockedError",
+    "TrainingAborted",
+    "DistributedFailure",
+    "CheckpointError",
     "build_model",
     "build_datasets",
     "dataset_names",

@@ -1,14 +1,56 @@
-"""Process-group set-up for runs under ``torchrun`` (gloo on CPU, nccl on CUDA); a no-op otherwise."""
+"""Process-group set-up for runs under ``torchrun`` (gloo on CPU, nccl on CUDA); a no-op otherwise.
+
+Collectives wait at most ``dist_timeout`` seconds (600 by default, or the ``COVPOOL_DIST_TIMEOUT``
+environment variable) rather than torch's 30 minutes, so a frozen or dead process ends the job soon with
+:class:`DistributedFailure` naming the ranks.
+"""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_distributed", "shutdown_distributed", "all_gather_objects", "all_reduce_sum"]
+__all__ = ["DistContext", "DistributedFailure", "init_distributed", "shutdown_distributed", "all_gather_objects",
+           "all_reduce_sum", "dist_timeout_s", "is_collective_failure"]
+
+DEFAULT_TIMEOUT_S = 600.0
+TIMEOUT_ENV = "COVPOOL_DIST_TIMEOUT"
+
+
+class DistributedFailure(RuntimeError):
+    """A collective operation timed out or lost a peer: another process is frozen or died."""
+
+
+def dist_timeout_s(value: float | None = None) -> float:
+    """The collective timeout in seconds: ``value`` (the config's ``dist_timeout``) if given, else the
+    ``COVPOOL_DIST_TIMEOUT`` environment variable, else 600."""
+    where = "dist_timeout"
+    if value is None and os.environ.get(TIMEOUT_ENV, "").strip():
+        value, where = os.environ[TIMEOUT_ENV], TIMEOUT_ENV
+    if value is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{where} must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a timed-out or broken collective (gloo and nccl report them as RuntimeError)."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+                            "Watchdog caught collective operation timeout"))
 
 
 @dataclass(frozen=True)
@@ -18,6 +60,7 @@ class DistContext:
     local_rank: int
     device: torch.device
     owns_group: bool = False  # this call started the process group, so it also ends it
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     @property
     def is_main(self) -> bool:
@@ -28,10 +71,12 @@ class DistContext:
         return self.world_size > 1
 
 
-def init_distributed(device: str) -> DistContext:
+def init_distributed(device: str, timeout_s: float | None = None) -> DistContext:
     """Read torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) and start the process group.
 
-    ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+    ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda``; ``timeout_s`` bounds every collective
+    (see :func:`dist_timeout_s`)."""
+    timeout = dist_timeout_s(timeout_s)
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -45,8 +90,8 @@ def init_distributed(device: str) -> DistContext:
         torch.cuda.set_device(dev)
     owns = world > 1 and not dist.is_initialized()
     if owns:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistContext(rank, world, local, dev, owns)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout))
+    return DistContext(rank, world, local, dev, owns, timeout)
 
 
 def shutdown_distributed(ctx: DistContext) -> None:

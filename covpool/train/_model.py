@@ -43,7 +43,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """Build ``cfg.name`` with timm (covpool's models registered) and apply the config's surgery.
 
     ``cfg.pretrained`` may be ``True`` (timm's hub weights, needs the network), ``False``, or a path to a
-    local checkpoint (loaded by timm, which drops the classifier when the class count differs). Surgery
+    local checkpoint (loaded by timm; its classifier is kept when it has ``num_classes`` rows, dropped
+    otherwise). Surgery
     happens after the weights load, in this order: CIFAR stem, ZCA batch norm, covariance pooling.
     """
     import timm
@@ -62,6 +63,11 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     if not timm.is_model(cfg.name):
         raise ConfigError(f"model.name={cfg.name!r} is not a timm model; see timm.list_models() "
                           "(covpool adds resnet18/50/101_isqrt and so_vit_7/10/14/19)")
+    if isinstance(cfg.pretrained, str):
+        from covpool.models._common import keep_fitting_classifier
+
+        kwargs = keep_fitting_classifier(cfg.name, {**kwargs, "num_classes": num_classes})
+        kwargs.pop("num_classes")
     try:
         model = timm.create_model(cfg.name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:
@@ -96,12 +102,33 @@ def head_parameter_names(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if id(p) in ids}
 
 
-def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float) -> list[dict[str, Any]]:
-    """Up to four groups, (backbone | head) x (decay | no decay). Biases, norm weights and the model's
-    ``no_weight_decay()`` names get no decay, as in timm; the head's groups carry ``lr_scale``, which
-    timm's schedulers multiply into the scheduled learning rate."""
+def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float,
+                 layer_decay: float | None = None) -> list[dict[str, Any]]:
+    """Parameter groups with ``lr_scale``, which timm's schedulers multiply into the scheduled learning rate.
+
+    Without ``layer_decay``: up to four groups, (backbone | head) x (decay | no decay); biases, norm weights
+    and the model's ``no_weight_decay()`` names get no decay, as in timm, and the head's groups are scaled by
+    ``head_lr_mult``. With ``layer_decay`` in (0, 1]: timm's layer-wise decay
+    (:func:`timm.optim.param_groups_layer_decay`, layers from the model's ``group_matcher``) and, on top,
+    ``head_lr_mult`` for the head's parameters, so both recipes combine rather than one overriding the other.
+    """
     head = head_parameter_names(model)
     skip = set(getattr(model, "no_weight_decay", lambda: ())())
+    if layer_decay is not None:
+        if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1] (1: no decay) or null, got {layer_decay!r}")
+        from timm.optim import param_groups_layer_decay
+
+        names = {id(p): name for name, p in model.named_parameters()}
+        out = []
+        for group in param_groups_layer_decay(model, weight_decay, no_weight_decay_list=skip,
+                                              layer_decay=float(layer_decay)):
+            for is_head in (False, True):
+                params = [p for p in group["params"] if (names[id(p)] in head) == is_head]
+                if params:
+                    out.append({**group, "params": params,
+                                "lr_scale": group["lr_scale"] * (head_lr_mult if is_head else 1.0)})
+        return out
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

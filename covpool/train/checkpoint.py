@@ -1,28 +1,53 @@
-"""Checkpoints that survive a crash and load with ``torch.load(..., weights_only=True)``.
+"""Checkpoints that survive a crash, load with ``torch.load(..., weights_only=True)`` and are checked on load.
 
-A checkpoint holds tensors and plain containers only: model/EMA/optimizer/scheduler/scaler state dicts,
-the RNG states as tensors and numbers (torch CPU, CUDA, numpy, python ``random``), counters, metrics history
-and the config as a plain dict. Files are written to a temporary file in the same folder and moved into
-place with :func:`os.replace`, so a crash mid-write leaves the previous file whole and no partial file.
+A checkpoint holds tensors and plain containers only. The weights sit under timm's keys, so
+``timm.models.load_checkpoint(model, path, use_ema=True)`` and ``pretrained_cfg_overlay=dict(file=path)``
+read them: ``state_dict`` (the model), ``state_dict_ema`` (the EMA, when the run keeps one), ``arch`` (the
+model name) and ``args`` (the config as a plain dict, also under ``config``). Next to them: optimizer,
+scheduler and scaler state dicts, the RNG states as tensors and numbers (torch CPU, CUDA, numpy, python
+``random``), counters, the metrics history and ``checksum``, a BLAKE2b digest of each set of weights that
+:func:`load_checkpoint` verifies, so a damaged file is an error rather than silently wrong weights.
+
+Files are written to a temporary file ``.<name>.<random>.tmp`` in the same folder and moved into place with
+:func:`os.replace`, so a crash mid-write leaves the previous file whole and no partial file under the real
+name; :func:`remove_stale_temp_files` clears what a killed process left behind.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import random
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "weights_checksum", "with_checksums",
+           "remove_stale_temp_files", "rng_state", "set_rng_state"]
+
+#: the keys under which a checkpoint stores weights (timm's names)
+WEIGHT_KEYS = ("state_dict", "state_dict_ema")
+#: keys every checkpoint written by ``covpool train`` has (older releases stored ``model``/``ema``)
+REQUIRED_KEYS = ("state_dict", "config")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is empty, not a PyTorch file, not written by ``covpool train``, or damaged."""
 
 
 def atomic_save(obj: dict[str, Any], path: str | Path) -> Path:
     """``torch.save`` to ``path`` atomically: a temporary file in the same directory (same file system, so
     the rename is atomic), flushed and fsynced, then ``os.replace``. On any error the temporary file is
-    removed and the old ``path``, if any, is untouched."""
+    removed and the old ``path``, if any, is untouched.
+
+    Raises:
+        OSError: the write failed (full disk, quota, I/O error); the message names ``path`` and the cause,
+            which torch otherwise reports as a bare "unexpected pos" RuntimeError.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -32,19 +57,128 @@ def atomic_save(obj: dict[str, Any], path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = _os_error_in(err)
+        if cause is None:
+            raise
+        kept = "the previous file is untouched" if path.exists() else "nothing was written"
+        message = (f"could not write {path}: {cause.strerror or cause}; {kept}. Free space in (or choose "
+                   "another) output_dir, then continue with --resume")
+        raise (OSError(cause.errno, message) if cause.errno is not None else OSError(message)) from err
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by ``covpool train`` with ``weights_only=True`` (no arbitrary pickles)."""
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind ``err`` (torch.save reports ENOSPC as a RuntimeError raised while cleaning up)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def remove_stale_temp_files(folder: str | Path, names: tuple[str, ...], suffix: str = ".tmp") -> list[Path]:
+    """Delete the temporary files that a killed :func:`atomic_save` of ``folder/<name>`` left behind
+    (``.<name>.*<suffix>``, and the fixed ``.<name><suffix>``), for the given names only; returns what was
+    removed. Call it only while holding the run folder, so no live writer's file is taken."""
+    folder = Path(folder)
+    removed = []
+    for name in names:
+        for tmp in (*folder.glob(f".{name}.*{suffix}"), folder / f".{name}{suffix}"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
+def weights_checksum(state_dict: Mapping[str, Any]) -> str:
+    """BLAKE2b digest (hex) of a state dict's names, dtypes, shapes and bytes, in key order."""
+    digest = hashlib.blake2b(digest_size=20)
+    for key, value in state_dict.items():
+        digest.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()
+
+
+def with_checksums(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with a ``checksum`` entry covering each of its weight sets (:data:`WEIGHT_KEYS`)."""
+    sums = {key: weights_checksum(state[key]) for key in WEIGHT_KEYS if state.get(key) is not None}
+    return {**state, "checksum": {"algorithm": "blake2b-160", **sums}}
+
+
+def _advice(path: Path) -> str:
+    other = "last.pt" if path.name == "best.pt" else "best.pt"
+    return (f"Resume from another checkpoint instead (e.g. {path.parent / other}: --resume-from <file>), or start "
+            "the run again with --overwrite.")
+
+
+def _describe_load_error(path: Path, err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err):
+        return (f"checkpoint {str(path)!r} holds Python objects that a safe (weights_only) load refuses, so it was "
+                f"not written by covpool train ({text[:200]})")
+    return (f"checkpoint {str(path)!r} is not a readable PyTorch file: truncated, damaged or of another "
+            f"format ({type(err).__name__}: {text[:200]})")
+
+
+def _upgrade(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoints of covpool 0.1 stored the weights under ``model`` / ``ema``."""
+    if "state_dict" not in ckpt and isinstance(ckpt.get("model"), Mapping) and "config" in ckpt:
+        ckpt = dict(ckpt)
+        ckpt["state_dict"] = ckpt.pop("model")
+        ckpt["state_dict_ema"] = ckpt.pop("ema", None)
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True
+                    ) -> dict[str, Any]:
+    """Load a checkpoint written by ``covpool train`` with ``weights_only=True`` (no arbitrary pickles).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        CheckpointError: the file is empty, not a PyTorch file, a plain state dict or another program's
+            checkpoint, or (``verify``) its weights do not match the checksum stored with them.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found; runs keep last.pt and best.pt in "
                                 "runs/<name>/")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes): a copy or a write that did not "
+                              f"finish (full disk?). {_advice(path)}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch.load raises anything from EOFError to KeyError on foreign bytes
+        raise CheckpointError(f"{_describe_load_error(path, err)}. {_advice(path)}") from err
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, not the dict that "
+                              f"covpool train writes. {_advice(path)}")
+    ckpt = _upgrade(ckpt)
+    missing = [key for key in REQUIRED_KEYS if key not in ckpt]
+    if missing:
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is a plain state_dict ({len(ckpt)} tensors, e.g. {next(iter(ckpt))!r}), "
+                f"not a covpool training checkpoint (keys {', '.join(REQUIRED_KEYS)}, ...): it cannot be resumed "
+                f"or evaluated on its own. Start from these weights with model.pretrained={path}.")
+        found = ", ".join(map(repr, list(ckpt)[:8])) + (", ..." if len(ckpt) > 8 else "")
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks covpool's keys {', '.join(missing)} (it has "
+                              f"{found or 'no keys'}); it was not written by covpool train. {_advice(path)}")
+    if verify and isinstance(ckpt.get("checksum"), Mapping):
+        for key in WEIGHT_KEYS:
+            expected = ckpt["checksum"].get(key)
+            if expected is not None and (ckpt.get(key) is None or weights_checksum(ckpt[key]) != expected):
+                raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its {key!r} weights do not match the "
+                                      f"checksum stored with them (bit rot or an altered file). {_advice(path)}")
+    return ckpt
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,13 +1,15 @@
 """The training and evaluation loops behind ``covpool train`` and ``covpool eval``.
 
 One process or many under ``torchrun`` (DistributedDataParallel, gloo on CPU, nccl on CUDA); only rank
-0 writes files and shows progress bars. A run lives in ``<output_dir>/<name>/``: ``config.yaml``,
-``last.pt`` and ``best.pt`` (written atomically every epoch), ``metrics.csv`` and ``curves.png``.
+0 writes files and shows progress. A run lives in ``<output_dir>/<name>/``, locked while it runs:
+``config.yaml``, ``best.pt`` then ``last.pt`` (written atomically every epoch, in that order, so ``best.pt``
+is never older than what ``last.pt`` records), ``metrics.csv`` and ``curves.png``.
 
 Resuming restores the model, EMA, optimizer, scheduler, GradScaler, the RNG states of every process and
 the position in the epoch, so a resumed run computes what the uninterrupted one would have (same data
-order, same augmentation draws, same updates). Ctrl-C stops at the next step boundary and saves first;
-a second Ctrl-C aborts at once.
+order, same augmentation draws, same updates). Ctrl-C, SIGTERM (torchrun, SLURM, Kubernetes) and SIGUSR1
+(SLURM pre-emption) stop every process at the next step boundary and save first; a second Ctrl-C aborts
+at once (:class:`TrainingAborted`).
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ import io
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -31,19 +34,34 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from ._dist import DistContext, all_gather_objects, all_reduce_sum, init_distributed, shutdown_distributed
+from ._dist import (DistContext, DistributedFailure, all_gather_objects, all_reduce_sum, dist_timeout_s,
+                    init_distributed, is_collective_failure, shutdown_distributed)
 from ._model import build_model, param_groups
 from ._plot import plot_history
-from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (CheckpointError, atomic_save, load_checkpoint, remove_stale_temp_files, rng_state,
+                         set_rng_state, with_checksums)
 from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from .data import build_datasets, build_loaders, num_classes_of
 
-__all__ = ["NonFiniteLossError", "RunExistsError", "TrainResult", "train", "evaluate", "evaluate_model",
-           "format_table"]
+__all__ = ["DistributedFailure", "NonFiniteLossError", "RunExistsError", "RunLockedError", "TrainingAborted",
+           "TrainResult", "train", "evaluate", "evaluate_model", "format_table"]
 
 _AMP_DTYPES = MappingProxyType({"none": None, "bf16": torch.bfloat16, "fp16": torch.float16})
 _CSV_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc1", "val_acc5", "ema_val_acc1", "lr",
                "epoch_time_s", "train_img_per_s")
+
+
+_DEFAULT_LOG_INTERVAL = 50  # steps between plain progress lines when the output is not a terminal
+
+
+def _interactive() -> bool:
+    """Whether progress bars can redraw in place: tqdm writes to stderr, and a log file or pipe would get
+    every carriage-return redraw as text."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,6 +70,69 @@ class NonFiniteLossError(RuntimeError):
 
 class RunExistsError(FileExistsError):
     """The run folder already holds a checkpoint and neither resume nor overwrite was asked for."""
+
+
+class RunLockedError(RunExistsError):
+    """Another live process is training in the same run folder."""
+
+
+class _RunLock:
+    """An advisory ``flock`` on ``<run folder>/.lock``, which names its holder. The kernel drops the lock
+    when its process dies, so the lock of a killed run is taken over, never stale. Rank 0 holds it; the
+    file is removed on release. Where ``fcntl`` is missing (Windows) runs are not locked."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns the previous holder's description when a dead process had left it,
+        raises :class:`RunLockedError` when a live one holds it."""
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RunLockedError(f"run folder {self.path.parent} is in use by a run in progress ({holder}); "
+                                     "wait for it to end, or pick another name=<run name>") from None
+            except OSError as err:  # a file system without locks (some NFS set-ups): run, but say so
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                warnings.warn(f"cannot lock {self.path} ({err}); nothing stops a second run from using the same "
+                              "folder at the same time")
+                return None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file that its last holder removed between our open and our lock
+                break
+            os.close(fd)
+        previous = os.read(fd, 200).decode(errors="replace").strip()
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self.fd = fd
+        return previous or None
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        import fcntl
+
+        self.path.unlink(missing_ok=True)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
 
 
 @dataclass
@@ -65,10 +146,19 @@ class TrainResult:
     elapsed_s: float
     interrupted: bool = False
     model: nn.Module | None = field(default=None, repr=False)
+    stop_signal: int | None = None  # the signal that stopped an interrupted run (SIGINT, SIGTERM, SIGUSR1)
 
     @property
     def final(self) -> dict[str, float]:
         return self.history[-1] if self.history else {}
+
+    @property
+    def exit_code(self) -> int:
+        """0 for a finished run; 128 + the signal number for a stopped one, as shells report a run killed
+        by that signal (130 for Ctrl-C, 143 for SIGTERM, 138 for SIGUSR1 on Linux)."""
+        if not self.interrupted:
+            return 0
+        return 128 + (self.stop_signal or int(signal.SIGINT))
 
 
 def _amp_context(amp: str, device: torch.device):
@@ -106,7 +196,8 @@ def evaluate_model(model: nn.Module, loader, ctx: DistContext, amp: str = "none"
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss_sum, top1, top5, count
     total = len(loader) if max_steps is None else min(max_steps, len(loader))
-    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not (progress and ctx.is_main))
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
+               disable=not (progress and ctx.is_main and _interactive()))
     for step, (images, target) in enumerate(loader):
         if step >= total:
             break
@@ -152,27 +243,90 @@ def _write_csv(history: list[dict[str, float]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+# Keys a resumed run cannot honour: the weights, the optimizer state or the label space would not fit
+# (model.pretrained is irrelevant on resume: the checkpoint holds every weight).
+_FIXED_ON_RESUME = ("model.", "data.dataset", "data.embedded_", "optim.opt")
+_FREE_ON_RESUME = ("model.pretrained", "name", "output_dir")
+# Keys of the learning-rate schedule: rebuilt from the new config at the resumed global step.
+_SCHEDULE_KEYS = ("epochs", "max_steps_per_epoch")
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ("kwargs", "covpool", "zca_options"):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _config_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old, new)}`` for every key whose value differs (a missing key reads as None).
+    Local stand-in for ``covpool.train.config.config_diff``."""
+    a, b = _flatten(old), _flatten(new)
+    keys = list(b) + [key for key in a if key not in b]
+    return {key: (a.get(key), b.get(key)) for key in keys if a.get(key) != b.get(key)}
+
+
+def _with_defaults(data: dict, defaults: dict) -> dict:
+    out = dict(defaults)
+    for key, value in data.items():
+        both = isinstance(value, dict) and isinstance(defaults.get(key), dict) and key in ("model", "data", "optim")
+        out[key] = _with_defaults(value, defaults[key]) if both else value
+    return out
+
+
+def _check_resume_config(stored: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """The changes between a checkpoint's config and this run's, after refusing those that cannot be
+    honoured (raises :class:`ConfigError` listing them)."""
+    # a key that did not exist when the checkpoint was written had its default value
+    stored = _with_defaults(stored, config_to_dict(TrainConfig()))
+    changes = {k: v for k, v in _config_diff(stored, current).items() if not k.startswith(_FREE_ON_RESUME)}
+    fixed = {k: v for k, v in changes.items() if k.startswith(_FIXED_ON_RESUME)}
+    if fixed:
+        listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in fixed.items())
+        raise ConfigError(f"cannot resume with a different {', '.join(fixed)}: {listed}. The checkpoint's weights "
+                          "and optimizer state belong to the old values; resume with them, or start a new run "
+                          "that loads these weights with model.pretrained=<checkpoint> (and --overwrite or a new "
+                          "name=)")
+    return changes
+
+
+def _stop_signals() -> tuple[signal.Signals, ...]:
+    # SIGTERM: what torchrun, SLURM and Kubernetes send before killing; SIGUSR1: SLURM's pre-emption warning
+    return tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+class TrainingAborted(KeyboardInterrupt):
+    """A second Ctrl-C aborted the run at once; the message says which checkpoint, if any, holds the work."""
+
+
 class _StopFlag:
-    """SIGINT handler that asks the loop to stop at the next step boundary; a second Ctrl-C aborts."""
+    """Handler of SIGINT, SIGTERM and SIGUSR1 that asks the loop to stop at the next step boundary (all
+    processes agree on it and save); a second Ctrl-C aborts at once with :class:`TrainingAborted`."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            raise TrainingAborted
+        if not self.requested:
+            self.requested, self.signum = True, int(signum)
 
     @contextmanager
     def installed(self):
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = signal.signal(signal.SIGINT, self._handle)
+        previous = {sig: signal.signal(sig, self._handle) for sig in _stop_signals()}
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 class _Trainer:
@@ -180,17 +334,46 @@ class _Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: str | Path | bool | None, overwrite: bool) -> None:
         self.cfg = cfg
-        self.ctx = init_distributed(cfg.device)
+        self.ctx = init_distributed(cfg.device, getattr(cfg, "dist_timeout", None))
         self.run_dir = Path(cfg.output_dir) / cfg.name
         self.amp_ctx = lambda: _amp_context(cfg.amp, self.ctx.device)
         self.amp_ctx()  # validate before any heavy work
         if cfg.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
+        self.lock = _RunLock(self.run_dir)
+        self._lock_run_dir()
+        try:
+            self._build(resume, overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
 
+    def _lock_run_dir(self) -> None:
+        error = None
+        if self.ctx.is_main:
+            try:
+                taken_over = self.lock.acquire()
+                if taken_over:
+                    tqdm.write(f"note: {self.run_dir} was locked by {taken_over}, which has ended; taking it over")
+            except RunLockedError as err:
+                error = str(err)
+        if self.ctx.distributed:  # every process learns rank 0's verdict, so none waits in a collective
+            error = all_gather_objects(error, self.ctx)[0]
+        if error is not None:
+            raise RunLockedError(error)
+
+    def _build(self, resume, overwrite: bool) -> None:
+        cfg = self.cfg
         checkpoint = self._resume_checkpoint(resume, overwrite)
+        self.resume_changes: dict[str, tuple[Any, Any]] = {}
+        model_cfg = cfg.model
+        if checkpoint is not None:
+            self.resume_changes = _check_resume_config(checkpoint["config"], config_to_dict(cfg))
+            if model_cfg.pretrained:  # the checkpoint holds every weight: no download, no file needed
+                model_cfg = replace(model_cfg, pretrained=False)
         _seed_all(cfg.seed)
         num_classes = cfg.model.num_classes or num_classes_of(cfg.data)
-        model = build_model(cfg.model, num_classes).to(self.ctx.device)
+        model = build_model(model_cfg, num_classes).to(self.ctx.device)
         if self.ctx.distributed:
             import covpool
 
@@ -210,8 +393,11 @@ class _Trainer:
         o = cfg.optim
         self.optimizer = create_optimizer_v2(
             model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
-            param_group_fn=lambda m: param_groups(m, o.weight_decay, o.head_lr_mult))
+            param_group_fn=lambda m: param_groups(m, o.weight_decay, o.head_lr_mult, getattr(o, "layer_decay", None)))
         for group in self.optimizer.param_groups:
+            # timm's schedulers multiply lr_scale into the scheduled value of initial_lr, so initial_lr is the
+            # unscaled rate (it defaulted to the scaled lr: the head trained at head_lr_mult squared)
+            group["initial_lr"] = o.lr
             group["lr"] = o.lr * group["lr_scale"]
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=o.sched, num_epochs=cfg.epochs, decay_epochs=o.decay_epochs,
@@ -242,8 +428,15 @@ class _Trainer:
             self._restore(checkpoint)
         if self.scheduler is not None:
             self.scheduler.step_update(num_updates=self.global_step)
+        if checkpoint is not None and self.ctx.is_main:
+            self._log_resume(resume)
 
     def _resume_checkpoint(self, resume, overwrite: bool) -> dict | None:
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # what a killed atomic write left behind (covpool's own temporary names only)
+            remove_stale_temp_files(self.run_dir, ("last.pt", "best.pt", "metrics.csv"))
+            remove_stale_temp_files(self.run_dir, ("curves.png",), suffix=".png")
         last = self.run_dir / "last.pt"
         if resume:
             path = last if resume is True else Path(resume)
@@ -268,9 +461,13 @@ class _Trainer:
     def _state(self, rngs: list[dict]) -> dict[str, Any]:
         from covpool import __version__
 
-        return {
-            "model": self.model.state_dict(),
-            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+        config = config_to_dict(self.cfg)
+        return with_checksums({
+            # timm's keys: timm.models.load_checkpoint(model, path, use_ema=True) reads them as they are
+            "state_dict": self.model.state_dict(),
+            "state_dict_ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "arch": self.cfg.model.name,
+            "args": config,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -283,9 +480,9 @@ class _Trainer:
             "best_acc1": self.best_acc1,
             "best_epoch": self.best_epoch,
             "world_size": self.ctx.world_size,
-            "config": config_to_dict(self.cfg),
+            "config": config,  # the same object as "args": pickled once
             "covpool_version": __version__,
-        }
+        })
 
     def _save(self, best: bool) -> None:
         # every process contributes its RNG state, so all of them resume their own augmentation stream
@@ -293,21 +490,33 @@ class _Trainer:
         if not self.ctx.is_main:
             return
         state = self._state(rngs)
-        atomic_save(state, self.run_dir / "last.pt")
+        # best.pt first: a kill between the two writes leaves last.pt one epoch behind, which resume redoes
+        # identically; the other order could leave best.pt older than what last.pt records as the best
         if best:
             atomic_save(state, self.run_dir / "best.pt")
+        atomic_save(state, self.run_dir / "last.pt")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
+        self.model.load_state_dict(ckpt["state_dict"])
         if self.ema is not None:
-            if ckpt.get("ema") is None:
+            if ckpt.get("state_dict_ema") is None:
                 warnings.warn("the checkpoint has no EMA weights; the EMA restarts from the current model")
-                self.ema.module.load_state_dict(ckpt["model"])
+                self.ema.module.load_state_dict(ckpt["state_dict"])
             else:
-                self.ema.module.load_state_dict(ckpt["ema"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scheduler is not None and ckpt.get("scheduler") is not None:
-            self.scheduler.load_state_dict(ckpt["scheduler"])
+                self.ema.module.load_state_dict(ckpt["state_dict_ema"])
+        # The optimizer's state (momentum, Adam moments) comes from the checkpoint; its hyper-parameters
+        # (lr, weight decay, momentum, head multiplier) and the whole schedule come from this run's config. A
+        # timm scheduler is a function of the config and the global step, so it is rebuilt rather than
+        # loaded: an unchanged config resumes exactly, a changed one (epochs=3 after epochs=1, a lower
+        # optim.lr after a non-finite stop) takes effect from the resumed step.
+        fresh = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as err:
+            raise ConfigError(f"cannot resume the optimizer state: {err} (the parameter groups changed; start "
+                              "a new run with model.pretrained=<checkpoint> instead)") from err
+        for group, hyper in zip(self.optimizer.param_groups, fresh):
+            group.update(hyper)
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step_in_epoch = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
@@ -324,6 +533,18 @@ class _Trainer:
                           "augmentation draws do not")
             _seed_all(self.cfg.seed + 7919 * self.ctx.rank + self.global_step)
 
+    def _log_resume(self, resume) -> None:
+        source = self.run_dir / "last.pt" if resume is True else Path(resume)
+        tqdm.write(f"resume: {source} at epoch {self.epoch + 1}, step {self.step_in_epoch} (global step "
+                   f"{self.global_step})")
+        if self.resume_changes:
+            changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in self.resume_changes.items())
+            rebuilt = [key for key in self.resume_changes if key in _SCHEDULE_KEYS or key.startswith("optim.")]
+            tqdm.write(f"resume: config changed: {changes}" + (
+                f"; optimizer hyper-parameters and scheduler rebuilt from the new config, continuing at global "
+                f"step {self.global_step} of {self.steps_per_epoch * self.cfg.epochs} with lr {self._lr():.3g}"
+                if rebuilt else ""))
+
     # -- loop --------------------------------------------------------------------------------------------
     def _lr(self) -> float:
         return max(g["lr"] / g["lr_scale"] for g in self.optimizer.param_groups)
@@ -334,20 +555,35 @@ class _Trainer:
         hard_target = target
         if self.mixup is not None:
             images, target = self.mixup(images, target)
-        with self.amp_ctx():
-            logits = self.ddp(images)
-            loss = self.criterion(logits, target)
-        correct = (logits.detach().argmax(dim=-1) == hard_target).sum()
+        failure = None
+        try:
+            with self.amp_ctx():
+                logits = self.ddp(images)
+                loss = self.criterion(logits, target)
+            correct = (logits.detach().argmax(dim=-1) == hard_target).sum()
+        except torch.linalg.LinAlgError as err:
+            # eigh/svd refuse NaN/inf (or hopelessly degenerate) input where the products-only backends pass
+            # NaN on to the loss: both end in the same stop, agreed on by every process through the all-reduce
+            failure = err
+            loss, correct = torch.tensor(float("nan"), device=ctx.device), torch.zeros((), device=ctx.device)
         # one all-reduce carries the loss, the accuracy and any rank's stop request, so every process
         # takes the same decision at the same step
         shared = torch.stack([loss.detach().float(), correct.float(),
-                              torch.tensor(float(stop.requested), device=ctx.device)])
+                              torch.tensor(float(stop.signum or 0), device=ctx.device)])
         all_reduce_sum(shared, ctx)
+        if shared[2].item() > 0 and stop.signum is None:  # another process was signalled
+            received = int(shared[2].item())
+            stop.signum = received if received in {int(s) for s in _stop_signals()} else int(signal.SIGTERM)
         loss_value = shared[0].item() / ctx.world_size
         if not math.isfinite(loss_value):
             last = self.run_dir / "last.pt"
+            what = f"non-finite loss ({loss_value})"
+            if failure is not None:
+                first = str(failure).strip().splitlines()[0][:160] if str(failure).strip() else ""
+                what = (f"non-finite or degenerate features reached the matrix decomposition "
+                        f"({type(failure).__name__.lstrip('_')}: {first})")
             raise NonFiniteLossError(
-                f"non-finite loss ({loss_value}) at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} of "
+                f"{what} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} of "
                 f"{self.steps_per_epoch} (global step {self.global_step + 1}); stopped before updating the "
                 "weights. " + (f"The last good checkpoint is {last}. " if last.exists() else "No checkpoint was "
                 "written yet. ") + "Lower optim.lr, set clip_grad (e.g. clip_grad=1.0) or use amp=none.")
@@ -382,8 +618,11 @@ class _Trainer:
         self.train_loader.generator.manual_seed(cfg.seed * 1_000_003 + self.epoch * 7919 + ctx.rank)
         self.ddp.train()
         batch = cfg.data.batch_size * ctx.world_size
+        show = cfg.progress and ctx.is_main
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                   leave=False, dynamic_ncols=True, disable=not (cfg.progress and ctx.is_main))
+                   leave=False, dynamic_ncols=True, disable=not (show and _interactive()))
+        # not a terminal (a log file, a pipe, SLURM's output): a plain line every log_interval steps instead
+        every = (getattr(cfg, "log_interval", None) or _DEFAULT_LOG_INTERVAL) if show and bar.disable else 0
         start, done_here = time.perf_counter(), 0
         for images, target in self.train_loader:
             if self.step_in_epoch >= self.steps_per_epoch:
@@ -395,10 +634,13 @@ class _Trainer:
             self.partial[1] += correct
             self.partial[2] += batch
             rate = done_here * batch / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{self.partial[0] / self.partial[2]:.4f}",
-                            acc=f"{100 * self.partial[1] / self.partial[2]:.1f}%", img_s=f"{rate:.0f}",
-                            lr=f"{self._lr():.2e}", refresh=False)
+            loss_avg, acc_avg = self.partial[0] / self.partial[2], 100 * self.partial[1] / self.partial[2]
+            bar.set_postfix(loss=f"{loss_avg:.4f}", acc=f"{acc_avg:.1f}%", img_s=f"{rate:.0f}", lr=f"{self._lr():.2e}",
+                            refresh=False)
             bar.update()
+            if every and self.step_in_epoch % every == 0:
+                tqdm.write(f"epoch {self.epoch + 1}/{cfg.epochs}  step {self.step_in_epoch}/{self.steps_per_epoch}  "
+                           f"loss {loss_avg:.4f}  acc {acc_avg:.1f}%  {rate:.0f} img/s  lr {self._lr():.2e}")
             if stop_now and self.step_in_epoch < self.steps_per_epoch:
                 bar.close()
                 return False
@@ -426,38 +668,58 @@ class _Trainer:
         self.epoch, self.step_in_epoch, self.partial = self.epoch + 1, 0, [0.0, 0.0, 0.0]
         self._save(best=is_best)
         if ctx.is_main:
-            _write_csv(self.history, self.run_dir / "metrics.csv")
-            plot_history(self.history, self.run_dir / "curves.png", title=f"{cfg.name}: {cfg.model.name}")
+            self._write_outputs()
             ema = f"  ema val acc {ema_acc:.2f}%" if self.ema is not None else ""
             tqdm.write(f"epoch {row['epoch']}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
                        f"acc {row['train_acc']:.2f}%  val loss {row['val_loss']:.4f} acc {row['val_acc1']:.2f}% "
                        f"(top-5 {row['val_acc5']:.2f}%){ema}  {row['epoch_time_s']:.1f}s "
                        f"{row['train_img_per_s']:.0f} img/s" + ("  *best*" if is_best else ""))
 
-    def run(self) -> TrainResult:
+    def _write_outputs(self, only_if_stale: bool = False) -> None:
+        """metrics.csv and curves.png from the history (rank 0). ``only_if_stale``: only when a kill left
+        metrics.csv behind the checkpoint it belongs to, or curves.png missing."""
+        csv_path, png_path = self.run_dir / "metrics.csv", self.run_dir / "curves.png"
+        if only_if_stale and csv_path.is_file() and png_path.is_file():
+            with open(csv_path, newline="") as f:
+                if sum(1 for _ in csv.DictReader(f)) == len(self.history):
+                    return
+        _write_csv(self.history, csv_path)
+        plot_history(self.history, png_path, title=f"{self.cfg.name}: {self.cfg.model.name}")
+
+    def _stopped_during_set_up(self, stop: _StopFlag) -> bool:
+        flag = torch.tensor([float(stop.signum or 0)], device=self.ctx.device)
+        all_reduce_sum(flag, self.ctx)
+        if flag.item() > 0 and stop.signum is None:
+            stop.signum = int(signal.SIGTERM)
+        return flag.item() > 0
+
+    def run(self, stop: _StopFlag) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
         if ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            if self.history:
+                self._write_outputs(only_if_stale=True)
         start = time.perf_counter()
-        interrupted = False
-        with _StopFlag().installed() as stop:
-            while self.epoch < cfg.epochs:
-                if not self._train_epoch(stop):
-                    interrupted = True
-                    self._save(best=False)
-                    if ctx.is_main:
-                        tqdm.write(f"interrupted at epoch {self.epoch + 1}, step {self.step_in_epoch}: saved "
-                                   f"{self.run_dir / 'last.pt'}; continue with --resume")
-                    break
-                self._end_epoch()
+        interrupted = self._stopped_during_set_up(stop)
+        if interrupted and ctx.is_main:
+            tqdm.write(f"stopped by {signal.Signals(stop.signum).name} during set-up: nothing trained, no checkpoint "
+                       "written" + (" (the resumed one is unchanged)" if self.global_step else ""))
+        while not interrupted and self.epoch < cfg.epochs:
+            if not self._train_epoch(stop):
+                interrupted = True
+                self._save(best=False)
+                if ctx.is_main:
+                    tqdm.write(f"stopped by {signal.Signals(stop.signum).name} at epoch {self.epoch + 1}, step "
+                               f"{self.step_in_epoch}: saved {self.run_dir / 'last.pt'}; continue with --resume")
+                break
+            self._end_epoch()
         elapsed = time.perf_counter() - start
         if ctx.is_main and not interrupted and self.history:
             tqdm.write(format_table(self.history))
             tqdm.write(f"best val acc {self.best_acc1:.2f}% at epoch {self.best_epoch}; outputs in {self.run_dir}/ "
                        "(last.pt, best.pt, metrics.csv, curves.png)")
         return TrainResult(self.run_dir, self.history, self.best_acc1, self.best_epoch, elapsed, interrupted,
-                           self.model)
+                           self.model, stop.signum if interrupted else None)
 
 
 def train(cfg: TrainConfig, resume: str | Path | bool | None = None, overwrite: bool = False) -> TrainResult:
@@ -470,32 +732,76 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, overwrite: 
 
     Raises:
         RunExistsError: the run folder holds ``last.pt`` and neither ``resume`` nor ``overwrite`` is set.
+        RunLockedError: another live process trains in the same run folder (a subclass of RunExistsError).
+        CheckpointError: the checkpoint to resume is empty, foreign or damaged.
+        TrainingAborted: a second Ctrl-C (the message says which checkpoint holds the work).
+        DistributedFailure: under torchrun, a collective timed out (``dist_timeout`` seconds, 600 by default)
+            or lost a peer; the message names the ranks and the last checkpoint.
         NonFiniteLossError: the loss became NaN/inf (the message names the step; the last good
             checkpoint is kept).
         DatasetNotFoundError: the data set's root is missing (the message shows the expected layout).
     """
-    trainer = _Trainer(cfg, resume, overwrite)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    with _StopFlag().installed() as stop:
+        try:
+            trainer = _Trainer(cfg, resume, overwrite)
+        except TrainingAborted:
+            raise TrainingAborted(f"aborted by a second Ctrl-C during set-up; {_saved_work(run_dir)}") from None
+        except RuntimeError as err:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and is_collective_failure(err):
+                raise _collective_failure(err, cfg, run_dir) from err
+            raise
+        try:
+            return trainer.run(stop)
+        except TrainingAborted:
+            raise TrainingAborted(f"aborted by a second Ctrl-C; {_saved_work(run_dir)}") from None
+        except RuntimeError as err:
+            if trainer.ctx.distributed and is_collective_failure(err):
+                raise _collective_failure(err, cfg, run_dir) from err
+            raise
+        finally:
+            trainer.lock.release()
+            shutdown_distributed(trainer.ctx)
+
+
+def _collective_failure(err: RuntimeError, cfg: TrainConfig, run_dir: Path) -> DistributedFailure:
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    others = f"rank {1 - rank}" if world == 2 else f"one of the other {world - 1} processes"
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    saved = _saved_work(run_dir)
+    return DistributedFailure(
+        f"rank {rank} of {world}: a collective operation failed within dist_timeout="
+        f"{dist_timeout_s(getattr(cfg, 'dist_timeout', None)):g} s ({first}); {others} is frozen or died (see its "
+        f"log). {saved[0].upper()}{saved[1:]}. If steps legitimately take longer, "
+        "raise dist_timeout=<seconds> (or COVPOOL_DIST_TIMEOUT).")
+
+
+def _saved_work(run_dir: Path) -> str:
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        return "no checkpoint was written"
     try:
-        return trainer.run()
-    finally:
-        shutdown_distributed(trainer.ctx)
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        return (f"{last} holds epoch {state['epoch']}, step {state['step_in_epoch']} (global step "
+                f"{state['global_step']}); continue with --resume")
+    except Exception:  # whatever is there, the abort message must not fail
+        return f"{last} holds the last saved state; continue with --resume"
 
 
 def evaluate(checkpoint: str | Path, cfg: TrainConfig | None = None, use_ema: bool = False) -> dict[str, float]:
     """Evaluate a checkpoint on its config's validation set (``cfg`` overrides the stored config)."""
     ckpt = load_checkpoint(checkpoint)
     cfg = cfg or config_from_dict(ckpt["config"], where=f" (stored in {checkpoint})")
-    ctx = init_distributed(cfg.device)
+    ctx = init_distributed(cfg.device, getattr(cfg, "dist_timeout", None))
     num_classes = cfg.model.num_classes or num_classes_of(cfg.data)
     model_cfg = cfg.model
     if isinstance(model_cfg.pretrained, str) or model_cfg.pretrained:
-        from dataclasses import replace
-
         model_cfg = replace(model_cfg, pretrained=False)  # the checkpoint holds every weight
     model = build_model(model_cfg, num_classes).to(ctx.device)
-    key = "ema" if use_ema else "model"
+    key = "state_dict_ema" if use_ema else "state_dict"
     if ckpt.get(key) is None:
-        raise ValueError(f"{checkpoint} has no {key!r} weights (EMA is stored only when the run used ema=true)")
+        raise CheckpointError(f"{checkpoint} has no EMA weights ({key!r}): they are stored only when the run used "
+                              "ema=true; evaluate the model's own weights without --ema")
     model.load_state_dict(ckpt[key])
     _, val_set = build_datasets(cfg.data, model, seed=cfg.seed)
     _, val_loader = build_loaders(cfg.data, val_set, val_set, seed=cfg.seed, rank=ctx.rank,
