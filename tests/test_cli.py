@@ -17,6 +17,7 @@ import torch
 import covpool
 from covpool.cli import main
 from covpool.train import engine
+from covpool.train.checkpoint import with_checksums
 from covpool.train.config import ConfigError, ConfigNotFoundError, config_to_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def runs(monkeypatch):
 
     def fake_train(cfg, resume=None, overwrite=False, **kwargs):
         calls.append(SimpleNamespace(cfg=cfg, resume=resume, overwrite=overwrite))
-        return SimpleNamespace(interrupted=False)
+        return SimpleNamespace(interrupted=False, exit_code=0)
 
     monkeypatch.setattr(engine, "train", fake_train)
     return calls
@@ -71,7 +72,8 @@ def test_resume_flag_never_takes_an_override_as_checkpoint(runs, config, tmp_pat
 
 def _checkpoint(tmp_path: Path, name: str = "last.pt") -> Path:
     path = tmp_path / name
-    torch.save({"config": config_to_dict(load_config(None, ["name=stored", "epochs=4"]))}, path)
+    config = config_to_dict(load_config(None, ["name=stored", "epochs=4"]))
+    torch.save(with_checksums({"config": config, "state_dict": {"w": torch.zeros(2)}}), path)
     return path
 
 
@@ -427,9 +429,9 @@ def test_direct_construction_checks_ranges_too():
 
 # -- checkpoints given on the command line -------------------------------------------------------------------
 @pytest.mark.parametrize("content, message", [
-    (b"", "cannot be read as a checkpoint"),
-    (b"epochs: 3\nthis is a text file\n", "cannot be read as a checkpoint"),
-    (None, "holds no covpool config"),  # a plain state_dict
+    (b"", "is empty (0 bytes)"),
+    (b"epochs: 3\nthis is a text file\n", "is not a readable PyTorch"),
+    (None, "is a plain state_dict"),
 ])
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_unusable_checkpoint_is_one_error_line(runs, capsys, tmp_path, content, message, command):

@@ -834,8 +834,7 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(engine, "_DEFAULT_LOG_INTERVAL", 2)
-    over = tiny_overrides(tmp_path, progress="true", epochs=2)
+    over = tiny_overrides(tmp_path, progress="true", epochs=2, log_interval=2)
     engine.train(load_config(None, over))  # under capsys: stdout and stderr are not terminals
     out, err = capsys.readouterr()
     assert "\r" not in out + err
@@ -869,9 +868,9 @@ def test_layer_decay_combines_with_head_lr_mult(tmp_path):
         assert scale == pytest.approx(expect, rel=1e-12), name
     assert decayed["fc.weight"] == 5.0 and decayed["conv1.0.weight"] == pytest.approx(0.5 ** top)
     assert any(k.startswith("global_pool.") and v == 5.0 for k, v in decayed.items())  # covariance head too
-    with pytest.raises(ConfigError, match=r"optim.layer_decay must be in \(0, 1\]"):
-        param_groups(model, 1e-4, 5.0, layer_decay=1.5)
-    # the training loop reads optim.layer_decay (a key for the config schema) and hands it to timm's optimizer
+    with pytest.raises(ConfigError, match=r"'optim.layer_decay' must be in \(0, 1\]"):
+        load_config(None, ["optim.layer_decay=1.5"])
+    # the training loop reads optim.layer_decay and hands it to timm's optimizer
     run_cfg = load_config(None, tiny_overrides(tmp_path, optim__head_lr_mult=5.0, optim__sched="constant",
                                                model__swap_pooling="true", model__covpool__reduced_dim=8))
     for layer_decay in (None, 0.5):

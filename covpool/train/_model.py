@@ -115,8 +115,6 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float,
     head = head_parameter_names(model)
     skip = set(getattr(model, "no_weight_decay", lambda: ())())
     if layer_decay is not None:
-        if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
-            raise ConfigError(f"optim.layer_decay must be in (0, 1] (1: no decay) or null, got {layer_decay!r}")
         from timm.optim import param_groups_layer_decay
 
         names = {id(p): name for name, p in model.named_parameters()}

@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 
+from .checkpoint import _os_error_in
 from .config import ConfigError, config_from_dict, describe_config, load_config
 
 __all__ = ["train_main", "eval_main"]
@@ -82,42 +83,15 @@ def _parse(parser: _Parser, argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _short(err: BaseException) -> str:
-    """``err``'s type and, when short, its first line (torch's weights-only message is a page of advice to
-    load without ``weights_only``, not what a user needs here)."""
-    lines = str(err).strip().splitlines()
-    first = lines[0] if lines else ""
-    return f"{type(err).__name__}: {first}" if first and len(first) <= 100 else type(err).__name__
-
-
 def _stored_config(path: str, option: str) -> dict:
-    """The config a ``covpool train`` checkpoint stores, or a :class:`_BadCheckpoint` that says what is wrong."""
+    """The config a ``covpool train`` checkpoint stores; :func:`load_checkpoint` explains a damaged or
+    foreign file (:class:`CheckpointError`)."""
     from .checkpoint import load_checkpoint
 
-    try:
-        state = load_checkpoint(path)
-    except Exception as err:
-        if isinstance(err, OSError) or type(err).__module__.split(".")[0] == "covpool":
-            raise  # missing file, or the library's own explanation
-        raise _BadCheckpoint(f"{option} {path}: cannot be read as a checkpoint ({_short(err)}); it is "
-                             "damaged or not a file covpool train wrote (try best.pt, or another checkpoint)") from err
-    config = state.get("config") if isinstance(state, dict) else None
+    config = load_checkpoint(path).get("config")
     if not isinstance(config, dict):
-        raise _BadCheckpoint(f"{option} {path}: holds no covpool config (a plain state_dict, or a file another "
-                             "program wrote?); give the run's config with --config")
+        raise _BadCheckpoint(f"{option} {path}: holds no covpool config; give the run's config with --config")
     return config
-
-
-def _os_error_in(err: BaseException) -> OSError | None:
-    """The OSError that caused ``err``, if any: torch.save on a full disk raises a RuntimeError ("unexpected
-    pos ...") whose context holds the real "No space left on device"."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def _report(err: BaseException, input_errors: tuple[type[BaseException], ...]) -> int | None:
@@ -140,7 +114,10 @@ def _usage_error(prog: str, err: _UsageError) -> int:
     return 2
 
 
-def _interrupted(cfg) -> int:
+def _interrupted(cfg, err: KeyboardInterrupt) -> int:
+    if str(err):  # TrainingAborted says which checkpoint holds the work
+        print(f"error: {err}", file=sys.stderr)
+        return 130
     last = Path(cfg.output_dir) / cfg.name / "last.pt" if cfg is not None else None
     where = f"{last} holds the last saved state" if last is not None and last.is_file() else \
         "no checkpoint was written"
@@ -178,6 +155,7 @@ def train_main(argv: list[str]) -> int:
                       help="start afresh even if the run folder has a checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
 
+    from .checkpoint import CheckpointError
     from .data import DatasetNotFoundError
     from .engine import RunExistsError, train
 
@@ -201,15 +179,15 @@ def train_main(argv: list[str]) -> int:
         result = train(cfg, resume=args.resume_from or args.resume or None, overwrite=args.overwrite)
     except _UsageError as err:
         return _usage_error(prog, err)
-    except KeyboardInterrupt:
-        return _interrupted(cfg)
+    except KeyboardInterrupt as err:
+        return _interrupted(cfg, err)
     except Exception as err:
         status = _report(err, (ConfigError, DatasetNotFoundError, RunExistsError, FileNotFoundError,
-                                    _BadCheckpoint))
+                                    CheckpointError, _BadCheckpoint))
         if status is None:
             raise
         return status
-    return 130 if result.interrupted else 0
+    return result.exit_code
 
 
 def eval_main(argv: list[str]) -> int:

@@ -178,6 +178,8 @@ class OptimConfig(_Section):
     decay_epochs: float = _opt(30, "step schedule: epochs between decays", "(0, inf)")
     decay_milestones: list = _opt([30, 60, 90], "multistep schedule: epochs to decay at", "[0, inf)", ascending=True)
     decay_rate: float = _opt(0.1, "step/multistep decay factor", "(0, 1]")
+    layer_decay: float | None = _opt(None, "timm's layer-wise learning-rate decay per block from the top (e.g. 0.75 "
+                                     "for a pretrained ViT), combined with head_lr_mult; null: off", "(0, 1]")
 
 
 @dataclass
@@ -200,6 +202,11 @@ class TrainConfig(_Section):
                                             "[1, inf)")
     max_val_steps: int | None = _opt(None, "cap on evaluation batches; null: whole validation set", "[1, inf)")
     progress: bool = _opt(True, "show tqdm progress bars")
+    log_interval: int = _opt(50, "steps between plain progress lines when the output is not a terminal (a log "
+                             "file)", "[1, inf)")
+    dist_timeout: float | None = _opt(None, "seconds a process waits for the others in a collective before the "
+                                      "job stops naming the missing rank; null: $COVPOOL_DIST_TIMEOUT or 600",
+                                      "(0, inf)")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model section"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data section"})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer and schedule section"})

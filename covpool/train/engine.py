@@ -40,7 +40,7 @@ from ._model import build_model, param_groups
 from ._plot import plot_history
 from .checkpoint import (CheckpointError, atomic_save, load_checkpoint, remove_stale_temp_files, rng_state,
                          set_rng_state, with_checksums)
-from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
+from .config import ConfigError, TrainConfig, config_diff, config_from_dict, config_to_dict
 from .data import build_datasets, build_loaders, num_classes_of
 
 __all__ = ["DistributedFailure", "NonFiniteLossError", "RunExistsError", "RunLockedError", "TrainingAborted",
@@ -51,7 +51,6 @@ _CSV_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc1", "val_
                "epoch_time_s", "train_img_per_s")
 
 
-_DEFAULT_LOG_INTERVAL = 50  # steps between plain progress lines when the output is not a terminal
 
 
 def _interactive() -> bool:
@@ -251,24 +250,6 @@ _FREE_ON_RESUME = ("model.pretrained", "name", "output_dir")
 _SCHEDULE_KEYS = ("epochs", "max_steps_per_epoch")
 
 
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and key not in ("kwargs", "covpool", "zca_options"):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _config_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (old, new)}`` for every key whose value differs (a missing key reads as None).
-    Local stand-in for ``covpool.train.config.config_diff``."""
-    a, b = _flatten(old), _flatten(new)
-    keys = list(b) + [key for key in a if key not in b]
-    return {key: (a.get(key), b.get(key)) for key in keys if a.get(key) != b.get(key)}
-
-
 def _with_defaults(data: dict, defaults: dict) -> dict:
     out = dict(defaults)
     for key, value in data.items():
@@ -282,7 +263,7 @@ def _check_resume_config(stored: dict, current: dict) -> dict[str, tuple[Any, An
     honoured (raises :class:`ConfigError` listing them)."""
     # a key that did not exist when the checkpoint was written had its default value
     stored = _with_defaults(stored, config_to_dict(TrainConfig()))
-    changes = {k: v for k, v in _config_diff(stored, current).items() if not k.startswith(_FREE_ON_RESUME)}
+    changes = {key: (old, new) for key, old, new in config_diff(stored, current) if not key.startswith(_FREE_ON_RESUME)}
     fixed = {k: v for k, v in changes.items() if k.startswith(_FIXED_ON_RESUME)}
     if fixed:
         listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in fixed.items())
@@ -334,7 +315,7 @@ class _Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: str | Path | bool | None, overwrite: bool) -> None:
         self.cfg = cfg
-        self.ctx = init_distributed(cfg.device, getattr(cfg, "dist_timeout", None))
+        self.ctx = init_distributed(cfg.device, cfg.dist_timeout)
         self.run_dir = Path(cfg.output_dir) / cfg.name
         self.amp_ctx = lambda: _amp_context(cfg.amp, self.ctx.device)
         self.amp_ctx()  # validate before any heavy work
@@ -393,7 +374,7 @@ class _Trainer:
         o = cfg.optim
         self.optimizer = create_optimizer_v2(
             model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
-            param_group_fn=lambda m: param_groups(m, o.weight_decay, o.head_lr_mult, getattr(o, "layer_decay", None)))
+            param_group_fn=lambda m: param_groups(m, o.weight_decay, o.head_lr_mult, o.layer_decay))
         for group in self.optimizer.param_groups:
             # timm's schedulers multiply lr_scale into the scheduled value of initial_lr, so initial_lr is the
             # unscaled rate (it defaulted to the scaled lr: the head trained at head_lr_mult squared)
@@ -622,7 +603,7 @@ class _Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    leave=False, dynamic_ncols=True, disable=not (show and _interactive()))
         # not a terminal (a log file, a pipe, SLURM's output): a plain line every log_interval steps instead
-        every = (getattr(cfg, "log_interval", None) or _DEFAULT_LOG_INTERVAL) if show and bar.disable else 0
+        every = cfg.log_interval if show and bar.disable else 0
         start, done_here = time.perf_counter(), 0
         for images, target in self.train_loader:
             if self.step_in_epoch >= self.steps_per_epoch:
@@ -771,7 +752,7 @@ def _collective_failure(err: RuntimeError, cfg: TrainConfig, run_dir: Path) -> D
     saved = _saved_work(run_dir)
     return DistributedFailure(
         f"rank {rank} of {world}: a collective operation failed within dist_timeout="
-        f"{dist_timeout_s(getattr(cfg, 'dist_timeout', None)):g} s ({first}); {others} is frozen or died (see its "
+        f"{dist_timeout_s(cfg.dist_timeout):g} s ({first}); {others} is frozen or died (see its "
         f"log). {saved[0].upper()}{saved[1:]}. If steps legitimately take longer, "
         "raise dist_timeout=<seconds> (or COVPOOL_DIST_TIMEOUT).")
 
@@ -792,7 +773,7 @@ def evaluate(checkpoint: str | Path, cfg: TrainConfig | None = None, use_ema: bo
     """Evaluate a checkpoint on its config's validation set (``cfg`` overrides the stored config)."""
     ckpt = load_checkpoint(checkpoint)
     cfg = cfg or config_from_dict(ckpt["config"], where=f" (stored in {checkpoint})")
-    ctx = init_distributed(cfg.device, getattr(cfg, "dist_timeout", None))
+    ctx = init_distributed(cfg.device, cfg.dist_timeout)
     num_classes = cfg.model.num_classes or num_classes_of(cfg.data)
     model_cfg = cfg.model
     if isinstance(model_cfg.pretrained, str) or model_cfg.pretrained:
