@@ -138,14 +138,6 @@ def test_isqrt_resnet_options():
     assert [f.shape[-1] for f in features] == [IMG // 2, IMG // 4, IMG // 8, IMG // 16, IMG // 16]
 
 
-def test_pretrained_cfgs_point_at_timm_resnet_weights():
-    # No hub in the tests: only check where pretrained=True would load the backbone from.
-    for name in timm.list_models("*_isqrt"):
-        cfg = timm.models.get_pretrained_cfg(name)
-        assert cfg.hf_hub_id == f"timm/{name.removesuffix('_isqrt')}.tv_in1k" and cfg.classifier == "fc"
-    assert timm.models.get_pretrained_cfg("so_vit_7").classifier == ("head.fc_cls", "head.fc_cov")
-
-
 def _plain_resnet18_state(source):
     torch.manual_seed(1)
     if source == "timm":
@@ -627,3 +619,130 @@ def test_so_vit_other_img_size():
         odd(_images(size=64))
     dynamic = timm.create_model("so_vit_7", img_size=IMG, num_classes=5, dynamic_img_size=True)
     assert dynamic(_images(size=96)).shape == (2, 5)
+
+
+# ------------------------------------------------------------------------------- fast-MPN-COV checkpoints
+def _fast_mpncov_checkpoint(layout, seed=0, reduced=16, num_classes=7):
+    """A ResNet-18 iSQRT-COV in one of fast-MPN-COV's layouts, built from torchvision's names (their
+    src/network/resnet.py is torchvision's ResNet) and their reduction / classifier names, random values."""
+    torch.manual_seed(seed)
+    tv = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5), m.bias.uniform_(-0.1, 0.1)
+    backbone = {k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+    reduce = {"0.weight": torch.randn(reduced, 512, 1, 1) * 512 ** -0.5, "1.weight": torch.rand(reduced) + 0.5,
+              "1.bias": torch.randn(reduced) * 0.1, "1.running_mean": torch.randn(reduced) * 0.1,
+              "1.running_var": torch.rand(reduced) + 0.5, "1.num_batches_tracked": torch.tensor(3)}
+    fc = {"weight": torch.randn(num_classes, reduced * (reduced + 1) // 2) * 0.1, "bias": torch.randn(num_classes)}
+    children = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
+    if layout == "zoo":  # mpncovresnet50-*.pth: MPNCOVResNet's own names
+        sd = dict(backbone)
+        sd.update({("layer_reduce." if k.startswith("0.") else "layer_reduce_bn.") + k[2:]: v for k, v in reduce.items()})
+        sd.update({f"fc.{k}": v for k, v in fc.items()})
+        return sd
+    features = {}
+    for k, v in backbone.items():
+        head, rest = k.split(".", 1)
+        features[f"features.module.{children[head]}.{rest}"] = v
+    if layout == "main_finetune":  # --pretrained mpncovresnet: the reduction is features 8 and 9
+        features.update({f"features.module.{8 + int(k[0])}.{k[2:]}": v for k, v in reduce.items()})
+    else:  # from scratch: the reduction lives in MPNCOV's conv_dr_block
+        features.update({f"representation.conv_dr_block.{k}": v for k, v in reduce.items()})
+    features.update({f"classifier.{k}": v for k, v in fc.items()})
+    if layout == "main_ddp":
+        features = {f"module.{k.replace('features.module.', 'features.')}": v for k, v in features.items()}
+    return {"epoch": 3, "arch": "resnet18", "best_prec1": torch.tensor(71.5), "state_dict": features,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}}
+
+
+def _fast_mpncov_forward(checkpoint, layout, x, last_stride):
+    """fast-MPN-COV's forward, transcribed (torchvision backbone, Covpool, Sqrtm with 5 iterations, Triuvec)."""
+    sd = checkpoint if layout == "zoo" else checkpoint["state_dict"]
+    sd = {k.removeprefix("module.").replace("features.module.", "features."): v.double() if v.is_floating_point() else v
+          for k, v in sd.items()}
+    names = {0: "conv1", 1: "bn1", 4: "layer1", 5: "layer2", 6: "layer3", 7: "layer4"}
+    if layout == "zoo":
+        tv_state = {k: v for k, v in sd.items() if not k.startswith(("layer_reduce", "fc."))}
+        red = {("0." if k.startswith("layer_reduce.") else "1.") + k.split(".", 1)[1]: v
+               for k, v in sd.items() if k.startswith("layer_reduce")}
+        fc_w, fc_b = sd["fc.weight"], sd["fc.bias"]
+    else:
+        tv_state = {}
+        red = {}
+        for k, v in sd.items():
+            if k.startswith("features."):
+                idx, rest = k[len("features."):].split(".", 1)
+                if int(idx) in names:
+                    tv_state[f"{names[int(idx)]}.{rest}"] = v
+                else:
+                    red[f"{int(idx) - 8}.{rest}"] = v
+            elif k.startswith("representation.conv_dr_block."):
+                red[k[len("representation.conv_dr_block."):]] = v
+        fc_w, fc_b = sd["classifier.weight"], sd["classifier.bias"]
+    tv = torchvision.models.resnet18(weights=None).double()
+    tv.load_state_dict(dict(tv_state, **{"fc.weight": tv.fc.weight, "fc.bias": tv.fc.bias}))
+    if last_stride == 1:
+        tv.layer4[0].conv1.stride = tv.layer4[0].downsample[0].stride = (1, 1)
+    tv.eval()
+    F = nn.functional
+    f = nn.Sequential(*list(tv.children())[:-2])(x.double())
+    f = F.relu(F.batch_norm(F.conv2d(f, red["0.weight"]), red["1.running_mean"], red["1.running_var"],
+                            red["1.weight"], red["1.bias"], False, 0.0, 1e-5))
+    B, d = f.shape[:2]
+    X = f.reshape(B, d, -1)
+    M = X.shape[-1]
+    I_hat = (-1.0 / M / M) * torch.ones(M, M, dtype=X.dtype) + (1.0 / M) * torch.eye(M, dtype=X.dtype)
+    cov = X @ I_hat @ X.transpose(1, 2)
+    I3 = 3.0 * torch.eye(d, dtype=X.dtype).expand(B, d, d)
+    normA = (1.0 / 3.0) * (cov * I3).sum(dim=(1, 2))
+    A = cov / normA.view(B, 1, 1)
+    ZY = 0.5 * (I3 - A)
+    Y, Z = A @ ZY, ZY
+    for _ in range(1, 5 - 1):
+        ZY = 0.5 * (I3 - Z @ Y)
+        Y, Z = Y @ ZY, ZY @ Z
+    root = 0.5 * Y @ (I3 - Z @ Y) * normA.sqrt().view(B, 1, 1)
+    index = torch.ones(d, d).triu().reshape(-1).nonzero().squeeze(1)
+    return root.reshape(B, -1)[:, index] @ fc_w.T + fc_b
+
+
+@pytest.mark.parametrize("layout,last_stride", [("zoo", 1), ("main_scratch", 2), ("main_finetune", 1),
+                                                ("main_ddp", 2)])
+def test_fast_mpncov_layouts_load_and_give_the_authors_logits(tmp_path, layout, last_stride):
+    checkpoint = _fast_mpncov_checkpoint(layout)
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save(checkpoint, path)
+    model = timm.create_model("resnet18_isqrt", pretrained=True, num_classes=7, reduced_dim=16,
+                              last_stride=last_stride, pretrained_cfg_overlay=dict(file=str(path), num_classes=7))
+    model.eval().double()
+    x = _images(seed=4)
+    with torch.no_grad():
+        ours = model(x.double())
+    reference = _fast_mpncov_forward(checkpoint, layout, x, last_stride)
+    assert reference.abs().max() > 1e-3
+    assert (ours - reference).abs().max() <= 1e-10 * reference.abs().max()
+
+
+def test_isqrt_resnet_official_init_and_tags():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet50_isqrt", num_classes=3)
+    assert model.num_classes == 3
+    assert all(torch.equal(b.bn3.weight, torch.ones_like(b.bn3.weight)) for b in model.layer1)
+    reduce = model.global_pool.reduce.conv.weight  # Kaiming normal, fan-out = 256 channels × 1×1
+    assert reduce.std().item() == pytest.approx((2 / 256) ** 0.5, rel=0.05)
+    timm_init = timm.create_model("resnet18_isqrt", num_classes=3, official_init=False)
+    assert not timm_init.layer1[0].bn2.weight.any()
+
+    assert timm.create_model("resnet18_isqrt").num_classes == 1000
+    for name in ("resnet50_isqrt", "resnet101_isqrt"):
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.tag == "mpncov_in1k" and cfg.num_classes == 1000 and not (cfg.url or cfg.hf_hub_id)
+        assert "drive.google.com" in cfg.notes[0]
+        with pytest.raises(ValueError, match="pretrained_cfg_overlay=dict\\(file=path\\)"):
+            timm.create_model(name, pretrained=True)
+        backbone = timm.models.get_pretrained_cfg(f"{name}.tv_in1k")
+        assert backbone.num_classes == 0 and backbone.hf_hub_id == f"timm/{name.removesuffix('_isqrt')}.tv_in1k"
+    with pytest.raises(ValueError, match="No released iSQRT-COV ResNet-18"):
+        timm.create_model("resnet18_isqrt", pretrained=True)
