@@ -61,11 +61,13 @@ def test_param_count(name):
         model = timm.create_model(name)
     count = _params(model)
     if name in SO_VIT_PUBLISHED_M:
-        # The release's own parameter tensors (fixed sinusoid included, as a parameter there too), counted
-        # from the official layout; and the published figure to its one decimal.
+        # The release's parameter tensors, counted from the official layout. Its fixed sinusoid is a frozen
+        # parameter there (counted in the published figure) and a buffer here.
         release = _release_state_dict(name, num_classes=1000, n_pos=197, values=False)
-        assert count == sum(v.numel() for k, v in release.items() if not _is_bn_buffer(k))
-        assert abs(count / 1e6 - SO_VIT_PUBLISHED_M[name]) <= 0.05
+        fixed = model.pos_embed.numel()
+        assert "pos_embed" in dict(model.named_buffers())
+        assert count + fixed == sum(v.numel() for k, v in release.items() if not _is_bn_buffer(k))
+        assert abs((count + fixed) / 1e6 - SO_VIT_PUBLISHED_M[name]) <= 0.05
     else:
         # timm's ResNet without its classifier + 1×1 reduction to 256 with BN + linear on 32 896 features.
         with torch.device("meta"):
@@ -90,8 +92,7 @@ def test_forward_backward_and_classifier(name):
     out = model(x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     out.logsumexp(-1).sum().backward()
-    missing = [n for n, p in model.named_parameters()
-               if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, f"parameters without a finite gradient: {missing}"
 
     model.eval()
@@ -524,7 +525,7 @@ def test_so_vit_official_init():
     torch.manual_seed(0)
     model = timm.create_model("so_vit_14", img_size=IMG)
     assert model.head.head_drop.p == 0.5 and model.head.pool.dims == (64, 48)
-    assert not model.pos_embed.requires_grad
+    assert "pos_embed" in dict(model.named_buffers()) and "pos_embed" in model.state_dict()
     assert torch.equal(model.pos_embed, covpool.models.so_vit.sinusoid_pos_embed(17, 384))
     for fc in (model.head.fc_cls, model.head.fc_cov, model.blocks[0].mlp.fc1):
         assert fc.weight.std().item() == pytest.approx(0.02, rel=0.05) and not fc.bias.any()
@@ -612,6 +613,7 @@ def test_so_vit_pretrained_tags_point_at_the_release():
 
 
 def test_so_vit_other_img_size():
+    assert timm.models.get_pretrained_cfg("so_vit_7").fixed_input_size  # as timm's ViTs: img_size fixes the grid
     odd = timm.create_model("so_vit_7", img_size=100, num_classes=5)
     assert odd.patch_embed.grid_size == (7, 7) and odd.pos_embed.shape == (1, 50, 256)
     assert odd(_images(size=100)).shape == (2, 5)
@@ -619,6 +621,9 @@ def test_so_vit_other_img_size():
         odd(_images(size=64))
     dynamic = timm.create_model("so_vit_7", img_size=IMG, num_classes=5, dynamic_img_size=True)
     assert dynamic(_images(size=96)).shape == (2, 5)
+    odd.set_input_size(img_size=IMG)
+    assert torch.equal(odd.pos_embed, covpool.models.so_vit.sinusoid_pos_embed(17, 256))
+    assert odd(_images()).shape == (2, 5)
 
 
 # ------------------------------------------------------------------------------- fast-MPN-COV checkpoints

@@ -9,7 +9,7 @@ SoT), whose ImageNet weights load through :func:`checkpoint_filter_fn`:
   blocks, PyTorch-default BatchNorm in the shortcuts), 1×1 projection (with bias) to ``embed_dim``:
   16× downsampling, 14×14 tokens at 224²;
 - a class token, a fixed 1-D sinusoid position embedding over the 1 + N positions (``pos_embed="sincos"``,
-  kept in the state dict as the release does; ``"learn"`` makes it a learned one) and pre-norm blocks
+  a buffer kept in the state dict as the release keeps it; ``"learn"`` makes it learned) and pre-norm blocks
   (timm's ``Block``: no qkv bias, scale head_dim^-1/2, LayerNorm eps 1e-5, GELU);
 - :class:`covpool.SoViTHead`: a classifier on the class token plus one on the second-order features of
   the word tokens, summed. ``head="svpn"`` (default) is the release's cross-covariance of two 1×1 conv →
@@ -41,6 +41,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_module, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._input import update_model_input_size
 from timm.models.resnet import Bottleneck
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -251,7 +252,12 @@ class SoViT(VisionTransformer):
         self.pos_embed_type = pos_embed
         self.official_init = official_init
         if pos_embed == "sincos":
-            self.pos_embed.requires_grad_(False)
+            # A fixed table: a buffer (saved in the state dict under the release's key, but no parameter that
+            # optimisers, parameter counts or gradient checks would see). The release keeps it as a
+            # requires_grad=False parameter, which is the same state dict.
+            table = self.pos_embed.detach()
+            del self.pos_embed
+            self.register_buffer("pos_embed", torch.empty_like(table))
         self._head_kwargs = dict(reduced_dim=reduced_dim, backend=backend, drop_rate=drop_rate, kind=head)
         if global_pool:
             self.head = SoViTHead(embed_dim, num_classes, **self._head_kwargs, device=device, dtype=dtype)
@@ -294,6 +300,17 @@ class SoViT(VisionTransformer):
                         m.zero_init_last()
             if isinstance(self.head, SoViTHead):
                 self.head.reset_parameters()
+
+    def set_input_size(self, img_size: Any = None, patch_size: Any = None) -> None:
+        """Change the input resolution: a learned position embedding is resampled (timm's way), the fixed
+        sinusoid recomputed for the new number of tokens."""
+        if self.pos_embed_type == "learn":
+            super().set_input_size(img_size, patch_size)
+            return
+        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
+        table = sinusoid_pos_embed(self.patch_embed.num_patches + self.num_prefix_tokens, self.embed_dim)
+        self.pos_embed = table.to(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
+        update_model_input_size(self, self.patch_embed.img_size, patch_size=patch_size)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -402,7 +419,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: SoViT) -> dict[st
         )
     pos_embed = out.get("pos_embed")
     if pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
-        if not model.pos_embed.requires_grad:
+        if model.pos_embed_type == "sincos":
             out["pos_embed"] = model.pos_embed.detach().clone()
         else:
             num_old = pos_embed.shape[1] - model.num_prefix_tokens
@@ -438,7 +455,7 @@ _RELEASE = "https://jiangtaoxie.oss-cn-beijing.aliyuncs.com/So-ViT/"
 
 def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
     return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "fixed_input_size": True,
         "crop_pct": 0.875, "interpolation": "bicubic",
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.backbone.conv", "classifier": ("head.fc_cls", "head.fc_cov"),
