@@ -751,3 +751,18 @@ def test_isqrt_resnet_official_init_and_tags():
         assert backbone.num_classes == 0 and backbone.hf_hub_id == f"timm/{name.removesuffix('_isqrt')}.tv_in1k"
     with pytest.raises(ValueError, match="No released iSQRT-COV ResNet-18"):
         timm.create_model("resnet18_isqrt", pretrained=True)
+
+
+def test_fast_mpncov_checkpoint_with_another_class_count(tmp_path, caplog):
+    # A fine-grained main.py checkpoint (7 classes) into a 3-class model: backbone and reduction load, the
+    # classifier is left fresh and timm says so.
+    checkpoint = _fast_mpncov_checkpoint("main_finetune")
+    path = tmp_path / "cub.pth.tar"
+    torch.save(checkpoint, path)
+    with caplog.at_level("INFO"):
+        model = timm.create_model("resnet18_isqrt", pretrained=True, num_classes=3, reduced_dim=16,
+                                  pretrained_cfg_overlay=dict(file=str(path), num_classes=7))
+    sd = checkpoint["state_dict"]
+    assert torch.equal(model.layer3[1].conv2.weight, sd["features.module.6.1.conv2.weight"])
+    assert torch.equal(model.global_pool.reduce.bn.running_var, sd["features.module.9.running_var"])
+    assert model.fc.weight.shape == (3, 136) and "fc.weight" in caplog.text

@@ -460,7 +460,7 @@ def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.backbone.conv", "classifier": ("head.fc_cls", "head.fc_cov"),
         "paper_ids": "arXiv:2104.10935", "paper_name": "So-ViT: Mind Visual Tokens for Vision Transformer",
-        "origin_url": "https://github.com/jiangtaoxie/So-ViT", "license": "unknown",
+        "origin_url": "https://github.com/jiangtaoxie/So-ViT",
         **kwargs,
     }
 
