@@ -145,13 +145,15 @@ class VisualTokenEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        if self.strict_img_size:
+            grid = self.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+            if grid != self.grid_size:
+                raise ValueError(
+                    f"a {x.shape[-2]}×{x.shape[-1]} input gives a {grid[0]}×{grid[1]} token grid but the model was "
+                    f"built for img_size={self.img_size} ({self.grid_size[0]}×{self.grid_size[1]} tokens); build it "
+                    "with img_size=... or dynamic_img_size=True"
+                )
         x = self.proj(self.backbone(x))
-        if self.strict_img_size and tuple(x.shape[-2:]) != self.grid_size:
-            raise ValueError(
-                f"input of {x.shape[-2] * 16}-ish×{x.shape[-1] * 16}-ish pixels gives a {x.shape[-2]}×{x.shape[-1]} "
-                f"token grid but the model was built for img_size={self.img_size} ({self.grid_size[0]}×"
-                f"{self.grid_size[1]} tokens); build it with img_size=... or dynamic_img_size=True"
-            )
         if self.output_fmt == "NHWC":
             return x.permute(0, 2, 3, 1)
         return x.flatten(2).transpose(1, 2)
