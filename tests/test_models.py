@@ -644,7 +644,7 @@ def _fast_mpncov_checkpoint(layout, seed=0, reduced=16, num_classes=7):
     children = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
     if layout == "zoo":  # mpncovresnet50-*.pth: MPNCOVResNet's own names
         sd = dict(backbone)
-        sd.update({("layer_reduce." if k.startswith("0.") else "layer_reduce_bn.") + k[2:]: v for k, v in reduce.items()})
+        sd.update({("layer_reduce." if k[0] == "0" else "layer_reduce_bn.") + k[2:]: v for k, v in reduce.items()})
         sd.update({f"fc.{k}": v for k, v in fc.items()})
         return sd
     features = {}

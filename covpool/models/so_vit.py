@@ -475,10 +475,14 @@ def _release_cfg(name: str, version: str, top1: float) -> dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    "so_vit_7.in1k": _release_cfg("So-ViT-7", "CAEQAhiBgIDLutbayBciIGI0ZDEwN2ZiZjk3MjQxMjY5ODQxMTU3OGYxZjYzZWYz", 76.8),
-    "so_vit_10.in1k": _release_cfg("So-ViT-10", "CAEQAhiBgMDHutbayBciIDViOTY5ZDFlNTI0ZDQ5NWNhM2IxMTA3OWU4OTlmMmUw", 78.7),
-    "so_vit_14.in1k": _release_cfg("So-ViT-14", "CAEQAhiBgIDDutbayBciIGM1YjBlOTIxMjYyNDRhMjY4MjE1MzgxMDcyMjEyNTM1", 82.3),
-    "so_vit_19.in1k": _release_cfg("So-ViT-19", "CAEQAhiCgIDDutbayBciIGFkNGQ1ODUzNmQxZDRmYmU5YjQ1NzkxNDVmMTJjZDg0", 82.8),
+    "so_vit_7.in1k": _release_cfg(
+        "So-ViT-7", "CAEQAhiBgIDLutbayBciIGI0ZDEwN2ZiZjk3MjQxMjY5ODQxMTU3OGYxZjYzZWYz", 76.8),
+    "so_vit_10.in1k": _release_cfg(
+        "So-ViT-10", "CAEQAhiBgMDHutbayBciIDViOTY5ZDFlNTI0ZDQ5NWNhM2IxMTA3OWU4OTlmMmUw", 78.7),
+    "so_vit_14.in1k": _release_cfg(
+        "So-ViT-14", "CAEQAhiBgIDDutbayBciIGM1YjBlOTIxMjYyNDRhMjY4MjE1MzgxMDcyMjEyNTM1", 82.3),
+    "so_vit_19.in1k": _release_cfg(
+        "So-ViT-19", "CAEQAhiCgIDDutbayBciIGFkNGQ1ODUzNmQxZDRmYmU5YjQ1NzkxNDVmMTJjZDg0", 82.8),
 })
 
 
