@@ -766,3 +766,37 @@ def test_fast_mpncov_checkpoint_with_another_class_count(tmp_path, caplog):
     assert torch.equal(model.layer3[1].conv2.weight, sd["features.module.6.1.conv2.weight"])
     assert torch.equal(model.global_pool.reduce.bn.running_var, sd["features.module.9.running_var"])
     assert model.fc.weight.shape == (3, 136) and "fc.weight" in caplog.text
+
+
+def test_mpa_head_is_the_releases_pade_square_root():
+    # MPA-Lya So-ViT's PadeSqt: X = I − Σ/‖Σ‖_F, √Σ ≈ √‖Σ‖_F · Q(X)⁻¹P(X) with the [5/5] Padé approximant of
+    # √(1 − x) (computed here from its Taylor series), upper triangle. The release rounds the coefficients to
+    # float16; this reference, like covpool, keeps them exact.
+    taylor = [1.0]
+    for k in range(1, 11):
+        taylor.append(taylor[-1] * (k - 1.5) / k)  # coefficients of √(1 − x)
+    a = torch.tensor(taylor, dtype=torch.float64)
+    system = torch.stack([torch.stack([a[k - j] for j in range(1, 6)]) for k in range(6, 11)])
+    q = torch.cat([torch.ones(1, dtype=torch.float64), torch.linalg.solve(system, -a[6:11])])
+    p = torch.stack([sum(q[j] * a[k - j] for j in range(min(k, 5) + 1)) for k in range(6)])
+
+    torch.manual_seed(0)
+    head = covpool.SoViTHead(16, num_classes=0, reduced_dim=6, dtype=torch.float64).eval()
+    x = torch.randn(2, 1 + 30, 16, dtype=torch.float64)
+    conv, bn = head.pool.reduce.conv, head.pool.reduce.bn
+    z = torch.relu(bn((x[:, 1:] @ conv.weight[:, :, 0, 0].T).mT.unsqueeze(-1))).squeeze(-1)
+    z = z - z.mean(-1, keepdim=True)
+    cov = z @ z.mT / z.shape[-1]
+    norm = cov.norm(dim=(-2, -1), keepdim=True)
+    eye = torch.eye(6, dtype=torch.float64)
+    xs = eye - cov / norm
+    powers = [eye.expand_as(xs)]
+    for _ in range(5):
+        powers.append(powers[-1] @ xs)
+    num = sum(c * m for c, m in zip(p, powers))
+    den = sum(c * m for c, m in zip(q, powers))
+    root = torch.linalg.solve(den, num) * norm.sqrt()
+    rows, cols = torch.triu_indices(6, 6)
+    expected = root[:, rows, cols]
+    got = head(x)[:, 16:]
+    assert (got - expected).abs().max() <= 1e-10 * expected.abs().max()
