@@ -483,6 +483,14 @@ def test_so_vit_release_head_for_other_classes_and_wrong_kind(tmp_path, caplog):
     assert model.head.fc_cov.weight.shape == (10, 48 * 24) and not model.head.fc_cov.bias.any()
     assert "head.fc_cov.weight" in caplog.text  # timm reports the classifier it left fresh
 
+    headless = timm.create_model("so_vit_7", pretrained=True, img_size=IMG, num_classes=0,
+                                 pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(headless.head.pool.v0, sd["classifier.normalization.weight"])
+    assert headless(_images()).shape == (2, 256 + 48 * 24)
+    tokens_only = timm.create_model("so_vit_7", pretrained=True, img_size=IMG, num_classes=0, global_pool="",
+                                    pretrained_cfg_overlay=dict(file=str(path)))
+    assert tokens_only(_images()).shape == (2, 17, 256)
+
     with pytest.raises(ValueError, match="head='svpn'"):
         timm.create_model("so_vit_7", pretrained=True, img_size=IMG, head="mpa",
                           pretrained_cfg_overlay=dict(file=str(path)))
@@ -587,6 +595,10 @@ def test_so_vit_timm_contract():
         features = timm.create_model("so_vit_7", img_size=IMG, features_only=True, out_indices=(1, 6),
                                      feature_cls=feature_cls)
         assert [f.shape for f in features(x)] == [shape] * 2
+
+    pruned = timm.create_model("so_vit_7", img_size=IMG, num_classes=5)
+    assert pruned.prune_intermediate_layers(indices=2) == [5, 6] and pruned.global_pool == ""
+    assert pruned(x).shape == (2, 17, 256) and len(pruned.blocks) == 7
 
     typed = timm.create_model("so_vit_7", img_size=IMG, num_classes=2, device="cpu", dtype=torch.float64)
     assert all(p.dtype == torch.float64 for p in typed.parameters())
