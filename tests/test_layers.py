@@ -156,14 +156,20 @@ def test_sovit_head_matches_reference():
     torch.testing.assert_close(head(x, pre_logits=True), torch.cat([x[:, 0], cov_vec], -1), rtol=1e-10, atol=1e-12)
 
 
-def test_sovit_head_reduction_is_linear_layernorm_gelu():
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_sovit_head_reduction_is_conv_bn_relu(training):
+    # Both releases (So-ViT, MPA-Lya So-ViT) reduce the tokens with 1×1 conv → BatchNorm → ReLU, the
+    # BatchNorm over all B·N tokens.
     torch.manual_seed(0)
-    head = randomise(SoViTHead(6, num_classes=2, reduced_dim=4, backend="eig", dtype=F64))
+    head = randomise(SoViTHead(6, num_classes=2, reduced_dim=4, backend="eig", dtype=F64)).train(training)
     x = torch.randn(2, 1 + 9, 6, dtype=F64)
-    fc, norm = head.reduce.fc, head.reduce.norm
-    z = x[:, 1:] @ fc.weight.T + fc.bias
-    z = (z - z.mean(-1, keepdim=True)) / (z.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
-    z = nn.functional.gelu(z * norm.weight + norm.bias)
+    conv, bn = head.pool.reduce.conv, head.pool.reduce.bn
+    z = x[:, 1:] @ conv.weight[:, :, 0, 0].T
+    if training:
+        mean, var = z.mean(dim=(0, 1)), z.var(dim=(0, 1), unbiased=False)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    z = torch.relu((z - mean) / (var + bn.eps).sqrt() * bn.weight + bn.bias)
     expected = torch.cat([x[:, 0], ref_triu(ref_root(ref_cov(z.mT)))], -1)
     torch.testing.assert_close(head(x, pre_logits=True), expected, rtol=1e-9, atol=1e-12)
 

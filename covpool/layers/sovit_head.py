@@ -1,57 +1,177 @@
-"""``SoViTHead``: the second-order classification head of So-ViT."""
+"""``SoViTHead``: the second-order classification head of So-ViT, in its two published forms.
+
+- ``kind="svpn"``: the head of the So-ViT release (Xie et al., arXiv:2104.10935, github.com/jiangtaoxie/So-ViT,
+  April 2021): cross-covariance of two reduced token branches, normalised by singular-value power
+  normalisation (svPN, :func:`svpn`), the full matrix as features (:class:`SvPNCrossCov`).
+- ``kind="mpa"``: the head of "Fast Differentiable Matrix Square Root" (Song et al., ICLR 2022,
+  github.com/KingJamesSong/FastDifferentiableMatSqrt, folder So-ViT): covariance of one reduced branch, its
+  matrix square root (MPA-Lya by default, any covpool backend) and the upper triangle: that is
+  :class:`covpool.CovPool` on tokens.
+"""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_backend, check_positive_int
-from .functional import cov_pool
+from ._checks import check_backend, check_positive_int, work_dtype
+from .covpool_layer import CovPool
 
-__all__ = ["SoViTHead"]
+__all__ = ["SoViTHead", "SvPNCrossCov", "cross_covariance", "svpn"]
+
+_KINDS = ("svpn", "mpa")
+
+
+def cross_covariance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-covariance (1/N) X_c Y_cᵀ of ``x`` ``(*, d1, N)`` and ``y`` ``(*, d2, N)``, each centred over its
+    N samples: ``(*, d1, d2)``."""
+    if x.dim() < 2 or x.shape[:-2] != y.shape[:-2] or x.shape[-1] != y.shape[-1] or x.shape[-1] < 1:
+        raise ValueError(f"cross_covariance expects (*, d1, N) and (*, d2, N) with the same * and N >= 1, "
+                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
+    xc = x - x.mean(dim=-1, keepdim=True)
+    yc = y - y.mean(dim=-1, keepdim=True)
+    return xc @ yc.mT / x.shape[-1]
+
+
+def svpn(c: torch.Tensor, v0: torch.Tensor, alpha: float = 0.5, iters: int = 1, eps: float = 1e-5) -> torch.Tensor:
+    """Singular-value power normalisation of ``c`` ``(*, d1, d2)`` as So-ViT's release computes it.
+
+    The top singular triplet (s, v, u) of ``c`` is estimated by ``iters`` power iterations started from
+    ``v0`` ``(d1,)`` (u = normalise(cᵀv), v = normalise(c u), s = vᵀ c u ≥ 0); the top singular value is
+    raised to ``alpha`` and the remainder divided by s^(1−alpha) + eps:
+
+        svPN(C) = s^alpha v uᵀ + (C − s v uᵀ) / (s^(1−alpha) + eps).
+
+    Returns ``(*, d1, d2)``. Caveats: the gradient of s^alpha is unbounded as s → 0 (a zero matrix); one
+    power iteration is only an estimate of the top singular pair, which is what the published models used.
+    """
+    if c.dim() < 2 or v0.shape != c.shape[-2:-1]:
+        raise ValueError(f"svpn expects c (*, d1, d2) and v0 (d1,), got {tuple(c.shape)} and {tuple(v0.shape)}")
+    v = v0.to(c.dtype).expand(*c.shape[:-1]).unsqueeze(-1)
+    u = v
+    for _ in range(iters):
+        u = F.normalize(c.mT @ v, dim=-2)
+        v = F.normalize(c @ u, dim=-2)
+    s = v.mT @ c @ u
+    rank1 = v @ u.mT
+    return s.pow(alpha) * rank1 + (c - s * rank1) / (s.pow(1.0 - alpha) + eps)
+
+
+def _reduction(in_channels: int, out_channels: int, factory: dict[str, Any]) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False, **factory),
+        bn=nn.BatchNorm2d(out_channels, **factory),
+        act=nn.ReLU(inplace=True),
+    ))
+
+
+def _as_maps(x: torch.Tensor, channels: int, name: str) -> torch.Tensor:
+    if x.dim() == 4 and x.shape[1] == channels:
+        return x
+    if x.dim() == 3 and x.shape[2] == channels:
+        return x.transpose(1, 2).unsqueeze(-1)
+    raise ValueError(f"{name} expects feature maps (B, {channels}, H, W) or tokens (B, N, {channels}), "
+                     f"got shape {tuple(x.shape)}")
+
+
+class SvPNCrossCov(nn.Module):
+    """So-ViT's cross-covariance pooling with svPN normalisation (the release's ``Covariance(cov_type='cross')``
+    followed by ``svPN``).
+
+    Two branches 1×1 conv → BatchNorm → ReLU reduce the C channels to d1 and d2; the cross-covariance
+    ``(d1, d2)`` of the two (means removed over the N positions) is normalised by :func:`svpn` with a learned
+    power-iteration start vector ``v0`` ``(d1,)``, and flattened row-major: ``d1·d2`` features.
+
+    Args:
+        in_channels: C.
+        dims: (d1, d2), (48, 24) for So-ViT-7/10, (64, 48) for So-ViT-14, (96, 48) for So-ViT-19.
+        alpha, iters, eps: svPN's exponent, power iterations and denominator guard (0.5, 1, 1e-5 released).
+        device, dtype: factory kwargs.
+
+    Shapes: ``(B, C, H, W)`` or tokens ``(B, N, C)`` → ``(B, d1·d2)``. The BatchNorms normalise over all
+    B·N positions. Half-precision input is pooled in float32 and cast back.
+    """
+
+    def __init__(self, in_channels: int, dims: tuple[int, int] = (64, 48), alpha: float = 0.5, iters: int = 1,
+                 eps: float = 1e-5, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        check_positive_int("in_channels", in_channels)
+        if not isinstance(dims, (tuple, list)) or len(dims) != 2:
+            raise ValueError(f"dims must be a pair (d1, d2) of branch widths, got {dims!r}")
+        for d in dims:
+            check_positive_int("dims[i]", d)
+        check_positive_int("iters", iters)
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels = in_channels
+        self.dims = tuple(dims)
+        self.alpha, self.iters, self.eps = float(alpha), iters, float(eps)
+        self.out_features = dims[0] * dims[1]
+        self.reduce = nn.ModuleList([_reduction(in_channels, d, factory) for d in dims])
+        self.v0 = nn.Parameter(torch.empty(dims[0], **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The release's initialisation: Kaiming-normal (fan-out) convolutions, unit/zero BatchNorm,
+        standard-normal start vector."""
+        for m in self.reduce.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_parameters()
+        nn.init.normal_(self.v0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = _as_maps(x, self.in_channels, "SvPNCrossCov")
+        a, b = (branch(maps).flatten(2) for branch in self.reduce)
+        dtype = work_dtype(x.dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            c = cross_covariance(a.to(dtype), b.to(dtype))
+            out = svpn(c, self.v0, self.alpha, self.iters, self.eps)
+        return out.flatten(-2).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, dims={self.dims}, alpha={self.alpha}, iters={self.iters}, eps={self.eps}"
 
 
 class SoViTHead(nn.Module):
-    """Vision-transformer head that classifies from the class token *and* the covariance of the word tokens.
+    """Vision-transformer head that classifies from the class token *and* the second-order statistics of the
+    word tokens: logits = ``fc_cls(class token) + fc_cov(dropout(pool(word tokens)))``.
 
-    Xie et al., "So-ViT: Mind Visual Tokens for Vision Transformer", 2021: logits are the sum of a linear
-    classifier on the class token and one on the square-root-normalised covariance of the (reduced)
-    word tokens. Song et al., "Fast Differentiable Matrix Square Root", ICLR 2022, compute that square
-    root with MPA-Lya, the default here.
+    Two published poolings, chosen by ``kind``:
 
-    Covariance branch: word tokens ``(B, N, C)`` → Linear(C, d) → ``norm_layer(d)`` → ``act_layer()``
-    → Σ = (1/N) X_c X_cᵀ ``(B, d, d)`` → Σ^{1/2} by ``backend`` → upper triangle ``(B, d(d+1)/2)`` →
-    dropout → ``fc_cov``. The default reduction uses LayerNorm and GELU, which normalise each token on its
-    own (no batch statistics, so batch size 1 and any token count behave the same in train and eval) and
-    match the transformer's own blocks; ``norm_layer`` must act on the last dimension.
+    - ``"svpn"`` (So-ViT release, Xie et al. 2021): :class:`SvPNCrossCov` with ``reduced_dim=(d1, d2)``,
+      ``d1·d2`` features;
+    - ``"mpa"`` (Song et al., ICLR 2022): :class:`covpool.CovPool` with ``reduced_dim=d`` and ``backend``
+      (default ``mpa_lya``), ``d(d+1)/2`` features.
 
-    Default ``reduced_dim=64``: 2 080 covariance features, comparable to the embedding widths of small
-    ViTs, so neither branch dominates the classifier parameters (d = 256 would give 32 896 features and a
-    33 M-parameter ImageNet classifier).
+    Both reduce the tokens with 1×1 conv → BatchNorm → ReLU (BatchNorm over all B·N tokens, as the
+    releases do). Classifiers are initialised as the releases do (trunc-normal std 0.02, zero bias), the
+    reduction convolutions Kaiming-normal (fan-out).
 
     Args:
         embed_dim: C, the token width.
-        num_classes: classes; 0 makes ``fc_cls``/``fc_cov`` identities and the forward returns features.
-        reduced_dim: d, or None to use the C token channels as they are.
-        backend: square-root backend, a name or ``{"name": ..., **options}``.
-        drop_rate: dropout on the covariance vector before ``fc_cov``.
-        norm_layer, act_layer: constructors of the reduction's normalisation (called with d) and
-            activation (called without arguments).
+        num_classes: classes of both classifiers; 0 makes them identities (the forward returns features).
+        reduced_dim: ``"mpa"``: d (an int, or None to pool the C channels as they are); ``"svpn"``: (d1, d2).
+        backend: square-root backend of ``"mpa"``, a name or ``{"name": ..., **options}``; ignored by svPN
+            (which is not a square root of a symmetric matrix).
+        drop_rate: dropout on the covariance features before ``fc_cov`` (0.5 in So-ViT-14/19).
+        kind: ``"mpa"`` (default) or ``"svpn"``.
         device, dtype: factory kwargs of the parameters.
 
     Attributes:
-        cov_dim: d(d+1)/2, the covariance feature width.
-        num_features: ``embed_dim + cov_dim``, the pre-logit width (timm's convention).
+        cov_dim: width of the covariance features.
+        num_features: ``embed_dim + cov_dim``, the pre-logit width.
 
-    Shapes: input ``(B, 1 + N, C)``, class token first, N >= 1 word tokens; output ``(B, num_classes)``,
-    or ``(B, num_features)`` = ``[class token, covariance vector]`` with ``num_classes=0`` or
-    ``pre_logits=True``.
+    Shapes: input ``(B, 1 + N, C)``, class token first, N >= 1 word tokens; output ``(B, num_classes)``, or
+    ``(B, num_features)`` = ``[class token, covariance features]`` with ``num_classes=0`` or ``pre_logits``.
 
-    Numerical caveats: with N < d tokens the covariance is rank-deficient; ``mpa_lya`` then still returns
-    a finite root and gradient. Half-precision tokens are pooled in float32.
+    Numerical caveats: with N < d tokens the covariance is rank-deficient; ``mpa_lya`` then still returns a
+    finite root and gradient. Half-precision tokens are pooled in float32.
 
     Example::
 
@@ -60,56 +180,75 @@ class SoViTHead(nn.Module):
         >>> head = SoViTHead(32, num_classes=10, reduced_dim=8)
         >>> head(torch.randn(2, 1 + 49, 32)).shape, head.num_features
         (torch.Size([2, 10]), 68)
+        >>> SoViTHead(32, num_classes=10, reduced_dim=(8, 4), kind="svpn").num_features
+        64
     """
 
     def __init__(
         self,
         embed_dim: int,
-        num_classes: int,
-        reduced_dim: int | None = 64,
+        num_classes: int = 1000,
+        reduced_dim: int | tuple[int, int] | None = 64,
         backend: str | Mapping[str, Any] = "mpa_lya",
         drop_rate: float = 0.0,
         *,
-        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
-        act_layer: Callable[[], nn.Module] = nn.GELU,
+        kind: str = "mpa",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("embed_dim", embed_dim)
-        check_positive_int("reduced_dim", reduced_dim, allow_none=True)
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
             raise ValueError(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
-        check_backend(backend)
+        factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
+        self.kind = kind
         self.reduced_dim = reduced_dim
         self.backend = backend
-        dim = embed_dim if reduced_dim is None else reduced_dim
-        self.cov_dim = dim * (dim + 1) // 2
-        self.num_features = embed_dim + self.cov_dim
-        if reduced_dim is None:
-            self.reduce: nn.Module = nn.Identity()
+        if kind == "svpn":
+            if not isinstance(reduced_dim, (tuple, list)):
+                raise ValueError(f"kind='svpn' needs reduced_dim=(d1, d2), the widths of its two branches, "
+                                 f"got {reduced_dim!r}")
+            self.pool: nn.Module = SvPNCrossCov(embed_dim, tuple(reduced_dim), **factory)
         else:
-            self.reduce = nn.Sequential(OrderedDict(
-                fc=nn.Linear(embed_dim, reduced_dim, device=device, dtype=dtype),
-                norm=norm_layer(reduced_dim),
-                act=act_layer(),
-            ))
-            self.reduce.norm.to(device=device, dtype=dtype)
+            if isinstance(reduced_dim, (tuple, list)):
+                raise ValueError(f"kind='mpa' reduces to one width d (an int or None), got {reduced_dim!r}")
+            check_backend(backend)
+            self.pool = CovPool(embed_dim, reduced_dim=reduced_dim, backend=backend, **factory)
+        self.cov_dim = self.pool.out_features
+        self.num_features = embed_dim + self.cov_dim
         self.head_drop = nn.Dropout(drop_rate)
         self.num_classes = 0
         self.fc_cls: nn.Module = nn.Identity()
         self.fc_cov: nn.Module = nn.Identity()
-        self.reset_classifier(num_classes, device=device, dtype=dtype)
+        self.reset_classifier(num_classes, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The releases' initialisation: Kaiming-normal (fan-out) reduction convolutions, unit/zero BatchNorm,
+        trunc-normal (std 0.02) classifier weights and zero biases (svPN: standard-normal start vector)."""
+        if isinstance(self.pool, SvPNCrossCov):
+            self.pool.reset_parameters()
+        else:
+            for m in self.pool.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, nn.BatchNorm2d):
+                    m.reset_parameters()
+        for fc in (self.fc_cls, self.fc_cov):
+            if isinstance(fc, nn.Linear):
+                nn.init.trunc_normal_(fc.weight, std=0.02, a=-2.0, b=2.0)
+                nn.init.zeros_(fc.bias)
 
     def reset_classifier(self, num_classes: int, *, device: Any = None, dtype: torch.dtype | None = None) -> None:
-        """Rebuild ``fc_cls`` and ``fc_cov`` for ``num_classes`` (0: identities, the forward returns features).
-
-        The new layers go to the device and dtype of the head's current parameters unless given.
-        """
+        """Fresh ``fc_cls`` and ``fc_cov`` for ``num_classes`` (0: identities, the forward returns features),
+        trunc-normal (std 0.02) weights and zero biases. The new layers go to the device and dtype of the
+        head's current parameters unless given."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
-        current = next(self.parameters(), None)
+        current = next(self.pool.parameters(), None)
         if current is not None:
             device = current.device if device is None else device
             dtype = current.dtype if dtype is None else dtype
@@ -117,17 +256,19 @@ class SoViTHead(nn.Module):
         if num_classes:
             self.fc_cls = nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype)
             self.fc_cov = nn.Linear(self.cov_dim, num_classes, device=device, dtype=dtype)
+            for fc in (self.fc_cls, self.fc_cov):
+                nn.init.trunc_normal_(fc.weight, std=0.02, a=-2.0, b=2.0)
+                nn.init.zeros_(fc.bias)
         else:
             self.fc_cls = nn.Identity()
             self.fc_cov = nn.Identity()
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 1 + N, C)`` → class token ``(B, C)`` and covariance vector ``(B, cov_dim)`` (after dropout)."""
+        """``(B, 1 + N, C)`` → class token ``(B, C)`` and covariance features ``(B, cov_dim)`` (after dropout)."""
         if x.dim() != 3 or x.shape[1] < 2 or x.shape[2] != self.embed_dim:
             raise ValueError(f"SoViTHead expects tokens (B, 1 + N, {self.embed_dim}) with a class token and "
                              f"N >= 1 word tokens, got shape {tuple(x.shape)}")
-        words = self.reduce(x[:, 1:])
-        return x[:, 0], self.head_drop(cov_pool(words.transpose(1, 2), self.backend))
+        return x[:, 0], self.head_drop(self.pool(x[:, 1:]))
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Logits ``(B, num_classes)``, or features ``(B, num_features)`` when ``pre_logits`` or
@@ -138,5 +279,6 @@ class SoViTHead(nn.Module):
         return self.fc_cls(cls_token) + self.fc_cov(cov)
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_classes={self.num_classes}, reduced_dim={self.reduced_dim}, "
-                f"backend={self.backend!r}, cov_dim={self.cov_dim}")
+        backend = f", backend={self.backend!r}" if self.kind == "mpa" else ""
+        return (f"embed_dim={self.embed_dim}, num_classes={self.num_classes}, kind={self.kind!r}, "
+                f"reduced_dim={self.reduced_dim}{backend}, cov_dim={self.cov_dim}")

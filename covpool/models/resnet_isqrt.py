@@ -9,25 +9,35 @@ positions rather than 49, which would leave it rank-deficient). Global average p
 :class:`covpool.CovPool` (1×1 conv + BN + ReLU to 256 channels, covariance, ``ns`` square root with 5
 iterations, upper triangle: 32 896 features) and the classifier by a linear layer on that vector.
 
-``pretrained=True`` loads timm's ImageNet ResNet weights into the backbone; the covariance head and the
-classifier start fresh. ``pretrained_cfg_overlay=dict(file=path)`` loads a local timm, torchvision or
-covpool checkpoint instead (with ``weights_only=True`` or safetensors, through timm's loader).
+Weights (see the pretrained tags): the authors' fast-MPN-COV ImageNet models (``resnet50_isqrt`` and
+``resnet101_isqrt``, default tag ``.mpncov_in1k``) are on Google Drive / Baidu Cloud, which serve no direct
+downloads: download the file and load it with ``pretrained_cfg_overlay=dict(file=path)``; ``pretrained=True``
+without a file raises and says where they are. The ``.tv_in1k`` / ``.a1_in1k`` tags are timm's plain ResNet
+weights, backbone only (``num_classes=0`` as timm marks such weights): the covariance head starts fresh.
+:func:`checkpoint_filter_fn` reads timm, torchvision, covpool and both fast-MPN-COV layouts (model zoo and
+its ``main.py`` training checkpoints).
+
+Initialisation: ``official_init=True`` (the default, the paper's recipe) keeps every BatchNorm at one (no
+zero-init of the last BatchNorm of each block, timm's default) and draws the 1×1 reduction convolution
+Kaiming-normal (fan-out) like the rest of the network; ``official_init=False`` gives timm's ResNet recipe.
 """
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_module
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from ..layers import CovPool
-from ._common import check_num_classes, set_last_stride
+from ._common import check_num_classes, keep_fitting_classifier, set_last_stride
 
 __all__ = ["ISqrtResNet", "checkpoint_filter_fn"]
 
@@ -36,8 +46,19 @@ __all__ = ["ISqrtResNet", "checkpoint_filter_fn"]
 register_notrace_module(CovPool)
 
 _HEAD_PREFIXES = ("global_pool.", "fc.")
-# fast-MPN-COV (the iSQRT-COV authors' code) names of the reduction layers -> CovPool's.
-_AUTHORS_KEYS = (("layer_reduce_bn.", "global_pool.reduce.bn."), ("layer_reduce.", "global_pool.reduce.conv."))
+_REDUCE_CONV, _REDUCE_BN, _FC = "global_pool.reduce.conv.", "global_pool.reduce.bn.", "fc."
+# fast-MPN-COV (the iSQRT-COV authors' code), model zoo (mpncovresnet50/101-*.pth): names of the reduction.
+_AUTHORS_KEYS = (("layer_reduce_bn.", _REDUCE_BN), ("layer_reduce.", _REDUCE_CONV))
+# fast-MPN-COV main.py checkpoints: the network is split into features (an nn.Sequential of the ResNet's
+# children, wrapped in DataParallel: features.module.N), representation (MPNCOV, whose conv_dr_block holds
+# the reduction when trained from scratch) and classifier. Children: conv1, bn1, relu, maxpool, layer1-4,
+# and for the fine-tuned mpncovresnet also layer_reduce, layer_reduce_bn.
+_MAIN_FEATURES = {0: "conv1.", 1: "bn1.", 4: "layer1.", 5: "layer2.", 6: "layer3.", 7: "layer4.",
+                  8: _REDUCE_CONV, 9: _REDUCE_BN}
+_MAIN_FEATURE_KEY = re.compile(r"^features\.(?:module\.)?(\d+)\.(.+)$")
+_MAIN_PREFIXES = (("representation.conv_dr_block.0.", _REDUCE_CONV), ("representation.conv_dr_block.1.", _REDUCE_BN),
+                  ("classifier.", _FC))
+_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
 _POOL_TYPES = ("cov", "")
@@ -151,24 +172,46 @@ class ISqrtResNet(ResNet):
 
 
 def _rename_authors_key(key: str) -> str:
-    for old, new in _AUTHORS_KEYS:
+    if key.startswith("module."):
+        key = key[len("module."):]
+    match = _MAIN_FEATURE_KEY.match(key)
+    if match:
+        index, rest = int(match.group(1)), match.group(2)
+        if index not in _MAIN_FEATURES:
+            raise ValueError(f"unexpected fast-MPN-COV feature index in {key!r} (known: {sorted(_MAIN_FEATURES)})")
+        return _MAIN_FEATURES[index] + rest
+    for old, new in _AUTHORS_KEYS + _MAIN_PREFIXES:
         if key.startswith(old):
             return new + key[len(old):]
     return key
 
 
+def _unwrap(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    # A training checkpoint (fast-MPN-COV main.py, timm train.py): same precedence as timm's file loader.
+    for key in _CHECKPOINT_KEYS:
+        if isinstance(checkpoint.get(key), Mapping):
+            return checkpoint[key]
+    return checkpoint
+
+
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ISqrtResNet) -> dict[str, torch.Tensor]:
-    """Map a timm, torchvision or covpool ResNet checkpoint onto an :class:`ISqrtResNet`.
+    """Map a timm, torchvision, covpool or fast-MPN-COV ResNet checkpoint onto an :class:`ISqrtResNet`.
 
     timm's and torchvision's ResNets name their parameters alike (``conv1``, ``bn1``, ``layerN.M.*``,
     ``fc``), so the backbone maps one to one. A checkpoint without a covariance head (no ``global_pool.*``)
     is a plain ResNet: its ``fc`` is for 2048/512 pooled features, so the head and classifier keep the
     model's fresh initialisation and the backbone still loads strictly. A covpool checkpoint passes
     through whole; timm then drops its classifier if the class count differs, as for any timm model.
-    The authors' released ``mpncovresnet50/101`` checkpoints (fast-MPN-COV) name the reduction
-    ``layer_reduce`` / ``layer_reduce_bn``; those keys are renamed onto ``global_pool.reduce``.
+
+    The iSQRT-COV authors' fast-MPN-COV layouts, raw or as a training checkpoint (``state_dict`` entry,
+    DataParallel ``module.`` prefixes):
+
+    - model zoo (``mpncovresnet50/101-*.pth``): ResNet names plus ``layer_reduce`` / ``layer_reduce_bn``;
+    - ``main.py`` checkpoints: ``features.module.N.*`` (N = 0 conv1, 1 bn1, 4–7 layer1–4, 8/9 the reduction
+      of a fine-tuned mpncovresnet), ``representation.conv_dr_block.{0,1}.*`` (the reduction when trained
+      from scratch) and ``classifier.*``.
     """
-    state_dict = {_rename_authors_key(k): v for k, v in state_dict.items()}
+    state_dict = {_rename_authors_key(k): v for k, v in _unwrap(state_dict).items()}
     if any(k.startswith("global_pool.") for k in state_dict):
         return state_dict
     own = model.state_dict()
@@ -177,11 +220,37 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ISqrtRes
     return out
 
 
-def _create_isqrt_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> ISqrtResNet:
+def _build_isqrt_resnet(official_init: bool = True, **kwargs: Any) -> ISqrtResNet:
+    # The fast-MPN-COV recipe differs from timm's ResNet initialisation in two places: no zero-init of the
+    # last BatchNorm of each block, and a Kaiming-normal (fan-out) reduction convolution, like every other
+    # convolution (PyTorch's default otherwise). Done before timm loads any pretrained weights.
+    kwargs.setdefault("zero_init_last", not official_init)
+    model = ISqrtResNet(**kwargs)
+    if official_init:
+        with torch.no_grad():
+            for pool in (m for m in model.modules() if isinstance(m, CovPool)):
+                for conv in (m for m in pool.modules() if isinstance(m, nn.Conv2d)):
+                    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+def _create_isqrt_resnet(variant: str, pretrained: bool = False, official_init: bool = True,
+                         **kwargs: Any) -> ISqrtResNet:
+    if pretrained:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                     pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"))
+        if not (cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict):
+            notes = " ".join(cfg.notes or ())
+            raise ValueError(
+                f"{variant}.{cfg.tag} has no weights timm can download. {notes} Load a downloaded copy with "
+                f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=path)), or use a "
+                "backbone-only tag such as '.tv_in1k'."
+            )
+        kwargs = keep_fitting_classifier(variant, kwargs)  # a local file keeps a classifier that fits
     # A fresh dict per call: the backend spec is handed down and must not be shared between models.
     kwargs.setdefault("backend", {"name": "ns", "num_iters": 5})
     return build_model_with_cfg(
-        ISqrtResNet,
+        partial(_build_isqrt_resnet, official_init=official_init),
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -198,20 +267,34 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "paper_ids": "arXiv:1712.01034",
         "paper_name": "Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix "
                       "Square Root Normalization",
-        "notes": ("Pretrained weights cover the ResNet backbone only; the covariance head and classifier "
-                  "are freshly initialised.",),
         **kwargs,
     }
 
 
+_BACKBONE_ONLY = ("timm's plain ResNet weights: backbone only (num_classes=0); the covariance head and any "
+                  "classifier start fresh.",)
+
+
 def _tv_cfg(resnet_tag: str) -> dict[str, Any]:
-    return _cfg(hf_hub_id=f"timm/{resnet_tag}", license="bsd-3-clause")
+    return _cfg(hf_hub_id=f"timm/{resnet_tag}", license="bsd-3-clause", num_classes=0, notes=_BACKBONE_ONLY)
 
 
 def _rsb_cfg(resnet_tag: str) -> dict[str, Any]:
     return _cfg(
-        hf_hub_id=f"timm/{resnet_tag}", license="apache-2.0",
+        hf_hub_id=f"timm/{resnet_tag}", license="apache-2.0", num_classes=0, notes=_BACKBONE_ONLY,
         interpolation="bicubic", crop_pct=0.95,
+    )
+
+
+def _release_cfg(depth: int, drive_id: str, baidu: str, top1: float) -> dict[str, Any]:
+    # No url: Google Drive and Baidu Cloud serve no direct downloads, and the model-zoo host of fast-MPN-COV's
+    # code (jtxie.com) is not a reliable source; the builder raises with these notes unless given a file.
+    return _cfg(
+        origin_url="https://github.com/jiangtaoxie/fast-MPN-COV",
+        notes=(f"The iSQRT-COV authors' ImageNet-1k mpncovresnet{depth} (fast-MPN-COV, {top1}% top-1 reproduced "
+               f"per their README), full model with classifier. Download it from "
+               f"https://drive.google.com/open?id={drive_id} or https://pan.baidu.com/s/{baidu} (no direct "
+               "downloads).",),
     )
 
 
@@ -222,6 +305,14 @@ default_cfgs = generate_default_cfgs({
     "resnet50_isqrt.a1_in1k": _rsb_cfg("resnet50.a1_in1k"),
     "resnet101_isqrt.tv_in1k": _tv_cfg("resnet101.tv_in1k"),
     "resnet101_isqrt.a1h_in1k": _rsb_cfg("resnet101.a1h_in1k"),
+    # '*' makes these the default tags (listed after the weighted ones, which timm would otherwise put first):
+    # the 1000-class model, whose released weights (50/101) need a downloaded file.
+    "resnet18_isqrt.untrained*": _cfg(notes=("No released iSQRT-COV ResNet-18; '.tv_in1k' / '.a1_in1k' are "
+                                             "timm's ResNet-18 backbones.",)),
+    "resnet50_isqrt.mpncov_in1k*": _release_cfg(50, "19TWen7p9UDyM0Ueu9Gb22NtouR109C6j", "17TxANPJg_j2VyYgXV05OOQ",
+                                                78.29),
+    "resnet101_isqrt.mpncov_in1k*": _release_cfg(101, "1riur7v3rZ7vnrdj2UZ7EBaTKEGSccYwg",
+                                                 "1_H8MosgzPH0BBmlKw2sr5A", 79.01),
 })
 
 

@@ -24,7 +24,6 @@ import torch
 from timm.layers import register_notrace_module
 from timm.models.resnet import ResNet as TimmResNet
 from torch import nn
-from torchvision.models import ResNet as TorchvisionResNet
 
 from ..layers import CovPool, SoViTHead
 from ._common import check_num_classes, set_last_stride

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+import covpool
+
 from .config import ConfigError, ModelConfig
 
 __all__ = ["build_model", "head_parameter_names", "param_groups"]
@@ -24,8 +26,6 @@ def _cifar_stem(model: nn.Module) -> None:
 
 
 def _convert_zca(model: nn.Module, mode: str, options: dict[str, Any]) -> None:
-    import covpool
-
     if mode not in _ZCA_MODES:
         raise ConfigError(f"model.zca must be one of {', '.join(_ZCA_MODES)}, got {mode!r}")
     if mode == "none":
@@ -49,7 +49,6 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """
     import timm
 
-    import covpool  # noqa: F401  (registers resnet*_isqrt and so_vit_* with timm)
 
     kwargs = dict(cfg.kwargs)
     pretrained = cfg.pretrained
@@ -64,9 +63,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         raise ConfigError(f"model.name={cfg.name!r} is not a timm model; see timm.list_models() "
                           "(covpool adds resnet18/50/101_isqrt and so_vit_7/10/14/19)")
     if isinstance(cfg.pretrained, str):
-        from covpool.models._common import keep_fitting_classifier
-
-        kwargs = keep_fitting_classifier(cfg.name, {**kwargs, "num_classes": num_classes})
+        kwargs = covpool.keep_fitting_classifier(cfg.name, {**kwargs, "num_classes": num_classes})
         kwargs.pop("num_classes")
     try:
         model = timm.create_model(cfg.name, pretrained=pretrained, num_classes=num_classes, **kwargs)
@@ -90,7 +87,6 @@ def head_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters of the new head: the classifier (timm's ``get_classifier()``, or ``fc``)
     plus every covariance-pooling module (:class:`covpool.CovPool`, :class:`covpool.SoViTHead`), whose
     reduction convolution is as new as the classifier when a pretrained backbone is fine-tuned."""
-    import covpool
 
     heads: list[nn.Module] = []
     if hasattr(model, "get_classifier"):
