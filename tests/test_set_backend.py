@@ -1,0 +1,179 @@
+"""covpool.set_backend: every covpool layer of a built model switches backend, and nothing else changes."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import covpool
+
+NS = {"name": "ns", "num_iters": 5}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _zca_net(backend="ns", zca_backend="eig") -> nn.Module:
+    """A small model with both a ZCA whitening layer and covariance pooling."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), covpool.ZCABatchNorm2d(16, group_size=4, backend=zca_backend),
+                         nn.ReLU(), covpool.CovPool(16, reduced_dim=8, backend=backend), nn.Linear(36, 5))
+
+
+# name -> (builder taking a backend spec, input size, the backend it is built with, the one to switch to)
+MODELS = {
+    "resnet18_isqrt": (lambda b: timm.create_model("resnet18_isqrt", num_classes=5, reduced_dim=16, backend=b),
+                       32, NS, "svd_pade"),
+    "resnet50_isqrt": (lambda b: timm.create_model("resnet50_isqrt", num_classes=5, backend=b), 64, NS, "svd_pade"),
+    "so_vit_7": (lambda b: timm.create_model("so_vit_7", num_classes=5, img_size=32, backend=b), 32, "mpa_lya",
+                 {"name": "ns", "num_iters": 3}),
+    "torchvision_swapped": (lambda b: covpool.swap_pooling(torchvision.models.resnet18(num_classes=5), reduced_dim=16,
+                                                           backend=b), 64, "ns", {"name": "svd_pade", "degree": 4}),
+    "zca_net": (lambda b: _zca_net(backend=b, zca_backend=b), 8, "ns", "eig"),
+}
+
+
+def _layers(model: nn.Module) -> dict[str, nn.Module]:
+    kinds = (covpool.CovPool, covpool.SoViTHead, covpool.ZCABatchNorm1d, covpool.ZCABatchNorm2d)
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_bitwise_equal(before: dict[str, torch.Tensor], model: nn.Module) -> None:
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, changed
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_switches_every_layer_and_matches_a_model_built_with_the_new_backend(name):
+    build, size, old, new = MODELS[name]
+    torch.manual_seed(0)
+    model = build(old).eval()
+    reference = build(new).eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        before_out, expected = model(x), reference(x)
+    # the test can fail: the two backends give visibly different outputs on these weights
+    assert (before_out - expected).abs().max() > 1e-4 * expected.abs().max()
+    state = _snapshot(model)
+    layers = _layers(model)
+    assert layers
+
+    previous = covpool.set_backend(model, new)
+
+    assert list(previous) == list(layers)
+    assert all(spec == old for spec in previous.values())
+    assert all(layer.backend == new for layer in layers.values())
+    _assert_bitwise_equal(state, model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec, error, match", [
+    ("svd", ValueError, "unknown backend 'svd'; valid backends are: eig"),
+    ({"name": "ns", "iters": 3}, TypeError, "unknown option"),
+    ({"name": "ns", "num_iters": 0}, ValueError, "num_iters"),
+    ({"num_iters": 3}, ValueError, "needs a 'name' key"),
+    (3, TypeError, "backend must be a name or a dict"),
+])
+def test_bad_spec_raises_before_anything_changes(spec, error, match):
+    model = _zca_net()
+    layers = _layers(model)
+    before = {name: layer.backend for name, layer in layers.items()}
+    with pytest.raises(error, match=match):
+        covpool.set_backend(model, spec)
+    assert {name: layer.backend for name, layer in layers.items()} == before
+
+
+def test_model_without_covpool_layers_raises():
+    with pytest.raises(ValueError, match="Sequential has no covpool layer"):
+        covpool.set_backend(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()), "eig")
+    with pytest.raises(TypeError, match="expects an nn.Module"):
+        covpool.set_backend("resnet50", "eig")
+
+
+def test_layers_selects_by_class():
+    model = _zca_net(backend="ns", zca_backend="eig")
+    previous = covpool.set_backend(model, "svd_pade", layers=covpool.CovPool)
+    assert previous == {"3": "ns"}
+    assert model[3].backend == "svd_pade" and model[1].backend == "eig"
+    assert covpool.set_backend(model, "ns", layers=(covpool.ZCABatchNorm1d, covpool.ZCABatchNorm2d)) == {"1": "eig"}
+    assert model[1].backend == "ns"
+    with pytest.raises(TypeError, match="covpool layer classes"):
+        covpool.set_backend(model, "eig", layers=nn.BatchNorm2d)
+    with pytest.raises(ValueError, match=r"no covpool layer \(SoViTHead\)"):
+        covpool.set_backend(model, "eig", layers=covpool.SoViTHead)
+    assert model[3].backend == "svd_pade" and model[1].backend == "ns"
+
+
+def test_dict_spec_is_copied_per_layer_and_previous_specs_restore():
+    model = _zca_net(backend="ns", zca_backend="eig").eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        original = model(x)
+    spec = {"name": "svd_pade", "degree": [4, 4]}
+    previous = covpool.set_backend(model, spec)
+    spec["degree"][0] = 9
+    assert model[1].backend == model[3].backend == {"name": "svd_pade", "degree": [4, 4]}
+    assert model[1].backend is not model[3].backend
+    for name, old in previous.items():
+        covpool.set_backend(model.get_submodule(name), old)
+    assert (model[1].backend, model[3].backend) == ("eig", "ns")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original, rtol=0, atol=0)
+
+
+def test_a_single_layer_is_its_own_model():
+    pool = covpool.CovPool(8, reduced_dim=4)
+    assert covpool.set_backend(pool, "eig") == {"": "ns"}
+    assert pool.backend == "eig"
+
+
+def test_compiled_model_recompiles_for_the_new_backend():
+    torch.manual_seed(0)
+    model = _zca_net(backend="ns", zca_backend="eig").eval()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        before = compiled(x)
+        torch.testing.assert_close(before, reference(x))
+        previous = covpool.set_backend(compiled, {"name": "ns", "num_iters": 1}, layers=covpool.CovPool)
+        assert previous == {"3": "ns"}  # the bare model's names, not "_orig_mod.3"
+        covpool.set_backend(reference, {"name": "ns", "num_iters": 1}, layers=covpool.CovPool)
+        expected = reference(x)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
+    # a stale compiled graph would have returned `before`: one NS iteration is far from five
+    assert (expected - before).abs().max() > 1e-3
+
+
+def test_wrapped_models_are_unwrapped(tmp_path):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process; DDP needs a fresh one here")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = _zca_net()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        assert covpool.set_backend(ddp, "svd_taylor") == {"1": "eig", "3": "ns"}
+        assert model[1].backend == model[3].backend == "svd_taylor"
+    finally:
+        dist.destroy_process_group()
+    dp = nn.DataParallel(model)
+    assert covpool.set_backend(dp, "eig", layers=covpool.CovPool) == {"3": "svd_taylor"}
+    assert model[3].backend == "eig"
