@@ -177,3 +177,141 @@ def test_wrapped_models_are_unwrapped(tmp_path):
     dp = nn.DataParallel(model)
     assert covpool.set_backend(dp, "eig", layers=covpool.CovPool) == {"3": "svd_taylor"}
     assert model[3].backend == "eig"
+
+
+# -- model.backend_schedule in covpool train ---------------------------------------------------------------------
+from covpool.train import engine  # noqa: E402
+from covpool.train._schedule import (backend_for_epoch, checkpoint_epoch, describe_backend,  # noqa: E402
+                                     parse_backend_schedule)
+from covpool.train.config import ConfigError, load_config  # noqa: E402
+
+from _train_helpers import tiny_overrides  # noqa: E402
+
+HYBRID = "[[0, ns], [1, {name: svd_pade, degree: 4}]]"
+
+
+def test_schedule_parses_and_picks_the_epoch_backend():
+    schedule = parse_backend_schedule([[0, "ns"], [10, {"name": "svd_pade", "degree": [4, 4]}], [30, "eig"]], 50)
+    assert [backend_for_epoch(schedule, e) for e in (0, 9)] == ["ns", "ns"]
+    assert backend_for_epoch(schedule, 10) == {"name": "svd_pade", "degree": [4, 4]}
+    assert [backend_for_epoch(schedule, e) for e in (29, 30, 99)][1:] == ["eig", "eig"]
+    assert backend_for_epoch((), 3) is None and parse_backend_schedule(None) == () == parse_backend_schedule([])
+    assert describe_backend(schedule[1][1]) == "svd_pade(degree=[4, 4])"
+    cfg = load_config(None, [f"model.backend_schedule={HYBRID}"])
+    assert parse_backend_schedule(cfg.model.backend_schedule) == ((0, "ns"), (1, {"name": "svd_pade", "degree": 4}))
+
+
+@pytest.mark.parametrize("raw, match", [
+    ("ns", r"must be a list of \[start_epoch, backend\] pairs"),
+    ([[0, "ns", 3]], r"backend_schedule\[0\] must be a \[start_epoch, backend\] pair"),
+    ([[1, "ns"]], "must start at epoch 0"),
+    ([[0, "ns"], [5, "eig"], [5, "svd_pade"]], "start epochs must increase, got 5 after 5"),
+    ([[0, "ns"], [-1, "eig"]], r"backend_schedule\[1\]: the start epoch must be an integer >= 0, got -1"),
+    ([[0, "ns"], [2.5, "eig"]], "integer >= 0, got 2.5"),
+    ([[0, "ns"], [3, "svd"]], r"backend_schedule\[1\]: unknown backend 'svd'; valid backends are"),
+    ([[0, {"name": "ns", "iters": 2}]], r"backend_schedule\[0\]: backend 'ns' got unknown option"),
+    ([[0, {"num_iters": 2}]], "needs a 'name' key"),
+])
+def test_bad_schedules_are_config_errors(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_backend_schedule(raw, 10)
+
+
+def test_a_switch_past_the_last_epoch_warns():
+    with pytest.warns(UserWarning, match="switch.* at epoch 10 never happen in a run of 10 epochs"):
+        parse_backend_schedule([[0, "ns"], [10, "eig"]], 10)
+
+
+def test_checkpoint_epoch():
+    assert checkpoint_epoch({"epoch": 2, "step_in_epoch": 0}) == 1  # saved after two complete epochs
+    assert checkpoint_epoch({"epoch": 1, "step_in_epoch": 2}) == 1  # saved mid-way through the second
+    assert checkpoint_epoch({"epoch": 0, "step_in_epoch": 0}) == 0
+
+
+def _hybrid(tmp_path, name, schedule=HYBRID):
+    # covariance pooling on test_resnet's last stage at stride 1: 2x2 positions at 32x32, 8x8 covariance
+    return load_config(None, tiny_overrides(tmp_path, name, epochs=2, model__swap_pooling="true",
+                                            model__covpool__reduced_dim=8, model__covpool__last_stride=1,
+                                            model__backend_schedule=schedule))
+
+
+@pytest.fixture
+def record_backends(monkeypatch):
+    """Every training step's (epoch, backend the CovPool layer holds while the step runs)."""
+    seen = []
+    real_step = engine._Trainer._train_step
+
+    def step(self, images, target, stop):
+        pool = self.model.global_pool
+        seen.append((self.epoch, pool.backend))
+        return real_step(self, images, target, stop)
+
+    monkeypatch.setattr(engine._Trainer, "_train_step", step)
+    return seen
+
+
+def _csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_schedule_switches_at_the_configured_epoch_and_records_it(tmp_path, record_backends, capsys):
+    result = engine.train(_hybrid(tmp_path, "hybrid"))
+    pade = {"name": "svd_pade", "degree": 4}
+    assert record_backends == [(0, "ns")] * 3 + [(1, pade)] * 3
+    assert result.model.global_pool.backend == pade
+    assert [r["backend"] for r in result.history] == ["ns", "svd_pade(degree=4)"]
+    assert [r["backend"] for r in _csv(tmp_path / "hybrid" / "metrics.csv")] == ["ns", "svd_pade(degree=4)"]
+    out = capsys.readouterr().out
+    assert "epoch 1/2: square-root backend ns (model.backend_schedule)" in out
+    assert "epoch 2/2: square-root backend ns -> svd_pade(degree=4) (model.backend_schedule)" in out
+    # covpool eval of the checkpoint uses the backend of the epoch it was saved in
+    metrics = engine.evaluate(tmp_path / "hybrid" / "last.pt")
+    assert metrics["loss"] == pytest.approx(result.history[-1]["val_loss"], rel=1e-6, abs=1e-9)
+
+
+def test_without_a_schedule_the_fixed_backend_is_recorded(tmp_path):
+    result = engine.train(_hybrid(tmp_path, "fixed", schedule="null"))
+    assert [r["backend"] for r in result.history] == ["ns", "ns"]
+
+
+def test_schedule_on_a_model_without_covariance_pooling_is_a_config_error(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path, "plain", epochs=2, model__backend_schedule=HYBRID))
+    with pytest.raises(ConfigError, match="needs covariance pooling in the model"):
+        engine.train(cfg)
+
+
+def test_resume_mid_epoch_after_the_switch_continues_with_the_new_backend(tmp_path, monkeypatch, record_backends):
+    import signal
+
+    straight = engine.train(_hybrid(tmp_path, "straight"))
+    fixed = engine.train(_hybrid(tmp_path, "ns_only", schedule="[[0, ns]]"))
+    # the switch matters: the hybrid run's weights differ from an NS-only run's
+    assert any(not torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(),
+                                                     fixed.model.state_dict().values()))
+    record_backends.clear()
+
+    real_step = engine._Trainer._train_step  # the recording step
+
+    def step_then_interrupt(self, images, target, stop):
+        if self.global_step == 4:  # epoch index 1 (the second, svd_pade), after its first step
+            signal.raise_signal(signal.SIGINT)
+        return real_step(self, images, target, stop)
+
+    cfg = _hybrid(tmp_path, "interrupted")
+    monkeypatch.setattr(engine._Trainer, "_train_step", step_then_interrupt)
+    assert engine.train(cfg).interrupted
+    state = torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 2)
+    record_backends.clear()
+    resumed = engine.train(cfg, resume=True)  # a fresh model, built with covpool.backend = ns
+    pade = {"name": "svd_pade", "degree": 4}
+    assert record_backends == [(1, pade)]
+    assert resumed.model.global_pool.backend == pade
+    a, b = straight.model.state_dict(), torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    keys = ("epoch", "train_loss", "val_loss", "val_acc1", "backend")
+    rows = _csv(tmp_path / "straight" / "metrics.csv"), _csv(tmp_path / "interrupted" / "metrics.csv")
+    assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from ._dist import DistContext, all_gather_objects, all_reduce_sum, init_distributed, shutdown_distributed
 from ._model import build_model, param_groups
 from ._plot import plot_history
+from ._schedule import BackendSchedule, checkpoint_epoch
 from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from .data import build_datasets, build_loaders, num_classes_of
@@ -43,7 +44,7 @@ __all__ = ["NonFiniteLossError", "RunExistsError", "TrainResult", "train", "eval
 
 _AMP_DTYPES = MappingProxyType({"none": None, "bf16": torch.bfloat16, "fp16": torch.float16})
 _CSV_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc1", "val_acc5", "ema_val_acc1", "lr",
-               "epoch_time_s", "train_img_per_s")
+               "epoch_time_s", "train_img_per_s", "backend")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -186,6 +187,7 @@ class _Trainer:
         self.amp_ctx()  # validate before any heavy work
         if cfg.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
+        self.backends = BackendSchedule.from_config(cfg)  # model.backend_schedule, checked before heavy work
 
         checkpoint = self._resume_checkpoint(resume, overwrite)
         _seed_all(cfg.seed)
@@ -375,6 +377,8 @@ class _Trainer:
     def _train_epoch(self, stop: _StopFlag) -> bool:
         """One (possibly resumed) epoch; returns False when a stop was requested mid-epoch."""
         cfg, ctx = self.cfg, self.ctx
+        # the epoch's backend, also when resuming mid-epoch (the schedule is a function of the epoch only)
+        self.backends.apply(self.epoch, [self.model, getattr(self.ema, "module", None)], announce=ctx.is_main)
         sampler = self.train_loader.sampler
         sampler.set_epoch(self.epoch)
         sampler.skip = self.step_in_epoch * cfg.data.batch_size
@@ -419,6 +423,7 @@ class _Trainer:
         row = {"epoch": self.epoch + 1, "train_loss": loss_sum / count, "train_acc": 100.0 * correct / count,
                "val_loss": val["loss"], "val_acc1": val["acc1"], "val_acc5": val["acc5"], "ema_val_acc1": ema_acc,
                "lr": self._lr(), "epoch_time_s": self._epoch_time, "train_img_per_s": self._epoch_rate}
+        row["backend"] = self.backends.describe(self.model)
         self.history.append(row)
         is_best = val["acc1"] > self.best_acc1
         if is_best:
@@ -497,6 +502,7 @@ def evaluate(checkpoint: str | Path, cfg: TrainConfig | None = None, use_ema: bo
     if ckpt.get(key) is None:
         raise ValueError(f"{checkpoint} has no {key!r} weights (EMA is stored only when the run used ema=true)")
     model.load_state_dict(ckpt[key])
+    BackendSchedule.from_config(cfg).apply(checkpoint_epoch(ckpt), [model], announce=False)
     _, val_set = build_datasets(cfg.data, model, seed=cfg.seed)
     _, val_loader = build_loaders(cfg.data, val_set, val_set, seed=cfg.seed, rank=ctx.rank,
                                   world_size=ctx.world_size)
