@@ -315,3 +315,18 @@ def test_resume_mid_epoch_after_the_switch_continues_with_the_new_backend(tmp_pa
     keys = ("epoch", "train_loss", "val_loss", "val_acc1", "backend")
     rows = _csv(tmp_path / "straight" / "metrics.csv"), _csv(tmp_path / "interrupted" / "metrics.csv")
     assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]
+
+
+def test_shipped_hybrid_config_switches_to_svd_pade_after_ten_epochs(capsys):
+    from covpool.train._model import build_model
+    from covpool.train._schedule import BackendSchedule
+
+    from _train_helpers import REPO
+
+    cfg = load_config(REPO / "configs" / "cub200_resnet50_hybrid.yaml", ["model.pretrained=false"])
+    schedule = BackendSchedule.from_config(cfg)
+    model = build_model(cfg.model, 200)
+    assert schedule.apply(0, [model]) == {"name": "ns", "num_iters": 5} == model.global_pool.backend
+    assert schedule.apply(9, [model]) == {"name": "ns", "num_iters": 5}
+    assert schedule.apply(10, [model]) == "svd_pade" == model.global_pool.backend
+    assert "epoch 11/50: square-root backend ns(num_iters=5) -> svd_pade" in capsys.readouterr().out
