@@ -330,3 +330,21 @@ def test_shipped_hybrid_config_switches_to_svd_pade_after_ten_epochs(capsys):
     assert schedule.apply(9, [model]) == {"name": "ns", "num_iters": 5}
     assert schedule.apply(10, [model]) == "svd_pade" == model.global_pool.backend
     assert "epoch 11/50: square-root backend ns(num_iters=5) -> svd_pade" in capsys.readouterr().out
+
+
+def test_hybrid_demo_trains_the_three_variants_with_the_same_budget(tmp_path, capsys):
+    from covpool.train.hybrid_demo import HYBRID_VARIANTS, hybrid_demo_config, run_hybrid_demo
+
+    with pytest.raises(ValueError, match="unknown variant 'svd'"):
+        hybrid_demo_config("svd")
+    with pytest.raises(ValueError, match="switch must be a positive number of epochs"):
+        hybrid_demo_config("hybrid", switch=0)
+    tiny = ["epochs=2", "data.img_size=32", "data.embedded_train_per_class=2", "data.embedded_val_per_class=1",
+            "data.batch_size=8", "max_steps_per_epoch=1", "model.covpool.reduced_dim=8"]
+    assert run_hybrid_demo(["--output-dir", str(tmp_path), "--no-progress", "--switch", "1", *tiny]) == 0
+    out = capsys.readouterr().out
+    result = out[out.index("== result"):]
+    assert all(f"  {v} " in result for v in HYBRID_VARIANTS)
+    backends = {v: [r["backend"] for r in _csv(tmp_path / v / "metrics.csv")] for v in HYBRID_VARIANTS}
+    assert backends == {"ns": ["ns", "ns"], "svd_pade": ["svd_pade", "svd_pade"], "hybrid": ["ns", "svd_pade"]}
+    assert (tmp_path / "comparison.png").is_file()
