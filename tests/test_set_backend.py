@@ -1,7 +1,9 @@
-"""covpool.set_backend: every covpool layer of a built model switches backend, and nothing else changes."""
+"""covpool.set_backend (every covpool layer switches backend, nothing else changes) and model.backend_schedule."""
 from __future__ import annotations
 
 import copy
+import csv
+import signal
 
 import pytest
 import timm
@@ -10,6 +12,14 @@ import torchvision
 from torch import nn
 
 import covpool
+from covpool.train import engine
+from covpool.train._model import build_model
+from covpool.train._schedule import (BackendSchedule, backend_for_epoch, checkpoint_epoch, describe_backend,
+                                     parse_backend_schedule)
+from covpool.train.config import ConfigError, load_config
+from covpool.train.hybrid_demo import HYBRID_VARIANTS, hybrid_demo_config, run_hybrid_demo
+
+from _train_helpers import REPO, tiny_overrides
 
 NS = {"name": "ns", "num_iters": 5}
 
@@ -180,12 +190,6 @@ def test_wrapped_models_are_unwrapped(tmp_path):
 
 
 # -- model.backend_schedule in covpool train ---------------------------------------------------------------------
-from covpool.train import engine  # noqa: E402
-from covpool.train._schedule import (backend_for_epoch, checkpoint_epoch, describe_backend,  # noqa: E402
-                                     parse_backend_schedule)
-from covpool.train.config import ConfigError, load_config  # noqa: E402
-
-from _train_helpers import tiny_overrides  # noqa: E402
 
 HYBRID = "[[0, ns], [1, {name: svd_pade, degree: 4}]]"
 
@@ -251,8 +255,6 @@ def record_backends(monkeypatch):
 
 
 def _csv(path):
-    import csv
-
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -284,8 +286,6 @@ def test_schedule_on_a_model_without_covariance_pooling_is_a_config_error(tmp_pa
 
 
 def test_resume_mid_epoch_after_the_switch_continues_with_the_new_backend(tmp_path, monkeypatch, record_backends):
-    import signal
-
     straight = engine.train(_hybrid(tmp_path, "straight"))
     fixed = engine.train(_hybrid(tmp_path, "ns_only", schedule="[[0, ns]]"))
     # the switch matters: the hybrid run's weights differ from an NS-only run's
@@ -311,18 +311,14 @@ def test_resume_mid_epoch_after_the_switch_continues_with_the_new_backend(tmp_pa
     assert record_backends == [(1, pade)]
     assert resumed.model.global_pool.backend == pade
     a, b = straight.model.state_dict(), torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     keys = ("epoch", "train_loss", "val_loss", "val_acc1", "backend")
     rows = _csv(tmp_path / "straight" / "metrics.csv"), _csv(tmp_path / "interrupted" / "metrics.csv")
     assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]
 
 
 def test_shipped_hybrid_config_switches_to_svd_pade_after_ten_epochs(capsys):
-    from covpool.train._model import build_model
-    from covpool.train._schedule import BackendSchedule
-
-    from _train_helpers import REPO
-
     cfg = load_config(REPO / "configs" / "cub200_resnet50_hybrid.yaml", ["model.pretrained=false"])
     schedule = BackendSchedule.from_config(cfg)
     model = build_model(cfg.model, 200)
@@ -333,8 +329,6 @@ def test_shipped_hybrid_config_switches_to_svd_pade_after_ten_epochs(capsys):
 
 
 def test_hybrid_demo_trains_the_three_variants_with_the_same_budget(tmp_path, capsys):
-    from covpool.train.hybrid_demo import HYBRID_VARIANTS, hybrid_demo_config, run_hybrid_demo
-
     with pytest.raises(ValueError, match="unknown variant 'svd'"):
         hybrid_demo_config("svd")
     with pytest.raises(ValueError, match="switch must be a positive number of epochs"):
