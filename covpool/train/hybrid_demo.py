@@ -71,7 +71,7 @@ def run_hybrid_demo(argv: list[str]) -> int:
                        "history": result.history}
             results[variant] = (summary, time.perf_counter() - start, "")
         except NonFiniteLossError as err:
-            results[variant] = (None, time.perf_counter() - start, f"diverged: {err}".split(". ")[0])
+            results[variant] = (None, time.perf_counter() - start, f"stopped: {err}".split(". ")[0])
 
     print(f"\n== result ({epochs} epochs each; one seed, so differences of a few points are noise) ==")
     for variant, (summary, seconds, note) in results.items():
