@@ -4,6 +4,9 @@
    against the exact root, gradient error against the exact float64 gradient, and time.
 2. The same small backbone trained twice on covpool's embedded texture task, once with average pooling
    and once with covariance pooling, with the same budget (see :mod:`covpool.train.demo`).
+
+``covpool demo --hybrid`` instead trains the covariance-pooling run three times: Newton–Schulz only,
+SVD-Padé only and the hybrid protocol (NS, then SVD-Padé; see :mod:`covpool.train.hybrid_demo`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,14 @@ _COLUMNS = ("variant", "fwd err well-conditioned", "grad err well-conditioned", 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="covpool demo", description=__doc__.splitlines()[0])
     parser.add_argument("--skip-training", action="store_true", help="only the backend comparison")
+    parser.add_argument("--hybrid", action="store_true",
+                        help="instead: NS only, SVD-Padé only and the hybrid protocol side by side (same budget); "
+                             "`covpool demo --hybrid --help` for its options")
     args, rest = parser.parse_known_args(argv)
+    if args.hybrid:
+        from .train.hybrid_demo import run_hybrid_demo
+
+        return run_hybrid_demo(list(rest))
 
     from .bench import default_variants, format_table, run_bench
 

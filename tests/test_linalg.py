@@ -658,3 +658,60 @@ def test_exact_forward_backends_clip_a_negative_eigenvalue(backend):
     # The documented behaviour on unchecked indefinite input: the root of the PSD part.
     a, q, lam = indefinite()
     torch.testing.assert_close(covpool.sqrtm(a, backend), (q * lam.clamp_min(0).sqrt()) @ q.T, rtol=0, atol=1e-6)
+
+
+# -- float32 eigh that does not converge -------------------------------------------------------------------------
+def _dead_relu_covariance() -> torch.Tensor:
+    """A 64×64 covariance from training (a ResNet's CovPool after its reduction conv + ReLU): 51 of 64
+    channels exactly zero. On some CPUs float32 LAPACK fails to converge on it (batched: NaN, silently)."""
+    from pathlib import Path
+
+    data = torch.load(Path(__file__).parent / "data" / "eigh_float32_nonconvergence.pt", weights_only=True)
+    a = torch.zeros(data["size"], data["size"])
+    a[data["index"].unsqueeze(-1), data["index"]] = data["block"]
+    return a
+
+
+@pytest.mark.parametrize("backend", EXACT_FORWARD)
+def test_spectral_backends_stay_finite_where_float32_eigh_fails(backend):
+    a = _dead_relu_covariance().expand(3, 64, 64).clone().requires_grad_()
+    out = covpool.sqrtm(a, backend=backend)
+    out.backward(torch.randn_like(out))
+    # reference: float64, with the backends' documented eigenvalue floor (10·ε₃₂·λmax: the 51 null channels
+    # get √floor on the diagonal)
+    lam, v = torch.linalg.eigh(a.detach().double())
+    lam = lam.clamp_min(10 * torch.finfo(torch.float32).eps * lam[..., -1:])
+    ref = (v * lam.sqrt().unsqueeze(-2)) @ v.mT
+    assert torch.isfinite(out).all() and torch.isfinite(a.grad).all()
+    assert rel(out.double(), ref) < 1e-5
+
+
+def test_eigh_redoes_only_the_failed_matrices_in_float64(monkeypatch):
+    from covpool.linalg import _spectral
+
+    real = torch.linalg.eigh
+    calls = []
+
+    def flaky(x):  # float32 LAPACK failing on matrix 1 of the batch, as ssyevd does
+        calls.append((tuple(x.shape), x.dtype))
+        lam, v = real(x)
+        if x.dtype == torch.float32:
+            lam[1] = float("nan")
+        return lam, v
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    a = well_conditioned(4, 8, dtype=torch.float32, seed=3)
+    lam, v = _spectral._eigh_checked(a)
+    assert calls == [((4, 8, 8), torch.float32), ((1, 8, 8), torch.float64)]
+    ref_lam, _ = real(a.double())
+    assert torch.allclose(lam.double(), ref_lam, rtol=1e-5, atol=1e-6)
+    assert rel((v * lam.unsqueeze(-2)) @ v.mT, a) < 1e-5
+
+    def raising(x):  # a single matrix: float32 LAPACK raises instead
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(x)
+
+    monkeypatch.setattr(torch.linalg, "eigh", raising)
+    lam, v = _spectral._eigh_checked(a[0])
+    assert lam.dtype == torch.float32 and rel((v * lam.unsqueeze(-2)) @ v.mT, a[0]) < 1e-5

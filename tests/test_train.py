@@ -732,6 +732,11 @@ def test_resume_refuses_changes_it_cannot_honour(tmp_path):
     old = config_to_dict(TrainConfig())
     del old["model"]["zca"], old["max_val_steps"]
     assert engine._check_resume_config(old, config_to_dict(TrainConfig())) == {}
+    # a backend schedule leaves the weights as they are: a resume may change it, and the change is listed
+    hybrid = TrainConfig()
+    hybrid.model.backend_schedule = [[0, "ns"], [1, "svd_pade"]]
+    assert engine._check_resume_config(config_to_dict(TrainConfig()), config_to_dict(hybrid)) == {
+        "model.backend_schedule": (None, [[0, "ns"], [1, "svd_pade"]])}
     # what a resume may change freely: a (local or hub) pretrained source is not even read
     free = tiny_overrides(tmp_path, epochs=2, max_steps_per_epoch=1, model__pretrained=str(tmp_path / "gone.pth"))
     assert [r["epoch"] for r in engine.train(load_config(None, free), resume=True).history] == [1, 2]

@@ -4,8 +4,10 @@
 - :class:`ZCABatchNorm1d`, :class:`ZCABatchNorm2d`, :func:`convert_sync_zca`: decorrelated (ZCA
   whitening) batch normalisation and its multi-process form.
 - :class:`SoViTHead`: So-ViT's class-token + covariance classification head.
+- :func:`set_backend`: change the square-root backend of a built model's covpool layers.
 - :func:`cov_pool`, :func:`zca_batch_norm`: the functional forms.
 """
+from .backend_switch import set_backend
 from .covpool_layer import CovPool
 from .functional import cov_pool, zca_batch_norm
 from .sovit_head import SoViTHead
@@ -19,4 +21,5 @@ __all__ = [
     "SoViTHead",
     "cov_pool",
     "zca_batch_norm",
+    "set_backend",
 ]

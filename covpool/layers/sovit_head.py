@@ -206,7 +206,6 @@ class SoViTHead(nn.Module):
         self.embed_dim = embed_dim
         self.kind = kind
         self.reduced_dim = reduced_dim
-        self.backend = backend
         if kind == "svpn":
             if not isinstance(reduced_dim, (tuple, list)):
                 raise ValueError(f"kind='svpn' needs reduced_dim=(d1, d2), the widths of its two branches, "
@@ -225,6 +224,12 @@ class SoViTHead(nn.Module):
         self.fc_cov: nn.Module = nn.Identity()
         self.reset_classifier(num_classes, **factory)
         self.reset_parameters()
+
+    @property
+    def backend(self) -> str | Mapping[str, Any] | None:
+        """The square-root backend of the ``"mpa"`` head (its :class:`CovPool`'s, which
+        :func:`covpool.set_backend` changes); None for svPN, which has no matrix square root."""
+        return self.pool.backend if isinstance(self.pool, CovPool) else None
 
     def reset_parameters(self) -> None:
         """The releases' initialisation: Kaiming-normal (fan-out) reduction convolutions, unit/zero BatchNorm,

@@ -31,6 +31,29 @@ def _floor(lam: torch.Tensor, eps: float | None) -> torch.Tensor:
     return torch.maximum(lam, rel * top)
 
 
+def _eigh_checked(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh``, redone in float64 for the matrices whose lower-precision decomposition failed.
+
+    LAPACK's float32 solver (``ssyevd``) can fail to converge on covariances whose channels are mostly
+    exact zeros (dead ReLUs after a reduction layer): batched, torch returns NaN for those matrices without
+    a word; for a single matrix it raises. Measured on such a 64×64 covariance (51 zero channels), in
+    training with the SVD backends. Those matrices, only, are decomposed again in float64 and rounded back,
+    so a healthy batch costs one finiteness check. Input that is itself non-finite stays non-finite.
+    """
+    if a.dtype == torch.float64:
+        return torch.linalg.eigh(a)
+    try:
+        lam, v = torch.linalg.eigh(a)
+    except torch.linalg.LinAlgError:
+        lam, v = torch.linalg.eigh(a.double())
+        return lam.to(a.dtype), v.to(a.dtype)
+    failed = ~torch.isfinite(lam).all(dim=-1)
+    if failed.any():
+        lam64, v64 = torch.linalg.eigh(a[failed].double())
+        lam[failed], v[failed] = lam64.to(lam.dtype), v64.to(v.dtype)
+    return lam, v
+
+
 def _rescale(f: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (v * f.unsqueeze(-2)) @ v.mT
 
@@ -40,7 +63,7 @@ class _Spectral(torch.autograd.Function):
 
     @staticmethod
     def forward(a: torch.Tensor, inverse: bool, eps: float | None, kernel: KernelFn, name: str):
-        lam, v = torch.linalg.eigh(a)
+        lam, v = _eigh_checked(a)
         lam = _floor(lam, eps)
         root = lam.sqrt()
         out = _rescale(root.reciprocal() if inverse else root, v)

@@ -136,6 +136,8 @@ class ModelConfig(_Section):
     zca: str = _opt("none", "ZCA whitening batch norm (covpool.ZCABatchNorm2d) in place of BatchNorm2d: none | stem "
                     "(the first one) | all; synchronised across processes under DDP")
     zca_options: dict = _opt({}, "keyword options for covpool.ZCABatchNorm2d, e.g. {group_size: 16, backend: ns}")
+    backend_schedule: list | None = _opt(None, "square-root backend of the covariance pooling per epoch: "
+                                         "[[start_epoch, backend], ...] from 0, e.g. [[0, ns], [10, svd_pade]]")
     cifar_stem: bool = _opt(False, "ResNet stem for 32x32 input: 3x3 stride-1 first conv, no max-pool")
     kwargs: dict = _opt({}, "extra keyword arguments for timm.create_model (drop_rate, output_stride, img_size, ...)")
 

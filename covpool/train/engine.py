@@ -38,6 +38,7 @@ from ._dist import (DistContext, DistributedFailure, all_gather_objects, all_red
                     init_distributed, is_collective_failure, shutdown_distributed)
 from ._model import build_model, param_groups
 from ._plot import plot_history
+from ._schedule import BackendSchedule, checkpoint_epoch
 from .checkpoint import (CheckpointError, atomic_save, load_checkpoint, remove_stale_temp_files, rng_state,
                          set_rng_state, with_checksums)
 from .config import ConfigError, TrainConfig, config_diff, config_from_dict, config_to_dict
@@ -48,7 +49,7 @@ __all__ = ["DistributedFailure", "NonFiniteLossError", "RunExistsError", "RunLoc
 
 _AMP_DTYPES = MappingProxyType({"none": None, "bf16": torch.bfloat16, "fp16": torch.float16})
 _CSV_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc1", "val_acc5", "ema_val_acc1", "lr",
-               "epoch_time_s", "train_img_per_s")
+               "epoch_time_s", "train_img_per_s", "backend")
 
 
 
@@ -246,6 +247,8 @@ def _write_csv(history: list[dict[str, float]], path: Path) -> None:
 # (model.pretrained is irrelevant on resume: the checkpoint holds every weight).
 _FIXED_ON_RESUME = ("model.", "data.dataset", "data.embedded_", "optim.opt")
 _FREE_ON_RESUME = ("model.pretrained", "name", "output_dir")
+# Model keys that leave the weights as they are: a resumed run takes the new value (and logs the change).
+_CHANGEABLE_ON_RESUME = ("model.backend_schedule",)
 # Keys of the learning-rate schedule: rebuilt from the new config at the resumed global step.
 _SCHEDULE_KEYS = ("epochs", "max_steps_per_epoch")
 
@@ -264,7 +267,8 @@ def _check_resume_config(stored: dict, current: dict) -> dict[str, tuple[Any, An
     # a key that did not exist when the checkpoint was written had its default value
     stored = _with_defaults(stored, config_to_dict(TrainConfig()))
     changes = {key: (old, new) for key, old, new in config_diff(stored, current) if not key.startswith(_FREE_ON_RESUME)}
-    fixed = {k: v for k, v in changes.items() if k.startswith(_FIXED_ON_RESUME)}
+    fixed = {k: v for k, v in changes.items()
+             if k.startswith(_FIXED_ON_RESUME) and not k.startswith(_CHANGEABLE_ON_RESUME)}
     if fixed:
         listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in fixed.items())
         raise ConfigError(f"cannot resume with a different {', '.join(fixed)}: {listed}. The checkpoint's weights "
@@ -321,6 +325,7 @@ class _Trainer:
         self.amp_ctx()  # validate before any heavy work
         if cfg.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
+        self.backends = BackendSchedule.from_config(cfg)  # model.backend_schedule, checked before heavy work
         self.lock = _RunLock(self.run_dir)
         self._lock_run_dir()
         try:
@@ -592,6 +597,8 @@ class _Trainer:
     def _train_epoch(self, stop: _StopFlag) -> bool:
         """One (possibly resumed) epoch; returns False when a stop was requested mid-epoch."""
         cfg, ctx = self.cfg, self.ctx
+        # the epoch's backend, also when resuming mid-epoch (the schedule is a function of the epoch only)
+        self.backends.apply(self.epoch, [self.model, getattr(self.ema, "module", None)], announce=ctx.is_main)
         sampler = self.train_loader.sampler
         sampler.set_epoch(self.epoch)
         sampler.skip = self.step_in_epoch * cfg.data.batch_size
@@ -642,6 +649,7 @@ class _Trainer:
         row = {"epoch": self.epoch + 1, "train_loss": loss_sum / count, "train_acc": 100.0 * correct / count,
                "val_loss": val["loss"], "val_acc1": val["acc1"], "val_acc5": val["acc5"], "ema_val_acc1": ema_acc,
                "lr": self._lr(), "epoch_time_s": self._epoch_time, "train_img_per_s": self._epoch_rate}
+        row["backend"] = self.backends.describe(self.model)
         self.history.append(row)
         is_best = val["acc1"] > self.best_acc1
         if is_best:
@@ -784,6 +792,7 @@ def evaluate(checkpoint: str | Path, cfg: TrainConfig | None = None, use_ema: bo
         raise CheckpointError(f"{checkpoint} has no EMA weights ({key!r}): they are stored only when the run used "
                               "ema=true; evaluate the model's own weights without --ema")
     model.load_state_dict(ckpt[key])
+    BackendSchedule.from_config(cfg).apply(checkpoint_epoch(ckpt), [model], announce=False)
     _, val_set = build_datasets(cfg.data, model, seed=cfg.seed)
     _, val_loader = build_loaders(cfg.data, val_set, val_set, seed=cfg.seed, rank=ctx.rank,
                                   world_size=ctx.world_size)
