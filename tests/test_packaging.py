@@ -1,0 +1,64 @@
+"""What `pip install covpool` gives: the library without the training extra, typed, with honest metadata."""
+import email
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The `train` extra's packages that nothing else brings (pyyaml and tqdm come with timm's huggingface_hub too).
+TRAIN_ONLY = ("matplotlib", "skimage")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    pytest.importorskip("setuptools", reason="building the wheel without isolation needs setuptools")
+    tmp = tmp_path_factory.mktemp("wheel")
+    # build from a copy: setuptools leaves build/ and *.egg-info in the source tree
+    src = shutil.copytree(REPO, tmp / "src", symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "runs", "bench_out", "*.egg-info", "__pycache__", ".pytest_cache"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (path,) = (tmp / "dist").glob("covpool-*.whl")
+    return path
+
+
+@pytest.mark.slow
+def test_wheel_metadata_puts_the_application_dependencies_in_the_train_extra(wheel):
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        msg = email.message_from_bytes(zf.read(meta))
+    assert "covpool/py.typed" in names
+    requires = msg.get_all("Requires-Dist")
+    core = sorted(r.split(">")[0].split("<")[0].split(";")[0].strip() for r in requires if "extra ==" not in r)
+    assert core == ["einops", "timm", "torch", "torchvision"]
+    train = sorted(r.split(">")[0].strip() for r in requires if "extra == \"train\"" in r)
+    assert train == ["matplotlib", "pyyaml", "scikit-image", "tqdm"]
+    assert msg["License-Expression"] == "MIT" and "Typing :: Typed" in msg.get_all("Classifier")
+
+
+@pytest.mark.slow
+def test_the_library_works_without_the_train_extra(wheel, tmp_path):
+    """Installed without `[train]` (its modules made unimportable), `import covpool` and timm's registry work."""
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    (tmp_path / "block").mkdir()
+    (tmp_path / "block" / "sitecustomize.py").write_text(
+        "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in TRAIN_ONLY))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "block"), str(site)])}
+    code = ("import covpool, timm, torch\n"
+            "assert covpool.__file__.startswith(%r)\n"
+            "m = timm.create_model('so_vit_7', num_classes=3, img_size=32).eval()\n"
+            "print(tuple(m(torch.randn(1, 3, 32, 32)).shape))\n"
+            "print(tuple(covpool.sqrtm(torch.eye(3), backend='ns').shape))\n"
+            "try:\n    import matplotlib\nexcept ImportError:\n    print('no matplotlib')\n") % str(site)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:3] == ["(1, 3)", "(3, 3)", "no matplotlib"]
