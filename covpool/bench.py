@@ -6,7 +6,6 @@ machines. Accuracy is measured against float64 eigendecomposition on three matri
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import math
@@ -259,27 +258,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="covpool bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one small size, backends at defaults (under a minute)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--dims", type=int, nargs="+", default=[32, 64, 128, 256, 512])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--inverse", action="store_true", help="measure the inverse square root")
-    parser.add_argument("--compile", action="store_true", help="also torch.compile ns, mtp_lya and mpa_lya")
-    parser.add_argument("--backends", nargs="+", help="only these variant labels (default: all)")
-    parser.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")
-    args = parser.parse_args(argv)
-    variants = default_variants(quick=args.quick)
-    if args.backends:
-        unknown = sorted(set(args.backends) - {v.label for v in variants})
-        if unknown:
-            parser.error(f"unknown variant(s) {unknown}; choose from {[v.label for v in variants]}")
-        variants = [v for v in variants if v.label in args.backends]
-    batch, dims, min_time = (16, [64], 0.05) if args.quick else (args.batch, args.dims, 0.2)
-    rows = run_bench(variants, batch, dims, args.device, args.inverse, args.compile, min_time)
-    print(format_table(rows))
-    os.makedirs(args.out, exist_ok=True)
-    write_csv(rows, os.path.join(args.out, "bench.csv"))
-    plot(rows, os.path.join(args.out, "bench.png"))
-    print(f"\nwrote {os.path.join(args.out, 'bench.csv')} and {os.path.join(args.out, 'bench.png')}")
-    return 0
+    """``covpool bench [options]`` (the options are parsed by :func:`covpool.cli.bench_main`)."""
+    from .cli import bench_main
+
+    return bench_main(argv)

@@ -18,11 +18,11 @@ import covpool
 from covpool.train import checkpoint as ckpt_mod
 from covpool.train import engine
 from covpool.train._model import build_model, param_groups
-from covpool.train.cli import eval_main, train_main
+from covpool.cli import eval_main, train_main
 from covpool.train.config import ConfigError, config_to_dict, load_config
 from covpool.train.data import (DatasetNotFoundError, build_datasets, build_loaders, dataset_names,
                                 num_classes_of)
-from covpool.train.demo import demo_config, run_demo
+from covpool.demo import demo_config, run_demo
 from covpool.train.embedded import EMBEDDED_CLASSES, EmbeddedTextures, _patch_boxes
 
 from _train_helpers import REPO, make_cub, make_imagefolder, tiny_overrides
@@ -512,9 +512,9 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 # -- the demo --------------------------------------------------------------------------------------------------
 def test_run_demo_tiny(tmp_path, capsys):
-    rc = run_demo(["--output-dir", str(tmp_path), "--no-progress", "epochs=1", "model.name=test_resnet",
-                   "data.img_size=32", "data.batch_size=8",
-                   "data.embedded_train_per_class=2", "data.embedded_val_per_class=1"])
+    rc = run_demo(str(tmp_path), ["progress=false", "epochs=1", "model.name=test_resnet",
+                                  "data.img_size=32", "data.batch_size=8",
+                                  "data.embedded_train_per_class=2", "data.embedded_val_per_class=1"])
     assert rc == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if "val acc" in line and " s" in line and "best" in line]
