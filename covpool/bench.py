@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -213,16 +214,18 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_
     return "\n".join(lines)
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """``rows`` as a CSV file, written atomically."""
+    from .train._io import atomic_write
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode("utf-8")))
 
 
-def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
+def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     """Time against d per variant, and the accuracy/cost frontier at the largest d ≤ 256."""
     import matplotlib
 
@@ -251,10 +254,12 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
     ax_f.set(xscale="log", yscale="log", xlabel="forward+backward cost (product equivalents)",
              ylabel="forward relative error", title=f"accuracy / cost, d = {d_front} (errors at d <= 128)")
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from .train._io import atomic_write
+
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

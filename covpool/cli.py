@@ -103,7 +103,7 @@ def _stored_config(path: str, option: str) -> dict:
 def _report(err: BaseException, input_errors: tuple[type[BaseException], ...]) -> int | None:
     """Print ``err`` as one ``error:`` line and return the exit status, or None for errors that are not
     covpool's nor the system's (they propagate with their traceback)."""
-    from .train.checkpoint import _os_error_in as os_error_in
+    from .train._io import os_error_in
 
     if isinstance(err, input_errors):
         status = 2

@@ -473,6 +473,47 @@ def test_full_disk_names_the_file_and_the_cause(tmp_path, monkeypatch):
     assert err.value.errno == errno.ENOSPC and os.listdir(tmp_path) == ["last.pt"]
 
 
+def _history_rows():
+    return [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.5, "train_acc": 50.0, "val_acc1": 40.0, "lr": 0.1}]
+
+
+def _bench_rows():
+    return [{"variant": v, "d": 8, "batch": 2, "device": "cpu", "root": "sqrt", "fwd+bwd ms": 1.0 + i,
+             "fwd+bwd prod-eq": 3.0 + i, "fwd err well-conditioned": 1e-3, "fwd err ill-conditioned": 1e-2}
+            for i, v in enumerate(("ns", "eig"))]
+
+
+@pytest.mark.parametrize("writer", ["checkpoint", "metrics.csv", "curves.png", "bench.csv", "bench.png"])
+def test_every_output_is_written_one_atomic_way(tmp_path, monkeypatch, writer):
+    """The four writers (checkpoints, metrics.csv, plots, the benchmark's files) share one atomic write: a
+    full disk at the fsync leaves the old file whole, no temporary file, and one message naming the file."""
+    import errno
+
+    from covpool import bench
+    from covpool.train import _io
+    from covpool.train._plot import plot_history
+
+    write = {"checkpoint": lambda p: ckpt_mod.atomic_save({"w": torch.ones(3)}, p),
+             "metrics.csv": lambda p: engine._write_csv(_history_rows(), p),
+             "curves.png": lambda p: plot_history(_history_rows(), p),
+             "bench.csv": lambda p: bench.write_csv(_bench_rows(), p),
+             "bench.png": lambda p: bench.plot(_bench_rows(), p)}[writer]
+    path = tmp_path / "sub" / writer  # the folder is created
+    write(path)
+    before = path.read_bytes()
+    assert len(before) > 20 and os.listdir(path.parent) == [writer]
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_io.os, "fsync", full_disk)
+    with pytest.raises(OSError, match=rf"could not write {path}: No space left on device; the previous file is "
+                                      "untouched") as err:
+        write(path)
+    assert err.value.errno == errno.ENOSPC
+    assert os.listdir(path.parent) == [writer] and path.read_bytes() == before
+
+
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     import random
 

@@ -34,6 +34,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from ._io import atomic_write
 from ._dist import (DistContext, DistributedFailure, all_gather_objects, all_reduce_sum, dist_timeout_s,
                     init_distributed, is_collective_failure, shutdown_distributed)
 from ._model import build_model, param_groups
@@ -238,9 +239,7 @@ def _write_csv(history: list[dict[str, float]], path: Path) -> None:
     writer = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode("utf-8")))
 
 
 # Keys a resumed run cannot honour: the weights, the optimizer state or the label space would not fit
@@ -421,8 +420,8 @@ class _Trainer:
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # what a killed atomic write left behind (covpool's own temporary names only)
-            remove_stale_temp_files(self.run_dir, ("last.pt", "best.pt", "metrics.csv"))
-            remove_stale_temp_files(self.run_dir, ("curves.png",), suffix=".png")
+            remove_stale_temp_files(self.run_dir, ("last.pt", "best.pt", "metrics.csv", "curves.png"))
+            remove_stale_temp_files(self.run_dir, ("curves.png",), suffix=".png")  # covpool <= 0.1.0's name
         last = self.run_dir / "last.pt"
         if resume:
             path = last if resume is True else Path(resume)
