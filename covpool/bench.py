@@ -263,7 +263,8 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``covpool bench [options]`` (the options are parsed by :func:`covpool.cli.bench_main`)."""
+    """``covpool bench [options]``: kept for callers of covpool <= 0.1.0; the command line lives in
+    :func:`covpool.cli.bench_main`."""
     from .cli import bench_main
 
     return bench_main(argv)
