@@ -551,6 +551,30 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert len(_rows(run / "metrics.csv")) == 2
 
 
+@pytest.mark.slow  # ~10 s: two processes import torch and timm
+def test_torchrun_grad_accumulation_makes_the_single_process_big_batch(tmp_path):
+    """2 processes x batch 4 x grad_accum_steps 2 take the step of one process with batch 16 (test_vit: no
+    BatchNorm; scale [1, 1] and no flips make the augmentation the identity, so the processes' different
+    augmentation draws do not matter)."""
+    same = dict(model__name="test_vit", model__kwargs="{img_size: 32}", data__embedded_train_per_class=2,
+                data__scale="[1.0, 1.0]", data__hflip=0.0, optim__opt="momentum", optim__momentum=0.0,
+                optim__weight_decay=0.0, optim__sched="constant", optim__lr=0.5, max_val_steps=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    over = tiny_overrides(tmp_path, "ddp", **same, data__batch_size=4, grad_accum_steps=2)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "covpool", "train", "--config", "demo", *over], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    engine.train(load_config("demo", tiny_overrides(tmp_path, "one", **same, data__batch_size=16)))
+    engine.train(load_config("demo", tiny_overrides(tmp_path, "init", **{**same, "optim__lr": 0.0},
+                                                    data__batch_size=16)))
+    weights = {name: {k: v.double() for k, v in torch.load(tmp_path / name / "last.pt", weights_only=True)
+                      ["state_dict"].items()} for name in ("ddp", "one", "init")}
+    assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["global_step"] == 1
+    step = _update(weights["one"], weights["init"])
+    assert _rel(_update(weights["ddp"], weights["init"]), step) < 1e-4
+
+
 # -- the demo --------------------------------------------------------------------------------------------------
 def test_run_demo_tiny(tmp_path, capsys):
     rc = run_demo(str(tmp_path), ["progress=false", "epochs=1", "model.name=test_resnet",
