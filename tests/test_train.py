@@ -1034,6 +1034,9 @@ def test_grad_accumulation_counts_optimizer_steps_and_resumes(tmp_path, monkeypa
     state = torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 1, 3)
     assert sizes == [2, 1, 2]
+    changed = load_config(None, tiny_overrides(tmp_path, "interrupted", **{**over, "grad_accum_steps": 1}))
+    with pytest.raises(ConfigError, match=r"cannot resume mid-epoch \(step 1\) with grad_accum_steps 2 -> 1"):
+        engine.train(changed, resume=True)
     engine.train(cfg, resume=True)
     _assert_same_run(tmp_path / "straight", tmp_path / "interrupted")
 

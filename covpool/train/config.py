@@ -140,7 +140,7 @@ class ModelConfig(_Section):
                                          "[[start_epoch, backend], ...] from 0, e.g. [[0, ns], [10, svd_pade]]")
     cifar_stem: bool = _opt(False, "ResNet stem for 32x32 input: 3x3 stride-1 first conv, no max-pool")
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward instead of storing them (timm's "
-                                    "set_grad_checkpointing): less memory, about 30 % more time")
+                                    "set_grad_checkpointing): less memory, more time (ResNet-18 on a CPU: +30 %)")
     kwargs: dict = _opt({}, "extra keyword arguments for timm.create_model (drop_rate, output_stride, img_size, ...)")
 
 

@@ -425,9 +425,10 @@ class _Trainer:
             decay_milestones=list(o.decay_milestones), decay_rate=o.decay_rate, min_lr=o.min_lr,
             warmup_lr=o.warmup_lr, warmup_epochs=o.warmup_epochs, step_on_epochs=False,
             updates_per_epoch=self.steps_per_epoch)
-        from timm.utils import NativeScaler
+        from timm.utils import NativeScaler, dispatch_clip_grad
 
         self.scaler = NativeScaler("cuda") if cfg.amp == "fp16" else None
+        self.clip = dispatch_clip_grad
         self.ema = None
         if cfg.ema:
             from timm.utils import ModelEmaV3
@@ -545,6 +546,11 @@ class _Trainer:
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step_in_epoch = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
+        if self.step_in_epoch and "grad_accum_steps" in self.resume_changes:
+            old, new = self.resume_changes["grad_accum_steps"]
+            raise ConfigError(f"cannot resume mid-epoch (step {self.step_in_epoch}) with grad_accum_steps {old} -> "
+                              f"{new}: the position in the epoch counts steps of {old} batches. Resume with "
+                              f"grad_accum_steps={old} and change it once the epoch is done")
         self.global_step = int(ckpt["global_step"])
         self.partial = [float(v) for v in ckpt["partial"]]
         self.history = [dict(r) for r in ckpt["history"]]
@@ -633,15 +639,13 @@ class _Trainer:
                 f"{self.steps_per_epoch} (global step {self.global_step + 1}); stopped before updating the "
                 "weights. " + (f"The last good checkpoint is {last}. " if last.exists() else "No checkpoint was "
                 "written yet. ") + "Lower optim.lr, set clip_grad (e.g. clip_grad=1.0) or use amp=none.")
-        from timm.utils import dispatch_clip_grad
-
         if self.scaler is not None:
             self.scaler(loss / n, self.optimizer, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode,
                         parameters=self.model.parameters())
         else:
             (loss / n).backward()
             if cfg.clip_grad is not None:
-                dispatch_clip_grad(self.model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
+                self.clip(self.model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
