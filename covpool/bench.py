@@ -6,9 +6,9 @@ machines. Accuracy is measured against float64 eigendecomposition on three matri
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
+import io
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -214,16 +214,18 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_
     return "\n".join(lines)
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """``rows`` as a CSV file, written atomically."""
+    from .train._io import atomic_write
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode("utf-8")))
 
 
-def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
+def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     """Time against d per variant, and the accuracy/cost frontier at the largest d ≤ 256."""
     import matplotlib
 
@@ -252,34 +254,17 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
     ax_f.set(xscale="log", yscale="log", xlabel="forward+backward cost (product equivalents)",
              ylabel="forward relative error", title=f"accuracy / cost, d = {d_front} (errors at d <= 128)")
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from .train._io import atomic_write
+
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="covpool bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one small size, backends at defaults (under a minute)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--dims", type=int, nargs="+", default=[32, 64, 128, 256, 512])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--inverse", action="store_true", help="measure the inverse square root")
-    parser.add_argument("--compile", action="store_true", help="also torch.compile ns, mtp_lya and mpa_lya")
-    parser.add_argument("--backends", nargs="+", help="only these variant labels (default: all)")
-    parser.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")
-    args = parser.parse_args(argv)
-    variants = default_variants(quick=args.quick)
-    if args.backends:
-        unknown = sorted(set(args.backends) - {v.label for v in variants})
-        if unknown:
-            parser.error(f"unknown variant(s) {unknown}; choose from {[v.label for v in variants]}")
-        variants = [v for v in variants if v.label in args.backends]
-    batch, dims, min_time = (16, [64], 0.05) if args.quick else (args.batch, args.dims, 0.2)
-    rows = run_bench(variants, batch, dims, args.device, args.inverse, args.compile, min_time)
-    print(format_table(rows))
-    os.makedirs(args.out, exist_ok=True)
-    write_csv(rows, os.path.join(args.out, "bench.csv"))
-    plot(rows, os.path.join(args.out, "bench.png"))
-    print(f"\nwrote {os.path.join(args.out, 'bench.csv')} and {os.path.join(args.out, 'bench.png')}")
-    return 0
+    """``covpool bench [options]``: kept for callers of covpool <= 0.1.0; the command line lives in
+    :func:`covpool.cli.bench_main`."""
+    from .cli import bench_main
+
+    return bench_main(argv)

@@ -1,28 +1,334 @@
-"""``covpool`` command line: ``covpool train | eval | bench | demo`` (also ``python -m covpool``)."""
+"""The ``covpool`` command line: ``covpool train | eval | bench | demo`` (also ``python -m covpool``).
+
+Every command's options are parsed here; the work is done by :mod:`covpool.train` (train, eval),
+:mod:`covpool.bench` and :mod:`covpool.demo`, imported only when their command runs.
+
+Every mistake in the input (options, config files, overrides, data-set folders, checkpoints) ends in one
+``error: ...`` line on stderr and exit status 2; a run that fails (non-finite loss, a full disk, any error
+type of covpool's own) in one ``error: ...`` line and exit status 1; Ctrl-C/SIGTERM in exit status 130.
+Errors of other libraries keep their traceback: they are bugs to report.
+"""
 from __future__ import annotations
 
-import importlib
+import argparse
+import re
 import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "train_main", "eval_main", "bench_main", "demo_main"]
 
-# command -> (module, function, one-line help); modules are imported only when their command runs.
-_COMMANDS = {
-    "train": ("covpool.train.cli", "train_main", "fine-tune a model from a YAML config"),
-    "eval": ("covpool.train.cli", "eval_main", "evaluate a checkpoint on a config's validation set"),
-    "bench": ("covpool.bench", "main", "time and check every square-root backend"),
-    "demo": ("covpool.demo", "main", "the main job of `make demo`"),
+
+# ---- covpool train / covpool eval ----------------------------------------------------------------------
+
+_EPILOG = """overrides: key=value pairs anywhere among the options, dotted for nested keys, values read as YAML
+(e.g. optim.lr=0.01 data.root=/data/cub model.covpool.reduced_dim=128). Every key, its default, help and range
+(a value outside the range is an error):
+
+"""
+
+# A token is a key=value override when an '=' comes before any path separator: `epochs=2` is one,
+# `runs/a=b/last.pt` is not. An override is never taken for a checkpoint path.
+_OVERRIDE = re.compile(r"^[^=/\\]+=")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".bin")
+
+
+class _UsageError(Exception):
+    """A mistake in the command line itself (unknown option, missing --config, ...)."""
+
+
+class _BadCheckpoint(Exception):
+    """A checkpoint given on the command line that cannot be read or holds no covpool config."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one `error:` line and status 2, the same from main() as from a shell
+        raise _UsageError(message)
+
+
+def _parser(prog: str, description: str) -> _Parser:
+    from .train.config import describe_config
+
+    return _Parser(prog=prog, description=description, epilog=_EPILOG + describe_config(),
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _is_override(token: str) -> bool:
+    return bool(_OVERRIDE.match(token))
+
+
+def _legacy_resume(argv: list[str]) -> list[str]:
+    """``--resume CKPT`` (covpool 0.1.0's spelling) as ``--resume-from CKPT``: only when CKPT names a
+    checkpoint (an existing file, or a name ending in .pt/.pth/...), never when it is a key=value override."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--resume="):
+            out += ["--resume-from", token.split("=", 1)[1]]
+        elif token == "--resume" and i + 1 < len(argv) and _looks_like_checkpoint(argv[i + 1]):
+            out += ["--resume-from", argv[i + 1]]
+            i += 1
+        else:
+            out.append(token)
+        i += 1
+    return out
+
+
+def _looks_like_checkpoint(token: str) -> bool:
+    if token.startswith("-") or _is_override(token):
+        return False
+    return Path(token).is_file() or token.lower().endswith(_CHECKPOINT_SUFFIXES)
+
+
+def _parse(parser: _Parser, argv: list[str]) -> argparse.Namespace:
+    args = parser.parse_intermixed_args(argv)
+    stray = [t for t in args.overrides if not _is_override(t)]
+    if stray:
+        raise _UsageError(f"unexpected argument {stray[0]!r}: overrides look like key=value (e.g. optim.lr=0.01)"
+                          + ("; a checkpoint goes after --resume-from" if "train" in parser.prog else ""))
+    return args
+
+
+def _stored_config(path: str, option: str) -> dict:
+    """The config a ``covpool train`` checkpoint stores; :func:`load_checkpoint` explains a damaged or
+    foreign file (:class:`CheckpointError`)."""
+    from .train.checkpoint import load_checkpoint
+
+    config = load_checkpoint(path).get("config")
+    if not isinstance(config, dict):
+        raise _BadCheckpoint(f"{option} {path}: holds no covpool config; give the run's config with --config")
+    return config
+
+
+def _report(err: BaseException, input_errors: tuple[type[BaseException], ...]) -> int | None:
+    """Print ``err`` as one ``error:`` line and return the exit status, or None for errors that are not
+    covpool's nor the system's (they propagate with their traceback)."""
+    from .train._io import os_error_in
+
+    if isinstance(err, input_errors):
+        status = 2
+    elif os_error_in(err) is not None:
+        err, status = os_error_in(err), 1
+    elif type(err).__module__.split(".")[0] == "covpool":
+        status = 1
+    else:
+        return None
+    print(f"error: {err}", file=sys.stderr)
+    return status
+
+
+def _usage_error(prog: str, err: _UsageError) -> int:
+    print(f"error: {err} (see `{prog} --help`)", file=sys.stderr)
+    return 2
+
+
+def _interrupted(cfg, err: KeyboardInterrupt) -> int:
+    if str(err):  # TrainingAborted says which checkpoint holds the work
+        print(f"error: {err}", file=sys.stderr)
+        return 130
+    last = Path(cfg.output_dir) / cfg.name / "last.pt" if cfg is not None else None
+    where = f"{last} holds the last saved state" if last is not None and last.is_file() else \
+        "no checkpoint was written"
+    print(f"error: interrupted; {where}", file=sys.stderr)
+    return 130
+
+
+def _list_configs() -> str:
+    from .train.config import shipped_configs
+
+    lines = []
+    for name, path in shipped_configs().items():
+        first = path.read_text(encoding="utf-8").splitlines()[:1]
+        about = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        lines.append(f"{name:<28} {about}")
+    return "\n".join(lines + ["", "use one with: covpool train --config <name> [key=value ...]"])
+
+
+def train_main(argv: Sequence[str]) -> int:
+    """``covpool train --config <name or file> | --list-configs [--resume | --resume-from CKPT | --overwrite] [key=value ...]``."""
+    prog = "covpool train"
+    parser = _parser(prog, "Train or fine-tune a model from a YAML config; outputs go to <output_dir>/<name>/ "
+                     "(runs/<name>/ by default). Also runs under torchrun.")
+    parser.add_argument("--config", metavar="NAME|FILE",
+                        help="YAML config: a file, or the name of a shipped config (see --list-configs); "
+                             "a local file wins over a shipped name")
+    parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run's own <output_dir>/<name>/last.pt (needs --config)")
+    mode.add_argument("--resume-from", metavar="CKPT",
+                      help="continue from this checkpoint; without --config, with the config stored in it "
+                           "(`--resume CKPT` is still read this way)")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="start afresh even if the run folder has a checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
+
+    from .train.checkpoint import CheckpointError
+    from .train.config import ConfigError, config_from_dict, load_config
+    from .train.data import DatasetNotFoundError
+    from .train.engine import RunExistsError, train
+
+    cfg = None
+    try:
+        args = _parse(parser, _legacy_resume(list(argv)))
+        if args.list_configs:
+            print(_list_configs())
+            return 0
+        if args.config is not None:
+            cfg = load_config(args.config, args.overrides)
+        elif args.resume_from is not None:
+            # continue from the checkpoint's own config, with the command line's overrides on top
+            stored = _stored_config(args.resume_from, "--resume-from")
+            cfg = config_from_dict(stored, where=f" (from {args.resume_from})", overrides=args.overrides)
+        elif args.resume:
+            raise _UsageError("--resume continues the last.pt of a config's run folder: give --config too, "
+                              "or --resume-from CKPT")
+        else:
+            raise _UsageError("--config is required (or --resume-from CKPT to continue from a checkpoint's config)")
+        result = train(cfg, resume=args.resume_from or args.resume or None, overwrite=args.overwrite)
+    except _UsageError as err:
+        return _usage_error(prog, err)
+    except KeyboardInterrupt as err:
+        return _interrupted(cfg, err)
+    except Exception as err:
+        status = _report(err, (ConfigError, DatasetNotFoundError, RunExistsError, FileNotFoundError,
+                                    CheckpointError, _BadCheckpoint))
+        if status is None:
+            raise
+        return status
+    return result.exit_code
+
+
+def eval_main(argv: Sequence[str]) -> int:
+    """``covpool eval --checkpoint runs/<name>/best.pt [--config ...] [--ema] [key=value ...]``."""
+    prog = "covpool eval"
+    parser = _parser(prog, "Evaluate a checkpoint on its config's validation set.")
+    parser.add_argument("--config", metavar="NAME|FILE",
+                        help="YAML config (a file or a shipped config's name); default: the one stored in the "
+                             "checkpoint")
+    parser.add_argument("--checkpoint", required=True, help="a last.pt / best.pt written by covpool train")
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights (runs with ema=true)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
+
+    from .train.config import ConfigError, config_from_dict, load_config
+    from .train.data import DatasetNotFoundError
+    from .train.engine import evaluate
+
+    try:
+        args = _parse(parser, list(argv))
+        if args.config is not None:
+            cfg = load_config(args.config, args.overrides)
+        else:
+            stored = _stored_config(args.checkpoint, "--checkpoint")
+            cfg = config_from_dict(stored, where=f" (from {args.checkpoint})", overrides=args.overrides)
+        metrics = evaluate(args.checkpoint, cfg, use_ema=args.ema)
+    except _UsageError as err:
+        return _usage_error(prog, err)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        status = _report(err, (ConfigError, DatasetNotFoundError, FileNotFoundError, ValueError,
+                                    _BadCheckpoint))
+        if status is None:
+            raise
+        return status
+    print(f"{args.checkpoint}: val loss {metrics['loss']:.4f}  top-1 {metrics['acc1']:.2f}%  "
+          f"top-5 {metrics['acc5']:.2f}%  ({metrics['count']} images)")
+    return 0
+
+
+# ---- covpool bench -------------------------------------------------------------------------------------
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    """``covpool bench [--quick] [--dims ...] [--inverse] [--compile] [--backends ...] [--out DIR]``."""
+    import torch
+
+    from . import bench
+
+    parser = argparse.ArgumentParser(prog="covpool bench", description=bench.__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one small size, backends at defaults (under a minute)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--dims", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--inverse", action="store_true", help="measure the inverse square root")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile ns, mtp_lya and mpa_lya")
+    parser.add_argument("--backends", nargs="+", help="only these variant labels (default: all)")
+    parser.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")
+    args = parser.parse_args(argv)
+    variants = bench.default_variants(quick=args.quick)
+    if args.backends:
+        unknown = sorted(set(args.backends) - {v.label for v in variants})
+        if unknown:
+            parser.error(f"unknown variant(s) {unknown}; choose from {[v.label for v in variants]}")
+        variants = [v for v in variants if v.label in args.backends]
+    batch, dims, min_time = (16, [64], 0.05) if args.quick else (args.batch, args.dims, 0.2)
+    rows = bench.run_bench(variants, batch, dims, args.device, args.inverse, args.compile, min_time)
+    print(bench.format_table(rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bench.write_csv(rows, out / "bench.csv")
+    bench.plot(rows, out / "bench.png")
+    print(f"\nwrote {out / 'bench.csv'} and {out / 'bench.png'}")
+    return 0
+
+
+# ---- covpool demo --------------------------------------------------------------------------------------
+
+
+def demo_main(argv: Sequence[str] | None = None) -> int:
+    """``covpool demo [--skip-training] [--output-dir DIR] [--no-progress] [key=value ...]`` and
+    ``covpool demo --hybrid [--switch N] [--output-dir DIR] [--no-progress] [key=value ...]``."""
+    from . import demo
+
+    modes = argparse.ArgumentParser(add_help=False)
+    modes.add_argument("--skip-training", action="store_true", help="only the backend comparison")
+    modes.add_argument("--hybrid", action="store_true",
+                       help="instead: NS only, SVD-Padé only and the hybrid protocol side by side (same budget); "
+                            "`covpool demo --hybrid --help` for its options")
+    args, _ = modes.parse_known_args(argv)
+    about, output_dir, example = ((demo.HYBRID_ABOUT, "runs/hybrid_demo", "epochs=6") if args.hybrid else
+                                  (demo.__doc__ + "\n" + demo.TRAINING_ABOUT, "runs/demo", "epochs=2"))
+    parser = argparse.ArgumentParser(prog="covpool demo",
+                                     description=about, parents=[modes],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default=output_dir, help="parent folder of the runs")
+    if args.hybrid:
+        parser.add_argument("--switch", type=int, default=2, help="epochs of NS before the hybrid run switches (2)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines only)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help=f"applied to every run, e.g. {example} data.embedded_train_per_class=40")
+    run_args = parser.parse_args(argv)
+    extra = (*run_args.overrides, *(("progress=false",) if run_args.no_progress else ()))
+    if args.hybrid:
+        return demo.run_hybrid_demo(run_args.output_dir, run_args.switch, extra)
+    demo.compare_backends()
+    if args.skip_training:
+        return 0
+    return demo.run_demo(run_args.output_dir, extra)
+
+
+# ---- dispatch ------------------------------------------------------------------------------------------
+
+# command -> (function, one-line help); each imports its modules only when its command runs.
+_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "train": (train_main, "fine-tune a model from a YAML config"),
+    "eval": (eval_main, "evaluate a checkpoint on a config's validation set"),
+    "bench": (bench_main, "time and check every square-root backend"),
+    "demo": (demo_main, "the main job of `make demo`"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: covpool <command> [options]   (covpool --version: the installed version)", "", "commands:"]
-    lines += [f"  {name:<7} {help_}" for name, (_, _, help_) in _COMMANDS.items()]
+    lines += [f"  {name:<7} {help_}" for name, (_, help_) in _COMMANDS.items()]
     lines += ["", "`covpool <command> --help` shows a command's options."]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """``covpool <command> [options]``: run one command and return its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -37,9 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}; the commands are {', '.join(_COMMANDS)} (see `covpool --help`)",
               file=sys.stderr)
         return 2
-    module, func, _ = _COMMANDS[command]
     try:
-        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+        return int(_COMMANDS[command][0](rest) or 0)
     except SystemExit as exit_:  # argparse's --help and usage errors: main() returns what the shell would see
         if exit_.code is None or isinstance(exit_.code, int):
             return exit_.code or 0

@@ -18,7 +18,7 @@ from covpool.train._schedule import (BackendSchedule, backend_for_epoch, checkpo
                                      parse_backend_schedule)
 from covpool.train.config import ConfigError, load_config
 from covpool.cli import main
-from covpool.train.hybrid_demo import HYBRID_VARIANTS, hybrid_demo_config
+from covpool.demo import HYBRID_VARIANTS, hybrid_demo_config
 
 from _train_helpers import REPO, tiny_overrides
 

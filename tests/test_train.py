@@ -18,11 +18,11 @@ import covpool
 from covpool.train import checkpoint as ckpt_mod
 from covpool.train import engine
 from covpool.train._model import build_model, param_groups
-from covpool.train.cli import eval_main, train_main
+from covpool.cli import eval_main, train_main
 from covpool.train.config import ConfigError, config_to_dict, load_config
 from covpool.train.data import (DatasetNotFoundError, build_datasets, build_loaders, dataset_names,
                                 num_classes_of)
-from covpool.train.demo import demo_config, run_demo
+from covpool.demo import demo_config, run_demo
 from covpool.train.embedded import EMBEDDED_CLASSES, EmbeddedTextures, _patch_boxes
 
 from _train_helpers import REPO, make_cub, make_imagefolder, tiny_overrides
@@ -473,6 +473,47 @@ def test_full_disk_names_the_file_and_the_cause(tmp_path, monkeypatch):
     assert err.value.errno == errno.ENOSPC and os.listdir(tmp_path) == ["last.pt"]
 
 
+def _history_rows():
+    return [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.5, "train_acc": 50.0, "val_acc1": 40.0, "lr": 0.1}]
+
+
+def _bench_rows():
+    return [{"variant": v, "d": 8, "batch": 2, "device": "cpu", "root": "sqrt", "fwd+bwd ms": 1.0 + i,
+             "fwd+bwd prod-eq": 3.0 + i, "fwd err well-conditioned": 1e-3, "fwd err ill-conditioned": 1e-2}
+            for i, v in enumerate(("ns", "eig"))]
+
+
+@pytest.mark.parametrize("writer", ["checkpoint", "metrics.csv", "curves.png", "bench.csv", "bench.png"])
+def test_every_output_is_written_one_atomic_way(tmp_path, monkeypatch, writer):
+    """The four writers (checkpoints, metrics.csv, plots, the benchmark's files) share one atomic write: a
+    full disk at the fsync leaves the old file whole, no temporary file, and one message naming the file."""
+    import errno
+
+    from covpool import bench
+    from covpool.train import _io
+    from covpool.train._plot import plot_history
+
+    write = {"checkpoint": lambda p: ckpt_mod.atomic_save({"w": torch.ones(3)}, p),
+             "metrics.csv": lambda p: engine._write_csv(_history_rows(), p),
+             "curves.png": lambda p: plot_history(_history_rows(), p),
+             "bench.csv": lambda p: bench.write_csv(_bench_rows(), p),
+             "bench.png": lambda p: bench.plot(_bench_rows(), p)}[writer]
+    path = tmp_path / "sub" / writer  # the folder is created
+    write(path)
+    before = path.read_bytes()
+    assert len(before) > 20 and os.listdir(path.parent) == [writer]
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_io.os, "fsync", full_disk)
+    with pytest.raises(OSError, match=rf"could not write {path}: No space left on device; the previous file is "
+                                      "untouched") as err:
+        write(path)
+    assert err.value.errno == errno.ENOSPC
+    assert os.listdir(path.parent) == [writer] and path.read_bytes() == before
+
+
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     import random
 
@@ -510,11 +551,35 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert len(_rows(run / "metrics.csv")) == 2
 
 
+@pytest.mark.slow  # ~10 s: two processes import torch and timm
+def test_torchrun_grad_accumulation_makes_the_single_process_big_batch(tmp_path):
+    """2 processes x batch 4 x grad_accum_steps 2 take the step of one process with batch 16 (test_vit: no
+    BatchNorm; scale [1, 1] and no flips make the augmentation the identity, so the processes' different
+    augmentation draws do not matter)."""
+    same = dict(model__name="test_vit", model__kwargs="{img_size: 32}", data__embedded_train_per_class=2,
+                data__scale="[1.0, 1.0]", data__hflip=0.0, optim__opt="momentum", optim__momentum=0.0,
+                optim__weight_decay=0.0, optim__sched="constant", optim__lr=0.5, max_val_steps=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    over = tiny_overrides(tmp_path, "ddp", **same, data__batch_size=4, grad_accum_steps=2)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "covpool", "train", "--config", "demo", *over], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    engine.train(load_config("demo", tiny_overrides(tmp_path, "one", **same, data__batch_size=16)))
+    engine.train(load_config("demo", tiny_overrides(tmp_path, "init", **{**same, "optim__lr": 0.0},
+                                                    data__batch_size=16)))
+    weights = {name: {k: v.double() for k, v in torch.load(tmp_path / name / "last.pt", weights_only=True)
+                      ["state_dict"].items()} for name in ("ddp", "one", "init")}
+    assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["global_step"] == 1
+    step = _update(weights["one"], weights["init"])
+    assert _rel(_update(weights["ddp"], weights["init"]), step) < 1e-4
+
+
 # -- the demo --------------------------------------------------------------------------------------------------
 def test_run_demo_tiny(tmp_path, capsys):
-    rc = run_demo(["--output-dir", str(tmp_path), "--no-progress", "epochs=1", "model.name=test_resnet",
-                   "data.img_size=32", "data.batch_size=8",
-                   "data.embedded_train_per_class=2", "data.embedded_val_per_class=1"])
+    rc = run_demo(str(tmp_path), ["progress=false", "epochs=1", "model.name=test_resnet",
+                                  "data.img_size=32", "data.batch_size=8",
+                                  "data.embedded_train_per_class=2", "data.embedded_val_per_class=1"])
     assert rc == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if "val acc" in line and " s" in line and "best" in line]
@@ -905,3 +970,122 @@ def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monk
         assert lock.acquire() is None
     lock.release()
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+# -- timm's training switches: gradient accumulation, channels_last, torch.compile, gradient checkpointing ------
+def _one_step(tmp_path, name, **extra):
+    """Parameters (float64 copies; not the BatchNorm statistics) and train loss after one optimizer step of a
+    tiny run, and the model."""
+    extra = {"max_steps_per_epoch": 1, "max_val_steps": 1, "optim__opt": "momentum", "optim__momentum": 0.0,
+             "optim__weight_decay": 0.0,
+             "optim__sched": "constant", **extra}
+    result = engine.train(load_config(None, tiny_overrides(tmp_path, name, **extra)))
+    weights = {k: v.detach().double().clone() for k, v in result.model.named_parameters()}
+    return weights, result.history[0]["train_loss"], result.model
+
+
+def _rel(a: dict, b: dict) -> float:
+    num = sum(float((a[k] - b[k]).pow(2).sum()) for k in a)
+    den = sum(float(b[k].pow(2).sum()) for k in a)
+    return math.sqrt(num / max(den, 1e-300))
+
+
+def _update(after: dict, before: dict) -> dict:
+    return {k: after[k] - before[k] for k in after}
+
+
+def test_grad_accumulation_gives_the_gradient_of_one_big_batch(tmp_path):
+    """Two batches of 8 accumulated make the update of one batch of 16 (16 training images: one optimizer step
+    each). test_vit normalises per sample (LayerNorm, no BatchNorm), so the two gradients are one."""
+    vit = dict(model__name="test_vit", model__kwargs="{img_size: 32}", data__embedded_train_per_class=2)
+    before, _, _ = _one_step(tmp_path, "init", **vit, optim__lr=0.0, data__batch_size=16)
+    big, big_loss, _ = _one_step(tmp_path, "big", **vit, optim__lr=0.5, data__batch_size=16)
+    accum, accum_loss, _ = _one_step(tmp_path, "accum", **vit, optim__lr=0.5, data__batch_size=8, grad_accum_steps=2)
+    small, _, _ = _one_step(tmp_path, "small", **vit, optim__lr=0.5, data__batch_size=8)  # no accumulation: half
+    step = _update(big, before)
+    assert _rel(step, step) == 0 and math.sqrt(sum(float(v.pow(2).sum()) for v in step.values())) > 1e-3
+    assert _rel(_update(accum, before), step) < 1e-4  # float32 sums in another order
+    assert _rel(_update(small, before), step) > 1e-2  # the check can tell one batch of 8 from 16
+    assert accum_loss == pytest.approx(big_loss, rel=1e-5)
+    rows = _rows(tmp_path / "accum" / "metrics.csv")
+    assert float(rows[0]["train_loss"]) == pytest.approx(big_loss, rel=1e-5)
+
+
+def test_grad_accumulation_counts_optimizer_steps_and_resumes(tmp_path, monkeypatch):
+    """grad_accum_steps=2 over 3 batches per epoch: 2 optimizer steps (the last one takes 1 batch, as timm);
+    the schedule and the checkpoint count optimizer steps, and a stop between two of them resumes exactly."""
+    over = dict(epochs=2, grad_accum_steps=2)  # 24 training images, batches of 8: 3 batches per epoch
+    engine.train(load_config(None, tiny_overrides(tmp_path, "straight", **over)))
+    state = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (2, 4)
+
+    real_step, sizes = engine._Trainer._train_step, []
+
+    def step_then_interrupt(self, images, target, stop):
+        sizes.append(len(images))
+        if self.global_step == 2:  # the first step of epoch 2
+            signal.raise_signal(signal.SIGINT)
+        return real_step(self, images, target, stop)
+
+    cfg = load_config(None, tiny_overrides(tmp_path, "interrupted", **over))
+    monkeypatch.setattr(engine._Trainer, "_train_step", step_then_interrupt)
+    assert engine.train(cfg).interrupted
+    monkeypatch.setattr(engine._Trainer, "_train_step", real_step)
+    state = torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 1, 3)
+    assert sizes == [2, 1, 2]
+    changed = load_config(None, tiny_overrides(tmp_path, "interrupted", **{**over, "grad_accum_steps": 1}))
+    with pytest.raises(ConfigError, match=r"cannot resume mid-epoch \(step 1\) with grad_accum_steps 2 -> 1"):
+        engine.train(changed, resume=True)
+    engine.train(cfg, resume=True)
+    _assert_same_run(tmp_path / "straight", tmp_path / "interrupted")
+
+
+def test_channels_last_trains_like_the_default_layout(tmp_path):
+    before, loss, _ = _one_step(tmp_path, "nchw")
+    after, loss_cl, model = _one_step(tmp_path, "nhwc", channels_last="true")
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert loss_cl == pytest.approx(loss, rel=1e-4) and _rel(after, before) < 1e-4
+
+
+def test_compile_trains_one_step_and_rejects_unknown_backends(tmp_path):
+    eager, loss, _ = _one_step(tmp_path, "eager")
+    compiled, loss_c, model = _one_step(tmp_path, "compiled", compile="aot_eager")  # no C++ toolchain needed
+    assert not hasattr(model, "_orig_mod")  # the checkpointed model is the plain one
+    assert loss_c == pytest.approx(loss, rel=1e-4) and _rel(compiled, eager) < 1e-4
+    state = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in state["state_dict"])
+    with pytest.raises(ConfigError, match=r"compile='nope' is not a torch.compile backend; .*inductor"):
+        engine.train(load_config(None, tiny_overrides(tmp_path, "bad", compile="nope")))
+
+
+@pytest.mark.slow
+def test_compile_true_uses_inductor(tmp_path):
+    eager, loss, _ = _one_step(tmp_path, "eager")
+    compiled, loss_c, _ = _one_step(tmp_path, "inductor", compile="true")
+    assert loss_c == pytest.approx(loss, rel=1e-3) and _rel(compiled, eager) < 1e-3
+
+
+def test_grad_checkpointing_trains_like_storing_activations(tmp_path):
+    # the parameters only: the recomputed forward updates BatchNorm's running statistics a second time
+    plain, loss, _ = _one_step(tmp_path, "plain")
+    ckpt, loss_ckpt, model = _one_step(tmp_path, "ckpt", model__grad_checkpointing="true")
+    assert model.grad_checkpointing is True
+    assert loss_ckpt == pytest.approx(loss, rel=1e-5) and _rel(ckpt, plain) < 1e-5
+    with pytest.raises(ConfigError, match="Linear.*has no set_grad_checkpointing"):
+        engine._set_grad_checkpointing(torch.nn.Linear(2, 2), "mine")
+
+
+def test_clip_mode_value_bounds_every_element_of_the_update(tmp_path):
+    lr, clip = 0.05, 1e-3
+    before, _, _ = _one_step(tmp_path, "init", optim__lr=0.0)
+    free, _, _ = _one_step(tmp_path, "free", optim__lr=lr)
+    after, _, _ = _one_step(tmp_path, "clipped", optim__lr=lr, clip_grad=clip, clip_mode="value")
+    biggest = {name: max(float(v.abs().max()) for v in _update(w, before).values())
+               for name, w in (("free", free), ("clipped", after))}
+    assert biggest["free"] > 10 * lr * clip  # so the clip is active
+    # float32 weights near 1 round each update to ~1e-7, 0.2 % of lr * clip
+    assert 0.5 * lr * clip < biggest["clipped"] <= lr * clip * (1 + 1e-2)
+    with pytest.raises(ConfigError, match="clip_mode must be one of norm, value, agc, got 'max'"):
+        engine.train(load_config(None, tiny_overrides(tmp_path, "bad", clip_mode="max")))

@@ -1,4 +1,4 @@
-"""Training tools on top of covpool: configs, data, the training loop, checkpoints and the demo.
+"""Training tools on top of covpool: configs, data, the training loop and checkpoints.
 
 ``covpool train --config configs/<name>.yaml [key=value ...]`` and ``covpool eval`` are thin wrappers over
 :func:`train` and :func:`evaluate`. Importing this package is cheap; timm and torchvision data sets load

@@ -1,24 +1,16 @@
 """Loss and accuracy curves of a run as a PNG (matplotlib's Agg backend: no display needed)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from ._io import atomic_write
 
 __all__ = ["plot_history", "plot_comparison"]
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
 
 
 def plot_comparison(runs: dict[str, Sequence[dict]], path: str | Path, title: str = "") -> Path:

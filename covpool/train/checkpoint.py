@@ -8,23 +8,23 @@ scheduler and scaler state dicts, the RNG states as tensors and numbers (torch C
 ``random``), counters, the metrics history and ``checksum``, a BLAKE2b digest of each set of weights that
 :func:`load_checkpoint` verifies, so a damaged file is an error rather than silently wrong weights.
 
-Files are written to a temporary file ``.<name>.<random>.tmp`` in the same folder and moved into place with
-:func:`os.replace`, so a crash mid-write leaves the previous file whole and no partial file under the real
-name; :func:`remove_stale_temp_files` clears what a killed process left behind.
+Files are written atomically (:mod:`covpool.train._io`): a temporary file ``.<name>.<random>.tmp`` in the
+same folder moved into place with :func:`os.replace`, so a crash mid-write leaves the previous file whole and
+no partial file under the real name; :func:`remove_stale_temp_files` clears what a killed process left behind.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import random
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ._io import atomic_write
 
 __all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "weights_checksum", "with_checksums",
            "remove_stale_temp_files", "rng_state", "set_rng_state"]
@@ -40,44 +40,16 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: dict[str, Any], path: str | Path) -> Path:
-    """``torch.save`` to ``path`` atomically: a temporary file in the same directory (same file system, so
-    the rename is atomic), flushed and fsynced, then ``os.replace``. On any error the temporary file is
+    """``torch.save`` to ``path`` atomically (:func:`covpool.train._io.atomic_write`: a temporary file in
+    the same directory, flushed and fsynced, then ``os.replace``). On any error the temporary file is
     removed and the old ``path``, if any, is untouched.
 
     Raises:
         OSError: the write failed (full disk, quota, I/O error); the message names ``path`` and the cause,
             which torch otherwise reports as a bare "unexpected pos" RuntimeError.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        cause = _os_error_in(err)
-        if cause is None:
-            raise
-        kept = "the previous file is untouched" if path.exists() else "nothing was written"
-        message = (f"could not write {path}: {cause.strerror or cause}; {kept}. Free space in (or choose "
-                   "another) output_dir, then continue with --resume")
-        raise (OSError(cause.errno, message) if cause.errno is not None else OSError(message)) from err
-    return path
-
-
-def _os_error_in(err: BaseException) -> OSError | None:
-    """The OSError behind ``err`` (torch.save reports ENOSPC as a RuntimeError raised while cleaning up)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    return atomic_write(path, lambda f: torch.save(obj, f),
+                        advice="Free space in (or choose another) output_dir, then continue with --resume")
 
 
 def remove_stale_temp_files(folder: str | Path, names: tuple[str, ...], suffix: str = ".tmp") -> list[Path]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 import os
 import signal
@@ -34,6 +35,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from ._io import atomic_write
 from ._dist import (DistContext, DistributedFailure, all_gather_objects, all_reduce_sum, dist_timeout_s,
                     init_distributed, is_collective_failure, shutdown_distributed)
 from ._model import build_model, param_groups
@@ -48,6 +50,7 @@ __all__ = ["DistributedFailure", "NonFiniteLossError", "RunExistsError", "RunLoc
            "TrainResult", "train", "evaluate", "evaluate_model", "format_table"]
 
 _AMP_DTYPES = MappingProxyType({"none": None, "bf16": torch.bfloat16, "fp16": torch.float16})
+_CLIP_MODES = ("norm", "value", "agc")  # timm's dispatch_clip_grad
 _CSV_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc1", "val_acc5", "ema_val_acc1", "lr",
                "epoch_time_s", "train_img_per_s", "backend")
 
@@ -172,6 +175,26 @@ def _amp_context(amp: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _compile_backend(compile: bool | str) -> str | None:
+    """The torch.compile backend of ``compile=`` (true: inductor), or None; an unknown name raises."""
+    if compile is False:
+        return None
+    if compile is True:
+        return "inductor"
+    valid = torch.compiler.list_backends(exclude_tags=())
+    if compile not in valid:
+        raise ConfigError(f"compile={compile!r} is not a torch.compile backend; use true (inductor), false, or one "
+                          f"of {', '.join(valid)}")
+    return compile
+
+
+def _set_grad_checkpointing(model: nn.Module, name: str) -> None:
+    if not callable(getattr(model, "set_grad_checkpointing", None)):
+        raise ConfigError(f"model.grad_checkpointing=true: {name} ({type(model).__name__}) has no "
+                          "set_grad_checkpointing (timm's models do); turn it off for this model")
+    model.set_grad_checkpointing(True)
+
+
 def _seed_all(seed: int) -> None:
     import random
 
@@ -182,6 +205,11 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last and images.dim() == 4 else images
+
+
 def _accuracy(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, logits.shape[-1])
     top = logits.topk(k, dim=-1).indices
@@ -190,7 +218,7 @@ def _accuracy(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tenso
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader, ctx: DistContext, amp: str = "none", max_steps: int | None = None,
-                   desc: str = "val", progress: bool = False) -> dict[str, float]:
+                   desc: str = "val", progress: bool = False, channels_last: bool = False) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy (%) of ``model`` over ``loader``, summed over all processes."""
     was_training = model.training
     model.eval()
@@ -201,7 +229,7 @@ def evaluate_model(model: nn.Module, loader, ctx: DistContext, amp: str = "none"
     for step, (images, target) in enumerate(loader):
         if step >= total:
             break
-        images, target = images.to(ctx.device, non_blocking=True), target.to(ctx.device, non_blocking=True)
+        images, target = _to_device(images, ctx.device, channels_last), target.to(ctx.device, non_blocking=True)
         with _amp_context(amp, ctx.device):
             logits = model(images)
         logits = logits.float()
@@ -238,9 +266,7 @@ def _write_csv(history: list[dict[str, float]], path: Path) -> None:
     writer = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode("utf-8")))
 
 
 # Keys a resumed run cannot honour: the weights, the optimizer state or the label space would not fit
@@ -248,9 +274,9 @@ def _write_csv(history: list[dict[str, float]], path: Path) -> None:
 _FIXED_ON_RESUME = ("model.", "data.dataset", "data.embedded_", "optim.opt")
 _FREE_ON_RESUME = ("model.pretrained", "name", "output_dir")
 # Model keys that leave the weights as they are: a resumed run takes the new value (and logs the change).
-_CHANGEABLE_ON_RESUME = ("model.backend_schedule",)
+_CHANGEABLE_ON_RESUME = ("model.backend_schedule", "model.grad_checkpointing")
 # Keys of the learning-rate schedule: rebuilt from the new config at the resumed global step.
-_SCHEDULE_KEYS = ("epochs", "max_steps_per_epoch")
+_SCHEDULE_KEYS = ("epochs", "max_steps_per_epoch", "grad_accum_steps")
 
 
 def _with_defaults(data: dict, defaults: dict) -> dict:
@@ -325,6 +351,9 @@ class _Trainer:
         self.amp_ctx()  # validate before any heavy work
         if cfg.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
+        if cfg.clip_mode not in _CLIP_MODES:
+            raise ConfigError(f"clip_mode must be one of {', '.join(_CLIP_MODES)}, got {cfg.clip_mode!r}")
+        self.compile_backend = _compile_backend(cfg.compile)
         self.backends = BackendSchedule.from_config(cfg)  # model.backend_schedule, checked before heavy work
         self.lock = _RunLock(self.run_dir)
         self._lock_run_dir()
@@ -359,7 +388,12 @@ class _Trainer:
                 model_cfg = replace(model_cfg, pretrained=False)
         _seed_all(cfg.seed)
         num_classes = cfg.model.num_classes or num_classes_of(cfg.data)
-        model = build_model(model_cfg, num_classes).to(self.ctx.device)
+        model = build_model(model_cfg, num_classes)
+        if cfg.model.grad_checkpointing:
+            _set_grad_checkpointing(model, cfg.model.name)
+        model = model.to(self.ctx.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         if self.ctx.distributed:
             import covpool
 
@@ -369,7 +403,8 @@ class _Trainer:
         self.train_loader, self.val_loader = build_loaders(
             cfg.data, train_set, val_set, seed=cfg.seed, rank=self.ctx.rank, world_size=self.ctx.world_size,
             pin_memory=self.ctx.device.type == "cuda")
-        self.steps_per_epoch = len(self.train_loader)
+        # an optimizer step takes grad_accum_steps batches; the last step of an epoch may take fewer (as timm)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum_steps)
         if cfg.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
 
@@ -390,7 +425,10 @@ class _Trainer:
             decay_milestones=list(o.decay_milestones), decay_rate=o.decay_rate, min_lr=o.min_lr,
             warmup_lr=o.warmup_lr, warmup_epochs=o.warmup_epochs, step_on_epochs=False,
             updates_per_epoch=self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        from timm.utils import NativeScaler, dispatch_clip_grad
+
+        self.scaler = NativeScaler("cuda") if cfg.amp == "fp16" else None
+        self.clip = dispatch_clip_grad
         self.ema = None
         if cfg.ema:
             from timm.utils import ModelEmaV3
@@ -403,6 +441,8 @@ class _Trainer:
 
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(model, device_ids=ids)
+        if self.compile_backend is not None:  # the training forward only: checkpoints and eval use the model
+            self.ddp = torch.compile(self.ddp, backend=self.compile_backend)
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.partial = [0.0, 0.0, 0.0]  # loss_sum, correct, count of the epoch in progress
@@ -421,8 +461,8 @@ class _Trainer:
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # what a killed atomic write left behind (covpool's own temporary names only)
-            remove_stale_temp_files(self.run_dir, ("last.pt", "best.pt", "metrics.csv"))
-            remove_stale_temp_files(self.run_dir, ("curves.png",), suffix=".png")
+            remove_stale_temp_files(self.run_dir, ("last.pt", "best.pt", "metrics.csv", "curves.png"))
+            remove_stale_temp_files(self.run_dir, ("curves.png",), suffix=".png")  # covpool <= 0.1.0's name
         last = self.run_dir / "last.pt"
         if resume:
             path = last if resume is True else Path(resume)
@@ -506,6 +546,11 @@ class _Trainer:
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step_in_epoch = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
+        if self.step_in_epoch and "grad_accum_steps" in self.resume_changes:
+            old, new = self.resume_changes["grad_accum_steps"]
+            raise ConfigError(f"cannot resume mid-epoch (step {self.step_in_epoch}) with grad_accum_steps {old} -> "
+                              f"{new}: the position in the epoch counts steps of {old} batches. Resume with "
+                              f"grad_accum_steps={old} and change it once the epoch is done")
         self.global_step = int(ckpt["global_step"])
         self.partial = [float(v) for v in ckpt["partial"]]
         self.history = [dict(r) for r in ckpt["history"]]
@@ -535,27 +580,48 @@ class _Trainer:
     def _lr(self) -> float:
         return max(g["lr"] / g["lr_scale"] for g in self.optimizer.param_groups)
 
-    def _train_step(self, images: torch.Tensor, target: torch.Tensor, stop: _StopFlag) -> tuple[float, float, bool]:
-        cfg, ctx = self.cfg, self.ctx
-        images, target = images.to(ctx.device, non_blocking=True), target.to(ctx.device, non_blocking=True)
+    def _forward(self, images: torch.Tensor, target: torch.Tensor):
+        """Loss and correct count of one batch; a LinAlgError (eigh/svd refuse NaN/inf or hopelessly
+        degenerate input) is returned instead of raised, so every process still takes part in the step."""
+        ctx = self.ctx
+        images, target = _to_device(images, ctx.device, self.cfg.channels_last), target.to(ctx.device, non_blocking=True)
         hard_target = target
         if self.mixup is not None:
             images, target = self.mixup(images, target)
-        failure = None
         try:
             with self.amp_ctx():
                 logits = self.ddp(images)
                 loss = self.criterion(logits, target)
-            correct = (logits.detach().argmax(dim=-1) == hard_target).sum()
+            return loss, (logits.detach().argmax(dim=-1) == hard_target).sum(), None
         except torch.linalg.LinAlgError as err:
-            # eigh/svd refuse NaN/inf (or hopelessly degenerate) input where the products-only backends pass
-            # NaN on to the loss: both end in the same stop, agreed on by every process through the all-reduce
-            failure = err
-            loss, correct = torch.tensor(float("nan"), device=ctx.device), torch.zeros((), device=ctx.device)
+            return torch.tensor(float("nan"), device=ctx.device), torch.zeros((), device=ctx.device), err
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler(loss, self.optimizer, need_update=False)  # timm's NativeScaler: scaled backward only
+        else:
+            loss.backward()
+
+    def _train_step(self, images: list[torch.Tensor], target: list[torch.Tensor], stop: _StopFlag
+                    ) -> tuple[float, float, bool]:
+        """One optimizer step over the batches ``zip(images, target)`` (``grad_accum_steps`` of them, or fewer
+        at the end of an epoch): the gradient of their mean loss, as one batch of them all would give."""
+        cfg, ctx = self.cfg, self.ctx
+        n = len(images)
+        loss_sum, correct, failure = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device), None
+        for i, (images_i, target_i) in enumerate(zip(images, target)):
+            # the gradients of all but the last batch stay local; DDP all-reduces once, in the last backward
+            sync = nullcontext() if i == n - 1 or not ctx.distributed else self.ddp.no_sync()
+            with sync:
+                loss, hits, err = self._forward(images_i, target_i)
+                failure = failure or err
+                if i < n - 1 and err is None:
+                    self._backward(loss / n)
+            loss_sum, correct = loss_sum + loss.detach().float(), correct + hits
         # one all-reduce carries the loss, the accuracy and any rank's stop request, so every process
-        # takes the same decision at the same step
-        shared = torch.stack([loss.detach().float(), correct.float(),
-                              torch.tensor(float(stop.signum or 0), device=ctx.device)])
+        # takes the same decision at the same step; a NaN from a LinAlgError or the products-only backends
+        # ends in the same stop, agreed on by every process, before the last backward (DDP's all-reduce)
+        shared = torch.stack([loss_sum / n, correct.float(), torch.tensor(float(stop.signum or 0), device=ctx.device)])
         all_reduce_sum(shared, ctx)
         if shared[2].item() > 0 and stop.signum is None:  # another process was signalled
             received = int(shared[2].item())
@@ -574,17 +640,12 @@ class _Trainer:
                 "weights. " + (f"The last good checkpoint is {last}. " if last.exists() else "No checkpoint was "
                 "written yet. ") + "Lower optim.lr, set clip_grad (e.g. clip_grad=1.0) or use amp=none.")
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
+            self.scaler(loss / n, self.optimizer, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode,
+                        parameters=self.model.parameters())
         else:
-            loss.backward()
-        if cfg.clip_grad is not None:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
+            (loss / n).backward()
+            if cfg.clip_grad is not None:
+                self.clip(self.model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
@@ -601,27 +662,30 @@ class _Trainer:
         self.backends.apply(self.epoch, [self.model, getattr(self.ema, "module", None)], announce=ctx.is_main)
         sampler = self.train_loader.sampler
         sampler.set_epoch(self.epoch)
-        sampler.skip = self.step_in_epoch * cfg.data.batch_size
+        sampler.skip = self.step_in_epoch * cfg.data.batch_size * cfg.grad_accum_steps
         # workers draw their augmentation seeds from this generator: a function of (seed, epoch, rank) only
         self.train_loader.generator.manual_seed(cfg.seed * 1_000_003 + self.epoch * 7919 + ctx.rank)
         self.ddp.train()
-        batch = cfg.data.batch_size * ctx.world_size
+        per_batch = cfg.data.batch_size * ctx.world_size
         show = cfg.progress and ctx.is_main
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    leave=False, dynamic_ncols=True, disable=not (show and _interactive()))
         # not a terminal (a log file, a pipe, SLURM's output): a plain line every log_interval steps instead
         every = cfg.log_interval if show and bar.disable else 0
-        start, done_here = time.perf_counter(), 0
-        for images, target in self.train_loader:
-            if self.step_in_epoch >= self.steps_per_epoch:
+        start, images_here = time.perf_counter(), 0
+        batches = iter(self.train_loader)
+        while self.step_in_epoch < self.steps_per_epoch:
+            group = list(itertools.islice(batches, cfg.grad_accum_steps))
+            if not group:
                 break
-            loss, correct, stop_now = self._train_step(images, target, stop)
+            loss, correct, stop_now = self._train_step([b[0] for b in group], [b[1] for b in group], stop)
+            batch = per_batch * len(group)
             self.step_in_epoch += 1
-            done_here += 1
+            images_here += batch
             self.partial[0] += loss * batch
             self.partial[1] += correct
             self.partial[2] += batch
-            rate = done_here * batch / max(time.perf_counter() - start, 1e-9)
+            rate = images_here / max(time.perf_counter() - start, 1e-9)
             loss_avg, acc_avg = self.partial[0] / self.partial[2], 100 * self.partial[1] / self.partial[2]
             bar.set_postfix(loss=f"{loss_avg:.4f}", acc=f"{acc_avg:.1f}%", img_s=f"{rate:.0f}", lr=f"{self._lr():.2e}",
                             refresh=False)
@@ -634,17 +698,19 @@ class _Trainer:
                 return False
         bar.close()
         self._epoch_time = time.perf_counter() - start
-        self._epoch_rate = done_here * batch / max(self._epoch_time, 1e-9)
+        self._epoch_rate = images_here / max(self._epoch_time, 1e-9)
         return True
 
     def _end_epoch(self) -> None:
         cfg, ctx = self.cfg, self.ctx
         # the bare model, not the DDP wrapper: shards may differ by a batch, and DDP's forward is collective
         val = evaluate_model(self.model, self.val_loader, ctx, cfg.amp, cfg.max_val_steps,
-                             desc=f"val {self.epoch + 1}/{cfg.epochs}", progress=cfg.progress)
+                             desc=f"val {self.epoch + 1}/{cfg.epochs}", progress=cfg.progress,
+                             channels_last=cfg.channels_last)
         ema_acc = float("nan")
         if self.ema is not None:
-            ema_acc = evaluate_model(self.ema.module, self.val_loader, ctx, cfg.amp, cfg.max_val_steps)["acc1"]
+            ema_acc = evaluate_model(self.ema.module, self.val_loader, ctx, cfg.amp, cfg.max_val_steps,
+                                     channels_last=cfg.channels_last)["acc1"]
         loss_sum, correct, count = self.partial
         row = {"epoch": self.epoch + 1, "train_loss": loss_sum / count, "train_acc": 100.0 * correct / count,
                "val_loss": val["loss"], "val_acc1": val["acc1"], "val_acc5": val["acc5"], "ema_val_acc1": ema_acc,
@@ -792,11 +858,14 @@ def evaluate(checkpoint: str | Path, cfg: TrainConfig | None = None, use_ema: bo
         raise CheckpointError(f"{checkpoint} has no EMA weights ({key!r}): they are stored only when the run used "
                               "ema=true; evaluate the model's own weights without --ema")
     model.load_state_dict(ckpt[key])
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     BackendSchedule.from_config(cfg).apply(checkpoint_epoch(ckpt), [model], announce=False)
     _, val_set = build_datasets(cfg.data, model, seed=cfg.seed)
     _, val_loader = build_loaders(cfg.data, val_set, val_set, seed=cfg.seed, rank=ctx.rank,
                                   world_size=ctx.world_size)
     try:
-        return evaluate_model(model, val_loader, ctx, cfg.amp, cfg.max_val_steps, progress=cfg.progress)
+        return evaluate_model(model, val_loader, ctx, cfg.amp, cfg.max_val_steps, progress=cfg.progress,
+                              channels_last=cfg.channels_last)
     finally:
         shutdown_distributed(ctx)
