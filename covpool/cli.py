@@ -312,6 +312,9 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
 # ---- dispatch ------------------------------------------------------------------------------------------
 
 # command -> (function, one-line help); each imports its modules only when its command runs.
+# Modules of the `train` extra (pyproject.toml): the library works without them, the commands do not.
+_TRAIN_EXTRA = frozenset({"yaml", "tqdm", "matplotlib", "skimage"})
+
 _COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (train_main, "fine-tune a model from a YAML config"),
     "eval": (eval_main, "evaluate a checkpoint on a config's validation set"),
@@ -345,6 +348,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(_COMMANDS[command][0](rest) or 0)
+    except ModuleNotFoundError as err:
+        if err.name not in _TRAIN_EXTRA:
+            raise
+        print(f"error: `covpool {command}` needs the training extra ({err.name} is not installed): "
+              "pip install 'covpool[train]'", file=sys.stderr)
+        return 2
     except SystemExit as exit_:  # argparse's --help and usage errors: main() returns what the shell would see
         if exit_.code is None or isinstance(exit_.code, int):
             return exit_.code or 0

@@ -62,3 +62,23 @@ def test_the_library_works_without_the_train_extra(wheel, tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split("\n")[:3] == ["(1, 3)", "(3, 3)", "no matplotlib"]
+
+
+def test_a_command_without_the_train_extra_says_what_to_install(monkeypatch, capsys):
+    from covpool import cli
+
+    def needs_skimage(argv):
+        raise ModuleNotFoundError("No module named 'skimage'", name="skimage")
+
+    monkeypatch.setitem(cli._COMMANDS, "demo", (needs_skimage, "the demo"))
+    assert cli.main(["demo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: `covpool demo` needs the training extra (skimage is not installed): "
+                   "pip install 'covpool[train]'"]
+
+    def needs_something_else(argv):
+        raise ModuleNotFoundError("No module named 'nope'", name="nope")
+
+    monkeypatch.setitem(cli._COMMANDS, "demo", (needs_something_else, "the demo"))
+    with pytest.raises(ModuleNotFoundError):  # not the extra's: a bug, with its traceback
+        cli.main(["demo"])
