@@ -448,3 +448,35 @@ def test_functional_forms_validate_their_input():
         zca_batch_norm(torch.randn(4, 8), torch.zeros(8), torch.zeros(1, 8, 8), group_size=4)
     with pytest.raises(ValueError, match="both running_mean and running_cov"):
         zca_batch_norm(torch.randn(4, 8), torch.zeros(8), None, group_size=4)
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: CovPool(True), "in_channels must be an integer >= 1, got True"),
+    (lambda: CovPool(8, reduced_dim=2.0), "reduced_dim must be an integer >= 1 or None, got 2.0"),
+    (lambda: ZCABatchNorm2d(8, 4, eps=float("inf")), r"eps must be a positive finite number, got inf"),
+    (lambda: ZCABatchNorm2d(8, 4, momentum=True), r"momentum must be a number in \[0, 1\] or None"),
+    (lambda: SoViTHead(8, 2, drop_rate=1), r"drop_rate must be a number in \[0, 1\), got 1"),
+    (lambda: SoViTHead(8, False), "num_classes must be an integer >= 0, got False"),
+    (lambda: zca_batch_norm(torch.randn(4, 8), group_size=True), "positive divisor"),
+])
+def test_number_guards_share_one_wording(build, match):
+    # One rule for every count and number in the library: bool is not an int, the message names the
+    # argument, the allowed range and the value.
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+@pytest.mark.parametrize("spec, error, match", [
+    ("nope", ValueError, "unknown backend 'nope'; valid backends are: eig"),
+    ({"num_iters": 3}, ValueError, "needs a 'name' key"),
+    ({"name": "ns", "iters": 3}, TypeError, r"unknown option\(s\) \['iters'\]"),
+    (3, TypeError, "backend must be a name or a dict with 'name' and options, got int"),
+])
+def test_layers_check_the_backend_spec_as_the_functions_do(spec, error, match):
+    # The layers fail at construction with the exact error sqrtm would raise at the first forward.
+    with pytest.raises(error, match=match):
+        covpool.sqrtm(torch.eye(2), spec)
+    for build in (lambda: CovPool(8, backend=spec), lambda: ZCABatchNorm1d(8, 4, backend=spec),
+                  lambda: SoViTHead(8, 2, backend=spec)):
+        with pytest.raises(error, match=match):
+            build()

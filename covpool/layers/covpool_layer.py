@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
-from ._checks import check_backend, check_positive_int
+from covpool.linalg import BackendSpec, resolve_backend
+from covpool.linalg._checks import check_int
+
 from .functional import cov_pool
 
 __all__ = ["CovPool"]
@@ -65,16 +65,16 @@ class CovPool(nn.Module):
         self,
         in_channels: int,
         reduced_dim: int | None = 256,
-        backend: str | Mapping[str, Any] = "ns",
+        backend: BackendSpec = "ns",
         vectorize: bool = True,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("reduced_dim", reduced_dim, allow_none=True)
-        check_backend(backend)
+        check_int("in_channels", in_channels)
+        check_int("reduced_dim", reduced_dim, allow_none=True)
+        resolve_backend(backend)
         self.in_channels = in_channels
         self.reduced_dim = reduced_dim
         self.backend = backend

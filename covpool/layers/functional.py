@@ -5,22 +5,17 @@ these.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from covpool.linalg import covariance, inv_sqrtm, sqrtm, triu_vectorize
-
-from ._checks import work_dtype
+from covpool.linalg import BackendSpec, covariance, inv_sqrtm, sqrtm, triu_vectorize
+from covpool.linalg._checks import check_number, is_int, work_dtype
 
 __all__ = ["cov_pool", "zca_batch_norm"]
 
-Spec = str | Mapping[str, Any]
 
-
-def cov_pool(x: torch.Tensor, backend: Spec = "ns", vectorize: bool = True) -> torch.Tensor:
+def cov_pool(x: torch.Tensor, backend: BackendSpec = "ns", vectorize: bool = True) -> torch.Tensor:
     """Global covariance pooling with matrix square-root normalisation (iSQRT-COV).
 
     Li et al., "Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square
@@ -102,7 +97,7 @@ def zca_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     group_size: int = 16,
-    backend: Spec = "eig",
+    backend: BackendSpec = "eig",
     process_group: Any = None,
 ) -> torch.Tensor:
     """Grouped ZCA whitening batch normalisation, the functional form of :class:`ZCABatchNorm2d`.
@@ -148,11 +143,10 @@ def zca_batch_norm(
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"zca_batch_norm expects input of shape (B, C, *), got {shape}")
     channels = x.shape[1]
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or channels % group_size:
+    if not is_int(group_size) or group_size < 1 or channels % group_size:
         raise ValueError(f"group_size must be a positive divisor of the {channels} channels of input shape "
                          f"{tuple(x.shape)}, got {group_size!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-        raise ValueError(f"eps must be a finite number >= 0 (added to the covariance diagonal), got {eps!r}")
+    check_number("eps", eps, 0.0, note="added to the covariance diagonal")
     if (running_mean is None) != (running_cov is None):
         raise ValueError("pass both running_mean and running_cov, or neither")
     groups = channels // group_size

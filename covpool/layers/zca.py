@@ -1,13 +1,14 @@
 """ZCA whitening batch normalisation (Decorrelated Batch Normalization) and its synchronised form."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._checks import check_backend, check_positive_int
+from covpool.linalg import BackendSpec, resolve_backend
+from covpool.linalg._checks import check_int, check_number
+
 from .functional import zca_batch_norm
 
 __all__ = ["ZCABatchNorm1d", "ZCABatchNorm2d", "convert_sync_zca"]
@@ -22,7 +23,7 @@ class _ZCABatchNorm(nn.Module):
         self,
         num_features: int,
         group_size: int = 16,
-        backend: str | Mapping[str, Any] = "eig",
+        backend: BackendSpec = "eig",
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
@@ -34,18 +35,15 @@ class _ZCABatchNorm(nn.Module):
         process_group: Any = None,
     ) -> None:
         super().__init__()
-        check_positive_int("num_features", num_features)
-        check_positive_int("group_size", group_size)
+        check_int("num_features", num_features)
+        check_int("group_size", group_size)
         if num_features % group_size:
             nearest = max(g for g in range(1, group_size) if num_features % g == 0)
             raise ValueError(f"group_size={group_size} does not divide num_features={num_features}; pick a divisor "
                              f"such as {nearest}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
-        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                     or not 0 <= momentum <= 1):
-            raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average), got {momentum!r}")
-        check_backend(backend)
+        check_number("eps", eps, 0.0, open_low=True)
+        check_number("momentum", momentum, 0.0, 1.0, allow_none=True, note="None: cumulative average")
+        resolve_backend(backend)
         self.num_features = num_features
         self.group_size = group_size
         self.num_groups = num_features // group_size

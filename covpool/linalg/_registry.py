@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["Backend", "Option", "register_backend", "get_backend", "list_backends", "resolve_backend"]
+from ._checks import check_int, check_number, is_int
+
+__all__ = ["Backend", "BackendSpec", "Option", "register_backend", "get_backend", "list_backends", "resolve_backend"]
 
 BackendFn = Callable[..., torch.Tensor]
+
+BackendSpec = str | Mapping[str, Any]
+"""What every ``backend=`` argument takes: a registered name, or a dict with ``name`` and options."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +101,13 @@ def get_backend(name: str) -> Backend:
         raise ValueError(f"unknown backend {name!r}; valid backends are: {', '.join(_REGISTRY)}") from None
 
 
-def resolve_backend(backend: str | Mapping[str, Any], options: Mapping[str, Any]) -> tuple[Backend, dict[str, Any]]:
+def resolve_backend(backend: BackendSpec, options: Mapping[str, Any] | None = None) -> tuple[Backend, dict[str, Any]]:
     """Turn ``backend`` (a name, or a dict with ``name`` and options) plus keyword options into a backend
-    and its checked options. Keyword options override those in the dict."""
+    and its checked options. Keyword options override those in the dict; the dict is not modified.
+
+    The one check of a backend spec: the functions call it per call, the layers at construction (so an
+    unknown name or option fails when the model is built, not at its first forward)."""
+    options = {} if options is None else options
     if isinstance(backend, Mapping):
         spec = dict(backend)
         if "name" not in spec:
@@ -110,26 +118,20 @@ def resolve_backend(backend: str | Mapping[str, Any], options: Mapping[str, Any]
     elif isinstance(backend, str):
         name = backend
     else:
-        raise TypeError(f"backend must be a name or a dict with 'name', got {type(backend).__name__}")
+        raise TypeError(f"backend must be a name or a dict with 'name' and options, got {type(backend).__name__}")
     entry = get_backend(name)
     return entry, entry.bind(options)
 
 
 def int_at_least(low: int) -> Callable[[str, Any], int]:
     def check(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
-        return value
+        return check_int(key, value, low)
 
     return check
 
 
 def positive_float_or_none(key: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{key} must be a positive finite number or None, got {value!r}")
-    return float(value)
+    return check_number(key, value, 0.0, open_low=True, allow_none=True)
 
 
 def one_of(*choices: str) -> Callable[[str, Any], str]:
@@ -143,12 +145,12 @@ def one_of(*choices: str) -> Callable[[str, Any], str]:
 
 def degree_pair(key: str, value: Any) -> tuple[int, int]:
     """A Padé degree: ``(m, n)`` (a list from a config file is fine) or one int meaning ``(k, k)``."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         value = (value, value)
     if (
         not isinstance(value, (tuple, list))
         or len(value) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value)
+        or any(not is_int(v) or v < 0 for v in value)
         or sum(value) < 2
     ):
         raise ValueError(f"{key} must be a pair (m, n) of non-negative integers with m + n >= 2, got {value!r}")

@@ -6,12 +6,13 @@ from typing import Any
 
 from torch import nn
 
+from ..linalg._checks import check_int
+
 __all__ = ["check_num_classes", "stage_stride", "set_stage_stride", "set_last_stride", "keep_fitting_classifier"]
 
 
 def check_num_classes(num_classes: Any) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+    check_int("num_classes", num_classes, 0)
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
