@@ -102,7 +102,7 @@ def assert_grads_everywhere(module):
 
 def test_public_names():
     assert sorted(covpool.layers.__all__) == sorted(
-        ["CovPool", "ZCABatchNorm1d", "ZCABatchNorm2d", "convert_sync_zca", "SoViTHead", "cov_pool", "zca_batch_norm",
+        ["CovPool", "ZCABatchNorm1d", "ZCABatchNorm2d", "convert_zca", "convert_sync_zca", "SoViTHead", "cov_pool", "zca_batch_norm",
          "set_backend"]
     )
     for name in covpool.layers.__all__:
@@ -480,3 +480,53 @@ def test_layers_check_the_backend_spec_as_the_functions_do(spec, error, match):
                   lambda: SoViTHead(8, 2, backend=spec)):
         with pytest.raises(error, match=match):
             build()
+
+
+# --------------------------------------------------------------------------------------- convert_zca
+def _bn_net(dtype=F64):
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+    net = net.to(dtype)
+    with torch.no_grad():
+        for bn in (net[1], net[4]):
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 3.0)
+            bn.num_batches_tracked.fill_(7)
+    return net
+
+
+def test_convert_zca_keeps_batch_norm_eval_outputs():
+    # The running variances become a diagonal running covariance: in eval mode, whitening with it is
+    # BatchNorm's normalisation, so the converted model computes what the original computed.
+    net = _bn_net().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    expected = net(x)
+    out = covpool.convert_zca(net, group_size=4)
+    assert out is net and [type(m) for m in (net[1], net[4])] == [ZCABatchNorm2d, ZCABatchNorm2d]
+    assert not net[1].training and net[1].running_cov.dtype == F64 and int(net[1].num_batches_tracked) == 7
+    torch.testing.assert_close(net(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_convert_zca_modes_options_and_errors():
+    net = _bn_net(torch.float32)
+    covpool.convert_zca(net, "stem", group_size=2, backend="ns", eps=1e-3)
+    assert type(net[1]) is ZCABatchNorm2d and type(net[4]) is nn.BatchNorm2d
+    assert (net[1].group_size, net[1].backend, net[1].eps, net[1].momentum) == (2, "ns", 1e-3, 0.1)
+    # A fresh BatchNorm2d gives exactly a fresh ZCABatchNorm2d (what `covpool train` built before).
+    fresh = covpool.convert_zca(nn.BatchNorm2d(8, momentum=None, affine=False), group_size=4)
+    reference = ZCABatchNorm2d(8, 4, momentum=None, affine=False)
+    assert type(fresh) is ZCABatchNorm2d and fresh.extra_repr() == reference.extra_repr()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0)
+    # Subclasses with another forward are left alone.
+    sync = nn.Sequential(nn.SyncBatchNorm(8))
+    with pytest.raises(ValueError, match="Sequential has no BatchNorm2d to replace"):
+        covpool.convert_zca(sync)
+    with pytest.raises(ValueError, match="mode must be one of 'all', 'stem', got 'none'"):
+        covpool.convert_zca(_bn_net(), "none")
+    with pytest.raises(ValueError, match="group_size=16 does not divide num_features=8"):
+        covpool.convert_zca(_bn_net())
+    with pytest.raises(TypeError, match="expects an nn.Module"):
+        covpool.convert_zca("resnet18")

@@ -812,3 +812,12 @@ def test_mpa_head_is_the_releases_pade_square_root():
     expected = root[:, rows, cols]
     got = head(x)[:, 16:]
     assert (got - expected).abs().max() <= 1e-10 * expected.abs().max()
+
+
+def test_cifar_stem_keeps_32x32_maps_at_4x4():
+    model = timm.create_model("resnet18", num_classes=10)
+    assert covpool.cifar_stem(model) is model
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1) and isinstance(model.maxpool, nn.Identity)
+    assert model.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 512, 4, 4)
+    with pytest.raises(ValueError, match=r"single-conv stem \(conv1 \+ maxpool\)"):
+        covpool.cifar_stem(nn.Sequential(nn.Conv2d(3, 8, 3)))
