@@ -4,6 +4,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import covpool
 from covpool._testing import (
@@ -427,6 +428,54 @@ def test_registering_a_name_twice_raises_and_a_new_backend_works():
         covpool.register_backend(name, halves)
     torch.testing.assert_close(covpool.sqrtm(4 * torch.eye(2), name), 4 * torch.eye(2))
     assert get_backend(name).defaults == {"scale": 2.0}
+
+
+class _CountProducts(TorchDispatchMode):
+    """Counts the batched matrix products (and the triangular solve, one product) that reach aten."""
+
+    PRODUCTS = {"bmm", "baddbmm", "baddbmm_", "mm", "addmm", "cholesky_solve"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in self.PRODUCTS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_declared_product_counts_are_what_the_backend_runs(backend, inverse):
+    # The count a backend declares when it registers (what `covpool bench` reports) is checked against
+    # the products its forward and backward actually dispatch, for defaults and non-default options.
+    entry = get_backend(backend)
+    if entry.products_fn is None:
+        assert entry.products(inverse) is None
+        return
+    option_sets = {"ns": [{}, {"num_iters": 1}, {"num_iters": 2, "norm": "fro"}, {"num_iters": 7}],
+                   "mtp_lya": [{}, {"degree": 7, "refine": 2}, {"degree": 1, "lya_iters": 1}],
+                   "mpa_lya": [{}, {"degree": (3, 4), "refine": 1}, {"degree": (8, 8), "lya_iters": 3}]}[backend]
+    fn = covpool.inv_sqrtm if inverse else covpool.sqrtm
+    for options in option_sets:
+        a = well_conditioned(2, 6, dtype=torch.float64, seed=3).requires_grad_()
+        with torch.no_grad(), _CountProducts() as forward:
+            fn(a, backend, **options)
+        with _CountProducts() as both:
+            out = fn(a, backend, **options)
+            out.backward(torch.randn_like(out))
+        assert entry.products(inverse, **options) == (forward.count, both.count), options
+
+
+def test_products_check_their_options_and_registration_checks_products():
+    assert get_backend("ns").products() == (12, 36) == get_backend("ns").products(num_iters=5, norm="trace")
+    with pytest.raises(ValueError, match="ns.num_iters must be an integer >= 1"):
+        get_backend("ns").products(num_iters=0)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['iters'\]"):
+        get_backend("mpa_lya").products(iters=3)
+    with pytest.raises(TypeError, match="products must be a function"):
+        covpool.register_backend("test_bad_products", lambda a, inverse: a, products=(1, 2))
+    assert "test_bad_products" not in covpool.list_backends()
 
 
 # ------------------------------------------------------------------------------- coefficients, helpers

@@ -12,6 +12,7 @@ from ._checks import check_int, check_number, is_int
 __all__ = ["Backend", "BackendSpec", "Option", "register_backend", "get_backend", "list_backends", "resolve_backend"]
 
 BackendFn = Callable[..., torch.Tensor]
+ProductsFn = Callable[..., tuple[int, int]]
 
 BackendSpec = str | Mapping[str, Any]
 """What every ``backend=`` argument takes: a registered name, or a dict with ``name`` and options."""
@@ -32,12 +33,15 @@ class Backend:
 
     ``fn(a, inverse, **options)`` receives a float32/float64 tensor of shape ``(B, n, n)`` (batch dims
     flattened, autocast off) and returns the square root (``inverse=False``) or inverse square root.
+    ``products_fn(inverse, **options)``, declared by backends built from matrix products only, returns
+    how many batched ``n×n`` products one call performs: ``(forward, forward + backward)``.
     """
 
     name: str
     fn: BackendFn
     options: Mapping[str, Option]
     doc: str = ""
+    products_fn: ProductsFn | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -54,6 +58,20 @@ class Backend:
             bound[key] = self.options[key].check(f"{self.name}.{key}", value)
         return bound
 
+    def products(self, inverse: bool = False, **options: Any) -> tuple[int, int] | None:
+        """``(forward, forward + backward)`` batched matrix products of one call with ``options``
+        (checked, defaults filled in), whatever n; None for a backend that did not declare them (the
+        eigendecomposition and SVD backends, whose cost is not a product count).
+
+        Example::
+
+            >>> import covpool
+            >>> covpool.get_backend("ns").products(num_iters=5)
+            (12, 36)
+        """
+        bound = self.bind(options)
+        return None if self.products_fn is None else self.products_fn(inverse, **bound)
+
 
 _REGISTRY: dict[str, Backend] = {}
 
@@ -63,8 +81,13 @@ def register_backend(
     fn: BackendFn,
     options: Mapping[str, Option] | None = None,
     doc: str = "",
+    products: ProductsFn | None = None,
 ) -> Backend:
     """Register ``fn`` under ``name`` so ``sqrtm(a, backend=name)`` can use it.
+
+    ``options`` maps each keyword option of ``fn`` to an :class:`Option` (default and check). A backend
+    made of matrix products can declare ``products(inverse, **options) -> (forward, forward + backward)``,
+    its product count, which ``covpool bench`` reports next to the times (:meth:`Backend.products`).
 
     Example::
 
@@ -83,7 +106,10 @@ def register_backend(
         raise TypeError(f"a backend name must be a non-empty string, got {name!r}")
     if name in _REGISTRY:
         raise ValueError(f"backend {name!r} is already registered; pick another name")
-    backend = Backend(name=name, fn=fn, options=dict(options or {}), doc=doc)
+    if products is not None and not callable(products):
+        raise TypeError(f"products must be a function (inverse, **options) -> (forward, forward + backward), "
+                        f"got {type(products).__name__}")
+    backend = Backend(name=name, fn=fn, options=dict(options or {}), doc=doc, products_fn=products)
     _REGISTRY[name] = backend
     return backend
 
