@@ -9,7 +9,7 @@ from torch import nn
 from covpool.linalg import BackendSpec, resolve_backend
 from covpool.linalg._checks import check_int
 
-from .functional import cov_pool
+from .functional import as_maps, cov_pool
 
 __all__ = ["CovPool"]
 
@@ -93,14 +93,7 @@ class CovPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` or ``(B, N, C)`` → ``(B, d(d+1)/2)`` (or ``(B, d, d)``)."""
-        if x.dim() == 4 and x.shape[1] == self.in_channels:
-            maps = x
-        elif x.dim() == 3 and x.shape[2] == self.in_channels:
-            maps = x.transpose(1, 2).unsqueeze(-1)
-        else:
-            c = self.in_channels
-            raise ValueError(f"CovPool expects feature maps (B, {c}, H, W) or tokens (B, N, {c}), "
-                             f"got shape {tuple(x.shape)}")
+        maps = as_maps(x, self.in_channels, "CovPool")
         return cov_pool(self.reduce(maps).flatten(2), self.backend, self.vectorize)
 
     def extra_repr(self) -> str:

@@ -8,11 +8,23 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from einops import rearrange
 
 from covpool.linalg import BackendSpec, covariance, inv_sqrtm, sqrtm, triu_vectorize
 from covpool.linalg._checks import check_number, is_int, work_dtype
 
 __all__ = ["cov_pool", "zca_batch_norm"]
+
+
+def as_maps(x: torch.Tensor, channels: int, name: str) -> torch.Tensor:
+    """Feature maps ``(B, C, H, W)`` as they are, tokens ``(B, N, C)`` as ``(B, C, N, 1)`` maps (internal:
+    what the pooling layers accept); anything else is an error naming the layer ``name``."""
+    if x.dim() == 4 and x.shape[1] == channels:
+        return x
+    if x.dim() == 3 and x.shape[2] == channels:
+        return rearrange(x, "b n c -> b c n 1")
+    raise ValueError(f"{name} expects feature maps (B, {channels}, H, W) or tokens (B, N, {channels}), "
+                     f"got shape {tuple(x.shape)}")
 
 
 def cov_pool(x: torch.Tensor, backend: BackendSpec = "ns", vectorize: bool = True) -> torch.Tensor:
@@ -159,8 +171,8 @@ def zca_batch_norm(
     dtype = work_dtype(x.dtype)
 
     with torch.autocast(device_type=x.device.type, enabled=False):
-        # (B, C, *) -> (G, m, M): a group's channels as rows, all batch and spatial positions as columns.
-        xg = x.to(dtype).transpose(0, 1).reshape(groups, group_size, -1)
+        # A group's channels as rows, every batch and spatial position as a column.
+        xg = rearrange(x.to(dtype), "b (g m) ... -> g m (b ...)", m=group_size)
         if use_batch:
             if process_group is None and xg.shape[-1] < 2:
                 raise ValueError(f"whitening with batch statistics needs more than one value per channel, got "
@@ -180,5 +192,5 @@ def zca_batch_norm(
             y = y * weight.to(dtype).view(groups, group_size, 1)
         if bias is not None:
             y = y + bias.to(dtype).view(groups, group_size, 1)
-        out = y.reshape(channels, x.shape[0], *x.shape[2:]).transpose(0, 1)
+        out = rearrange(y, "g m (b s) -> b (g m) s", b=x.shape[0]).reshape(x.shape)
     return out.to(x.dtype).contiguous()

@@ -21,6 +21,7 @@ from covpool.linalg import BackendSpec, resolve_backend
 from covpool.linalg._checks import check_int, check_number, work_dtype
 
 from .covpool_layer import CovPool
+from .functional import as_maps
 
 __all__ = ["SoViTHead", "SvPNCrossCov", "cross_covariance", "svpn"]
 
@@ -68,15 +69,6 @@ def _reduction(in_channels: int, out_channels: int, factory: dict[str, Any]) -> 
         bn=nn.BatchNorm2d(out_channels, **factory),
         act=nn.ReLU(inplace=True),
     ))
-
-
-def _as_maps(x: torch.Tensor, channels: int, name: str) -> torch.Tensor:
-    if x.dim() == 4 and x.shape[1] == channels:
-        return x
-    if x.dim() == 3 and x.shape[2] == channels:
-        return x.transpose(1, 2).unsqueeze(-1)
-    raise ValueError(f"{name} expects feature maps (B, {channels}, H, W) or tokens (B, N, {channels}), "
-                     f"got shape {tuple(x.shape)}")
 
 
 class SvPNCrossCov(nn.Module):
@@ -127,7 +119,7 @@ class SvPNCrossCov(nn.Module):
         nn.init.normal_(self.v0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        maps = _as_maps(x, self.in_channels, "SvPNCrossCov")
+        maps = as_maps(x, self.in_channels, "SvPNCrossCov")
         a, b = (branch(maps).flatten(2) for branch in self.reduce)
         dtype = work_dtype(x.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):

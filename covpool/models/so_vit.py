@@ -38,6 +38,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from einops import rearrange
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_module, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -156,8 +157,8 @@ class VisualTokenEmbed(nn.Module):
                 )
         x = self.proj(self.backbone(x))
         if self.output_fmt == "NHWC":
-            return x.permute(0, 2, 3, 1)
-        return x.flatten(2).transpose(1, 2)
+            return rearrange(x, "b c h w -> b h w c")
+        return rearrange(x, "b c h w -> b (h w) c")
 
 
 # Shape checks that depend on the input: FX treats these modules as leaves (timm's own convention).
