@@ -11,6 +11,7 @@ import covpool
 from covpool.layers import (
     CovPool, SoViTHead, ZCABatchNorm1d, ZCABatchNorm2d, convert_sync_zca, cov_pool, zca_batch_norm,
 )
+from covpool._testing import rel
 from covpool.linalg import get_backend
 
 F64 = torch.float64
@@ -51,11 +52,6 @@ def ref_zca(x, group_size, eps, weight=None, bias=None, mean=None, cov=None):
     if weight is not None:
         out = out * weight.double()[:, None] + bias.double()[:, None]
     return out.reshape(c, x.shape[0], *x.shape[2:]).transpose(0, 1)
-
-
-def rel(x, y):
-    x, y = x.detach().double(), y.detach().double()
-    return float((x - y).norm() / y.norm())
 
 
 def randomise(module, seed=0):
@@ -110,18 +106,18 @@ def test_public_names():
 
 
 # ------------------------------------------------------------------------------------------- CovPool
-def test_covpool_matches_reference_for_maps_and_tokens():
+def test_covpool_matches_reference_for_maps_and_tokens(device):
     torch.manual_seed(0)
     x = torch.randn(2, 5, 3, 4, dtype=F64)
     expected = ref_root(ref_cov(x.flatten(2)))
-    pool = CovPool(5, reduced_dim=None, backend="eig")
+    pool = CovPool(5, reduced_dim=None, backend="eig", device=device)
     assert pool.out_features == 15
-    torch.testing.assert_close(pool(x), ref_triu(expected), rtol=1e-10, atol=1e-12)
-    tokens = x.flatten(2).transpose(1, 2)
-    torch.testing.assert_close(pool(tokens), ref_triu(expected), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pool(x.to(device)).cpu(), ref_triu(expected), rtol=1e-10, atol=1e-12)
+    tokens = x.flatten(2).transpose(1, 2).to(device)
+    torch.testing.assert_close(pool(tokens).cpu(), ref_triu(expected), rtol=1e-10, atol=1e-12)
     matrix = CovPool(5, reduced_dim=None, backend="eig", vectorize=False)
     assert matrix.out_features == 5
-    torch.testing.assert_close(matrix(x), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(matrix(x.to(device)).cpu(), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_covpool_reduction_is_conv_bn_relu_and_shared_by_both_layouts():
@@ -146,15 +142,17 @@ def test_covpool_default_is_isqrt_cov():
 
 
 # ------------------------------------------------------------------------------------------ SoViTHead
-def test_sovit_head_matches_reference():
+def test_sovit_head_matches_reference(device):
     torch.manual_seed(0)
     head = SoViTHead(6, num_classes=3, reduced_dim=None, backend="eig", dtype=F64)
     x = torch.randn(2, 1 + 10, 6, dtype=F64)
     cov_vec = ref_triu(ref_root(ref_cov(x[:, 1:].mT)))
     expected = x[:, 0] @ head.fc_cls.weight.T + head.fc_cls.bias + cov_vec @ head.fc_cov.weight.T + head.fc_cov.bias
     assert head.cov_dim == 21 and head.num_features == 27
-    torch.testing.assert_close(head(x), expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(head(x, pre_logits=True), torch.cat([x[:, 0], cov_vec], -1), rtol=1e-10, atol=1e-12)
+    head, x = head.to(device), x.to(device)
+    torch.testing.assert_close(head(x).cpu(), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(head(x, pre_logits=True).cpu(), torch.cat([x[:, 0].cpu(), cov_vec], -1),
+                               rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -208,25 +206,25 @@ def test_sovit_head_dropout_acts_on_the_covariance_branch_only():
 
 # ------------------------------------------------------------------------------------------------ ZCA
 @pytest.mark.parametrize("shape", [(24, 8), (6, 8, 5)], ids=["BC", "BCL"])
-def test_zca1d_matches_reference(shape):
+def test_zca1d_matches_reference(shape, device):
     x = correlated(*shape)
     zca = randomise(ZCABatchNorm1d(8, group_size=4, eps=1e-5, dtype=F64))
     expected = ref_zca(x, 4, 1e-5, zca.weight.detach(), zca.bias.detach())
-    torch.testing.assert_close(zca(x), expected, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(zca.to(device)(x.to(device)).cpu(), expected, rtol=1e-9, atol=1e-11)
 
 
-def test_zca2d_matches_reference():
+def test_zca2d_matches_reference(device):
     x = correlated(3, 8, 4, 5)
     zca = randomise(ZCABatchNorm2d(8, group_size=2, eps=1e-4, dtype=F64))
     expected = ref_zca(x, 2, 1e-4, zca.weight.detach(), zca.bias.detach())
-    torch.testing.assert_close(zca(x), expected, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(zca.to(device)(x.to(device)).cpu(), expected, rtol=1e-9, atol=1e-11)
 
 
-def test_zca_training_output_has_identity_group_covariance():
+def test_zca_training_output_has_identity_group_covariance(device):
     # Exact backend, float64, eps 1e-12 on a covariance with eigenvalues >= O(0.1): off by < 1e-9.
     x = correlated(4, 8, 6, 6)
-    zca = ZCABatchNorm2d(8, group_size=4, eps=1e-12, dtype=F64)
-    out = zca(x)
+    zca = ZCABatchNorm2d(8, group_size=4, eps=1e-12, dtype=F64, device=device)
+    out = zca(x.to(device)).cpu()
     cov = ref_cov(out.transpose(0, 1).reshape(2, 4, -1))
     torch.testing.assert_close(cov, torch.eye(4, dtype=F64).expand(2, 4, 4), rtol=0, atol=1e-9)
     torch.testing.assert_close(out.mean(dim=(0, 2, 3)), torch.zeros(8, dtype=F64), rtol=0, atol=1e-12)
@@ -337,12 +335,12 @@ def test_convert_sync_zca_switches_layers_in_place_and_is_a_no_op_without_distri
         convert_sync_zca("model")
 
 
-def test_zca_half_precision_is_whitened_in_float32():
-    zca = ZCABatchNorm2d(8, group_size=4)
+def test_zca_half_precision_is_whitened_in_float32(device):
+    zca = ZCABatchNorm2d(8, group_size=4, device=device)
     x = correlated(4, 8, 4, 4)
-    out = zca(x.to(torch.bfloat16))
+    out = zca(x.to(device, torch.bfloat16))
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.double(), ref_zca(x.to(torch.bfloat16), 4, zca.eps), rtol=0.02, atol=0.05)
+    torch.testing.assert_close(out.double().cpu(), ref_zca(x.to(torch.bfloat16), 4, zca.eps), rtol=0.02, atol=0.05)
 
 
 # -------------------------------------------------------------------------------- shared behaviours
@@ -359,16 +357,16 @@ ITERATIVE_RTOL = {"covpool": 0.05, "sovit": 0.03, "zca1d": 0.3, "zca2d": 0.3}
 
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("spec", backend_specs())
-def test_backend_is_swapped_by_config(layer, spec):
+def test_backend_is_swapped_by_config(layer, spec, device):
     make, data = LAYERS[layer]
     torch.manual_seed(0)
-    x = data()
-    reference = make("eig")
-    module = make(spec)
+    x = data().to(device)
+    reference = make("eig").to(device)
+    module = make(spec).to(device)
     module.load_state_dict(reference.state_dict())
     out = module(x)
     assert torch.isfinite(out).all()
-    by_name = make(backend_name(spec))
+    by_name = make(backend_name(spec)).to(device)
     by_name.load_state_dict(reference.state_dict())
     torch.testing.assert_close(by_name(x), out, rtol=0, atol=0)
     expected = reference(x)
@@ -391,11 +389,11 @@ RANK_DEFICIENT = {
 
 @pytest.mark.parametrize("layer", RANK_DEFICIENT)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradients_reach_every_parameter_on_rank_deficient_input(layer, backend):
+def test_gradients_reach_every_parameter_on_rank_deficient_input(layer, backend, device, dtype):
     make, data = RANK_DEFICIENT[layer]
     torch.manual_seed(0)
-    module = randomise(make(backend)).train()
-    x = data().requires_grad_()
+    module = randomise(make(backend)).train().to(device, dtype)
+    x = data().to(device, dtype).requires_grad_()
     out = module(x)
     assert torch.isfinite(out).all()
     (out * torch.randn_like(out)).sum().backward()
