@@ -57,7 +57,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         try:
             model = covpool.convert_zca(model, cfg.zca, **cfg.zca_options)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"model.zca={cfg.zca!r} (none, or a covpool.convert_zca mode): {err}") from None
+            raise ConfigError(f"model.zca={cfg.zca!r}, model.zca_options={dict(cfg.zca_options)!r} "
+                              f"(model.zca: none, stem or all): {err}") from None
     if cfg.swap_pooling:
         model = covpool.swap_pooling(model, **cfg.covpool)  # timm non-ResNets come back wrapped
     elif cfg.covpool:
