@@ -131,6 +131,8 @@ def test_isqrt_resnet_options():
     assert strided.forward_features(_images()).shape[-1] == IMG // 32
     with pytest.raises(ValueError, match="last_stride"):
         timm.create_model("resnet18_isqrt", last_stride=4)
+    with pytest.raises(ValueError, match="last_stride must be 1 or 2, got True"):
+        timm.create_model("resnet18_isqrt", last_stride=True)
     with pytest.raises(ValueError, match="global_pool"):
         timm.create_model("resnet18_isqrt", global_pool="avg")
     with pytest.raises(ValueError, match="num_classes"):

@@ -309,7 +309,7 @@ def swap_pooling(model: nn.Module, *, last_stride: int | None = None, **covpool_
         >>> type(vit).__name__, vit.num_features, vit.head_hidden_size  # class token + 32·33/2 covariance
         ('SecondOrderNet', 192, 720)
     """
-    if last_stride not in (None, 1, 2):
+    if last_stride is not None and (not is_int(last_stride) or last_stride not in (1, 2)):
         raise ValueError(f"last_stride must be None (keep the model's), 1 or 2, got {last_stride!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_pooling expects an nn.Module, one of {_SUPPORTED}; got {type(model).__name__}")
