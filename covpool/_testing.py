@@ -1,7 +1,14 @@
 """Matrix families and float64 references shared by the tests and `covpool bench` (internal)."""
 import torch
 
-__all__ = ["well_conditioned", "well_separated", "ill_conditioned", "rank_deficient", "repeated_eigenvalues", "exact_root", "exact_grad"]
+__all__ = ["well_conditioned", "well_separated", "ill_conditioned", "rank_deficient", "repeated_eigenvalues",
+           "exact_root", "exact_grad", "rel"]
+
+
+def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Relative Frobenius error ‖x − y‖ / ‖y‖ in float64 on the CPU (x and y may live on different devices)."""
+    x, y = x.detach().double().cpu(), y.detach().double().cpu()
+    return float((x - y).norm() / y.norm())
 
 
 def well_conditioned(batch: int, n: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:

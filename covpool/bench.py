@@ -19,7 +19,6 @@ from torch.utils import benchmark
 
 from . import linalg
 from ._testing import exact_grad, exact_root, ill_conditioned, rank_deficient, repeated_eigenvalues, well_conditioned
-from .linalg._iterative import _split
 
 __all__ = ["Variant", "default_variants", "product_count", "run_bench", "format_table", "main"]
 
@@ -69,32 +68,11 @@ def default_variants(quick: bool = False) -> list[Variant]:
 
 
 def product_count(variant: Variant, inverse: bool = False) -> tuple[int, int] | None:
-    """(forward, forward+backward) batched products the algorithm performs, for the product backends.
-
-    ns: 3N − 3 forward, and an exact backward costs two products per forward product.
-    mtp_lya / mpa_lya: Paterson–Stockmeyer powers and Horner steps (mpa also one Cholesky solve,
-    counted as one product), then 5 products per Lyapunov step (3 in the last), plus the right-hand
-    side and S = A·Y for the inverse root (3 more).
-    """
-    opts = dict(variant.options)
-    if variant.backend == "ns":
-        n = opts.get("num_iters", 5)
-        fwd = max(1, 3 * n - 3) if n > 1 else 1
-        return fwd, 3 * fwd
-    if variant.backend in ("mtp_lya", "mpa_lya"):
-        lya = opts.get("lya_iters", 8)
-        bwd = 5 * (lya - 1) + 3 + (3 if inverse else 0)
-        if variant.backend == "mtp_lya":
-            deg = opts.get("degree", 10)
-            s = _split(deg, 1)
-            fwd = (s - 1) + math.ceil((deg + 1) / s) - 1
-        else:
-            m, n = opts.get("degree", (5, 5))
-            s = _split(max(m, n), 2)
-            fwd = (s - 1) + (math.ceil((m + 1) / s) - 1) + (math.ceil((n + 1) / s) - 1) + 1
-        fwd += 3 * opts.get("refine", 0)
-        return fwd, fwd + bwd
-    return None
+    """(forward, forward+backward) batched products the algorithm performs, as its backend declares them
+    (:meth:`covpool.linalg.Backend.products`); None for baselines and backends that declare none."""
+    if variant.backend is None:
+        return None
+    return linalg.get_backend(variant.backend).products(inverse, **dict(variant.options))
 
 
 def _time(fn: Callable[[], Any], device: torch.device, min_run_time: float) -> float:

@@ -1,4 +1,4 @@
-"""ZCA-whitening batch norm in a ResNet: swap BatchNorm2d for ``covpool.ZCABatchNorm2d`` and train.
+"""ZCA-whitening batch norm in a ResNet: ``covpool.convert_zca`` swaps BatchNorm2d for ZCABatchNorm2d; train.
 
 Decorrelated BN (Huang et al., CVPR 2018) whitens each group of channels with the inverse square root of
 their batch covariance, so the group's output covariance is the identity, where BatchNorm only makes the
@@ -19,17 +19,6 @@ from torch.utils.data import DataLoader
 
 import covpool
 from covpool.train.embedded import EmbeddedTextures
-
-
-def to_zca(model: nn.Module, group_size: int, backend: str) -> int:
-    """Replace every BatchNorm2d of ``model`` in place; returns how many were replaced."""
-    targets = [name for name, m in model.named_modules() if type(m) is nn.BatchNorm2d]
-    for name in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        bn = getattr(parent, attr)
-        setattr(parent, attr, covpool.ZCABatchNorm2d(bn.num_features, group_size=group_size, backend=backend))
-    return len(targets)
 
 
 def group_correlation(x: torch.Tensor, group_size: int) -> float:
@@ -61,7 +50,11 @@ def main(argv: list[str] | None = None) -> float:
           f"ZCABatchNorm2d({args.backend}) {group_correlation(zca(x), args.group_size):.4f}")
 
     model = timm.create_model("resnet18", num_classes=8)
-    print(f"replaced {to_zca(model, args.group_size, args.backend)} BatchNorm2d layers with ZCABatchNorm2d")
+    count = sum(type(m) is nn.BatchNorm2d for m in model.modules())
+    # Like torch's SyncBatchNorm.convert_sync_batchnorm: every BatchNorm2d becomes a ZCABatchNorm2d that
+    # keeps its eps, momentum, affine parameters and running statistics.
+    model = covpool.convert_zca(model, group_size=args.group_size, backend=args.backend)
+    print(f"replaced {count} BatchNorm2d layers with ZCABatchNorm2d")
     loader = DataLoader(EmbeddedTextures("train", img_size, per_class, seed=0), batch_size=16, shuffle=True,
                         drop_last=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

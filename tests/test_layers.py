@@ -11,6 +11,7 @@ import covpool
 from covpool.layers import (
     CovPool, SoViTHead, ZCABatchNorm1d, ZCABatchNorm2d, convert_sync_zca, cov_pool, zca_batch_norm,
 )
+from covpool._testing import rel
 from covpool.linalg import get_backend
 
 F64 = torch.float64
@@ -51,11 +52,6 @@ def ref_zca(x, group_size, eps, weight=None, bias=None, mean=None, cov=None):
     if weight is not None:
         out = out * weight.double()[:, None] + bias.double()[:, None]
     return out.reshape(c, x.shape[0], *x.shape[2:]).transpose(0, 1)
-
-
-def rel(x, y):
-    x, y = x.detach().double(), y.detach().double()
-    return float((x - y).norm() / y.norm())
 
 
 def randomise(module, seed=0):
@@ -102,7 +98,7 @@ def assert_grads_everywhere(module):
 
 def test_public_names():
     assert sorted(covpool.layers.__all__) == sorted(
-        ["CovPool", "ZCABatchNorm1d", "ZCABatchNorm2d", "convert_sync_zca", "SoViTHead", "cov_pool", "zca_batch_norm",
+        ["CovPool", "ZCABatchNorm1d", "ZCABatchNorm2d", "convert_zca", "convert_sync_zca", "SoViTHead", "cov_pool", "zca_batch_norm",
          "set_backend"]
     )
     for name in covpool.layers.__all__:
@@ -110,18 +106,18 @@ def test_public_names():
 
 
 # ------------------------------------------------------------------------------------------- CovPool
-def test_covpool_matches_reference_for_maps_and_tokens():
+def test_covpool_matches_reference_for_maps_and_tokens(device):
     torch.manual_seed(0)
     x = torch.randn(2, 5, 3, 4, dtype=F64)
     expected = ref_root(ref_cov(x.flatten(2)))
-    pool = CovPool(5, reduced_dim=None, backend="eig")
+    pool = CovPool(5, reduced_dim=None, backend="eig", device=device)
     assert pool.out_features == 15
-    torch.testing.assert_close(pool(x), ref_triu(expected), rtol=1e-10, atol=1e-12)
-    tokens = x.flatten(2).transpose(1, 2)
-    torch.testing.assert_close(pool(tokens), ref_triu(expected), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pool(x.to(device)).cpu(), ref_triu(expected), rtol=1e-10, atol=1e-12)
+    tokens = x.flatten(2).transpose(1, 2).to(device)
+    torch.testing.assert_close(pool(tokens).cpu(), ref_triu(expected), rtol=1e-10, atol=1e-12)
     matrix = CovPool(5, reduced_dim=None, backend="eig", vectorize=False)
     assert matrix.out_features == 5
-    torch.testing.assert_close(matrix(x), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(matrix(x.to(device)).cpu(), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_covpool_reduction_is_conv_bn_relu_and_shared_by_both_layouts():
@@ -146,15 +142,17 @@ def test_covpool_default_is_isqrt_cov():
 
 
 # ------------------------------------------------------------------------------------------ SoViTHead
-def test_sovit_head_matches_reference():
+def test_sovit_head_matches_reference(device):
     torch.manual_seed(0)
     head = SoViTHead(6, num_classes=3, reduced_dim=None, backend="eig", dtype=F64)
     x = torch.randn(2, 1 + 10, 6, dtype=F64)
     cov_vec = ref_triu(ref_root(ref_cov(x[:, 1:].mT)))
     expected = x[:, 0] @ head.fc_cls.weight.T + head.fc_cls.bias + cov_vec @ head.fc_cov.weight.T + head.fc_cov.bias
     assert head.cov_dim == 21 and head.num_features == 27
-    torch.testing.assert_close(head(x), expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(head(x, pre_logits=True), torch.cat([x[:, 0], cov_vec], -1), rtol=1e-10, atol=1e-12)
+    head, x = head.to(device), x.to(device)
+    torch.testing.assert_close(head(x).cpu(), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(head(x, pre_logits=True).cpu(), torch.cat([x[:, 0].cpu(), cov_vec], -1),
+                               rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -208,25 +206,25 @@ def test_sovit_head_dropout_acts_on_the_covariance_branch_only():
 
 # ------------------------------------------------------------------------------------------------ ZCA
 @pytest.mark.parametrize("shape", [(24, 8), (6, 8, 5)], ids=["BC", "BCL"])
-def test_zca1d_matches_reference(shape):
+def test_zca1d_matches_reference(shape, device):
     x = correlated(*shape)
     zca = randomise(ZCABatchNorm1d(8, group_size=4, eps=1e-5, dtype=F64))
     expected = ref_zca(x, 4, 1e-5, zca.weight.detach(), zca.bias.detach())
-    torch.testing.assert_close(zca(x), expected, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(zca.to(device)(x.to(device)).cpu(), expected, rtol=1e-9, atol=1e-11)
 
 
-def test_zca2d_matches_reference():
+def test_zca2d_matches_reference(device):
     x = correlated(3, 8, 4, 5)
     zca = randomise(ZCABatchNorm2d(8, group_size=2, eps=1e-4, dtype=F64))
     expected = ref_zca(x, 2, 1e-4, zca.weight.detach(), zca.bias.detach())
-    torch.testing.assert_close(zca(x), expected, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(zca.to(device)(x.to(device)).cpu(), expected, rtol=1e-9, atol=1e-11)
 
 
-def test_zca_training_output_has_identity_group_covariance():
+def test_zca_training_output_has_identity_group_covariance(device):
     # Exact backend, float64, eps 1e-12 on a covariance with eigenvalues >= O(0.1): off by < 1e-9.
     x = correlated(4, 8, 6, 6)
-    zca = ZCABatchNorm2d(8, group_size=4, eps=1e-12, dtype=F64)
-    out = zca(x)
+    zca = ZCABatchNorm2d(8, group_size=4, eps=1e-12, dtype=F64, device=device)
+    out = zca(x.to(device)).cpu()
     cov = ref_cov(out.transpose(0, 1).reshape(2, 4, -1))
     torch.testing.assert_close(cov, torch.eye(4, dtype=F64).expand(2, 4, 4), rtol=0, atol=1e-9)
     torch.testing.assert_close(out.mean(dim=(0, 2, 3)), torch.zeros(8, dtype=F64), rtol=0, atol=1e-12)
@@ -337,12 +335,12 @@ def test_convert_sync_zca_switches_layers_in_place_and_is_a_no_op_without_distri
         convert_sync_zca("model")
 
 
-def test_zca_half_precision_is_whitened_in_float32():
-    zca = ZCABatchNorm2d(8, group_size=4)
+def test_zca_half_precision_is_whitened_in_float32(device):
+    zca = ZCABatchNorm2d(8, group_size=4, device=device)
     x = correlated(4, 8, 4, 4)
-    out = zca(x.to(torch.bfloat16))
+    out = zca(x.to(device, torch.bfloat16))
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.double(), ref_zca(x.to(torch.bfloat16), 4, zca.eps), rtol=0.02, atol=0.05)
+    torch.testing.assert_close(out.double().cpu(), ref_zca(x.to(torch.bfloat16), 4, zca.eps), rtol=0.02, atol=0.05)
 
 
 # -------------------------------------------------------------------------------- shared behaviours
@@ -359,16 +357,16 @@ ITERATIVE_RTOL = {"covpool": 0.05, "sovit": 0.03, "zca1d": 0.3, "zca2d": 0.3}
 
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("spec", backend_specs())
-def test_backend_is_swapped_by_config(layer, spec):
+def test_backend_is_swapped_by_config(layer, spec, device):
     make, data = LAYERS[layer]
     torch.manual_seed(0)
-    x = data()
-    reference = make("eig")
-    module = make(spec)
+    x = data().to(device)
+    reference = make("eig").to(device)
+    module = make(spec).to(device)
     module.load_state_dict(reference.state_dict())
     out = module(x)
     assert torch.isfinite(out).all()
-    by_name = make(backend_name(spec))
+    by_name = make(backend_name(spec)).to(device)
     by_name.load_state_dict(reference.state_dict())
     torch.testing.assert_close(by_name(x), out, rtol=0, atol=0)
     expected = reference(x)
@@ -391,11 +389,11 @@ RANK_DEFICIENT = {
 
 @pytest.mark.parametrize("layer", RANK_DEFICIENT)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradients_reach_every_parameter_on_rank_deficient_input(layer, backend):
+def test_gradients_reach_every_parameter_on_rank_deficient_input(layer, backend, device, dtype):
     make, data = RANK_DEFICIENT[layer]
     torch.manual_seed(0)
-    module = randomise(make(backend)).train()
-    x = data().requires_grad_()
+    module = randomise(make(backend)).train().to(device, dtype)
+    x = data().to(device, dtype).requires_grad_()
     out = module(x)
     assert torch.isfinite(out).all()
     (out * torch.randn_like(out)).sum().backward()
@@ -448,3 +446,85 @@ def test_functional_forms_validate_their_input():
         zca_batch_norm(torch.randn(4, 8), torch.zeros(8), torch.zeros(1, 8, 8), group_size=4)
     with pytest.raises(ValueError, match="both running_mean and running_cov"):
         zca_batch_norm(torch.randn(4, 8), torch.zeros(8), None, group_size=4)
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: CovPool(True), "in_channels must be an integer >= 1, got True"),
+    (lambda: CovPool(8, reduced_dim=2.0), "reduced_dim must be an integer >= 1 or None, got 2.0"),
+    (lambda: ZCABatchNorm2d(8, 4, eps=float("inf")), r"eps must be a positive finite number, got inf"),
+    (lambda: ZCABatchNorm2d(8, 4, momentum=True), r"momentum must be a number in \[0, 1\] or None"),
+    (lambda: SoViTHead(8, 2, drop_rate=1), r"drop_rate must be a number in \[0, 1\), got 1"),
+    (lambda: SoViTHead(8, False), "num_classes must be an integer >= 0, got False"),
+    (lambda: zca_batch_norm(torch.randn(4, 8), group_size=True), "positive divisor"),
+])
+def test_number_guards_share_one_wording(build, match):
+    # One rule for every count and number in the library: bool is not an int, the message names the
+    # argument, the allowed range and the value.
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+@pytest.mark.parametrize("spec, error, match", [
+    ("nope", ValueError, "unknown backend 'nope'; valid backends are: eig"),
+    ({"num_iters": 3}, ValueError, "needs a 'name' key"),
+    ({"name": "ns", "iters": 3}, TypeError, r"unknown option\(s\) \['iters'\]"),
+    (3, TypeError, "backend must be a name or a dict with 'name' and options, got int"),
+])
+def test_layers_check_the_backend_spec_as_the_functions_do(spec, error, match):
+    # The layers fail at construction with the exact error sqrtm would raise at the first forward.
+    with pytest.raises(error, match=match):
+        covpool.sqrtm(torch.eye(2), spec)
+    for build in (lambda: CovPool(8, backend=spec), lambda: ZCABatchNorm1d(8, 4, backend=spec),
+                  lambda: SoViTHead(8, 2, backend=spec)):
+        with pytest.raises(error, match=match):
+            build()
+
+
+# --------------------------------------------------------------------------------------- convert_zca
+def _bn_net(dtype=F64):
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+    net = net.to(dtype)
+    with torch.no_grad():
+        for bn in (net[1], net[4]):
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 3.0)
+            bn.num_batches_tracked.fill_(7)
+    return net
+
+
+def test_convert_zca_keeps_batch_norm_eval_outputs():
+    # The running variances become a diagonal running covariance: in eval mode, whitening with it is
+    # BatchNorm's normalisation, so the converted model computes what the original computed.
+    net = _bn_net().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    expected = net(x)
+    out = covpool.convert_zca(net, group_size=4)
+    assert out is net and [type(m) for m in (net[1], net[4])] == [ZCABatchNorm2d, ZCABatchNorm2d]
+    assert not net[1].training and net[1].running_cov.dtype == F64 and int(net[1].num_batches_tracked) == 7
+    torch.testing.assert_close(net(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_convert_zca_modes_options_and_errors():
+    net = _bn_net(torch.float32)
+    covpool.convert_zca(net, "stem", group_size=2, backend="ns", eps=1e-3)
+    assert type(net[1]) is ZCABatchNorm2d and type(net[4]) is nn.BatchNorm2d
+    assert (net[1].group_size, net[1].backend, net[1].eps, net[1].momentum) == (2, "ns", 1e-3, 0.1)
+    # A fresh BatchNorm2d gives exactly a fresh ZCABatchNorm2d (what `covpool train` built before).
+    fresh = covpool.convert_zca(nn.BatchNorm2d(8, momentum=None, affine=False), group_size=4)
+    reference = ZCABatchNorm2d(8, 4, momentum=None, affine=False)
+    assert type(fresh) is ZCABatchNorm2d and fresh.extra_repr() == reference.extra_repr()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0)
+    # Subclasses with another forward are left alone.
+    sync = nn.Sequential(nn.SyncBatchNorm(8))
+    with pytest.raises(ValueError, match="Sequential has no BatchNorm2d to replace"):
+        covpool.convert_zca(sync)
+    with pytest.raises(ValueError, match="mode must be one of 'all', 'stem', got 'none'"):
+        covpool.convert_zca(_bn_net(), "none")
+    with pytest.raises(ValueError, match="group_size=16 does not divide num_features=8"):
+        covpool.convert_zca(_bn_net())
+    with pytest.raises(TypeError, match="expects an nn.Module"):
+        covpool.convert_zca("resnet18")

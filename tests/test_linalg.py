@@ -4,6 +4,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import covpool
 from covpool._testing import (
@@ -11,10 +12,12 @@ from covpool._testing import (
     exact_root,
     ill_conditioned,
     rank_deficient,
+    rel,
     repeated_eigenvalues,
     well_conditioned,
     well_separated,
 )
+from covpool.linalg import _registry as registry
 from covpool.linalg import covariance, get_backend, lyapunov_sign, triu_vectorize
 
 BACKENDS = covpool.list_backends()
@@ -26,11 +29,6 @@ MACHINE_FLOOR = 1e-12
 
 def root(a, backend, inverse, **options):
     return (covpool.inv_sqrtm if inverse else covpool.sqrtm)(a, backend, **options)
-
-
-def rel(x, y):
-    x, y = x.detach().double(), y.detach().double()
-    return float((x - y).norm() / y.norm())
 
 
 def test_registry_lists_the_seven_backends_in_order():
@@ -115,12 +113,12 @@ REFERENCES = {
 
 @pytest.mark.parametrize("inverse", ROOTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_forward_matches_float64_reference(backend, inverse):
+def test_forward_matches_float64_reference(backend, inverse, device):
     a64 = well_conditioned(4, 12, seed=1)
     ref = REFERENCES[backend](a64, inverse) if backend in REFERENCES else exact_root(a64, inverse)
-    assert rel(root(a64, backend, inverse), ref) < 1e-10
-    out32 = root(a64.float(), backend, inverse)
-    assert out32.dtype == torch.float32
+    assert rel(root(a64.to(device), backend, inverse), ref) < 1e-10
+    out32 = root(a64.float().to(device), backend, inverse)
+    assert out32.dtype == torch.float32 and out32.device == device
     assert rel(out32, ref) < 2e-5
 
 
@@ -173,16 +171,16 @@ def symmetrised(fn):
 
 @pytest.mark.parametrize("inverse", ROOTS)
 @pytest.mark.parametrize("backend", ["eig", "ns"])
-def test_gradcheck_where_the_backward_is_exact(backend, inverse):
-    a = well_conditioned(2, 5, seed=5).requires_grad_()
+def test_gradcheck_where_the_backward_is_exact(backend, inverse, device):
+    a = well_conditioned(2, 5, seed=5).to(device).requires_grad_()
     assert torch.autograd.gradcheck(symmetrised(lambda m: root(m, backend, inverse)), (a,))
 
 
 @pytest.mark.parametrize("norm", ["trace", "fro"])
 @pytest.mark.parametrize("num_iters", [1, 2, 3, 6])
 @pytest.mark.parametrize("inverse", ROOTS)
-def test_ns_hand_written_backward_passes_gradcheck(num_iters, norm, inverse):
-    a = well_conditioned(2, 5, seed=num_iters).requires_grad_()
+def test_ns_hand_written_backward_passes_gradcheck(num_iters, norm, inverse, device):
+    a = well_conditioned(2, 5, seed=num_iters).to(device).requires_grad_()
     fn = symmetrised(lambda m: root(m, "ns", inverse, num_iters=num_iters, norm=norm))
     assert torch.autograd.gradcheck(fn, (a,))
 
@@ -208,12 +206,12 @@ CONVERGED = {"eig": {}, "svd_pi": {"num_iters": 400}, "svd_taylor": {"degree": 4
 
 @pytest.mark.parametrize("inverse", ROOTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradient_is_symmetric_for_any_upstream_gradient(backend, inverse):
+def test_gradient_is_symmetric_for_any_upstream_gradient(backend, inverse, device):
     # torch.linalg.matrix_sqrth's convention: for symmetric input the gradient is the one w.r.t.
     # symmetric perturbations, symmetric whatever the upstream gradient.
     family = well_separated if backend.startswith("svd") else well_conditioned
-    a = family(2, 8, seed=19)
-    g = torch.randn(2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    a = family(2, 8, seed=19).to(device)
+    g = torch.randn(2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(device)
     assert rel(g, g.mT) > 1
     x = a.clone().requires_grad_()
     (root(x, backend, inverse) * g).sum().backward()
@@ -235,11 +233,11 @@ APPROX_GRAD_TOL = {"eig": 1e-10, "svd_pi": 0.9, "svd_taylor": 0.3, "svd_pade": 0
 
 @pytest.mark.parametrize("inverse", ROOTS)
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in APPROX_GRAD_TOL])
-def test_gradient_close_to_exact_on_well_conditioned_input(backend, inverse):
+def test_gradient_close_to_exact_on_well_conditioned_input(backend, inverse, device):
     a = well_conditioned(4, 16, seed=7)
     g = torch.randn(4, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    x = a.clone().requires_grad_()
-    (root(x, backend, inverse) * g).sum().backward()
+    x = a.to(device).requires_grad_()
+    (root(x, backend, inverse) * g.to(device)).sum().backward()
     err = rel(x.grad, exact_grad(a, g, inverse))
     assert err < APPROX_GRAD_TOL[backend], err
 
@@ -262,9 +260,9 @@ def test_approximate_gradients_converge_to_the_exact_one(backend, options, inver
 
 # ------------------------------------------------------------------------- hard families, all backends
 FAMILIES = {
-    "rank_deficient_49x256": lambda: rank_deficient(2, 256, 49, dtype=torch.float32),
-    "rank_deficient_8x32": lambda: rank_deficient(4, 32, 8, dtype=torch.float32),
-    "repeated": lambda: repeated_eigenvalues(4, 24, dtype=torch.float32),
+    "rank_deficient_49x256": lambda: rank_deficient(2, 256, 49),
+    "rank_deficient_8x32": lambda: rank_deficient(4, 32, 8),
+    "repeated": lambda: repeated_eigenvalues(4, 24),
     "identity": lambda: torch.eye(16).expand(3, 16, 16).clone(),
     "zero_matrix": lambda: torch.zeros(2, 8, 8),
 }
@@ -273,8 +271,8 @@ FAMILIES = {
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("inverse", ROOTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_finite_output_and_gradient_on_hard_matrices(backend, inverse, family):
-    a = FAMILIES[family]()
+def test_finite_output_and_gradient_on_hard_matrices(backend, inverse, family, device, dtype):
+    a = FAMILIES[family]().to(device, dtype)
     if family == "zero_matrix" and inverse:
         pytest.skip("the inverse root of the zero matrix is infinite by definition")
     x = a.clone().requires_grad_()
@@ -312,13 +310,13 @@ def test_pade_solve_at_batch_64_dim_256():
 # ----------------------------------------------------------------------- batches, dtypes and autocast
 @pytest.mark.parametrize("inverse", ROOTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_each_matrix_is_independent_of_its_batch(backend, inverse):
-    a = well_conditioned(3, 10, seed=10)
-    g = torch.randn(3, 10, 10, dtype=torch.float64)
+def test_each_matrix_is_independent_of_its_batch(backend, inverse, device):
+    a = well_conditioned(3, 10, seed=10).to(device)
+    g = torch.randn(3, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
     x = a.clone().requires_grad_()
     (root(x, backend, inverse) * g).sum().backward()
     b = a.clone()
-    b[1:] = 1000 * rank_deficient(2, 10, 4, seed=11)
+    b[1:] = 1000 * rank_deficient(2, 10, 4, seed=11).to(device)
     y = b.clone().requires_grad_()
     (root(y, backend, inverse) * g).sum().backward()
     torch.testing.assert_close(root(b, backend, inverse)[0], root(a, backend, inverse)[0], rtol=1e-9, atol=1e-12)
@@ -326,8 +324,8 @@ def test_each_matrix_is_independent_of_its_batch(backend, inverse):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_any_number_of_batch_dimensions(backend):
-    a = well_conditioned(6, 7, seed=12)
+def test_any_number_of_batch_dimensions(backend, device):
+    a = well_conditioned(6, 7, seed=12).to(device)
     flat = covpool.sqrtm(a, backend)
     torch.testing.assert_close(covpool.sqrtm(a.reshape(2, 3, 7, 7), backend), flat.reshape(2, 3, 7, 7))
     torch.testing.assert_close(covpool.sqrtm(a[0], backend), flat[0])
@@ -335,23 +333,23 @@ def test_any_number_of_batch_dimensions(backend):
     assert covpool.sqrtm(a[:0], backend).shape == (0, 7, 7)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_half_precision_input_computes_in_float32(backend, dtype):
-    a = well_conditioned(2, 16, seed=13)
-    x = a.to(dtype).requires_grad_()
+def test_half_precision_input_computes_in_float32(backend, half, device):
+    a = well_conditioned(2, 16, seed=13).to(device)
+    x = a.to(half).requires_grad_()
     out = covpool.sqrtm(x, backend)
-    assert out.dtype == dtype and torch.isfinite(out).all()
-    ref32 = covpool.sqrtm(a.to(dtype).float(), backend)
-    torch.testing.assert_close(out, ref32.to(dtype))
+    assert out.dtype == half and torch.isfinite(out).all()
+    ref32 = covpool.sqrtm(a.to(half).float(), backend)
+    torch.testing.assert_close(out, ref32.to(half))
     out.float().sum().backward()
-    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+    assert x.grad.dtype == half and torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_autocast_region_runs_the_root_in_float32(backend):
-    a = well_conditioned(2, 16, dtype=torch.float32, seed=14)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def test_autocast_region_runs_the_root_in_float32(backend, device):
+    a = well_conditioned(2, 16, dtype=torch.float32, seed=14).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         out = covpool.sqrtm(a, backend)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, covpool.sqrtm(a, backend))
@@ -416,17 +414,66 @@ def test_backend_given_as_a_config_dict():
         covpool.sqrtm(a, {"degree": 3})
 
 
-def test_registering_a_name_twice_raises_and_a_new_backend_works():
+def test_registering_a_name_twice_raises_and_a_new_backend_works(monkeypatch):
     def halves(a, inverse, scale):
         return covpool.sqrtm(a, "eig") * (1 / scale if inverse else scale)
 
+    # Register into a copy of the registry: tests that run every registered backend must not meet this one.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     name = "test_scaled_eig"
-    if name not in covpool.list_backends():
-        covpool.register_backend(name, halves, {"scale": covpool.linalg.Option(2.0, lambda k, v: float(v))})
+    covpool.register_backend(name, halves, {"scale": covpool.linalg.Option(2.0, lambda k, v: float(v))})
     with pytest.raises(ValueError, match="already registered"):
         covpool.register_backend(name, halves)
     torch.testing.assert_close(covpool.sqrtm(4 * torch.eye(2), name), 4 * torch.eye(2))
     assert get_backend(name).defaults == {"scale": 2.0}
+
+
+class _CountProducts(TorchDispatchMode):
+    """Counts the batched matrix products (and the triangular solve, one product) that reach aten."""
+
+    PRODUCTS = {"bmm", "baddbmm", "baddbmm_", "mm", "addmm", "cholesky_solve"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in self.PRODUCTS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_declared_product_counts_are_what_the_backend_runs(backend, inverse):
+    # The count a backend declares when it registers (what `covpool bench` reports) is checked against
+    # the products its forward and backward actually dispatch, for defaults and non-default options.
+    entry = get_backend(backend)
+    if entry.products_fn is None:
+        assert entry.products(inverse) is None
+        return
+    option_sets = {"ns": [{}, {"num_iters": 1}, {"num_iters": 2, "norm": "fro"}, {"num_iters": 7}],
+                   "mtp_lya": [{}, {"degree": 7, "refine": 2}, {"degree": 1, "lya_iters": 1}],
+                   "mpa_lya": [{}, {"degree": (3, 4), "refine": 1}, {"degree": (8, 8), "lya_iters": 3}]}[backend]
+    fn = covpool.inv_sqrtm if inverse else covpool.sqrtm
+    for options in option_sets:
+        a = well_conditioned(2, 6, dtype=torch.float64, seed=3).requires_grad_()
+        with torch.no_grad(), _CountProducts() as forward:
+            fn(a, backend, **options)
+        with _CountProducts() as both:
+            out = fn(a, backend, **options)
+            out.backward(torch.randn_like(out))
+        assert entry.products(inverse, **options) == (forward.count, both.count), options
+
+
+def test_products_check_their_options_and_registration_checks_products():
+    assert get_backend("ns").products() == (12, 36) == get_backend("ns").products(num_iters=5, norm="trace")
+    with pytest.raises(ValueError, match="ns.num_iters must be an integer >= 1"):
+        get_backend("ns").products(num_iters=0)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['iters'\]"):
+        get_backend("mpa_lya").products(iters=3)
+    with pytest.raises(TypeError, match="products must be a function"):
+        covpool.register_backend("test_bad_products", lambda a, inverse: a, products=(1, 2))
+    assert "test_bad_products" not in covpool.list_backends()
 
 
 # ------------------------------------------------------------------------------- coefficients, helpers
@@ -489,8 +536,8 @@ def test_second_derivative_is_right_or_raises(backend):
 
 @pytest.mark.parametrize("inverse", ROOTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradgradcheck_or_a_clear_error(backend, inverse):
-    a = well_conditioned(2, 4, seed=20).requires_grad_()
+def test_gradgradcheck_or_a_clear_error(backend, inverse, device):
+    a = well_conditioned(2, 4, seed=20).to(device).requires_grad_()
     fn = symmetrised(lambda m: root(m, backend, inverse))
     if backend in DOUBLE_BACKWARD:
         assert torch.autograd.gradgradcheck(fn, (a,))
@@ -510,9 +557,9 @@ def test_ns_gradgradcheck_options(num_iters, norm):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_create_graph_alone_keeps_the_first_derivative(backend):
+def test_create_graph_alone_keeps_the_first_derivative(backend, device):
     # Only differentiating the gradient raises; the gradient itself is the usual one.
-    a = well_conditioned(2, 6, seed=22)
+    a = well_conditioned(2, 6, seed=22).to(device)
     x, y = a.clone().requires_grad_(), a.clone().requires_grad_()
     (g1,) = torch.autograd.grad(covpool.sqrtm(x, backend).square().sum(), x, create_graph=True)
     (g0,) = torch.autograd.grad(covpool.sqrtm(y, backend).square().sum(), y)
@@ -525,11 +572,11 @@ SCALES = [1e-30, 1e-20, 1e-10, 1.0, 1e10, 1e20, 1e30]
 
 @pytest.mark.parametrize("inverse", ROOTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_roots_are_scale_invariant_from_1e_minus_30_to_1e30(backend, inverse):
+def test_roots_are_scale_invariant_from_1e_minus_30_to_1e30(backend, inverse, device):
     # root(s·A) = s^(±1/2)·root(A): the error against the float64 eigh reference must not grow with the
     # scale (it overflowed to inf / NaN in the Frobenius normaliser of mtp_lya / mpa_lya before).
-    a = well_conditioned(2, 6, seed=23)
-    ref = exact_root(a, inverse)
+    ref = exact_root(well_conditioned(2, 6, seed=23), inverse)
+    a = well_conditioned(2, 6, seed=23).to(device)
     for dtype, floor in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         base = rel(root(a.to(dtype), backend, inverse), ref)
         assert base < 0.5, (dtype, base)
@@ -542,10 +589,10 @@ def test_roots_are_scale_invariant_from_1e_minus_30_to_1e30(backend, inverse):
 
 @pytest.mark.parametrize("inverse", ROOTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradients_are_scale_invariant_in_float64(backend, inverse):
+def test_gradients_are_scale_invariant_in_float64(backend, inverse, device):
     # ∂root(sA) = s^(-1/2) ∂root(A) (square root) or s^(-3/2) (inverse root), at every scale.
-    a = well_conditioned(2, 6, seed=24)
-    g = torch.randn(2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    a = well_conditioned(2, 6, seed=24).to(device)
+    g = torch.randn(2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
 
     def grad_at(s):
         x = (s * a).requires_grad_()
@@ -577,10 +624,10 @@ def test_cov_pool_and_zca_of_features_scaled_by_1e10(backend):
 # --------------------------------------------------------------------------------------- input contract
 @pytest.mark.parametrize("inverse", ROOTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_matrices_give_empty_roots(backend, inverse):
+def test_empty_matrices_give_empty_roots(backend, inverse, device):
     for shape in [(3, 0, 0), (0, 0), (2, 3, 0, 0)]:
         for dtype in (torch.float64, torch.float16):
-            x = torch.zeros(shape, dtype=dtype, requires_grad=True)
+            x = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
             out = root(x, backend, inverse)
             assert out.shape == shape and out.dtype == dtype
             out.sum().backward()

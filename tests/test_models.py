@@ -78,7 +78,7 @@ def test_param_count(name):
 
 
 @pytest.mark.parametrize("name", _mark_heavy(MODELS))
-def test_forward_backward_and_classifier(name):
+def test_forward_backward_and_classifier(name, device):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, **_size_kwargs(name))
     state = model.state_dict()
@@ -88,7 +88,7 @@ def test_forward_backward_and_classifier(name):
         assert f"{classifier}.weight" in state and f"{classifier}.bias" in state
     assert f"{model.pretrained_cfg['first_conv']}.weight" in state
 
-    x = _images()
+    model, x = model.to(device), _images().to(device)
     out = model(x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     out.logsumexp(-1).sum().backward()
@@ -131,6 +131,8 @@ def test_isqrt_resnet_options():
     assert strided.forward_features(_images()).shape[-1] == IMG // 32
     with pytest.raises(ValueError, match="last_stride"):
         timm.create_model("resnet18_isqrt", last_stride=4)
+    with pytest.raises(ValueError, match="last_stride must be 1 or 2, got True"):
+        timm.create_model("resnet18_isqrt", last_stride=True)
     with pytest.raises(ValueError, match="global_pool"):
         timm.create_model("resnet18_isqrt", global_pool="avg")
     with pytest.raises(ValueError, match="num_classes"):
@@ -506,7 +508,7 @@ def test_so_vit_release_head_for_other_classes_and_wrong_kind(tmp_path, caplog):
     assert learned.pos_embed.requires_grad and learned.pos_embed.shape == (1, 17, 256)
 
 
-def test_svpn_matches_svd_when_the_power_iteration_has_converged():
+def test_svpn_matches_svd_when_the_power_iteration_has_converged(device):
     from covpool.layers.sovit_head import svpn
 
     gen = torch.Generator().manual_seed(0)
@@ -515,8 +517,8 @@ def test_svpn_matches_svd_when_the_power_iteration_has_converged():
     top = s_[:, :1, None]
     rank1 = u_[:, :, :1] @ vh[:, :1, :]
     expected = top.sqrt() * rank1 + (c - top * rank1) / (top.sqrt() + 1e-5)
-    got = svpn(c, torch.randn(6, generator=gen, dtype=torch.float64), alpha=0.5, iters=200)
-    assert (got - expected).abs().max() <= 1e-9
+    got = svpn(c.to(device), torch.randn(6, generator=gen, dtype=torch.float64).to(device), alpha=0.5, iters=200)
+    assert (got.cpu() - expected).abs().max() <= 1e-9
     # alpha = 1 and eps = 0 leave the matrix unchanged, whatever the estimate.
     assert torch.allclose(svpn(c, torch.ones(6, dtype=torch.float64), alpha=1.0, eps=0.0), c, atol=1e-12)
 
@@ -812,3 +814,13 @@ def test_mpa_head_is_the_releases_pade_square_root():
     expected = root[:, rows, cols]
     got = head(x)[:, 16:]
     assert (got - expected).abs().max() <= 1e-10 * expected.abs().max()
+
+
+def test_cifar_stem_keeps_32x32_maps_at_4x4(device):
+    model = timm.create_model("resnet18", num_classes=10).to(device)
+    assert covpool.cifar_stem(model) is model
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1) and isinstance(model.maxpool, nn.Identity)
+    assert model.conv1.weight.device == device
+    assert model.forward_features(torch.randn(1, 3, 32, 32, device=device)).shape == (1, 512, 4, 4)
+    with pytest.raises(ValueError, match=r"single-conv stem \(conv1 \+ maxpool\)"):
+        covpool.cifar_stem(nn.Sequential(nn.Conv2d(3, 8, 3)))

@@ -25,12 +25,7 @@ from _train_helpers import REPO, tiny_overrides
 NS = {"name": "ns", "num_iters": 5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _zca_net(backend="ns", zca_backend="eig") -> nn.Module:

@@ -50,14 +50,14 @@ def _new_linear(model):
     return head if isinstance(head, nn.Linear) else head[-1]
 
 
-def _train_step(model, num_classes=NUM_CLASSES):
-    model.train()
+def _train_step(model, num_classes=NUM_CLASSES, device=torch.device("cpu")):
+    model.train().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     head = _new_linear(model).weight
     before = head.detach().clone()
-    out = model(_images())
+    out = model(_images().to(device))
     assert out.shape == (2, num_classes)
-    loss = nn.functional.cross_entropy(out, torch.tensor([0, num_classes - 1]))
+    loss = nn.functional.cross_entropy(out, torch.tensor([0, num_classes - 1], device=device))
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, f"parameters without a finite gradient: {missing}"
@@ -184,7 +184,7 @@ def test_token_head_skips_prefix_tokens():
 
 
 @pytest.mark.parametrize("name", TORCHVISION)
-def test_torchvision_backbone_trains(name):
+def test_torchvision_backbone_trains(name, device):
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES)
     had_dropout = any(isinstance(m, nn.Dropout) for m in getattr(model, "classifier", nn.Identity()).modules())
@@ -194,7 +194,7 @@ def test_torchvision_backbone_trains(name):
     linear = _new_linear(model)
     assert (linear.in_features, linear.out_features) == (COV, NUM_CLASSES)
     assert any(isinstance(m, nn.Dropout) for m in head.modules()) == had_dropout
-    _train_step(model)
+    _train_step(model, device=device)
 
 
 def test_defaults_are_the_papers():

@@ -63,10 +63,10 @@ def test_registry_is_covered():
 
 
 @pytest.mark.parametrize("name", _params(COVPOOL_MODELS))
-def test_forward_and_grad_checkpointing(name):
+def test_forward_and_grad_checkpointing(name, device):
     torch.manual_seed(0)
-    model = _create(name).eval()
-    x = _images()
+    model = _create(name).eval().to(device)
+    x = _images().to(device)
     with torch.no_grad():
         out = model(x)
     assert out.shape == (1, model.num_classes) and torch.isfinite(out).all()
@@ -77,10 +77,10 @@ def test_forward_and_grad_checkpointing(name):
 
 
 @pytest.mark.parametrize("name", _params(COVPOOL_MODELS))
-def test_backward(name):
+def test_backward(name, device):
     torch.manual_seed(0)
-    model = _create(name, num_classes=NUM_CLASSES).train()
-    out = model(_images(batch=2))
+    model = _create(name, num_classes=NUM_CLASSES).train().to(device)
+    out = model(_images(batch=2).to(device))
     assert out.shape == (2, NUM_CLASSES)
     out.mean().backward()
     _assert_all_grads(model)

@@ -1,8 +1,8 @@
 """``nn.Module`` meta-layers built on :mod:`covpool.linalg`, and the functions that do their maths.
 
 - :class:`CovPool`: global covariance pooling with square-root normalisation (iSQRT-COV).
-- :class:`ZCABatchNorm1d`, :class:`ZCABatchNorm2d`, :func:`convert_sync_zca`: decorrelated (ZCA
-  whitening) batch normalisation and its multi-process form.
+- :class:`ZCABatchNorm1d`, :class:`ZCABatchNorm2d`, :func:`convert_zca`, :func:`convert_sync_zca`:
+  decorrelated (ZCA whitening) batch normalisation, the BatchNorm2d swap and its multi-process form.
 - :class:`SoViTHead`: So-ViT's class-token + covariance classification head.
 - :func:`set_backend`: change the square-root backend of a built model's covpool layers.
 - :func:`cov_pool`, :func:`zca_batch_norm`: the functional forms.
@@ -11,12 +11,13 @@ from .backend_switch import set_backend
 from .covpool_layer import CovPool
 from .functional import cov_pool, zca_batch_norm
 from .sovit_head import SoViTHead
-from .zca import ZCABatchNorm1d, ZCABatchNorm2d, convert_sync_zca
+from .zca import ZCABatchNorm1d, ZCABatchNorm2d, convert_sync_zca, convert_zca
 
 __all__ = [
     "CovPool",
     "ZCABatchNorm1d",
     "ZCABatchNorm2d",
+    "convert_zca",
     "convert_sync_zca",
     "SoViTHead",
     "cov_pool",

@@ -7,14 +7,13 @@ from typing import Any
 
 from torch import nn
 
-from ._checks import check_backend
+from covpool.linalg import BackendSpec, resolve_backend
+
 from .covpool_layer import CovPool
 from .sovit_head import SoViTHead
 from .zca import _ZCABatchNorm
 
 __all__ = ["set_backend"]
-
-BackendSpec = str | Mapping[str, Any]
 
 # The layers whose ``backend`` attribute selects the square-root backend of their forward pass (a So-ViT
 # "mpa" head and what swap_pooling makes hold a CovPool).
@@ -95,7 +94,7 @@ def set_backend(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"set_backend expects an nn.Module, got {type(model).__name__}")
-    check_backend(backend)
+    resolve_backend(backend)
     types = _layer_types(layers)
     root = _unwrap(model)
     targets = [(name, m) for name, m in root.named_modules() if isinstance(m, types)]

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
-from ._checks import check_backend, check_positive_int
-from .functional import cov_pool
+from covpool.linalg import BackendSpec, resolve_backend
+from covpool.linalg._checks import check_int
+
+from .functional import as_maps, cov_pool
 
 __all__ = ["CovPool"]
 
@@ -65,16 +65,16 @@ class CovPool(nn.Module):
         self,
         in_channels: int,
         reduced_dim: int | None = 256,
-        backend: str | Mapping[str, Any] = "ns",
+        backend: BackendSpec = "ns",
         vectorize: bool = True,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("reduced_dim", reduced_dim, allow_none=True)
-        check_backend(backend)
+        check_int("in_channels", in_channels)
+        check_int("reduced_dim", reduced_dim, allow_none=True)
+        resolve_backend(backend)
         self.in_channels = in_channels
         self.reduced_dim = reduced_dim
         self.backend = backend
@@ -93,14 +93,7 @@ class CovPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` or ``(B, N, C)`` → ``(B, d(d+1)/2)`` (or ``(B, d, d)``)."""
-        if x.dim() == 4 and x.shape[1] == self.in_channels:
-            maps = x
-        elif x.dim() == 3 and x.shape[2] == self.in_channels:
-            maps = x.transpose(1, 2).unsqueeze(-1)
-        else:
-            c = self.in_channels
-            raise ValueError(f"CovPool expects feature maps (B, {c}, H, W) or tokens (B, N, {c}), "
-                             f"got shape {tuple(x.shape)}")
+        maps = as_maps(x, self.in_channels, "CovPool")
         return cov_pool(self.reduce(maps).flatten(2), self.backend, self.vectorize)
 
     def extra_repr(self) -> str:

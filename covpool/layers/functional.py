@@ -5,22 +5,29 @@ these.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
+from einops import rearrange
 
-from covpool.linalg import covariance, inv_sqrtm, sqrtm, triu_vectorize
-
-from ._checks import work_dtype
+from covpool.linalg import BackendSpec, covariance, inv_sqrtm, sqrtm, triu_vectorize
+from covpool.linalg._checks import check_number, is_int, work_dtype
 
 __all__ = ["cov_pool", "zca_batch_norm"]
 
-Spec = str | Mapping[str, Any]
+
+def as_maps(x: torch.Tensor, channels: int, name: str) -> torch.Tensor:
+    """Feature maps ``(B, C, H, W)`` as they are, tokens ``(B, N, C)`` as ``(B, C, N, 1)`` maps (internal:
+    what the pooling layers accept); anything else is an error naming the layer ``name``."""
+    if x.dim() == 4 and x.shape[1] == channels:
+        return x
+    if x.dim() == 3 and x.shape[2] == channels:
+        return rearrange(x, "b n c -> b c n 1")
+    raise ValueError(f"{name} expects feature maps (B, {channels}, H, W) or tokens (B, N, {channels}), "
+                     f"got shape {tuple(x.shape)}")
 
 
-def cov_pool(x: torch.Tensor, backend: Spec = "ns", vectorize: bool = True) -> torch.Tensor:
+def cov_pool(x: torch.Tensor, backend: BackendSpec = "ns", vectorize: bool = True) -> torch.Tensor:
     """Global covariance pooling with matrix square-root normalisation (iSQRT-COV).
 
     Li et al., "Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square
@@ -102,7 +109,7 @@ def zca_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     group_size: int = 16,
-    backend: Spec = "eig",
+    backend: BackendSpec = "eig",
     process_group: Any = None,
 ) -> torch.Tensor:
     """Grouped ZCA whitening batch normalisation, the functional form of :class:`ZCABatchNorm2d`.
@@ -148,11 +155,10 @@ def zca_batch_norm(
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"zca_batch_norm expects input of shape (B, C, *), got {shape}")
     channels = x.shape[1]
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or channels % group_size:
+    if not is_int(group_size) or group_size < 1 or channels % group_size:
         raise ValueError(f"group_size must be a positive divisor of the {channels} channels of input shape "
                          f"{tuple(x.shape)}, got {group_size!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-        raise ValueError(f"eps must be a finite number >= 0 (added to the covariance diagonal), got {eps!r}")
+    check_number("eps", eps, 0.0, note="added to the covariance diagonal")
     if (running_mean is None) != (running_cov is None):
         raise ValueError("pass both running_mean and running_cov, or neither")
     groups = channels // group_size
@@ -165,8 +171,8 @@ def zca_batch_norm(
     dtype = work_dtype(x.dtype)
 
     with torch.autocast(device_type=x.device.type, enabled=False):
-        # (B, C, *) -> (G, m, M): a group's channels as rows, all batch and spatial positions as columns.
-        xg = x.to(dtype).transpose(0, 1).reshape(groups, group_size, -1)
+        # A group's channels as rows, every batch and spatial position as a column.
+        xg = rearrange(x.to(dtype), "b (g m) ... -> g m (b ...)", m=group_size)
         if use_batch:
             if process_group is None and xg.shape[-1] < 2:
                 raise ValueError(f"whitening with batch statistics needs more than one value per channel, got "
@@ -186,5 +192,5 @@ def zca_batch_norm(
             y = y * weight.to(dtype).view(groups, group_size, 1)
         if bias is not None:
             y = y + bias.to(dtype).view(groups, group_size, 1)
-        out = y.reshape(channels, x.shape[0], *x.shape[2:]).transpose(0, 1)
+        out = rearrange(y, "g m (b s) -> b (g m) s", b=x.shape[0]).reshape(x.shape)
     return out.to(x.dtype).contiguous()

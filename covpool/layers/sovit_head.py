@@ -11,15 +11,17 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_backend, check_positive_int, work_dtype
+from covpool.linalg import BackendSpec, resolve_backend
+from covpool.linalg._checks import check_int, check_number, work_dtype
+
 from .covpool_layer import CovPool
+from .functional import as_maps
 
 __all__ = ["SoViTHead", "SvPNCrossCov", "cross_covariance", "svpn"]
 
@@ -69,15 +71,6 @@ def _reduction(in_channels: int, out_channels: int, factory: dict[str, Any]) -> 
     ))
 
 
-def _as_maps(x: torch.Tensor, channels: int, name: str) -> torch.Tensor:
-    if x.dim() == 4 and x.shape[1] == channels:
-        return x
-    if x.dim() == 3 and x.shape[2] == channels:
-        return x.transpose(1, 2).unsqueeze(-1)
-    raise ValueError(f"{name} expects feature maps (B, {channels}, H, W) or tokens (B, N, {channels}), "
-                     f"got shape {tuple(x.shape)}")
-
-
 class SvPNCrossCov(nn.Module):
     """So-ViT's cross-covariance pooling with svPN normalisation (the release's ``Covariance(cov_type='cross')``
     followed by ``svPN``).
@@ -100,12 +93,12 @@ class SvPNCrossCov(nn.Module):
                  eps: float = 1e-5, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        check_positive_int("in_channels", in_channels)
+        check_int("in_channels", in_channels)
         if not isinstance(dims, (tuple, list)) or len(dims) != 2:
             raise ValueError(f"dims must be a pair (d1, d2) of branch widths, got {dims!r}")
         for d in dims:
-            check_positive_int("dims[i]", d)
-        check_positive_int("iters", iters)
+            check_int("dims[i]", d)
+        check_int("iters", iters)
         factory = {"device": device, "dtype": dtype}
         self.in_channels = in_channels
         self.dims = tuple(dims)
@@ -126,7 +119,7 @@ class SvPNCrossCov(nn.Module):
         nn.init.normal_(self.v0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        maps = _as_maps(x, self.in_channels, "SvPNCrossCov")
+        maps = as_maps(x, self.in_channels, "SvPNCrossCov")
         a, b = (branch(maps).flatten(2) for branch in self.reduce)
         dtype = work_dtype(x.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -189,7 +182,7 @@ class SoViTHead(nn.Module):
         embed_dim: int,
         num_classes: int = 1000,
         reduced_dim: int | tuple[int, int] | None = 64,
-        backend: str | Mapping[str, Any] = "mpa_lya",
+        backend: BackendSpec = "mpa_lya",
         drop_rate: float = 0.0,
         *,
         kind: str = "mpa",
@@ -197,11 +190,10 @@ class SoViTHead(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int("embed_dim", embed_dim)
+        check_int("embed_dim", embed_dim)
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
-            raise ValueError(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
+        check_number("drop_rate", drop_rate, 0.0, 1.0, open_high=True)
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kind = kind
@@ -214,7 +206,7 @@ class SoViTHead(nn.Module):
         else:
             if isinstance(reduced_dim, (tuple, list)):
                 raise ValueError(f"kind='mpa' reduces to one width d (an int or None), got {reduced_dim!r}")
-            check_backend(backend)
+            resolve_backend(backend)
             self.pool = CovPool(embed_dim, reduced_dim=reduced_dim, backend=backend, **factory)
         self.cov_dim = self.pool.out_features
         self.num_features = embed_dim + self.cov_dim
@@ -226,7 +218,7 @@ class SoViTHead(nn.Module):
         self.reset_parameters()
 
     @property
-    def backend(self) -> str | Mapping[str, Any] | None:
+    def backend(self) -> BackendSpec | None:
         """The square-root backend of the ``"mpa"`` head (its :class:`CovPool`'s, which
         :func:`covpool.set_backend` changes); None for svPN, which has no matrix square root."""
         return self.pool.backend if isinstance(self.pool, CovPool) else None
@@ -251,8 +243,7 @@ class SoViTHead(nn.Module):
         """Fresh ``fc_cls`` and ``fc_cov`` for ``num_classes`` (0: identities, the forward returns features),
         trunc-normal (std 0.02) weights and zero biases. The new layers go to the device and dtype of the
         head's current parameters unless given."""
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        check_int("num_classes", num_classes, 0)
         current = next(self.pool.parameters(), None)
         if current is not None:
             device = current.device if device is None else device

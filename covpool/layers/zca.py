@@ -1,16 +1,19 @@
 """ZCA whitening batch normalisation (Decorrelated Batch Normalization) and its synchronised form."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._checks import check_backend, check_positive_int
+from covpool.linalg import BackendSpec, resolve_backend
+from covpool.linalg._checks import check_int, check_number
+
 from .functional import zca_batch_norm
 
-__all__ = ["ZCABatchNorm1d", "ZCABatchNorm2d", "convert_sync_zca"]
+__all__ = ["ZCABatchNorm1d", "ZCABatchNorm2d", "convert_zca", "convert_sync_zca"]
+
+_CONVERT_MODES = ("all", "stem")
 
 
 class _ZCABatchNorm(nn.Module):
@@ -22,7 +25,7 @@ class _ZCABatchNorm(nn.Module):
         self,
         num_features: int,
         group_size: int = 16,
-        backend: str | Mapping[str, Any] = "eig",
+        backend: BackendSpec = "eig",
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
@@ -34,18 +37,15 @@ class _ZCABatchNorm(nn.Module):
         process_group: Any = None,
     ) -> None:
         super().__init__()
-        check_positive_int("num_features", num_features)
-        check_positive_int("group_size", group_size)
+        check_int("num_features", num_features)
+        check_int("group_size", group_size)
         if num_features % group_size:
             nearest = max(g for g in range(1, group_size) if num_features % g == 0)
             raise ValueError(f"group_size={group_size} does not divide num_features={num_features}; pick a divisor "
                              f"such as {nearest}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
-        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                     or not 0 <= momentum <= 1):
-            raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average), got {momentum!r}")
-        check_backend(backend)
+        check_number("eps", eps, 0.0, open_low=True)
+        check_number("momentum", momentum, 0.0, 1.0, allow_none=True, note="None: cumulative average")
+        resolve_backend(backend)
         self.num_features = num_features
         self.group_size = group_size
         self.num_groups = num_features // group_size
@@ -216,6 +216,78 @@ class ZCABatchNorm1d(_ZCABatchNorm):
     """
 
     _layouts = ((2, "(B, C)"), (3, "(B, C, L)"))
+
+
+def _zca_from_batch_norm(bn: nn.BatchNorm2d, options: dict[str, Any]) -> ZCABatchNorm2d:
+    ref = bn.weight if bn.weight is not None else bn.running_mean
+    factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+    opts = {"eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
+            "track_running_stats": bn.track_running_stats, **factory, **options}
+    zca = ZCABatchNorm2d(bn.num_features, **opts)
+    with torch.no_grad():
+        if zca.affine and bn.affine:
+            zca.weight.copy_(bn.weight)
+            zca.bias.copy_(bn.bias)
+            zca.weight.requires_grad_(bn.weight.requires_grad)
+            zca.bias.requires_grad_(bn.bias.requires_grad)
+        if zca.track_running_stats and bn.track_running_stats:
+            # BatchNorm's running variances are the diagonal of a running covariance: whitening with
+            # them is exactly BatchNorm's eval-mode normalisation, until training updates the rest.
+            zca.running_mean.copy_(bn.running_mean)
+            zca.running_cov.copy_(torch.diag_embed(bn.running_var.reshape(zca.num_groups, zca.group_size)))
+            zca.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return zca.train(bn.training)
+
+
+def convert_zca(module: nn.Module, mode: str = "all", **zca_options: Any) -> nn.Module:
+    """Replace the :class:`torch.nn.BatchNorm2d` layers of ``module`` by :class:`ZCABatchNorm2d`, like
+    :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`.
+
+    Decorrelated BN (Huang et al., CVPR 2018) in an existing network: ``mode="all"`` replaces every
+    ``BatchNorm2d``, ``mode="stem"`` only the first one in ``module.named_modules()`` order (the stem's,
+    in a ResNet; the paper's cheapest variant). Only layers of exactly that class are replaced, not
+    subclasses such as timm's ``BatchNormAct2d`` or ``SyncBatchNorm``, whose forward differs.
+
+    Each new layer takes the batch norm's ``eps``, ``momentum``, ``affine``, ``track_running_stats``,
+    device, dtype and train/eval mode, then ``zca_options`` (e.g. ``group_size``, ``backend``; they
+    override). Where both layers have them it copies the affine ``weight``/``bias``, ``running_mean``,
+    ``num_batches_tracked``, and the running variances as a diagonal ``running_cov``: a converted
+    model in eval mode computes what it computed before, and a pretrained one starts from its
+    statistics. A freshly built model (unit weight and variance, zero bias and mean) gets the same
+    layers as ``ZCABatchNorm2d(num_features, **zca_options)``.
+
+    Args:
+        module: a model, or a single ``BatchNorm2d``.
+        mode: ``"all"`` or ``"stem"``.
+        **zca_options: keyword arguments of :class:`ZCABatchNorm2d`.
+
+    Returns:
+        ``module`` with its layers replaced in place, or the new layer when ``module`` is itself a
+        ``BatchNorm2d``: write ``model = convert_zca(model)`` as with torch.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from covpool.layers import convert_zca
+        >>> model = convert_zca(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16)), group_size=8)
+        >>> model[1]
+        ZCABatchNorm2d(16, group_size=8, backend='eig', eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert_zca expects an nn.Module, got {type(module).__name__}")
+    if mode not in _CONVERT_MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, _CONVERT_MODES))}, got {mode!r}")
+    targets = [(name, m) for name, m in module.named_modules() if type(m) is nn.BatchNorm2d]
+    if not targets:
+        raise ValueError(f"{type(module).__name__} has no BatchNorm2d to replace")
+    for name, bn in targets[:1] if mode == "stem" else targets:
+        zca = _zca_from_batch_norm(bn, zca_options)
+        if not name:
+            return zca
+        parent_name, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, attr, zca)
+    return module
 
 
 def convert_sync_zca(module: nn.Module, process_group: Any = None) -> nn.Module:

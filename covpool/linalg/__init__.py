@@ -6,7 +6,7 @@ from . import _spectral  # noqa: F401,I001  (registers eig and the SVD family fi
 from . import _iterative  # noqa: F401,I001  (then ns, mtp_lya, mpa_lya)
 from ._api import covariance, inv_sqrtm, sqrtm, triu_vectorize
 from ._iterative import lyapunov_sign
-from ._registry import Backend, Option, get_backend, list_backends, register_backend
+from ._registry import Backend, BackendSpec, Option, get_backend, list_backends, register_backend, resolve_backend
 
 __all__ = [
     "sqrtm",
@@ -14,7 +14,9 @@ __all__ = [
     "list_backends",
     "register_backend",
     "get_backend",
+    "resolve_backend",
     "Backend",
+    "BackendSpec",
     "Option",
     "covariance",
     "triu_vectorize",

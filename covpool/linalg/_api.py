@@ -1,18 +1,15 @@
 """Public functions: ``sqrtm``, ``inv_sqrtm``, ``covariance`` and ``triu_vectorize``."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
 import torch
 
-from ._registry import resolve_backend
+from ._checks import work_dtype
+from ._registry import BackendSpec, resolve_backend
 
 __all__ = ["sqrtm", "inv_sqrtm", "covariance", "triu_vectorize"]
-
-_WORK_DTYPES = (torch.float32, torch.float64)
-
 
 def _check_square(a: Any, what: str = "a") -> None:
     if not isinstance(a, torch.Tensor):
@@ -39,7 +36,7 @@ def _check_symmetric_psd(a: torch.Tensor) -> None:
     n = a.shape[-1]
     with torch.no_grad():
         x = a.detach()
-        x = (x if x.dtype in _WORK_DTYPES else x.float()).reshape(-1, n, n)
+        x = x.to(work_dtype(x.dtype)).reshape(-1, n, n)
         finfo = torch.finfo(x.dtype)
         finite = torch.isfinite(x).flatten(1).all(-1)
         if not bool(finite.all()):
@@ -68,7 +65,7 @@ def _check_symmetric_psd(a: torch.Tensor) -> None:
 
 
 def _root(
-    a: torch.Tensor, backend: str | Mapping[str, Any], options: dict[str, Any], inverse: bool, check_input: bool
+    a: torch.Tensor, backend: BackendSpec, options: dict[str, Any], inverse: bool, check_input: bool
 ) -> torch.Tensor:
     _check_square(a)
     entry, bound = resolve_backend(backend, options)
@@ -78,7 +75,7 @@ def _root(
     if n == 0:
         # The root of a 0×0 matrix is 0×0 (as in torch.linalg); every backend agrees, none is called.
         return a.clone()
-    work = a if a.dtype in _WORK_DTYPES else a.float()
+    work = a.to(work_dtype(a.dtype))
     # Autocast would run the products in half precision, where the iterations lose convergence.
     with torch.autocast(device_type=a.device.type, enabled=False):
         out = entry.fn(work.reshape(-1, n, n), inverse, **bound)
@@ -86,7 +83,7 @@ def _root(
 
 
 def sqrtm(
-    a: torch.Tensor, backend: str | Mapping[str, Any] = "eig", *, check_input: bool = False, **options: Any
+    a: torch.Tensor, backend: BackendSpec = "eig", *, check_input: bool = False, **options: Any
 ) -> torch.Tensor:
     """Square root of a batch of symmetric positive (semi-)definite matrices, differentiably.
 
@@ -120,7 +117,7 @@ def sqrtm(
 
 
 def inv_sqrtm(
-    a: torch.Tensor, backend: str | Mapping[str, Any] = "eig", *, check_input: bool = False, **options: Any
+    a: torch.Tensor, backend: BackendSpec = "eig", *, check_input: bool = False, **options: Any
 ) -> torch.Tensor:
     """Inverse square root ``a^{-1/2}``; same arguments and conventions as :func:`sqrtm`.
 

@@ -158,6 +158,13 @@ def _ns(a: torch.Tensor, inverse: bool, num_iters: int, norm: str) -> torch.Tens
     return _ns_iterate(a, inverse, num_iters, norm, keep=False)[0]
 
 
+def _ns_products(inverse: bool, num_iters: int, norm: str) -> tuple[int, int]:
+    """3N − 3 products forward (for N = 1: one, none for the inverse root, which is T₁ itself); the
+    exact backward costs two per forward product."""
+    fwd = 3 * num_iters - 3 if num_iters > 1 else int(not inverse)
+    return fwd, 3 * fwd
+
+
 register_backend(
     "ns",
     _ns,
@@ -167,6 +174,7 @@ register_backend(
                        "(Frobenius norm: larger eigenvalues after scaling, so faster convergence)"),
     },
     doc="coupled Newton–Schulz iteration (Li et al., CVPR 2018); exact (symmetric) gradient of the iteration",
+    products=_ns_products,
 )
 
 
@@ -350,6 +358,27 @@ def _mpa_degree(key, value):
     return m, n
 
 
+def _lya_products(approx_fwd: int, inverse: bool, lya_iters: int, refine: int) -> tuple[int, int]:
+    """The approximant's products, 3 per refinement step; backward: 5 per Lyapunov step (3 in the
+    last), and for the inverse root the right-hand side −Y Ḡ Y and S = A·Y (3 more)."""
+    fwd = approx_fwd + 3 * refine
+    return fwd, fwd + 5 * (lya_iters - 1) + 3 + (3 if inverse else 0)
+
+
+def _mtp_products(inverse: bool, degree: int, lya_iters: int, refine: int) -> tuple[int, int]:
+    """Paterson–Stockmeyer: powers X², …, X^s, then one product per Horner step."""
+    s = _split(degree, 1)
+    return _lya_products((s - 1) + math.ceil((degree + 1) / s) - 1, inverse, lya_iters, refine)
+
+
+def _mpa_products(inverse: bool, degree: tuple[int, int], lya_iters: int, refine: int) -> tuple[int, int]:
+    """Shared powers, one Horner chain per polynomial, and the Cholesky solve counted as one product."""
+    m, n = degree
+    s = _split(max(m, n), 2)
+    fwd = (s - 1) + (math.ceil((m + 1) / s) - 1) + (math.ceil((n + 1) / s) - 1) + 1
+    return _lya_products(fwd, inverse, lya_iters, refine)
+
+
 _LYA = Option(8, int_at_least(1), "coupled sign iterations of the Lyapunov solver in the backward")
 _REFINE = Option(0, int_at_least(0), "Newton–Schulz refinement steps after the approximant (3 products each; "
                  "0 is the published method)")
@@ -359,6 +388,7 @@ register_backend(
     _mtp_lya,
     {"degree": Option(10, int_at_least(1), "degree of the Taylor polynomial"), "lya_iters": _LYA, "refine": _REFINE},
     doc="Matrix Taylor Polynomial forward, Lyapunov backward (Song et al., ICLR 2022)",
+    products=_mtp_products,
 )
 register_backend(
     "mpa_lya",
@@ -366,4 +396,5 @@ register_backend(
     {"degree": Option((5, 5), _mpa_degree, "[m/n] degree of the Padé approximant"), "lya_iters": _LYA,
      "refine": _REFINE},
     doc="Matrix Padé Approximant forward, Lyapunov backward (Song et al., ICLR 2022)",
+    products=_mpa_products,
 )

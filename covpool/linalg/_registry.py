@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["Backend", "Option", "register_backend", "get_backend", "list_backends", "resolve_backend"]
+from ._checks import check_int, check_number, is_int
+
+__all__ = ["Backend", "BackendSpec", "Option", "register_backend", "get_backend", "list_backends", "resolve_backend"]
 
 BackendFn = Callable[..., torch.Tensor]
+ProductsFn = Callable[..., tuple[int, int]]
+
+BackendSpec = str | Mapping[str, Any]
+"""What every ``backend=`` argument takes: a registered name, or a dict with ``name`` and options."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,12 +33,15 @@ class Backend:
 
     ``fn(a, inverse, **options)`` receives a float32/float64 tensor of shape ``(B, n, n)`` (batch dims
     flattened, autocast off) and returns the square root (``inverse=False``) or inverse square root.
+    ``products_fn(inverse, **options)``, declared by backends built from matrix products only, returns
+    how many batched ``n×n`` products one call performs: ``(forward, forward + backward)``.
     """
 
     name: str
     fn: BackendFn
     options: Mapping[str, Option]
     doc: str = ""
+    products_fn: ProductsFn | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -50,6 +58,20 @@ class Backend:
             bound[key] = self.options[key].check(f"{self.name}.{key}", value)
         return bound
 
+    def products(self, inverse: bool = False, **options: Any) -> tuple[int, int] | None:
+        """``(forward, forward + backward)`` batched matrix products of one call with ``options``
+        (checked, defaults filled in), whatever n; None for a backend that did not declare them (the
+        eigendecomposition and SVD backends, whose cost is not a product count).
+
+        Example::
+
+            >>> import covpool
+            >>> covpool.get_backend("ns").products(num_iters=5)
+            (12, 36)
+        """
+        bound = self.bind(options)
+        return None if self.products_fn is None else self.products_fn(inverse, **bound)
+
 
 _REGISTRY: dict[str, Backend] = {}
 
@@ -59,8 +81,13 @@ def register_backend(
     fn: BackendFn,
     options: Mapping[str, Option] | None = None,
     doc: str = "",
+    products: ProductsFn | None = None,
 ) -> Backend:
     """Register ``fn`` under ``name`` so ``sqrtm(a, backend=name)`` can use it.
+
+    ``options`` maps each keyword option of ``fn`` to an :class:`Option` (default and check). A backend
+    made of matrix products can declare ``products(inverse, **options) -> (forward, forward + backward)``,
+    its product count, which ``covpool bench`` reports next to the times (:meth:`Backend.products`).
 
     Example::
 
@@ -79,7 +106,10 @@ def register_backend(
         raise TypeError(f"a backend name must be a non-empty string, got {name!r}")
     if name in _REGISTRY:
         raise ValueError(f"backend {name!r} is already registered; pick another name")
-    backend = Backend(name=name, fn=fn, options=dict(options or {}), doc=doc)
+    if products is not None and not callable(products):
+        raise TypeError(f"products must be a function (inverse, **options) -> (forward, forward + backward), "
+                        f"got {type(products).__name__}")
+    backend = Backend(name=name, fn=fn, options=dict(options or {}), doc=doc, products_fn=products)
     _REGISTRY[name] = backend
     return backend
 
@@ -97,9 +127,13 @@ def get_backend(name: str) -> Backend:
         raise ValueError(f"unknown backend {name!r}; valid backends are: {', '.join(_REGISTRY)}") from None
 
 
-def resolve_backend(backend: str | Mapping[str, Any], options: Mapping[str, Any]) -> tuple[Backend, dict[str, Any]]:
+def resolve_backend(backend: BackendSpec, options: Mapping[str, Any] | None = None) -> tuple[Backend, dict[str, Any]]:
     """Turn ``backend`` (a name, or a dict with ``name`` and options) plus keyword options into a backend
-    and its checked options. Keyword options override those in the dict."""
+    and its checked options. Keyword options override those in the dict; the dict is not modified.
+
+    The one check of a backend spec: the functions call it per call, the layers at construction (so an
+    unknown name or option fails when the model is built, not at its first forward)."""
+    options = {} if options is None else options
     if isinstance(backend, Mapping):
         spec = dict(backend)
         if "name" not in spec:
@@ -110,26 +144,20 @@ def resolve_backend(backend: str | Mapping[str, Any], options: Mapping[str, Any]
     elif isinstance(backend, str):
         name = backend
     else:
-        raise TypeError(f"backend must be a name or a dict with 'name', got {type(backend).__name__}")
+        raise TypeError(f"backend must be a name or a dict with 'name' and options, got {type(backend).__name__}")
     entry = get_backend(name)
     return entry, entry.bind(options)
 
 
 def int_at_least(low: int) -> Callable[[str, Any], int]:
     def check(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
-        return value
+        return check_int(key, value, low)
 
     return check
 
 
 def positive_float_or_none(key: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{key} must be a positive finite number or None, got {value!r}")
-    return float(value)
+    return check_number(key, value, 0.0, open_low=True, allow_none=True)
 
 
 def one_of(*choices: str) -> Callable[[str, Any], str]:
@@ -143,12 +171,12 @@ def one_of(*choices: str) -> Callable[[str, Any], str]:
 
 def degree_pair(key: str, value: Any) -> tuple[int, int]:
     """A Padé degree: ``(m, n)`` (a list from a config file is fine) or one int meaning ``(k, k)``."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         value = (value, value)
     if (
         not isinstance(value, (tuple, list))
         or len(value) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value)
+        or any(not is_int(v) or v < 0 for v in value)
         or sum(value) < 2
     ):
         raise ValueError(f"{key} must be a pair (m, n) of non-negative integers with m + n >= 2, got {value!r}")

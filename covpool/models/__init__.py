@@ -3,11 +3,13 @@
 Importing this package registers ``resnet{18,50,101}_isqrt`` and ``so_vit_{7,10,14,19}`` with timm, so
 ``timm.create_model("so_vit_7")`` works after ``import covpool``. The model classes live in their
 modules (:mod:`covpool.models.resnet_isqrt`, :mod:`covpool.models.so_vit`); the public helpers are
-:func:`swap_pooling` (a second-order head on any timm or torchvision backbone) and
-:func:`keep_fitting_classifier` (a local checkpoint keeps its classifier when the class count fits).
+:func:`swap_pooling` (a second-order head on any timm or torchvision backbone),
+:func:`keep_fitting_classifier` (a local checkpoint keeps its classifier when the class count fits) and
+:func:`cifar_stem` (a ResNet stem for 32×32 images).
 """
-from . import resnet_isqrt, so_vit, swap
+from . import resnet_isqrt, so_vit, stem, swap
 from ._common import keep_fitting_classifier
+from .stem import cifar_stem
 from .swap import swap_pooling
 
-__all__ = ["swap_pooling", "keep_fitting_classifier"]
+__all__ = ["swap_pooling", "keep_fitting_classifier", "cifar_stem"]

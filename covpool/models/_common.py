@@ -6,12 +6,13 @@ from typing import Any
 
 from torch import nn
 
+from ..linalg._checks import check_int, is_int
+
 __all__ = ["check_num_classes", "stage_stride", "set_stage_stride", "set_last_stride", "keep_fitting_classifier"]
 
 
 def check_num_classes(num_classes: Any) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+    check_int("num_classes", num_classes, 0)
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -51,7 +52,7 @@ def set_stage_stride(stage: nn.Module, stride: int) -> int:
             stride 2 restored, or it downsamples with a module other than a convolution or average pool
             (e.g. anti-aliased blur pooling).
     """
-    if stride not in (1, 2):
+    if not is_int(stride) or stride not in (1, 2):
         raise ValueError(f"stride must be 1 or 2, got {stride!r}")
     block = _first_block(stage)
     strided = _strided_modules(block)

@@ -37,6 +37,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from ..layers import CovPool
+from ..linalg._checks import is_int
 from ._common import check_num_classes, keep_fitting_classifier, set_last_stride
 
 __all__ = ["ISqrtResNet", "checkpoint_filter_fn"]
@@ -114,7 +115,7 @@ class ISqrtResNet(ResNet):
     ) -> None:
         check_num_classes(num_classes)
         _check_global_pool(global_pool)
-        if last_stride not in (1, 2):
+        if not is_int(last_stride) or last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}")
         super().__init__(block, layers, num_classes=num_classes, **kwargs)
         set_last_stride(self, last_stride)

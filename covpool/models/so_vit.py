@@ -38,6 +38,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from einops import rearrange
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_module, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -47,6 +48,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..layers import SoViTHead
+from ..linalg._checks import check_int, is_int
 from ._common import check_num_classes, keep_fitting_classifier
 
 __all__ = ["SoViT", "VisualTokenEmbed", "sinusoid_pos_embed", "checkpoint_filter_fn"]
@@ -130,7 +132,7 @@ class VisualTokenEmbed(nn.Module):
         if img_size is None:
             return
         size = tuple(to_2tuple(img_size))
-        if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+        if len(size) != 2 or not all(is_int(s) and s > 0 for s in size):
             raise ValueError(f"img_size must be a positive int or a pair (H, W) of them, got {img_size!r}")
         self.img_size = size
         self.grid_size = self.dynamic_feat_size(size)
@@ -155,8 +157,8 @@ class VisualTokenEmbed(nn.Module):
                 )
         x = self.proj(self.backbone(x))
         if self.output_fmt == "NHWC":
-            return x.permute(0, 2, 3, 1)
-        return x.flatten(2).transpose(1, 2)
+            return rearrange(x, "b c h w -> b h w c")
+        return rearrange(x, "b c h w -> b (h w) c")
 
 
 # Shape checks that depend on the input: FX treats these modules as leaves (timm's own convention).
@@ -236,8 +238,7 @@ class SoViT(VisionTransformer):
             raise ValueError(f"pos_embed must be one of {_POS_EMBEDS}, got {pos_embed!r}")
         for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("depth", depth),
                             ("num_heads", num_heads), ("stem_width", stem_width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         super().__init__(

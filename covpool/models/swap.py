@@ -26,6 +26,7 @@ from timm.models.resnet import ResNet as TimmResNet
 from torch import nn
 
 from ..layers import CovPool, SoViTHead
+from ..linalg._checks import check_int, is_int
 from ._common import check_num_classes, set_last_stride
 from .resnet_isqrt import ISqrtResNet
 
@@ -69,8 +70,7 @@ class TokenCovPool(nn.Module):
     def __init__(self, embed_dim: int, num_prefix_tokens: int = 1, use_class_token: bool = True,
                  **covpool_options: Any) -> None:
         super().__init__()
-        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+        check_int("num_prefix_tokens", num_prefix_tokens, 0)
         if use_class_token and num_prefix_tokens < 1:
             raise ValueError("use_class_token needs a class token: num_prefix_tokens must be >= 1")
         self.pool = CovPool(embed_dim, **covpool_options)
@@ -309,7 +309,7 @@ def swap_pooling(model: nn.Module, *, last_stride: int | None = None, **covpool_
         >>> type(vit).__name__, vit.num_features, vit.head_hidden_size  # class token + 32·33/2 covariance
         ('SecondOrderNet', 192, 720)
     """
-    if last_stride not in (None, 1, 2):
+    if last_stride is not None and (not is_int(last_stride) or last_stride not in (1, 2)):
         raise ValueError(f"last_stride must be None (keep the model's), 1 or 2, got {last_stride!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_pooling expects an nn.Module, one of {_SUPPORTED}; got {type(model).__name__}")
@@ -352,7 +352,7 @@ def _swap_timm(model: nn.Module, last_stride: int | None, covpool_options: dict[
     kind = f"{type(model).__module__}.{type(model).__qualname__}"
     _check_resnet_stride(model, last_stride)
     num_features = getattr(model, "num_features", None)
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+    if not is_int(num_features) or num_features < 1:
         raise TypeError(f"{kind} has timm's hooks but no integer num_features; swap_pooling supports {_SUPPORTED}")
     num_classes = model.num_classes
     prefix = getattr(model, "num_prefix_tokens", None)

@@ -13,31 +13,6 @@ from .config import ConfigError, ModelConfig
 
 __all__ = ["build_model", "head_parameter_names", "param_groups"]
 
-_ZCA_MODES = ("none", "stem", "all")
-
-
-def _cifar_stem(model: nn.Module) -> None:
-    conv = getattr(model, "conv1", None)
-    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
-        raise ConfigError("model.cifar_stem needs a ResNet with a single-conv stem (conv1 + maxpool), such as "
-                          "timm's or torchvision's resnet18/34/50; deep stems (resnet*d, resnet*t) are not supported")
-    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-
-
-def _convert_zca(model: nn.Module, mode: str, options: dict[str, Any]) -> None:
-    if mode not in _ZCA_MODES:
-        raise ConfigError(f"model.zca must be one of {', '.join(_ZCA_MODES)}, got {mode!r}")
-    if mode == "none":
-        return
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.BatchNorm2d]
-    if not targets:
-        raise ConfigError(f"model.zca={mode!r}: {type(model).__name__} has no BatchNorm2d to replace")
-    for name, bn in targets[:1] if mode == "stem" else targets:
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        opts = {"eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine, **options}
-        setattr(parent, name.rpartition(".")[2], covpool.ZCABatchNorm2d(bn.num_features, **opts))
-
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """Build ``cfg.name`` with timm (covpool's models registered) and apply the config's surgery.
@@ -74,8 +49,16 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
                            "Without network access, download them elsewhere and pass model.pretrained=/path/to/"
                            "file.safetensors (or .pth), or train from scratch with model.pretrained=false") from err
     if cfg.cifar_stem:
-        _cifar_stem(model)
-    _convert_zca(model, cfg.zca, dict(cfg.zca_options))
+        try:
+            model = covpool.cifar_stem(model)
+        except ValueError as err:
+            raise ConfigError(f"model.cifar_stem: {err}") from None
+    if cfg.zca != "none":
+        try:
+            model = covpool.convert_zca(model, cfg.zca, **cfg.zca_options)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.zca={cfg.zca!r}, model.zca_options={dict(cfg.zca_options)!r} "
+                              f"(model.zca: none, stem or all): {err}") from None
     if cfg.swap_pooling:
         model = covpool.swap_pooling(model, **cfg.covpool)  # timm non-ResNets come back wrapped
     elif cfg.covpool:

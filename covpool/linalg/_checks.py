@@ -1,0 +1,72 @@
+"""The argument rules every layer of covpool shares (internal): integer and number guards, and the
+dtype the square roots and covariances are computed in.
+
+Backend options, the meta-layers and the models all call these, so a rule and its error message are
+written once. ``bool`` is an ``int`` in Python; no count or size accepts ``True``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+__all__ = ["is_int", "is_number", "check_int", "check_number", "WORK_DTYPES", "work_dtype"]
+
+WORK_DTYPES = (torch.float32, torch.float64)
+
+
+def is_int(value: Any) -> bool:
+    """An ``int`` that is not a ``bool``."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An ``int`` or ``float`` that is not a ``bool``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, low: int = 1, *, allow_none: bool = False) -> int | None:
+    """``value`` if it is an integer >= ``low`` (or None when allowed); otherwise ValueError naming ``name``."""
+    if allow_none and value is None:
+        return None
+    if not is_int(value) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def check_number(
+    name: str,
+    value: Any,
+    low: float = 0.0,
+    high: float = math.inf,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+    allow_none: bool = False,
+    note: str = "",
+) -> float | None:
+    """``float(value)`` if it is a real number in the interval from ``low`` to ``high`` (closed unless
+    ``open_low``/``open_high``; an infinite ``high`` also excludes infinity and NaN), or None when allowed.
+    Otherwise ValueError naming ``name``, the interval and ``note`` (what the value is for)."""
+    if allow_none and value is None:
+        return None
+    if is_number(value):
+        above = value > low if open_low else value >= low
+        below = value < high if open_high or high == math.inf else value <= high
+        if above and below:
+            return float(value)
+    if high == math.inf:
+        bound = f"{'>' if open_low else '>='} {low:g}"
+        what = "a positive finite number" if (low == 0 and open_low) else f"a finite number {bound}"
+    else:
+        what = f"a number in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    extra = f" ({note})" if note else ""
+    raise ValueError(f"{name} must be {what}{' or None' if allow_none else ''}{extra}, got {value!r}")
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype roots and covariances are computed in: float32/float64 as they are, anything else
+    (float16, bfloat16, integers) in float32: half precision loses most of a covariance's digits and
+    the iterations their convergence."""
+    return dtype if dtype in WORK_DTYPES else torch.float32
