@@ -18,7 +18,7 @@ import torch
 from torch.utils import benchmark
 
 from . import linalg
-from ._testing import exact_grad, exact_root, ill_conditioned, rank_deficient, repeated_eigenvalues, well_conditioned
+from .testing import exact_grad, exact_root, ill_conditioned, rank_deficient, repeated_eigenvalues, well_conditioned
 
 __all__ = ["Variant", "default_variants", "product_count", "run_bench", "format_table", "main"]
 

@@ -8,7 +8,7 @@ that compare against float64 references compute in float64 whatever it says)::
     COVPOOL_TEST_DEVICE=cuda pytest tests/test_linalg.py tests/test_layers.py tests/test_models.py
 
 The references are computed on the CPU in float64; results are compared there. Helpers that tests
-import (matrix families, references, ``rel``) live in :mod:`covpool._testing`.
+import (matrix families, references, ``rel``) live in :mod:`covpool.testing`.
 """
 import os
 

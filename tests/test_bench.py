@@ -4,7 +4,7 @@ import csv
 import pytest
 import torch
 
-import covpool._testing  # noqa: F401  (used in the compile test)
+import covpool.testing  # noqa: F401  (used in the compile test)
 
 from covpool.bench import Variant, default_variants, format_table, main, product_count, run_bench
 
@@ -64,7 +64,7 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     import covpool
 
     torch._dynamo.reset()
-    a = covpool._testing.well_conditioned(3, 12, dtype=torch.float32, seed=0)
+    a = covpool.testing.well_conditioned(3, 12, dtype=torch.float32, seed=0)
     for fn in (covpool.sqrtm, covpool.inv_sqrtm):
         compiled = torch.compile(fn, fullgraph=True)
         x, y = a.clone().requires_grad_(), a.clone().requires_grad_()

@@ -11,7 +11,7 @@ import covpool
 from covpool.layers import (
     CovPool, SoViTHead, ZCABatchNorm1d, ZCABatchNorm2d, convert_sync_zca, cov_pool, zca_batch_norm,
 )
-from covpool._testing import rel
+from covpool.testing import rel
 from covpool.linalg import get_backend
 
 F64 = torch.float64

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import covpool
-from covpool._testing import (
+from covpool.testing import (
     exact_grad,
     exact_root,
     ill_conditioned,

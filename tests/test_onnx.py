@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import covpool
-from covpool._testing import ill_conditioned, rank_deficient, well_conditioned
+from covpool.testing import ill_conditioned, rank_deficient, well_conditioned
 
 EXPORTABLE = ["ns", "mtp_lya", "mpa_lya"]
 

@@ -1,4 +1,13 @@
-"""Matrix families and float64 references shared by the tests and `covpool bench` (internal)."""
+"""Matrix families and float64 references, for testing a square-root backend (like :mod:`torch.testing`).
+
+Used by covpool's tests and ``covpool bench``; public so that a backend added with
+:func:`covpool.register_backend` can be checked the same way::
+
+    >>> import covpool, covpool.testing as ct
+    >>> a = ct.well_conditioned(2, 8)
+    >>> ct.rel(covpool.sqrtm(a, backend="eig"), ct.exact_root(a)) < 1e-12
+    True
+"""
 import torch
 
 __all__ = ["well_conditioned", "well_separated", "ill_conditioned", "rank_deficient", "repeated_eigenvalues",
