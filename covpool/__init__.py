@@ -3,7 +3,7 @@
 ``import covpool`` gives the square-root backends (:func:`sqrtm`, :func:`inv_sqrtm`), the meta-layers
 and registers covpool's backbones with timm, so ``timm.create_model("so_vit_7")`` works after it.
 """
-from . import layers, linalg, models
+from . import layers, linalg, models  # noqa: F401  (subpackages; importing models registers them with timm)
 from .layers import *  # noqa: F401,F403
 from .linalg import covariance, get_backend, inv_sqrtm, list_backends, register_backend, sqrtm, triu_vectorize
 from .models import *  # noqa: F401,F403

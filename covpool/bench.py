@@ -132,7 +132,8 @@ def run_bench(
     variants = list(variants or default_variants())
     if compile:
         variants += [
-            Variant(f"{v.label} compiled", baseline=_compiled(v)) for v in variants if v.backend in ("ns", "mtp_lya", "mpa_lya")
+            Variant(f"{v.label} compiled", baseline=_compiled(v))
+            for v in variants if v.backend in ("ns", "mtp_lya", "mpa_lya")
         ]
     rows = []
     jobs = [(n, v) for n in dims for v in variants]
@@ -156,7 +157,8 @@ def run_bench(
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         counts = product_count(variant, inverse)
         row = {
-            "variant": variant.label, "batch": batch, "d": n, "device": device.type, "root": "inv" if inverse else "sqrt",
+            "variant": variant.label, "batch": batch, "d": n, "device": device.type,
+            "root": "inv" if inverse else "sqrt",
             "bmm ms": 1e3 * t_mm, "fwd ms": 1e3 * t_f, "fwd+bwd ms": 1e3 * t_fb,
             "fwd prod-eq": t_f / t_mm, "fwd+bwd prod-eq": t_fb / t_mm,
             "products fwd": counts[0] if counts else None, "products fwd+bwd": counts[1] if counts else None,

@@ -145,7 +145,8 @@ def _list_configs() -> str:
 
 
 def train_main(argv: Sequence[str]) -> int:
-    """``covpool train --config <name or file> | --list-configs [--resume | --resume-from CKPT | --overwrite] [key=value ...]``."""
+    """``covpool train --config <name or file> | --list-configs [--resume | --resume-from CKPT | --overwrite]
+    [key=value ...]``."""
     prog = "covpool train"
     parser = _parser(prog, "Train or fine-tune a model from a YAML config; outputs go to <output_dir>/<name>/ "
                      "(runs/<name>/ by default). Also runs under torchrun.")

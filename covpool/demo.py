@@ -119,8 +119,9 @@ def run_demo(output_dir: str = "runs/demo", extra: Sequence[str] = ()) -> int:
     results = {}
     for variant in DEMO_VARIANTS:
         cfg = demo_config(variant, output_dir, extra)
-        print(f"\n== {variant}: {'covariance pooling (iSQRT-COV, 64x64 covariance)' if cfg.model.swap_pooling else 'global average pooling'} ==",
-              flush=True)
+        pooling = "covariance pooling (iSQRT-COV, 64x64 covariance)" if cfg.model.swap_pooling else \
+            "global average pooling"
+        print(f"\n== {variant}: {pooling} ==", flush=True)
         start = time.perf_counter()
         result = train(cfg, overwrite=True)
         results[variant] = (result, time.perf_counter() - start)

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> float:
     extra = {"pretrained_cfg_overlay": {"file": args.pretrained}} if args.pretrained else {}
     model = timm.create_model("so_vit_7", pretrained=bool(args.pretrained), num_classes=8, img_size=img_size,
                               **extra)
-    print(f"so_vit_7: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, head {type(model.get_classifier()).__name__}")
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"so_vit_7: {params:.2f}M parameters, head {type(model.get_classifier()).__name__}")
 
     train = DataLoader(EmbeddedTextures("train", img_size, per_class, seed=0), batch_size=16, shuffle=True,
                        drop_last=True)

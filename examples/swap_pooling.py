@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--source", choices=("timm", "torchvision"), default="timm")
     parser.add_argument("--model", default="resnet18", help="a timm name (tags allowed) or a torchvision one")
     parser.add_argument("--pretrained", action="store_true",
-                        help="load the timm backbone's pretrained weights (timm has torchvision's too: resnet50.tv_in1k)")
+                        help="load the timm backbone's pretrained weights "
+                             "(timm has torchvision's too: resnet50.tv_in1k)")
     parser.add_argument("--layer-decay", type=float, default=None,
                         help="timm's layer-wise LR decay (default 0.7 with --pretrained, none from scratch)")
     parser.add_argument("--steps", type=int, default=30)

@@ -23,7 +23,8 @@ def _device() -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise pytest.UsageError(f"COVPOOL_TEST_DEVICE={name!r} is not a torch device ({err}); use cpu, cuda, ...")
+        raise pytest.UsageError(f"COVPOOL_TEST_DEVICE={name!r} is not a torch device ({err}); use cpu, cuda, ...") \
+            from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError(f"COVPOOL_TEST_DEVICE={name!r} but torch sees no CUDA device")
     backend = getattr(torch, device.type, None)

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import covpool.testing  # noqa: F401  (used in the compile test)
-
 from covpool.bench import Variant, default_variants, format_table, main, product_count, run_bench
 
 

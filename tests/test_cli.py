@@ -244,7 +244,7 @@ def test_shipped_configs_are_one_copy_inside_the_package():
     assert set(shipped) == {p.stem for p in package_dir.glob("*.yaml")} and "cub200_resnet50_isqrt" in shipped
     # the repository's configs/ (what the README's commands use) is the package's folder, not a copy
     assert (REPO / "configs").resolve() == (REPO / "covpool" / "configs").resolve()
-    for name, path in shipped.items():
+    for path in shipped.values():
         load_config(path)  # every shipped config is valid
 
 

@@ -9,10 +9,9 @@ import sys
 
 import pytest
 import torch
+from _train_helpers import REPO
 
 import covpool
-
-from _train_helpers import REPO
 
 EXAMPLES = REPO / "examples"
 

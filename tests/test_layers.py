@@ -9,10 +9,16 @@ from torch import nn
 
 import covpool
 from covpool.layers import (
-    CovPool, SoViTHead, ZCABatchNorm1d, ZCABatchNorm2d, convert_sync_zca, cov_pool, zca_batch_norm,
+    CovPool,
+    SoViTHead,
+    ZCABatchNorm1d,
+    ZCABatchNorm2d,
+    convert_sync_zca,
+    cov_pool,
+    zca_batch_norm,
 )
-from covpool.testing import rel
 from covpool.linalg import get_backend
+from covpool.testing import rel
 
 F64 = torch.float64
 BACKENDS = covpool.list_backends()
@@ -98,7 +104,8 @@ def assert_grads_everywhere(module):
 
 def test_public_names():
     assert sorted(covpool.layers.__all__) == sorted(
-        ["CovPool", "ZCABatchNorm1d", "ZCABatchNorm2d", "convert_zca", "convert_sync_zca", "SoViTHead", "cov_pool", "zca_batch_norm",
+        ["CovPool", "ZCABatchNorm1d", "ZCABatchNorm2d", "convert_zca", "convert_sync_zca", "SoViTHead", "cov_pool",
+         "zca_batch_norm",
          "set_backend"]
     )
     for name in covpool.layers.__all__:

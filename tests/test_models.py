@@ -606,8 +606,8 @@ def test_so_vit_timm_contract():
     assert all(p.dtype == torch.float64 for p in typed.parameters())
     assert typed(x.double()).dtype == torch.float64
 
-    from torchvision.models.feature_extraction import create_feature_extractor
     from timm.layers import is_notrace_module
+    from torchvision.models.feature_extraction import create_feature_extractor
     assert is_notrace_module(covpool.SoViTHead)
     extractor = create_feature_extractor(model, return_nodes=["blocks.6", "head"],
                                          tracer_kwargs={"leaf_modules": [covpool.SoViTHead,

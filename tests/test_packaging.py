@@ -53,11 +53,11 @@ def test_the_library_works_without_the_train_extra(wheel, tmp_path):
         "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in TRAIN_ONLY))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "block"), str(site)])}
     code = ("import covpool, timm, torch\n"
-            "assert covpool.__file__.startswith(%r)\n"
+            f"assert covpool.__file__.startswith({str(site)!r})\n"
             "m = timm.create_model('so_vit_7', num_classes=3, img_size=32).eval()\n"
             "print(tuple(m(torch.randn(1, 3, 32, 32)).shape))\n"
             "print(tuple(covpool.sqrtm(torch.eye(3), backend='ns').shape))\n"
-            "try:\n    import matplotlib\nexcept ImportError:\n    print('no matplotlib')\n") % str(site)
+            "try:\n    import matplotlib\nexcept ImportError:\n    print('no matplotlib')\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                          timeout=300)
     assert run.returncode == 0, run.stderr
@@ -82,3 +82,12 @@ def test_a_command_without_the_train_extra_says_what_to_install(monkeypatch, cap
     monkeypatch.setitem(cli._COMMANDS, "demo", (needs_something_else, "the demo"))
     with pytest.raises(ModuleNotFoundError):  # not the extra's: a bug, with its traceback
         cli.main(["demo"])
+
+
+def test_the_code_passes_its_ruff_configuration():
+    """pyproject.toml's [tool.ruff] rules (pycodestyle, pyflakes, isort, bugbear, pyupgrade) hold everywhere."""
+    ruff = shutil.which("ruff", path=os.path.dirname(sys.executable)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (it is in the test extra: pip install -e '.[test]')")
+    run = subprocess.run([ruff, "check", "--no-cache", str(REPO)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr

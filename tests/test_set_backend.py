@@ -9,18 +9,22 @@ import pytest
 import timm
 import torch
 import torchvision
+from _train_helpers import REPO, tiny_overrides
 from torch import nn
 
 import covpool
-from covpool.train import engine
-from covpool.train._model import build_model
-from covpool.train._schedule import (BackendSchedule, backend_for_epoch, checkpoint_epoch, describe_backend,
-                                     parse_backend_schedule)
-from covpool.train.config import ConfigError, load_config
 from covpool.cli import main
 from covpool.demo import HYBRID_VARIANTS, hybrid_demo_config
-
-from _train_helpers import REPO, tiny_overrides
+from covpool.train import engine
+from covpool.train._model import build_model
+from covpool.train._schedule import (
+    BackendSchedule,
+    backend_for_epoch,
+    checkpoint_epoch,
+    describe_backend,
+    parse_backend_schedule,
+)
+from covpool.train.config import ConfigError, load_config
 
 NS = {"name": "ns", "num_iters": 5}
 
@@ -307,7 +311,8 @@ def test_resume_mid_epoch_after_the_switch_continues_with_the_new_backend(tmp_pa
     pade = {"name": "svd_pade", "degree": 4}
     assert record_backends == [(1, pade)]
     assert resumed.model.global_pool.backend == pade
-    a, b = straight.model.state_dict(), torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)["state_dict"]
+    a = straight.model.state_dict()
+    b = torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     keys = ("epoch", "train_loss", "val_loss", "val_acc1", "backend")

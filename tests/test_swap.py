@@ -50,7 +50,7 @@ def _new_linear(model):
     return head if isinstance(head, nn.Linear) else head[-1]
 
 
-def _train_step(model, num_classes=NUM_CLASSES, device=torch.device("cpu")):
+def _train_step(model, num_classes=NUM_CLASSES, device="cpu"):
     model.train().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     head = _new_linear(model).weight

@@ -13,19 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _train_helpers import REPO, make_cub, make_imagefolder, tiny_overrides
 
 import covpool
+from covpool.cli import eval_main, train_main
+from covpool.demo import demo_config, run_demo
 from covpool.train import checkpoint as ckpt_mod
 from covpool.train import engine
 from covpool.train._model import build_model, param_groups
-from covpool.cli import eval_main, train_main
 from covpool.train.config import ConfigError, config_to_dict, load_config
-from covpool.train.data import (DatasetNotFoundError, build_datasets, build_loaders, dataset_names,
-                                num_classes_of)
-from covpool.demo import demo_config, run_demo
+from covpool.train.data import DatasetNotFoundError, build_datasets, build_loaders, dataset_names, num_classes_of
 from covpool.train.embedded import EMBEDDED_CLASSES, EmbeddedTextures, _patch_boxes
-
-from _train_helpers import REPO, make_cub, make_imagefolder, tiny_overrides
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -464,7 +462,8 @@ def test_full_disk_names_the_file_and_the_cause(tmp_path, monkeypatch):
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
         except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            # as torch.save does: the real cause only as the implicit context
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
 
     monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
     with pytest.raises(OSError, match=rf"could not write {path}: No space left on device; the previous file is "
@@ -699,7 +698,7 @@ def test_corrupt_or_foreign_checkpoints_name_the_file_and_the_problem(tmp_path):
     cases = {"empty.pt": (b"", r"is empty \(0 bytes\)"),
              "text.pt": (b"epoch 3, not a checkpoint\n" * 4, "is not a readable PyTorch file"),
              "truncated.pt": (good.read_bytes()[: good.stat().st_size // 2], "is not a readable PyTorch file")}
-    for name, (content, match) in cases.items():
+    for name, (content, _) in cases.items():
         (tmp_path / name).write_bytes(content)
     torch.save(state["state_dict"], tmp_path / "plain.pt")
     cases["plain.pt"] = (None, r"is a plain state_dict \(\d+ tensors.*model.pretrained=")

@@ -6,7 +6,7 @@ the coefficients are exact to the last bit and nothing is computed at import tim
 from __future__ import annotations
 
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -68,19 +68,19 @@ def pade_range(m: int, n: int) -> tuple[float, float, float, float]:
     return _pade_range(m, n)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pade_range(m: int, n: int) -> tuple[float, float, float, float]:
     p, q = _pade(_binomial_series(Fraction(1, 2), m + n), m, n)
     return (_min_on_unit_interval(p), -_min_on_unit_interval(tuple(-c for c in p)),
             _min_on_unit_interval(q), -_min_on_unit_interval(tuple(-c for c in q)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _taylor_sqrt(degree: int, inverse: bool) -> tuple[float, ...]:
     return _to_float(_binomial_series(Fraction(-1 if inverse else 1, 2), degree))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pade_sqrt(m: int, n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     p, q = _pade(_binomial_series(Fraction(1, 2), m + n), m, n)
     if _min_on_unit_interval(q) <= 0 or _min_on_unit_interval(p) <= 0:

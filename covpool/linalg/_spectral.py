@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
 from ._double import guard
-from ._registry import Option, int_at_least, positive_float_or_none, degree_pair, register_backend
+from ._registry import Option, degree_pair, int_at_least, positive_float_or_none, register_backend
 
 __all__: list[str] = []
 

@@ -7,7 +7,7 @@ modules (:mod:`covpool.models.resnet_isqrt`, :mod:`covpool.models.so_vit`); the 
 :func:`keep_fitting_classifier` (a local checkpoint keeps its classifier when the class count fits) and
 :func:`cifar_stem` (a ResNet stem for 32×32 images).
 """
-from . import resnet_isqrt, so_vit, stem, swap
+from . import resnet_isqrt, so_vit, stem, swap  # noqa: F401  (importing them registers the models with timm)
 from ._common import keep_fitting_classifier
 from .stem import cifar_stem
 from .swap import swap_pooling

@@ -64,7 +64,8 @@ def set_stage_stride(stage: nn.Module, stride: int) -> int:
             "cannot restore stride 2 in a stage that has stride 1 (dilated or already modified); "
             "build the model with its default stride instead"
         )
-    unsupported = [f"{name} ({type(m).__name__})" for name, m in strided if not isinstance(m, (nn.Conv2d, nn.AvgPool2d))]
+    unsupported = [f"{name} ({type(m).__name__})" for name, m in strided
+                   if not isinstance(m, (nn.Conv2d, nn.AvgPool2d))]
     if unsupported:
         raise ValueError(
             "cannot remove the downsampling of this stage: only nn.Conv2d and nn.AvgPool2d strides can be "

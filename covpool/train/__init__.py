@@ -4,13 +4,21 @@
 :func:`train` and :func:`evaluate`. Importing this package is cheap; timm and torchvision data sets load
 when a run starts.
 """
+from ._model import build_model
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
 from .data import CUB200, DatasetNotFoundError, build_datasets, dataset_names
 from .embedded import EmbeddedTextures
-from .engine import (DistributedFailure, NonFiniteLossError, RunExistsError, RunLockedError, TrainingAborted,
-                     TrainResult, evaluate, train)
-from ._model import build_model
+from .engine import (
+                     DistributedFailure,
+                     NonFiniteLossError,
+                     RunExistsError,
+                     RunLockedError,
+                     TrainingAborted,
+                     TrainResult,
+                     evaluate,
+                     train,
+)
 
 __all__ = [
     "TrainConfig",

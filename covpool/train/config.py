@@ -12,10 +12,10 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -58,7 +58,7 @@ class _Interval:
     high_closed: bool
 
     @classmethod
-    def parse(cls, text: str) -> "_Interval":
+    def parse(cls, text: str) -> _Interval:
         low, high = (float(x) for x in text[1:-1].split(","))
         return cls(text, low, high, text[0] == "[", text[-1] == "]")
 
@@ -130,7 +130,8 @@ class ModelConfig(_Section):
         False, "true: timm's hub weights (needs the network once); a path: a local checkpoint file; false: random init"
     )
     num_classes: int | None = _opt(None, "classifier size; null takes it from the data set", "[1, inf)")
-    swap_pooling: bool = _opt(False, "replace a ResNet's average pooling + fc by covariance pooling (covpool.swap_pooling)")
+    swap_pooling: bool = _opt(False, "replace the model's pooling + classifier by a second-order head "
+                              "(covpool.swap_pooling: covariance pooling for CNNs, on the patch tokens for ViTs)")
     covpool: dict = _opt({}, "keyword options for covpool.swap_pooling, e.g. {reduced_dim: 256, backend: ns, "
                          "last_stride: 1}")
     zca: str = _opt("none", "ZCA whitening batch norm (covpool.ZCABatchNorm2d) in place of BatchNorm2d: none | stem "
@@ -164,7 +165,8 @@ class DataConfig(_Section):
     interpolation: str | None = _opt(None, "resize interpolation; null is the model's")
     embedded_train_per_class: int = _opt(160, "embedded data set: training patches per class", "[1, inf)")
     embedded_val_per_class: int = _opt(60, "embedded data set: validation patches per class", "[1, inf)")
-    embedded_grayscale: bool = _opt(True, "embedded data set: grey patches, so texture (not colour) tells classes apart")
+    embedded_grayscale: bool = _opt(True, "embedded data set: grey patches, so texture (not colour) tells classes "
+                                    "apart")
 
 
 @dataclass

@@ -89,8 +89,8 @@ _LAYOUTS = MappingProxyType({
     "cub200": "  CUB_200_2011/images.txt\n  CUB_200_2011/train_test_split.txt\n  CUB_200_2011/image_class_labels.txt\n"
               "  CUB_200_2011/classes.txt\n  CUB_200_2011/images/<class>/<image>.jpg\n"
               "  (root may also be the CUB_200_2011 folder itself)",
-    "stanford_cars": "  stanford_cars/  as torchvision.datasets.StanfordCars expects (devkit/, cars_train/, cars_test/, "
-                     "cars_test_annos_withlabels.mat); torchvision cannot download it any more",
+    "stanford_cars": "  stanford_cars/  as torchvision.datasets.StanfordCars expects (devkit/, cars_train/, "
+                     "cars_test/, cars_test_annos_withlabels.mat); torchvision cannot download it any more",
     "fgvc_aircraft": "  fgvc-aircraft-2013b/data/...  (torchvision.datasets.FGVCAircraft)",
     "flowers102": "  flowers-102/jpg/, imagelabels.mat, setid.mat  (torchvision.datasets.Flowers102)",
     "oxford_pet": "  oxford-iiit-pet/images/, annotations/  (torchvision.datasets.OxfordIIITPet)",
@@ -190,9 +190,8 @@ def num_classes_of(cfg: DataConfig) -> int:
 
 def _transforms(cfg: DataConfig, model: torch.nn.Module | None) -> tuple[Callable, Callable]:
     if cfg.dataset == "embedded":
-        from torchvision.transforms import v2
-
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        from torchvision.transforms import v2
 
         pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
         mean = pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN)

@@ -11,7 +11,7 @@ Everything is deterministic given ``seed``.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,7 @@ def _data_dir() -> Path:
     return Path(skimage.data.__file__).parent
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photo(filename: str, grayscale: bool) -> np.ndarray:
     """``(H, W, 3)`` uint8 photo, read once per process (read-only array)."""
     import skimage.color

@@ -35,14 +35,29 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from ._dist import (
+    DistContext,
+    DistributedFailure,
+    all_gather_objects,
+    all_reduce_sum,
+    dist_timeout_s,
+    init_distributed,
+    is_collective_failure,
+    shutdown_distributed,
+)
 from ._io import atomic_write
-from ._dist import (DistContext, DistributedFailure, all_gather_objects, all_reduce_sum, dist_timeout_s,
-                    init_distributed, is_collective_failure, shutdown_distributed)
 from ._model import build_model, param_groups
 from ._plot import plot_history
 from ._schedule import BackendSchedule, checkpoint_epoch
-from .checkpoint import (CheckpointError, atomic_save, load_checkpoint, remove_stale_temp_files, rng_state,
-                         set_rng_state, with_checksums)
+from .checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    remove_stale_temp_files,
+    rng_state,
+    set_rng_state,
+    with_checksums,
+)
 from .config import ConfigError, TrainConfig, config_diff, config_from_dict, config_to_dict
 from .data import build_datasets, build_loaders, num_classes_of
 
@@ -111,7 +126,7 @@ class _RunLock:
                 os.close(fd)
                 self.path.unlink(missing_ok=True)
                 warnings.warn(f"cannot lock {self.path} ({err}); nothing stops a second run from using the same "
-                              "folder at the same time")
+                              "folder at the same time", stacklevel=2)
                 return None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -526,7 +541,8 @@ class _Trainer:
         self.model.load_state_dict(ckpt["state_dict"])
         if self.ema is not None:
             if ckpt.get("state_dict_ema") is None:
-                warnings.warn("the checkpoint has no EMA weights; the EMA restarts from the current model")
+                warnings.warn("the checkpoint has no EMA weights; the EMA restarts from the current model",
+                              stacklevel=2)
                 self.ema.module.load_state_dict(ckpt["state_dict"])
             else:
                 self.ema.module.load_state_dict(ckpt["state_dict_ema"])
@@ -561,7 +577,7 @@ class _Trainer:
         else:
             warnings.warn(f"the checkpoint was written by {len(rngs)} processes, this run has "
                           f"{self.ctx.world_size}: weights and optimizer resume exactly, the data order and "
-                          "augmentation draws do not")
+                          "augmentation draws do not", stacklevel=2)
             _seed_all(self.cfg.seed + 7919 * self.ctx.rank + self.global_step)
 
     def _log_resume(self, resume) -> None:
@@ -584,7 +600,8 @@ class _Trainer:
         """Loss and correct count of one batch; a LinAlgError (eigh/svd refuse NaN/inf or hopelessly
         degenerate input) is returned instead of raised, so every process still takes part in the step."""
         ctx = self.ctx
-        images, target = _to_device(images, ctx.device, self.cfg.channels_last), target.to(ctx.device, non_blocking=True)
+        images = _to_device(images, ctx.device, self.cfg.channels_last)
+        target = target.to(ctx.device, non_blocking=True)
         hard_target = target
         if self.mixup is not None:
             images, target = self.mixup(images, target)
