@@ -8,12 +8,19 @@ that compare against float64 references compute in float64 whatever it says)::
     COVPOOL_TEST_DEVICE=cuda pytest tests/test_linalg.py tests/test_layers.py tests/test_models.py
 
 The references are computed on the CPU in float64; results are compared there. Helpers that tests
-import (matrix families, references, ``rel``) live in :mod:`covpool.testing`.
+import (matrix families, references, ``rel``) live in :mod:`covpool.testing`. ``wheel`` builds the package's
+wheel once per session, for the packaging tests.
 """
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -68,3 +75,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel ``pip wheel`` builds from this checkout (from a copy: setuptools leaves build/ and
+    *.egg-info in the source tree)."""
+    pytest.importorskip("setuptools", reason="building the wheel without isolation needs setuptools")
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = shutil.copytree(REPO, tmp / "src", symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "runs", "bench_out", "*.egg-info", "__pycache__", ".pytest_cache"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (path,) = (tmp / "dist").glob("covpool-*.whl")
+    return path

@@ -287,21 +287,12 @@ def test_list_configs(capsys):
 
 
 @pytest.mark.slow
-def test_wheel_ships_the_configs(tmp_path):
+def test_wheel_ships_the_configs(wheel, tmp_path):
     """The built wheel holds every config once, inside the package, and an install resolves them by name."""
-    pytest.importorskip("setuptools", reason="building the wheel without isolation needs setuptools")
-    import shutil
     import zipfile
 
     from covpool.train.config import shipped_configs
 
-    # build from a copy: setuptools leaves build/ and *.egg-info in the source tree
-    src = shutil.copytree(REPO, tmp_path / "src", symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "runs", "bench_out", "*.egg-info", "__pycache__", ".pytest_cache"))
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    (wheel,) = (tmp_path / "dist").glob("covpool-*.whl")
     yamls = sorted(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml"))
     assert yamls == [f"covpool/configs/{name}.yaml" for name in shipped_configs()]
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")

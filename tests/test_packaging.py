@@ -14,20 +14,6 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_ONLY = ("matplotlib", "skimage")
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    pytest.importorskip("setuptools", reason="building the wheel without isolation needs setuptools")
-    tmp = tmp_path_factory.mktemp("wheel")
-    # build from a copy: setuptools leaves build/ and *.egg-info in the source tree
-    src = shutil.copytree(REPO, tmp / "src", symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "runs", "bench_out", "*.egg-info", "__pycache__", ".pytest_cache"))
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    (path,) = (tmp / "dist").glob("covpool-*.whl")
-    return path
-
-
 @pytest.mark.slow
 def test_wheel_metadata_puts_the_application_dependencies_in_the_train_extra(wheel):
     with zipfile.ZipFile(wheel) as zf:
