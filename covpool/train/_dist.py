@@ -94,9 +94,15 @@ def init_distributed(device: str, timeout_s: float | None = None) -> DistContext
     return DistContext(rank, world, local, dev, owns, timeout)
 
 
-def shutdown_distributed(ctx: DistContext) -> None:
-    """End the process group if :func:`init_distributed` started it (a caller's own group is left alone)."""
+def shutdown_distributed(ctx: DistContext, clean: bool = True) -> None:
+    """End the process group if :func:`init_distributed` started it (a caller's own group is left alone).
+
+    After a run that ended normally (``clean``) the processes first meet at a barrier, so none tears down
+    gloo's connections while a peer still uses them (a process torn down under a peer's feet can abort with
+    "terminate called without an active exception"); after a failure there is no peer to wait for."""
     if ctx.owns_group and dist.is_initialized():
+        if clean and ctx.distributed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -823,8 +823,11 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, overwrite: 
             if int(os.environ.get("WORLD_SIZE", "1")) > 1 and is_collective_failure(err):
                 raise _collective_failure(err, cfg, run_dir) from err
             raise
+        clean = False
         try:
-            return trainer.run(stop)
+            result = trainer.run(stop)
+            clean = True
+            return result
         except TrainingAborted:
             raise TrainingAborted(f"aborted by a second Ctrl-C; {_saved_work(run_dir)}") from None
         except RuntimeError as err:
@@ -833,7 +836,7 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, overwrite: 
             raise
         finally:
             trainer.lock.release()
-            shutdown_distributed(trainer.ctx)
+            shutdown_distributed(trainer.ctx, clean)
 
 
 def _collective_failure(err: RuntimeError, cfg: TrainConfig, run_dir: Path) -> DistributedFailure:
@@ -881,8 +884,11 @@ def evaluate(checkpoint: str | Path, cfg: TrainConfig | None = None, use_ema: bo
     _, val_set = build_datasets(cfg.data, model, seed=cfg.seed)
     _, val_loader = build_loaders(cfg.data, val_set, val_set, seed=cfg.seed, rank=ctx.rank,
                                   world_size=ctx.world_size)
+    clean = False
     try:
-        return evaluate_model(model, val_loader, ctx, cfg.amp, cfg.max_val_steps, progress=cfg.progress,
-                              channels_last=cfg.channels_last)
+        metrics = evaluate_model(model, val_loader, ctx, cfg.amp, cfg.max_val_steps, progress=cfg.progress,
+                                 channels_last=cfg.channels_last)
+        clean = True
+        return metrics
     finally:
-        shutdown_distributed(ctx)
+        shutdown_distributed(ctx, clean)
