@@ -449,8 +449,9 @@ def test_so_vit_release_checkpoint_loads_and_gives_official_logits(tmp_path, hea
     path = tmp_path / "So-ViT-7.pth.tar"
     _save_training_checkpoint(sd, path)
     extra = {"backend": "eig"} if head == "mpa" else {}  # the exact root, to compare with eigh in float64
+    # as a user writes it: the file's 5-way classifiers are kept because they fit num_classes=5
     model = timm.create_model("so_vit_7", pretrained=True, img_size=IMG, num_classes=5, head=head,
-                              pretrained_cfg_overlay=dict(file=str(path), num_classes=5), **extra).eval()
+                              pretrained_cfg_overlay=dict(file=str(path)), **extra).eval()
     # Strict load: every official key found a home and every model key was filled.
     state = model.state_dict()
     assert len(state) == len(sd) == (174 if head == "svpn" else 167)
@@ -734,7 +735,7 @@ def test_fast_mpncov_layouts_load_and_give_the_authors_logits(tmp_path, layout, 
     path = tmp_path / "checkpoint.pth.tar"
     torch.save(checkpoint, path)
     model = timm.create_model("resnet18_isqrt", pretrained=True, num_classes=7, reduced_dim=16,
-                              last_stride=last_stride, pretrained_cfg_overlay=dict(file=str(path), num_classes=7))
+                              last_stride=last_stride, pretrained_cfg_overlay=dict(file=str(path)))
     model.eval().double()
     x = _images(seed=4)
     with torch.no_grad():

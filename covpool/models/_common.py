@@ -2,6 +2,7 @@
 in place (used by the iSQRT-COV ResNets and :func:`covpool.swap_pooling`)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -91,17 +92,20 @@ def set_last_stride(model: nn.Module, stride: int) -> None:
         info[-1] = dict(info[-1], reduction=info[-1]["reduction"] * stride // before)
 
 
-def _file_classifier_rows(path: str, names: tuple[str, ...]) -> list[int | None]:
+def _file_classifier_rows(path: str, names: tuple[str, ...],
+                          rename: Callable[[str], str] | None = None) -> list[int | None]:
     """Rows of ``<name>.weight`` for each classifier name in a local weights file (``None`` where absent),
-    reading tensors lazily (memory-mapped or safetensors slices), under timm's checkpoint keys."""
+    reading tensors lazily (memory-mapped or safetensors slices), under timm's checkpoint keys; ``rename``
+    maps the file's keys to the model's (an authors' layout), ``module.`` prefixes are dropped."""
     import torch
 
     if str(path).endswith(".safetensors"):
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            return [f.get_slice(f"{n}.weight").get_shape()[0] if f"{n}.weight" in keys else None for n in names]
+            keys = {_model_key(k, rename): k for k in f.keys()}
+            return [f.get_slice(keys[f"{n}.weight"]).get_shape()[0] if f"{n}.weight" in keys else None
+                    for n in names]
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, ValueError, OSError):  # legacy (non-zip) files cannot be memory-mapped
@@ -111,17 +115,26 @@ def _file_classifier_rows(path: str, names: tuple[str, ...]) -> list[int | None]
             if isinstance(ckpt.get(key), dict):
                 ckpt = ckpt[key]
                 break
+    weights = {_model_key(k, rename): v for k, v in ckpt.items()} if isinstance(ckpt, dict) else {}
     rows = []
     for n in names:
-        w = ckpt.get(f"{n}.weight", ckpt.get(f"module.{n}.weight")) if isinstance(ckpt, dict) else None
+        w = weights.get(f"{n}.weight")
         rows.append(int(w.shape[0]) if hasattr(w, "shape") and len(w.shape) > 0 else None)
     return rows
 
 
-def keep_fitting_classifier(model_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _model_key(key: str, rename: Callable[[str], str] | None) -> str:
+    key = key[len("module."):] if key.startswith("module.") else key
+    return rename(key) if rename is not None else key
+
+
+def keep_fitting_classifier(model_name: str, kwargs: dict[str, Any],
+                            rename: Callable[[str], str] | None = None) -> dict[str, Any]:
     """``kwargs`` for ``timm.create_model`` such that a local file given by ``pretrained_cfg_overlay=dict(file=...)``
     keeps its classifier when it has ``num_classes`` rows (timm drops it whenever ``num_classes`` differs from
-    the pretrained config's, 1000). The file's classifier names come from the model's pretrained config."""
+    the pretrained config's, 1000, without a word). The classifier names come from the model's pretrained
+    config; ``rename`` maps a file's keys to the model's when the file is in another layout (the authors'
+    releases: covpool's builders pass their key mapping)."""
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     num_classes = kwargs.get("num_classes")
     if not overlay.get("file") or num_classes is None or "num_classes" in overlay:
@@ -132,7 +145,7 @@ def keep_fitting_classifier(model_name: str, kwargs: dict[str, Any]) -> dict[str
     if not names:
         return kwargs
     names = (names,) if isinstance(names, str) else tuple(names)
-    if all(rows == num_classes for rows in _file_classifier_rows(overlay["file"], names)):
+    if all(rows == num_classes for rows in _file_classifier_rows(overlay["file"], names, rename)):
         overlay["num_classes"] = num_classes
         return {**kwargs, "pretrained_cfg_overlay": overlay}
     return kwargs

@@ -247,7 +247,8 @@ def _create_isqrt_resnet(variant: str, pretrained: bool = False, official_init: 
                 f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=path)), or use a "
                 "backbone-only tag such as '.tv_in1k'."
             )
-        kwargs = keep_fitting_classifier(variant, kwargs)  # a local file keeps a classifier that fits
+        # a local file keeps a classifier that fits, in the authors' layouts too
+        kwargs = keep_fitting_classifier(variant, kwargs, rename=_rename_authors_key)
     # A fresh dict per call: the backend spec is handed down and must not be shared between models.
     kwargs.setdefault("backend", {"name": "ns", "num_iters": 5})
     return build_model_with_cfg(

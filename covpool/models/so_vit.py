@@ -449,7 +449,7 @@ def _create_so_vit(variant: str, pretrained: bool = False, *, svpn_dims: tuple[i
     # the run; allow that one plain class when timm loads them with weights_only=True.
     with torch.serialization.safe_globals([argparse.Namespace]):
         if pretrained:  # a local file of this model keeps its classifier when it has num_classes rows
-            kwargs = keep_fitting_classifier(variant, kwargs)
+            kwargs = keep_fitting_classifier(variant, kwargs, rename=lambda key: _release_key(key)[0])
         return build_model_with_cfg(
             SoViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
             feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs,
