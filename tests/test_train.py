@@ -1036,6 +1036,9 @@ def test_grad_accumulation_counts_optimizer_steps_and_resumes(tmp_path, monkeypa
     changed = load_config(None, tiny_overrides(tmp_path, "interrupted", **{**over, "grad_accum_steps": 1}))
     with pytest.raises(ConfigError, match=r"cannot resume mid-epoch \(step 1\) with grad_accum_steps 2 -> 1"):
         engine.train(changed, resume=True)
+    smaller = load_config(None, tiny_overrides(tmp_path, "interrupted", **{**over, "data.batch_size": 4}))
+    with pytest.raises(ConfigError, match=r"cannot resume mid-epoch \(step 1\) with data.batch_size 8 -> 4"):
+        engine.train(smaller, resume=True)
     engine.train(cfg, resume=True)
     _assert_same_run(tmp_path / "straight", tmp_path / "interrupted")
 

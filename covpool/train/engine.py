@@ -562,11 +562,13 @@ class _Trainer:
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step_in_epoch = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
-        if self.step_in_epoch and "grad_accum_steps" in self.resume_changes:
-            old, new = self.resume_changes["grad_accum_steps"]
-            raise ConfigError(f"cannot resume mid-epoch (step {self.step_in_epoch}) with grad_accum_steps {old} -> "
-                              f"{new}: the position in the epoch counts steps of {old} batches. Resume with "
-                              f"grad_accum_steps={old} and change it once the epoch is done")
+        # the position inside an epoch is a number of optimizer steps of batch_size x grad_accum_steps images
+        for key in ("grad_accum_steps", "data.batch_size") if self.step_in_epoch else ():
+            if key in self.resume_changes:
+                old, new = self.resume_changes[key]
+                raise ConfigError(f"cannot resume mid-epoch (step {self.step_in_epoch}) with {key} {old} -> {new}: "
+                                  "the position in the epoch counts steps of data.batch_size x grad_accum_steps "
+                                  f"images. Resume with {key}={old} and change it once the epoch is done")
         self.global_step = int(ckpt["global_step"])
         self.partial = [float(v) for v in ckpt["partial"]]
         self.history = [dict(r) for r in ckpt["history"]]
