@@ -2,14 +2,15 @@
 in place (used by the iSQRT-COV ResNets and :func:`covpool.swap_pooling`)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
 from ..linalg._checks import check_int, is_int
 
-__all__ = ["check_num_classes", "stage_stride", "set_stage_stride", "set_last_stride", "keep_fitting_classifier"]
+__all__ = ["check_num_classes", "stage_stride", "set_stage_stride", "set_last_stride", "keep_fitting_classifier",
+           "unwrap_checkpoint"]
 
 
 def check_num_classes(num_classes: Any) -> None:
@@ -92,6 +93,21 @@ def set_last_stride(model: nn.Module, stride: int) -> None:
         info[-1] = dict(info[-1], reduction=info[-1]["reduction"] * stride // before)
 
 
+# The entry of a training checkpoint that holds the weights, in timm's order (EMA first, as with use_ema=True).
+_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The weights of a raw state dict or a training checkpoint (timm's ``train.py``, the authors' ``main.py``:
+    its ``state_dict_ema`` / ``model_ema`` / ``state_dict`` / ``model`` entry), DataParallel ``module.``
+    prefixes dropped."""
+    for key in _CHECKPOINT_KEYS:
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
+
+
 def _file_classifier_rows(path: str, names: tuple[str, ...],
                           rename: Callable[[str], str] | None = None) -> list[int | None]:
     """Rows of ``<name>.weight`` for each classifier name in a local weights file (``None`` where absent),
@@ -103,19 +119,15 @@ def _file_classifier_rows(path: str, names: tuple[str, ...],
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            keys = {_model_key(k, rename): k for k in f.keys()}
+            keys = {_model_key(k, rename): k for k in f.keys()}  # safetensors: a flat state dict
             return [f.get_slice(keys[f"{n}.weight"]).get_shape()[0] if f"{n}.weight" in keys else None
                     for n in names]
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, ValueError, OSError):  # legacy (non-zip) files cannot be memory-mapped
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(ckpt, dict):
-        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # timm's order with use_ema=True
-            if isinstance(ckpt.get(key), dict):
-                ckpt = ckpt[key]
-                break
-    weights = {_model_key(k, rename): v for k, v in ckpt.items()} if isinstance(ckpt, dict) else {}
+    weights = unwrap_checkpoint(ckpt) if isinstance(ckpt, Mapping) else {}
+    weights = {rename(k): v for k, v in weights.items()} if rename is not None else weights
     rows = []
     for n in names:
         w = weights.get(f"{n}.weight")

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..layers import CovPool
 from ..linalg._checks import is_int
-from ._common import check_num_classes, keep_fitting_classifier, set_last_stride
+from ._common import check_num_classes, keep_fitting_classifier, set_last_stride, unwrap_checkpoint
 
 __all__ = ["ISqrtResNet", "checkpoint_filter_fn"]
 
@@ -59,7 +59,6 @@ _MAIN_FEATURES = {0: "conv1.", 1: "bn1.", 4: "layer1.", 5: "layer2.", 6: "layer3
 _MAIN_FEATURE_KEY = re.compile(r"^features\.(?:module\.)?(\d+)\.(.+)$")
 _MAIN_PREFIXES = (("representation.conv_dr_block.0.", _REDUCE_CONV), ("representation.conv_dr_block.1.", _REDUCE_BN),
                   ("classifier.", _FC))
-_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
 _POOL_TYPES = ("cov", "")
@@ -173,8 +172,6 @@ class ISqrtResNet(ResNet):
 
 
 def _rename_authors_key(key: str) -> str:
-    if key.startswith("module."):
-        key = key[len("module."):]
     match = _MAIN_FEATURE_KEY.match(key)
     if match:
         index, rest = int(match.group(1)), match.group(2)
@@ -185,14 +182,6 @@ def _rename_authors_key(key: str) -> str:
         if key.startswith(old):
             return new + key[len(old):]
     return key
-
-
-def _unwrap(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
-    # A training checkpoint (fast-MPN-COV main.py, timm train.py): same precedence as timm's file loader.
-    for key in _CHECKPOINT_KEYS:
-        if isinstance(checkpoint.get(key), Mapping):
-            return checkpoint[key]
-    return checkpoint
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ISqrtResNet) -> dict[str, torch.Tensor]:
@@ -212,7 +201,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ISqrtRes
       of a fine-tuned mpncovresnet), ``representation.conv_dr_block.{0,1}.*`` (the reduction when trained
       from scratch) and ``classifier.*``.
     """
-    state_dict = {_rename_authors_key(k): v for k, v in _unwrap(state_dict).items()}
+    state_dict = {_rename_authors_key(k): v for k, v in unwrap_checkpoint(state_dict).items()}
     if any(k.startswith("global_pool.") for k in state_dict):
         return state_dict
     own = model.state_dict()

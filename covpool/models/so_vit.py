@@ -49,7 +49,7 @@ from torch import nn
 
 from ..layers import SoViTHead
 from ..linalg._checks import check_int, is_int
-from ._common import check_num_classes, keep_fitting_classifier
+from ._common import check_num_classes, keep_fitting_classifier, unwrap_checkpoint
 
 __all__ = ["SoViT", "VisualTokenEmbed", "sinusoid_pos_embed", "checkpoint_filter_fn"]
 
@@ -364,18 +364,6 @@ _RELEASE_SVPN_BRANCH = re.compile(r"^classifier\.representation\.conv_dr_block\.
 _RELEASE_MPA_REDUCE = re.compile(r"^classifier\.representation\.conv_dr_block\.([01])\.(.+)$")
 _RELEASE_SVPN_V0 = "classifier.normalization.weight"
 _LAYER_NAMES = ("conv", "bn")
-_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
-
-
-def _unwrap(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    # A training checkpoint (timm's train.py, the releases' .pth.tar): same precedence as timm's file loader.
-    for key in _CHECKPOINT_KEYS:
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
-
-
 def _release_key(key: str) -> tuple[str, str | None]:
     """Map one release key; also say which head layout it belongs to ("svpn", "mpa" or None)."""
     for old, new in _RELEASE_PREFIXES:
@@ -407,7 +395,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: SoViT) -> dict[st
     """
     out: dict[str, torch.Tensor] = {}
     kinds = set()
-    for key, value in _unwrap(state_dict).items():
+    for key, value in unwrap_checkpoint(state_dict).items():
         new_key, kind = _release_key(key)
         if kind:
             kinds.add(kind)
