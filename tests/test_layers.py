@@ -535,3 +535,11 @@ def test_convert_zca_modes_options_and_errors():
         covpool.convert_zca(_bn_net())
     with pytest.raises(TypeError, match="expects an nn.Module"):
         covpool.convert_zca("resnet18")
+
+
+def test_so_vit_head_new_classifiers_follow_the_head_without_reduction():
+    # kind="mpa", reduced_dim=None: the pooling has no parameters, the classifiers still follow the head's dtype
+    head = covpool.SoViTHead(8, num_classes=3, reduced_dim=None, dtype=torch.float64)
+    head.reset_classifier(5)
+    assert head.fc_cls.weight.dtype == head.fc_cov.weight.dtype == torch.float64
+    assert head(torch.randn(2, 5, 8, dtype=torch.float64)).shape == (2, 5)

@@ -229,3 +229,12 @@ def test_errors_say_why_and_leave_the_model_alone():
     distilled = covpool.swap_pooling(_timm("deit_tiny_distilled_patch16_224", img_size=IMG), reduced_dim=DIM)
     with pytest.raises(ValueError, match="distilled"):
         distilled(_images())
+
+
+def test_last_stride_applies_to_resnet_like_timm_models_that_are_not_timm_resnets():
+    # legacy_seresnet18 (timm's SENet class) has a ResNet's layer4 but goes through the generic wrapper
+    model = covpool.swap_pooling(timm.create_model("legacy_seresnet18", num_classes=3), last_stride=1,
+                                 reduced_dim=8).eval()
+    with torch.no_grad():
+        maps = model.backbone.forward_features(torch.randn(1, 3, 64, 64))
+    assert maps.shape[-2:] == (4, 4)  # stride 16 instead of 32

@@ -777,7 +777,7 @@ def test_resume_with_more_epochs_and_a_lower_lr_rebuilds_the_schedule(tmp_path, 
     assert lrs[0] == 0.0 and lrs[1:] == pytest.approx([r["lr"] for r in fresh.history[1:]], rel=1e-12)
     assert lrs[1] > 0.004  # cosine at 2/3 of the way: 0.02 * (1 + cos(2pi/3)) / 2 = 0.005
     out = capsys.readouterr().out
-    assert "resume: config changed: epochs 1 -> 3, optim.lr 0.05 -> 0.02; optimizer hyper-parameters and " \
+    assert "resume: config changed: epochs: 1 -> 3, optim.lr: 0.05 -> 0.02; optimizer hyper-parameters and " \
            "scheduler rebuilt from the new config, continuing at global step 3 of 9" in out
 
 
@@ -789,7 +789,7 @@ def test_resume_refuses_changes_it_cannot_honour(tmp_path):
         engine.train(load_config(None, changed), resume=True)
     msg = str(err.value)
     assert "cannot resume with a different model.name, data.embedded_val_per_class, optim.opt" in msg
-    assert "model.name 'test_resnet' -> 'resnet10t'" in msg and "model.pretrained=<checkpoint>" in msg
+    assert "model.name: 'test_resnet' -> 'resnet10t'" in msg and "model.pretrained=<checkpoint>" in msg
     # a checkpoint written before a config key existed resumes as if it had the default value
     from covpool.train.config import TrainConfig
 
@@ -1091,3 +1091,21 @@ def test_clip_mode_value_bounds_every_element_of_the_update(tmp_path):
     assert 0.5 * lr * clip < biggest["clipped"] <= lr * clip * (1 + 1e-2)
     with pytest.raises(ConfigError, match="clip_mode must be one of norm, value, agc, got 'max'"):
         engine.train(load_config(None, tiny_overrides(tmp_path, "bad", clip_mode="max")))
+
+
+def test_a_frozen_head_trains_the_backbone(tmp_path):
+    """optim.head_lr_mult=0 (its range allows it): the head keeps its weights, the backbone trains, and the
+    logged rate is the backbone's (it divided by the head's zero scale)."""
+    over = tiny_overrides(tmp_path, optim__head_lr_mult=0, optim__sched="constant", model__swap_pooling="true",
+                          model__covpool__reduced_dim=8)
+    trainer = engine._Trainer(load_config(None, over), None, True)
+    try:
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        with engine._StopFlag().installed() as stop:
+            result = trainer.run(stop)
+    finally:
+        trainer.lock.release()
+    after = dict(trainer.model.named_parameters())
+    assert torch.equal(after["fc.weight"], before["fc.weight"])
+    assert not torch.equal(after["conv1.0.weight"], before["conv1.0.weight"])
+    assert result.history[0]["lr"] == pytest.approx(0.05, rel=1e-12)

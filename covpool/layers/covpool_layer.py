@@ -14,6 +14,25 @@ from .functional import as_maps, cov_pool
 __all__ = ["CovPool"]
 
 
+def _reduction(in_channels: int, out_channels: int, factory: dict) -> nn.Sequential:
+    """The 1×1 conv → BatchNorm → ReLU channel reduction of iSQRT-COV and both So-ViT heads."""
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False, **factory),
+        bn=nn.BatchNorm2d(out_channels, **factory),
+        act=nn.ReLU(inplace=True),
+    ))
+
+
+def _init_reduction(module: nn.Module) -> None:
+    """The releases' initialisation of the reductions in ``module``: Kaiming-normal (fan-out) convolutions,
+    unit/zero BatchNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()
+
+
 class CovPool(nn.Module):
     """Global covariance pooling with matrix square-root normalisation, the head of iSQRT-COV.
 
@@ -84,12 +103,7 @@ class CovPool(nn.Module):
         if reduced_dim is None:
             self.reduce: nn.Module = nn.Identity()
         else:
-            factory = {"device": device, "dtype": dtype}
-            self.reduce = nn.Sequential(OrderedDict(
-                conv=nn.Conv2d(in_channels, reduced_dim, kernel_size=1, bias=False, **factory),
-                bn=nn.BatchNorm2d(reduced_dim, **factory),
-                act=nn.ReLU(inplace=True),
-            ))
+            self.reduce = _reduction(in_channels, reduced_dim, {"device": device, "dtype": dtype})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` or ``(B, N, C)`` → ``(B, d(d+1)/2)`` (or ``(B, d, d)``)."""

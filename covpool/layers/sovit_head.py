@@ -10,17 +10,16 @@
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covpool.linalg import BackendSpec, resolve_backend
+from covpool.linalg import BackendSpec
 from covpool.linalg._checks import check_int, check_number, work_dtype
 
-from .covpool_layer import CovPool
+from .covpool_layer import CovPool, _init_reduction, _reduction
 from .functional import as_maps
 
 __all__ = ["SoViTHead", "SvPNCrossCov", "cross_covariance", "svpn"]
@@ -53,6 +52,7 @@ def svpn(c: torch.Tensor, v0: torch.Tensor, alpha: float = 0.5, iters: int = 1, 
     """
     if c.dim() < 2 or v0.shape != c.shape[-2:-1]:
         raise ValueError(f"svpn expects c (*, d1, d2) and v0 (d1,), got {tuple(c.shape)} and {tuple(v0.shape)}")
+    check_int("iters", iters)
     v = v0.to(c.dtype).expand(*c.shape[:-1]).unsqueeze(-1)
     u = v
     for _ in range(iters):
@@ -63,12 +63,11 @@ def svpn(c: torch.Tensor, v0: torch.Tensor, alpha: float = 0.5, iters: int = 1, 
     return s.pow(alpha) * rank1 + (c - s * rank1) / (s.pow(1.0 - alpha) + eps)
 
 
-def _reduction(in_channels: int, out_channels: int, factory: dict[str, Any]) -> nn.Sequential:
-    return nn.Sequential(OrderedDict(
-        conv=nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False, **factory),
-        bn=nn.BatchNorm2d(out_channels, **factory),
-        act=nn.ReLU(inplace=True),
-    ))
+def _init_classifier(fc: nn.Module) -> None:
+    # Both releases: trunc-normal (std 0.02) weights, zero biases.
+    if isinstance(fc, nn.Linear):
+        nn.init.trunc_normal_(fc.weight, std=0.02, a=-2.0, b=2.0)
+        nn.init.zeros_(fc.bias)
 
 
 class SvPNCrossCov(nn.Module):
@@ -111,11 +110,7 @@ class SvPNCrossCov(nn.Module):
     def reset_parameters(self) -> None:
         """The release's initialisation: Kaiming-normal (fan-out) convolutions, unit/zero BatchNorm,
         standard-normal start vector."""
-        for m in self.reduce.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                m.reset_parameters()
+        _init_reduction(self.reduce)
         nn.init.normal_(self.v0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +201,6 @@ class SoViTHead(nn.Module):
         else:
             if isinstance(reduced_dim, (tuple, list)):
                 raise ValueError(f"kind='mpa' reduces to one width d (an int or None), got {reduced_dim!r}")
-            resolve_backend(backend)
             self.pool = CovPool(embed_dim, reduced_dim=reduced_dim, backend=backend, **factory)
         self.cov_dim = self.pool.out_features
         self.num_features = embed_dim + self.cov_dim
@@ -229,22 +223,16 @@ class SoViTHead(nn.Module):
         if isinstance(self.pool, SvPNCrossCov):
             self.pool.reset_parameters()
         else:
-            for m in self.pool.modules():
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                elif isinstance(m, nn.BatchNorm2d):
-                    m.reset_parameters()
+            _init_reduction(self.pool)
         for fc in (self.fc_cls, self.fc_cov):
-            if isinstance(fc, nn.Linear):
-                nn.init.trunc_normal_(fc.weight, std=0.02, a=-2.0, b=2.0)
-                nn.init.zeros_(fc.bias)
+            _init_classifier(fc)
 
     def reset_classifier(self, num_classes: int, *, device: Any = None, dtype: torch.dtype | None = None) -> None:
         """Fresh ``fc_cls`` and ``fc_cov`` for ``num_classes`` (0: identities, the forward returns features),
         trunc-normal (std 0.02) weights and zero biases. The new layers go to the device and dtype of the
         head's current parameters unless given."""
         check_int("num_classes", num_classes, 0)
-        current = next(self.pool.parameters(), None)
+        current = next(self.parameters(), None)
         if current is not None:
             device = current.device if device is None else device
             dtype = current.dtype if dtype is None else dtype
@@ -253,8 +241,7 @@ class SoViTHead(nn.Module):
             self.fc_cls = nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype)
             self.fc_cov = nn.Linear(self.cov_dim, num_classes, device=device, dtype=dtype)
             for fc in (self.fc_cls, self.fc_cov):
-                nn.init.trunc_normal_(fc.weight, std=0.02, a=-2.0, b=2.0)
-                nn.init.zeros_(fc.bias)
+                _init_classifier(fc)
         else:
             self.fc_cls = nn.Identity()
             self.fc_cov = nn.Identity()

@@ -39,7 +39,8 @@ def _eigh_checked(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     exact zeros (dead ReLUs after a reduction layer): batched, torch returns NaN for those matrices without
     a word; for a single matrix it raises. Measured on such a 64×64 covariance (51 zero channels), in
     training with the SVD backends. Those matrices, only, are decomposed again in float64 and rounded back,
-    so a healthy batch costs one finiteness check. Input that is itself non-finite stays non-finite.
+    so a healthy batch costs one finiteness check (a host sync on CUDA, where ``eigh`` itself already
+    synchronises). Input that is itself non-finite stays non-finite.
     """
     if a.dtype == torch.float64:
         return torch.linalg.eigh(a)

@@ -2,6 +2,7 @@
 in place (used by the iSQRT-COV ResNets and :func:`covpool.swap_pooling`)."""
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -95,17 +96,18 @@ def set_last_stride(model: nn.Module, stride: int) -> None:
 
 # The entry of a training checkpoint that holds the weights, in timm's order (EMA first, as with use_ema=True).
 _CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+_WRAPPER_PREFIX = re.compile(r"^(?:module\.|_orig_mod\.)+")
 
 
 def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """The weights of a raw state dict or a training checkpoint (timm's ``train.py``, the authors' ``main.py``:
-    its ``state_dict_ema`` / ``model_ema`` / ``state_dict`` / ``model`` entry), DataParallel ``module.``
-    prefixes dropped."""
+    its ``state_dict_ema`` / ``model_ema`` / ``state_dict`` / ``model`` entry), with the ``module.``
+    (DataParallel/DDP) and ``_orig_mod.`` (``torch.compile``) prefixes dropped, as timm's loader does."""
     for key in _CHECKPOINT_KEYS:
         if isinstance(checkpoint.get(key), Mapping):
             checkpoint = checkpoint[key]
             break
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
+    return {_WRAPPER_PREFIX.sub("", k): v for k, v in checkpoint.items()}
 
 
 def _file_classifier_rows(path: str, names: tuple[str, ...],
@@ -119,7 +121,8 @@ def _file_classifier_rows(path: str, names: tuple[str, ...],
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            keys = {_model_key(k, rename): k for k in f.keys()}  # safetensors: a flat state dict
+            keys = unwrap_checkpoint({k: k for k in f.keys()})  # safetensors: a flat state dict
+            keys = {rename(k): v for k, v in keys.items()} if rename is not None else keys
             return [f.get_slice(keys[f"{n}.weight"]).get_shape()[0] if f"{n}.weight" in keys else None
                     for n in names]
     try:
@@ -133,11 +136,6 @@ def _file_classifier_rows(path: str, names: tuple[str, ...],
         w = weights.get(f"{n}.weight")
         rows.append(int(w.shape[0]) if hasattr(w, "shape") and len(w.shape) > 0 else None)
     return rows
-
-
-def _model_key(key: str, rename: Callable[[str], str] | None) -> str:
-    key = key[len("module."):] if key.startswith("module.") else key
-    return rename(key) if rename is not None else key
 
 
 def keep_fitting_classifier(model_name: str, kwargs: dict[str, Any],

@@ -365,6 +365,8 @@ def _swap_timm(model: nn.Module, last_stride: int | None, covpool_options: dict[
         pool_kind = "maps"
     # Validate the options on a throw-away pool before the backbone's head is touched.
     _make_pool(pool_kind, num_features, copy.deepcopy(options))
+    if last_stride is not None:  # a timm model with a ResNet's layer4 that is not timm's ResNet class
+        set_last_stride(model, last_stride)
     try:
         model.reset_classifier(0, "")
     except Exception as err:

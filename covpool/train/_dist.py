@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistContext", "DistributedFailure", "init_distributed", "shutdown_distributed", "all_gather_objects",
-           "all_reduce_sum", "dist_timeout_s", "is_collective_failure"]
+           "all_reduce_sum", "all_reduce_max", "dist_timeout_s", "is_collective_failure"]
 
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "COVPOOL_DIST_TIMEOUT"
@@ -110,6 +110,13 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """Sum over processes in place (nothing to do in a single process)."""
     if ctx.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Maximum over processes in place (nothing to do in a single process)."""
+    if ctx.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

@@ -36,18 +36,10 @@ def _pooling_types() -> tuple[type[nn.Module], ...]:
 
 def _check_spec(spec: Any, where: str) -> None:
     """The check every covpool layer applies to its ``backend=``, with the config key in the message."""
-    import covpool
+    import covpool.linalg
 
     try:
-        if isinstance(spec, str):
-            covpool.get_backend(spec)
-        elif isinstance(spec, Mapping):
-            options = dict(spec)
-            if "name" not in options:
-                raise ValueError(f"a backend dict needs a 'name' key, got {spec!r}")
-            covpool.get_backend(options.pop("name")).bind(options)
-        else:
-            raise TypeError(f"a backend is a name or a dict with 'name' and options, got {spec!r}")
+        covpool.linalg.resolve_backend(spec)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None
 

@@ -39,6 +39,7 @@ from ._dist import (
     DistContext,
     DistributedFailure,
     all_gather_objects,
+    all_reduce_max,
     all_reduce_sum,
     dist_timeout_s,
     init_distributed,
@@ -58,7 +59,7 @@ from .checkpoint import (
     set_rng_state,
     with_checksums,
 )
-from .config import ConfigError, TrainConfig, config_diff, config_from_dict, config_to_dict
+from .config import ConfigError, TrainConfig, config_diff, config_from_dict, config_to_dict, format_config_diff
 from .data import build_datasets, build_loaders, num_classes_of
 
 __all__ = ["DistributedFailure", "NonFiniteLossError", "RunExistsError", "RunLockedError", "TrainingAborted",
@@ -311,7 +312,7 @@ def _check_resume_config(stored: dict, current: dict) -> dict[str, tuple[Any, An
     fixed = {k: v for k, v in changes.items()
              if k.startswith(_FIXED_ON_RESUME) and not k.startswith(_CHANGEABLE_ON_RESUME)}
     if fixed:
-        listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in fixed.items())
+        listed = format_config_diff([(key, old, new) for key, (old, new) in fixed.items()])
         raise ConfigError(f"cannot resume with a different {', '.join(fixed)}: {listed}. The checkpoint's weights "
                           "and optimizer state belong to the old values; resume with them, or start a new run "
                           "that loads these weights with model.pretrained=<checkpoint> (and --overwrite or a new "
@@ -587,7 +588,7 @@ class _Trainer:
         tqdm.write(f"resume: {source} at epoch {self.epoch + 1}, step {self.step_in_epoch} (global step "
                    f"{self.global_step})")
         if self.resume_changes:
-            changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in self.resume_changes.items())
+            changes = format_config_diff([(key, old, new) for key, (old, new) in self.resume_changes.items()])
             rebuilt = [key for key in self.resume_changes if key in _SCHEDULE_KEYS or key.startswith("optim.")]
             tqdm.write(f"resume: config changed: {changes}" + (
                 f"; optimizer hyper-parameters and scheduler rebuilt from the new config, continuing at global "
@@ -596,7 +597,8 @@ class _Trainer:
 
     # -- loop --------------------------------------------------------------------------------------------
     def _lr(self) -> float:
-        return max(g["lr"] / g["lr_scale"] for g in self.optimizer.param_groups)
+        # the base rate: a group scaled by 0 (optim.head_lr_mult=0, a frozen head) does not tell it
+        return max((g["lr"] / g["lr_scale"] for g in self.optimizer.param_groups if g["lr_scale"] > 0), default=0.0)
 
     def _forward(self, images: torch.Tensor, target: torch.Tensor):
         """Loss and correct count of one batch; a LinAlgError (eigh/svd refuse NaN/inf or hopelessly
@@ -640,12 +642,11 @@ class _Trainer:
         # one all-reduce carries the loss, the accuracy and any rank's stop request, so every process
         # takes the same decision at the same step; a NaN from a LinAlgError or the products-only backends
         # ends in the same stop, agreed on by every process, before the last backward (DDP's all-reduce)
-        shared = torch.stack([loss_sum / n, correct.float(), torch.tensor(float(stop.signum or 0), device=ctx.device)])
-        all_reduce_sum(shared, ctx)
-        if shared[2].item() > 0 and stop.signum is None:  # another process was signalled
-            received = int(shared[2].item())
-            stop.signum = received if received in {int(s) for s in _stop_signals()} else int(signal.SIGTERM)
-        loss_value = shared[0].item() / ctx.world_size
+        requested = torch.tensor(float(stop.signum is not None), device=ctx.device)
+        shared = all_reduce_sum(torch.stack([loss_sum / n, correct.float(), requested]), ctx)
+        loss_sum_all, hits, stops = shared.tolist()
+        stopping = self._agree_to_stop(stop, stops)
+        loss_value = loss_sum_all / ctx.world_size
         if not math.isfinite(loss_value):
             last = self.run_dir / "last.pt"
             what = f"non-finite loss ({loss_value})"
@@ -672,7 +673,7 @@ class _Trainer:
             self.scheduler.step_update(num_updates=self.global_step)
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
-        return loss_value, shared[1].item(), shared[2].item() > 0
+        return loss_value, hits, stopping
 
     def _train_epoch(self, stop: _StopFlag) -> bool:
         """One (possibly resumed) epoch; returns False when a stop was requested mid-epoch."""
@@ -760,12 +761,21 @@ class _Trainer:
         _write_csv(self.history, csv_path)
         plot_history(self.history, png_path, title=f"{self.cfg.name}: {self.cfg.model.name}")
 
+    def _agree_to_stop(self, stop: _StopFlag, stops: float) -> bool:
+        """Whether any process was signalled (``stops``, summed over processes, is the same number on every
+        one); if so, a process that was not takes the signal of one that was (the largest number), so every
+        process reports the same exit code."""
+        if not stops:
+            return False
+        signum = all_reduce_max(torch.tensor(float(stop.signum or 0), device=self.ctx.device), self.ctx)
+        if stop.signum is None:
+            received = int(signum.item())
+            stop.signum = received if received in {int(s) for s in _stop_signals()} else int(signal.SIGTERM)
+        return True
+
     def _stopped_during_set_up(self, stop: _StopFlag) -> bool:
-        flag = torch.tensor([float(stop.signum or 0)], device=self.ctx.device)
-        all_reduce_sum(flag, self.ctx)
-        if flag.item() > 0 and stop.signum is None:
-            stop.signum = int(signal.SIGTERM)
-        return flag.item() > 0
+        requested = torch.tensor(float(stop.signum is not None), device=self.ctx.device)
+        return self._agree_to_stop(stop, all_reduce_sum(requested, self.ctx).item())
 
     def run(self, stop: _StopFlag) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
