@@ -5,7 +5,16 @@ and registers covpool's backbones with timm, so ``timm.create_model("so_vit_7")`
 """
 from . import layers, linalg, models  # noqa: F401  (subpackages; importing models registers them with timm)
 from .layers import *  # noqa: F401,F403
-from .linalg import covariance, get_backend, inv_sqrtm, list_backends, register_backend, sqrtm, triu_vectorize
+from .linalg import (
+    covariance,
+    covariance_sqrtm,
+    get_backend,
+    inv_sqrtm,
+    list_backends,
+    register_backend,
+    sqrtm,
+    triu_vectorize,
+)
 from .models import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
@@ -17,6 +26,7 @@ __all__ = [
     "register_backend",
     "get_backend",
     "covariance",
+    "covariance_sqrtm",
     "triu_vectorize",
     *layers.__all__,
     *models.__all__,

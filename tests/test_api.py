@@ -9,7 +9,8 @@ import pytest
 import covpool
 
 PUBLIC = {
-    "sqrtm", "inv_sqrtm", "list_backends", "register_backend", "get_backend", "covariance", "triu_vectorize",
+    "sqrtm", "inv_sqrtm", "list_backends", "register_backend", "get_backend", "covariance", "covariance_sqrtm",
+    "triu_vectorize",
     "CovPool", "ZCABatchNorm1d", "ZCABatchNorm2d", "convert_sync_zca", "SoViTHead", "cov_pool", "zca_batch_norm",
     "swap_pooling", "keep_fitting_classifier", "set_backend", "convert_zca", "cifar_stem",
 }

@@ -9,9 +9,9 @@ EXPORTABLE = ["ns", "mtp_lya", "mpa_lya"]
 
 
 class PoolNet(torch.nn.Module):
-    def __init__(self, backend, inverse=False):
+    def __init__(self, backend, inverse=False, gram="auto"):
         super().__init__()
-        self.pool = covpool.CovPool(12, reduced_dim=6, backend=backend)
+        self.pool = covpool.CovPool(12, reduced_dim=6, backend=backend, gram=gram)
         self.fc = torch.nn.Linear(21, 3)
         self.backend, self.inverse = backend, inverse
 
@@ -30,13 +30,14 @@ def run_onnx(model, x):
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
-@pytest.mark.parametrize("inverse", [pytest.param(False, id="sqrt"),
-                                     pytest.param(True, id="inv", marks=pytest.mark.slow)])  # ~2.5 s per export
+@pytest.mark.parametrize("inverse, gram", [pytest.param(False, False, id="sqrt"),
+                                           pytest.param(False, True, id="sqrt-gram"),  # 4 positions, 6 channels
+                                           pytest.param(True, False, id="inv", marks=pytest.mark.slow)])  # ~2.5 s
 @pytest.mark.parametrize("backend", EXPORTABLE)
-def test_onnx_export_matches_eager(backend, inverse):
+def test_onnx_export_matches_eager(backend, inverse, gram):
     torch.manual_seed(0)
-    model = PoolNet(backend, inverse).eval()
-    x = torch.randn(2, 12, 4, 4)
+    model = PoolNet(backend, inverse, gram).eval()
+    x = torch.randn(2, 12, 2, 2) if gram else torch.randn(2, 12, 4, 4)
     with torch.no_grad():
         before = model(x)
     out = run_onnx(model, x)

@@ -57,6 +57,10 @@ class CovPool(nn.Module):
         backend: square-root backend, a name or ``{"name": ..., **options}``; the default ``"ns"`` is the
             paper's Newton–Schulz iteration (5 iterations).
         vectorize: output the upper triangle ``(B, d(d+1)/2)``; False gives the matrix ``(B, d, d)``.
+        gram: where the root is computed. With N < d positions (7×7 maps of 256 channels) the covariance
+            has rank below N and the same root, and gradient, comes from the N×N Gram matrix for (N/d)³ of
+            the products; ``"auto"`` (default) takes that side where it measured cheaper, True or False
+            force it (:func:`covpool.linalg.covariance_sqrtm`).
         device, dtype: factory kwargs of the reduction's parameters.
 
     Attributes:
@@ -87,13 +91,16 @@ class CovPool(nn.Module):
         backend: BackendSpec = "ns",
         vectorize: bool = True,
         *,
+        gram: bool | str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_int("in_channels", in_channels)
         check_int("reduced_dim", reduced_dim, allow_none=True)
-        resolve_backend(backend)
+        entry, _ = resolve_backend(backend)
+        entry.uses_gram(1, 1, gram)  # checks the value, and that a forced Gram side exists for the backend
+        self.gram = gram
         self.in_channels = in_channels
         self.reduced_dim = reduced_dim
         self.backend = backend
@@ -108,8 +115,8 @@ class CovPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` or ``(B, N, C)`` → ``(B, d(d+1)/2)`` (or ``(B, d, d)``)."""
         maps = as_maps(x, self.in_channels, "CovPool")
-        return cov_pool(self.reduce(maps).flatten(2), self.backend, self.vectorize)
+        return cov_pool(self.reduce(maps).flatten(2), self.backend, self.vectorize, self.gram)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, reduced_dim={self.reduced_dim}, backend={self.backend!r}, "
-                f"vectorize={self.vectorize}, out_features={self.out_features}")
+                f"vectorize={self.vectorize}, gram={self.gram!r}, out_features={self.out_features}")

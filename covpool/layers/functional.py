@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from covpool.linalg import BackendSpec, covariance, inv_sqrtm, sqrtm, triu_vectorize
+from covpool.linalg import BackendSpec, covariance_sqrtm, inv_sqrtm, triu_vectorize
 from covpool.linalg._checks import check_number, is_int, work_dtype
 
 __all__ = ["cov_pool", "zca_batch_norm"]
@@ -27,7 +27,9 @@ def as_maps(x: torch.Tensor, channels: int, name: str) -> torch.Tensor:
                      f"got shape {tuple(x.shape)}")
 
 
-def cov_pool(x: torch.Tensor, backend: BackendSpec = "ns", vectorize: bool = True) -> torch.Tensor:
+def cov_pool(
+    x: torch.Tensor, backend: BackendSpec = "ns", vectorize: bool = True, gram: bool | str = "auto"
+) -> torch.Tensor:
     """Global covariance pooling with matrix square-root normalisation (iSQRT-COV).
 
     Li et al., "Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square
@@ -42,6 +44,9 @@ def cov_pool(x: torch.Tensor, backend: BackendSpec = "ns", vectorize: bool = Tru
             passed to :func:`covpool.linalg.sqrtm` untouched.
         vectorize: return the upper triangle (``(*, d(d+1)/2)``, ``torch.triu_indices`` order) rather
             than the ``(*, d, d)`` matrix.
+        gram: compute the root from the N×N Gram matrix instead of the d×d covariance (same value and
+            gradient, (N/d)³ of the backend's products): ``"auto"`` where it is cheaper, True, False
+            (:func:`covpool.linalg.covariance_sqrtm`).
 
     Returns:
         ``(*, d(d+1)/2)`` or ``(*, d, d)`` in the dtype of ``x``. float16/bfloat16 input (and autocast
@@ -62,11 +67,8 @@ def cov_pool(x: torch.Tensor, backend: BackendSpec = "ns", vectorize: bool = Tru
     if x.is_complex():
         raise TypeError(f"cov_pool expects real features, got dtype {x.dtype}")
     # Integer features are promoted, not truncated back: the pooled covariance root is not an integer.
-    out_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        root = sqrtm(covariance(x.to(work_dtype(out_dtype))), backend)
-        out = triu_vectorize(root) if vectorize else root
-    return out.to(out_dtype)
+    root = covariance_sqrtm(x, backend, gram=gram)
+    return triu_vectorize(root) if vectorize else root
 
 
 # ----------------------------------------------------------------------------------------- ZCA

@@ -3,9 +3,10 @@
 No ``nn.Module`` and no timm here; everything above (layers, models, tools) builds on these.
 """
 from . import _spectral  # noqa: F401,I001  (registers eig and the SVD family first)
-from . import _iterative  # noqa: F401,I001  (then ns, mtp_lya, mpa_lya)
-from ._api import covariance, inv_sqrtm, sqrtm, triu_vectorize
-from ._iterative import lyapunov_sign
+from . import _ns  # noqa: F401,I001  (then ns)
+from . import _lyapunov  # noqa: F401,I001  (then mtp_lya, mpa_lya)
+from ._api import covariance, covariance_sqrtm, inv_sqrtm, sqrtm, triu_vectorize
+from ._lyapunov import lyapunov_sign
 from ._registry import Backend, BackendSpec, Option, get_backend, list_backends, register_backend, resolve_backend
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "BackendSpec",
     "Option",
     "covariance",
+    "covariance_sqrtm",
     "triu_vectorize",
     "lyapunov_sign",
 ]

@@ -1,15 +1,18 @@
 """Public functions: ``sqrtm``, ``inv_sqrtm``, ``covariance`` and ``triu_vectorize``."""
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ._checks import work_dtype
 from ._registry import BackendSpec, resolve_backend
 
-__all__ = ["sqrtm", "inv_sqrtm", "covariance", "triu_vectorize"]
+__all__ = ["sqrtm", "inv_sqrtm", "covariance", "covariance_sqrtm", "triu_vectorize"]
+
 
 def _check_square(a: Any, what: str = "a") -> None:
     if not isinstance(a, torch.Tensor):
@@ -134,16 +137,74 @@ def covariance(x: torch.Tensor) -> torch.Tensor:
 
     Integer or bool features are promoted to ``torch.get_default_dtype()`` (the covariance of integers
     is not an integer); floating-point features keep their dtype."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        raise ValueError(f"x must be a tensor of shape (*, n, N), got {getattr(x, 'shape', type(x).__name__)}")
-    if x.shape[-1] < 1:
-        raise ValueError(f"x needs at least one sample in its last dimension, got shape {tuple(x.shape)}")
-    if x.is_complex():
-        raise TypeError(f"x must be real (floating-point, integer or bool), got dtype {x.dtype}")
+    _check_features(x, "x")
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
     xc = x - x.mean(dim=-1, keepdim=True)
     return xc @ xc.mT / x.shape[-1]
+
+
+def _check_features(x: Any, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"{what} must be a tensor of shape (*, n, N), got {getattr(x, 'shape', type(x).__name__)}")
+    if x.shape[-1] < 1:
+        raise ValueError(f"{what} needs at least one sample in its last dimension, got shape {tuple(x.shape)}")
+    if x.is_complex():
+        raise TypeError(f"{what} must be real (floating-point, integer or bool), got dtype {x.dtype}")
+
+
+def covariance_sqrtm(
+    x: torch.Tensor, backend: BackendSpec = "ns", *, centered: bool = True, gram: bool | str = "auto", **options: Any
+) -> torch.Tensor:
+    """Square root of the covariance Σ = (1/N)·X_c X_cᵀ of features ``x`` ``(*, d, N)``, computed on
+    whichever side of Σ is cheaper.
+
+    With N < d samples Σ has rank below N, and the backends' matrix function can be computed from the
+    N×N Gram matrix G = (1/N)·X_cᵀ X_c instead of the d×d Σ (``covpool.linalg._matrix`` and each backend's
+    ``gram`` function): the same matrix and the same gradient — including the value the approximants and
+    the eigenvalue floor give Σ's null space — for (N/d)³ of the backend's products.
+
+    Args:
+        x: ``(*, d, N)`` features: d channels at N positions.
+        backend: a name from :func:`list_backends` or a dict ``{"name": ..., **options}``.
+        centered: the covariance (subtract each channel's mean); False gives the uncentred second moment
+            (1/N)·X Xᵀ (bilinear pooling).
+        gram: ``"auto"`` (default) the Gram side where it measured cheaper, N < ``gram_below``·d
+            (:meth:`Backend.uses_gram`; 0.9 for ``eig`` and the SVD family, 0.85 for ``ns``, 0.7 for
+            ``mtp_lya`` / ``mpa_lya``); True always (an error for a backend registered without one); False
+            never.
+        **options: backend options.
+
+    Returns:
+        ``(*, d, d)``; dtype and autocast rules as :func:`sqrtm` (half precision and integer features are
+        computed in float32 / the default dtype; integers are not truncated back).
+
+    Example::
+
+        >>> import torch, covpool
+        >>> x = torch.randn(2, 64, 49, dtype=torch.float64)     # 49 positions, 64 channels
+        >>> xc = x - x.mean(-1, keepdim=True)
+        >>> gram = covpool.covariance_sqrtm(x, "ns")              # from the 49×49 Gram matrix
+        >>> torch.allclose(gram, covpool.sqrtm(xc @ xc.mT / 49, "ns"))
+        True
+    """
+    _check_features(x, "x")
+    entry, bound = resolve_backend(backend, options)
+    channels, samples = x.shape[-2], x.shape[-1]
+    use_gram = entry.uses_gram(channels, samples, gram)
+    out_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    if channels == 0:
+        return x.new_zeros(*x.shape[:-1], 0, dtype=out_dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = x.to(work_dtype(out_dtype))
+        if centered:
+            x = x - x.mean(dim=-1, keepdim=True)
+        if use_gram:
+            u = (x / math.sqrt(samples)).reshape(-1, channels, samples)
+            out = entry.gram_fn(u, **bound)
+        else:
+            out = entry.fn((x @ x.mT / samples).reshape(-1, channels, channels), False, **bound)
+    return out.reshape(*x.shape[:-1], channels).to(out_dtype)
 
 
 @lru_cache(maxsize=64)
@@ -157,9 +218,9 @@ def triu_vectorize(a: torch.Tensor) -> torch.Tensor:
     ``torch.triu_indices`` order: 32 896 features for n = 256."""
     _check_square(a)
     n = a.shape[-1]
-    if torch.compiler.is_compiling():
-        # Under torch.compile / torch.export the index is a traced (fake) tensor: caching it would
-        # hand it to later eager calls.
+    if torch.compiler.is_compiling() or is_fake(a):
+        # Under torch.compile / torch.export / FakeTensorMode the index is a traced (fake) tensor: caching
+        # it would hand it to later eager calls.
         rows, cols = torch.triu_indices(n, n, device=a.device)
         return a.flatten(-2)[..., rows * n + cols]
     return a.flatten(-2)[..., _triu_flat_index(n, a.device)]

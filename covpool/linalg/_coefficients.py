@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 from functools import cache
+from itertools import zip_longest
 
 import torch
 
@@ -66,6 +67,47 @@ def pade_sqrt(m: int, n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def pade_range(m: int, n: int) -> tuple[float, float, float, float]:
     """(min P, max P, min Q, max Q) of the [m/n] Padé polynomials of sqrt(1 - x) on [0, 1], on a grid."""
     return _pade_range(m, n)
+
+
+@torch.compiler.assume_constant_result
+def approximant(kind: str, degree: int | tuple[int, int], inverse: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(num, den) of the approximant r(x) = num(x)/den(x) of sqrt(1 - x) (or 1/sqrt(1 - x)): ``kind``
+    "taylor" (den = 1) of ``degree``, or "pade" of ``degree`` = (m, n)."""
+    num, den = _approximant(kind, degree, inverse)
+    return _to_float(num), _to_float(den)
+
+
+@torch.compiler.assume_constant_result
+def gram_form(kind: str, degree: int | tuple[int, int], inverse: bool) -> tuple[float, tuple[float, ...]]:
+    """(r(1), ñ) with r(1 − λ) = r(1) − λ·ñ(1 − λ)/den(1 − λ) for the approximant r = num/den of
+    :func:`approximant`: the value r(1) on the null space of a normalised covariance and the numerator of
+    h(λ) = (r(1 − λ) − r(1))/λ, which the Gram side evaluates (``covpool.linalg._matrix``).
+
+    num(y)·den(1) − num(1)·den(y) vanishes at y = 1, so it is (y − 1)·Ñ(y) exactly (synthetic division in
+    rational arithmetic); ñ = Ñ/den(1), and y − 1 = −λ.
+    """
+    return _gram_form(kind, degree, inverse)
+
+
+@cache
+def _approximant(kind: str, degree, inverse: bool) -> tuple[tuple[Fraction, ...], tuple[Fraction, ...]]:
+    if kind == "taylor":
+        return _binomial_series(Fraction(-1 if inverse else 1, 2), degree), (Fraction(1),)
+    m, n = degree
+    p, q = _pade(_binomial_series(Fraction(1, 2), m + n), m, n)
+    return (q, p) if inverse else (p, q)
+
+
+@cache
+def _gram_form(kind: str, degree, inverse: bool) -> tuple[float, tuple[float, ...]]:
+    num, den = _approximant(kind, degree, inverse)
+    num1, den1 = sum(num), sum(den)
+    vanishing = [a * den1 - num1 * b for a, b in zip_longest(num, den, fillvalue=Fraction(0))]
+    quotient, running = [], Fraction(0)
+    for coeff in vanishing[:-1]:  # (y − 1)·Σ t_k y^k: t_k = t_{k−1} − n_k, t_{−1} = 0
+        running -= coeff
+        quotient.append(running / den1)
+    return float(num1 / den1), _to_float(tuple(quotient))
 
 
 @cache

@@ -35,6 +35,9 @@ class Backend:
     flattened, autocast off) and returns the square root (``inverse=False``) or inverse square root.
     ``products_fn(inverse, **options)``, declared by backends built from matrix products only, returns
     how many batched ``n×n`` products one call performs: ``(forward, forward + backward)``.
+    ``gram_fn(u, **options)``, declared by backends that can work on the Gram side, receives ``(B, d, M)``
+    factors U and returns ``sqrtm(U Uᵀ)`` computed from the M×M matrix Uᵀ U, with the same value and
+    gradient (see :func:`covpool.linalg.covariance_sqrtm`).
     """
 
     name: str
@@ -42,6 +45,8 @@ class Backend:
     options: Mapping[str, Option]
     doc: str = ""
     products_fn: ProductsFn | None = None
+    gram_fn: BackendFn | None = None
+    gram_below: float = 0.0
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -57,6 +62,28 @@ class Backend:
         for key, value in options.items():
             bound[key] = self.options[key].check(f"{self.name}.{key}", value)
         return bound
+
+    def uses_gram(self, channels: int, samples: int, gram: bool | str = "auto") -> bool:
+        """Whether :func:`covpool.linalg.covariance_sqrtm` computes the root of a ``channels``-square
+        covariance of ``samples`` samples on the Gram side: ``gram=True`` always (an error for a backend
+        without one), False never, ``"auto"`` when ``samples < gram_below · channels``.
+
+        Example::
+
+            >>> import covpool
+            >>> ns = covpool.get_backend("ns")
+            >>> ns.uses_gram(256, 49), ns.uses_gram(256, 196), ns.uses_gram(256, 256)
+            (True, True, False)
+        """
+        if not (gram is True or gram is False or gram == "auto"):  # not `in`: 1 == True
+            raise ValueError(f"gram must be 'auto', True or False, got {gram!r}")
+        if gram is True and self.gram_fn is None:
+            have = ", ".join(name for name, b in _REGISTRY.items() if b.gram_fn is not None) or "none"
+            raise ValueError(f"backend {self.name!r} has no Gram-side form (backends with one: {have}); "
+                             "pass gram='auto' or False")
+        if self.gram_fn is None or gram is False:
+            return False
+        return gram is True or samples < self.gram_below * channels
 
     def products(self, inverse: bool = False, **options: Any) -> tuple[int, int] | None:
         """``(forward, forward + backward)`` batched matrix products of one call with ``options``
@@ -82,12 +109,18 @@ def register_backend(
     options: Mapping[str, Option] | None = None,
     doc: str = "",
     products: ProductsFn | None = None,
+    gram: BackendFn | None = None,
+    gram_below: float = 0.8,
 ) -> Backend:
     """Register ``fn`` under ``name`` so ``sqrtm(a, backend=name)`` can use it.
 
     ``options`` maps each keyword option of ``fn`` to an :class:`Option` (default and check). A backend
     made of matrix products can declare ``products(inverse, **options) -> (forward, forward + backward)``,
     its product count, which ``covpool bench`` reports next to the times (:meth:`Backend.products`).
+    ``gram(u, **options)`` is its square root of a covariance ``U Uᵀ`` computed from the Gram matrix ``Uᵀ U``
+    (``u``: ``(B, d, M)``), which :func:`covpool.linalg.covariance_sqrtm` uses on its own when
+    M < ``gram_below``·d (measure where your Gram side gets cheaper); without it the backend is always
+    given the d×d matrix.
 
     Example::
 
@@ -109,7 +142,11 @@ def register_backend(
     if products is not None and not callable(products):
         raise TypeError(f"products must be a function (inverse, **options) -> (forward, forward + backward), "
                         f"got {type(products).__name__}")
-    backend = Backend(name=name, fn=fn, options=dict(options or {}), doc=doc, products_fn=products)
+    if gram is not None and not callable(gram):
+        raise TypeError(f"gram must be a function (u, **options) -> sqrtm(u @ u.mT), got {type(gram).__name__}")
+    check_number("gram_below", gram_below, 0.0)
+    backend = Backend(name=name, fn=fn, options=dict(options or {}), doc=doc, products_fn=products, gram_fn=gram,
+                      gram_below=float(gram_below))
     _REGISTRY[name] = backend
     return backend
 
