@@ -9,9 +9,10 @@ Used by covpool's tests and ``covpool bench``; public so that a backend added wi
     True
 """
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["well_conditioned", "well_separated", "ill_conditioned", "rank_deficient", "repeated_eigenvalues",
-           "exact_root", "exact_grad", "rel"]
+           "exact_root", "exact_grad", "rel", "round_products"]
 
 
 def rel(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -79,3 +80,45 @@ def exact_grad(a: torch.Tensor, g: torch.Tensor, inverse: bool = False) -> torch
     k = torch.where(same, deriv, (fi - fj) / torch.where(same, torch.ones_like(diff), diff))
     gs = 0.5 * (g + g.mT).double()
     return v @ (k * (v.mT @ gs @ v)) @ v.mT
+
+
+def _round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 rounded to TF32's 10-bit mantissa, to nearest, ties to even (the exponent is float32's)."""
+    bits = x.contiguous().view(torch.int32)
+    bias = 0xFFF + ((bits >> 13) & 1)
+    return ((bits + bias) & ~0x1FFF).view(torch.float32)
+
+
+def _round_bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).to(torch.float32)
+
+
+_ROUNDING = {"tf32": _round_tf32, "bf16": _round_bf16}
+_PRODUCTS = {torch.ops.aten.bmm.default: 0, torch.ops.aten.mm.default: 0, torch.ops.aten.baddbmm.default: 1,
+             torch.ops.aten.baddbmm_.default: 1, torch.ops.aten.addmm.default: 1, torch.ops.aten.addmm_.default: 1}
+
+
+class round_products(TorchDispatchMode):
+    """Inside this context every float32 matrix product rounds its two operands as ``"tf32"`` (10-bit
+    mantissa, what CUDA's TF32 tensor cores read) or ``"bf16"`` (7-bit) and accumulates in float32: what a
+    backend would lose to reduced-precision products, measured on any device.
+
+        >>> import covpool, covpool.testing as ct
+        >>> a = ct.well_conditioned(2, 16, dtype=torch.float32)
+        >>> with ct.round_products("bf16"):
+        ...     rough = covpool.sqrtm(a, "eig")
+        >>> 1e-4 < ct.rel(rough, ct.exact_root(a)) < 1e-2
+        True
+    """
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        if kind not in _ROUNDING:
+            raise ValueError(f"kind must be one of {', '.join(_ROUNDING)}, got {kind!r}")
+        self.round = _ROUNDING[kind]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = _PRODUCTS.get(func)
+        if first is not None and args[first].dtype == torch.float32:
+            args = (*args[:first], self.round(args[first]), self.round(args[first + 1]), *args[first + 2:])
+        return func(*args, **(kwargs or {}))

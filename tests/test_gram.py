@@ -317,3 +317,43 @@ def test_eigendecomposition_backends_synchronise():
     with FakeTensorMode(), pytest.raises(DataDependentOutputException):
         a = torch.randn(2, 8, 8)
         covpool.sqrtm(a @ a.mT, "eig")
+
+
+# --------------------------------------------------------------------------------- TF32 products
+def test_tf32_option_switches_cuda_products_only_inside_the_backend():
+    from covpool.linalg._matrix import products_in_tf32
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with products_in_tf32(torch.device("cuda"), True):
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    with products_in_tf32(torch.device("cpu"), True), products_in_tf32(torch.device("cuda"), False):
+        assert matmul.fp32_precision == before
+    a = covpool.testing.well_conditioned(2, 8, dtype=torch.float32)
+    for backend in ("ns", "mtp_lya"):  # on the CPU the option changes nothing
+        assert torch.equal(covpool.sqrtm(a, backend, tf32=True), covpool.sqrtm(a, backend))
+    with pytest.raises(ValueError, match="ns.tf32 must be true or false, got 'yes'"):
+        covpool.sqrtm(a, "ns", tf32="yes")
+    with pytest.raises(TypeError, match="unknown option"):
+        covpool.sqrtm(a, "mpa_lya", tf32=True)
+
+
+def errors(backend, a64, g64, rounding=None, **options):
+    x = a64.float().clone().requires_grad_()
+    with covpool.testing.round_products(rounding) if rounding else torch.enable_grad():
+        out = covpool.sqrtm(x, backend, **options)
+        (out * g64.float()).sum().backward()
+    return (rel(out, covpool.testing.exact_root(a64)), rel(x.grad, covpool.testing.exact_grad(a64, g64)))
+
+
+@pytest.mark.parametrize("backend, offered", [("ns", True), ("mtp_lya", True), ("mpa_lya", False)])
+def test_tf32_products_stay_within_the_backends_own_error(backend, offered):
+    # Why ns and mtp_lya offer tf32=True and mpa_lya does not (README, "TF32 and bf16 products"): with TF32
+    # operands their error against the exact root and gradient moves by less than 1% of what their own
+    # approximation already costs; mpa_lya's Padé solve amplifies the rounding ~7×.
+    a = covpool.testing.well_conditioned(4, 64, seed=0)
+    g = torch.randn(4, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    full, tf32 = errors(backend, a, g), errors(backend, a, g, "tf32")
+    within = all(abs(t - f) < 0.01 * f for f, t in zip(full, tf32))
+    assert within == offered, (full, tf32)

@@ -15,8 +15,8 @@ import torch
 
 from . import _coefficients
 from ._double import guard
-from ._matrix import eye, lift, normaliser, outer, poly, powers, split
-from ._registry import Option, degree_pair, int_at_least, register_backend
+from ._matrix import eye, lift, normaliser, outer, poly, powers, products_in_tf32, split
+from ._registry import Option, bool_option, degree_pair, int_at_least, register_backend
 
 __all__ = ["lyapunov_sign"]
 
@@ -149,7 +149,8 @@ class _LyaRoot(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(a: torch.Tensor, inverse: bool, approx: Callable, lya_iters: int, refine: int, name: str):
+    def forward(a: torch.Tensor, inverse: bool, approx: Callable, lya_iters: int, refine: int, name: str,
+                tf32: bool):
         c = normaliser(a, "fro")
         x = torch.addcdiv(eye(a), a, c, value=-1.0)  # I − A/‖A‖_F in one pass, out of place (exportable)
         a_n = a / c if refine else None  # only the refinement needs A/‖A‖_F
@@ -159,19 +160,19 @@ class _LyaRoot(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, inverse, _, lya_iters, _, name = inputs
+        a, inverse, _, lya_iters, _, name, tf32 = inputs
         _, root, s = output
         ctx.mark_non_differentiable(root, s)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(a, root, s)  # a: the inverse root's S = A·Y, and the second-derivative guard
-        ctx.inverse, ctx.lya_iters, ctx.name = inverse, lya_iters, name
+        ctx.inverse, ctx.lya_iters, ctx.name, ctx.tf32 = inverse, lya_iters, name, tf32
 
     @staticmethod
     def backward(ctx, grad, _grad_root, _grad_s):
         if grad is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         a, root, s = ctx.saved_tensors
-        with torch.no_grad():
+        with torch.no_grad(), products_in_tf32(grad.device, ctx.tf32):
             g = 0.5 * (grad + grad.mT)
             if ctx.inverse:
                 # root = (A/c)^{-1/2}; S_n = (A/c)·root; RHS −Y Ḡ Y = −root Ḡ root / c, then /√c for
@@ -181,7 +182,7 @@ class _LyaRoot(torch.autograd.Function):
                 g_a = lyapunov_sign(sqrt_n, rhs, ctx.lya_iters).div_(s).div_(s.square()).neg_()
             else:
                 g_a = lyapunov_sign(root, g, ctx.lya_iters).div_(s)
-        return guard(g_a, ctx.name, a, grad), None, None, None, None, None
+        return guard(g_a, ctx.name, a, grad), None, None, None, None, None, None
 
 
 class _GramLyaRoot(torch.autograd.Function):
@@ -202,7 +203,7 @@ class _GramLyaRoot(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(u: torch.Tensor, alpha: float, inner: Callable, lya_iters: int, name: str):
+    def forward(u: torch.Tensor, alpha: float, inner: Callable, lya_iters: int, name: str, tf32: bool):
         g = u.mT @ u
         c = normaliser(g, "fro")
         w = inner(g / c)
@@ -211,19 +212,19 @@ class _GramLyaRoot(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, alpha, _, lya_iters, name = inputs
+        u, alpha, _, lya_iters, name, tf32 = inputs
         _, w, c = output
         ctx.mark_non_differentiable(w, c)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(u, w, c)
-        ctx.alpha, ctx.lya_iters, ctx.name = alpha, lya_iters, name
+        ctx.alpha, ctx.lya_iters, ctx.name, ctx.tf32 = alpha, lya_iters, name, tf32
 
     @staticmethod
     def backward(ctx, grad, _grad_w, _grad_c):
         if grad is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         u, w, c = ctx.saved_tensors
-        with torch.no_grad():
+        with torch.no_grad(), products_in_tf32(grad.device, ctx.tf32):
             g_n = (u.mT @ u) / c
             beta, p = ctx.alpha, outer(ctx.alpha, w, g_n)
             v0 = (0.5 * (grad + grad.mT)) @ u
@@ -243,18 +244,20 @@ class _GramLyaRoot(torch.autograd.Function):
             v = torch.baddbmm(u @ coef_b, v0, coef_a)
             # X·U = V·2^-(iters+1) (the D_k scaling of lyapunov_sign), Σ̄ = X/√c, Ū = 2Σ̄U.
             g_u = v.mul_(0.5 ** ctx.lya_iters).div_(c.sqrt())
-        return guard(g_u, ctx.name, u, grad), None, None, None, None
+        return guard(g_u, ctx.name, u, grad), None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------ backends
-def _lya(kind: str, a: torch.Tensor, inverse: bool, degree, lya_iters: int, refine: int) -> torch.Tensor:
+def _lya(kind: str, a: torch.Tensor, inverse: bool, degree, lya_iters: int, refine: int,
+         tf32: bool = False) -> torch.Tensor:
     def approx(x, inv):
         return _approx(x, kind, degree, inv)
 
-    return _LyaRoot.apply(a, inverse, approx, lya_iters, refine, f"{_NAMES[kind]}")[0]
+    with products_in_tf32(a.device, tf32):
+        return _LyaRoot.apply(a, inverse, approx, lya_iters, refine, _NAMES[kind], tf32)[0]
 
 
-def _lya_gram(kind: str, u: torch.Tensor, degree, lya_iters: int, refine: int) -> torch.Tensor:
+def _lya_gram(kind: str, u: torch.Tensor, degree, lya_iters: int, refine: int, tf32: bool = False) -> torch.Tensor:
     if refine:
         alpha = 0.0
 
@@ -266,26 +269,28 @@ def _lya_gram(kind: str, u: torch.Tensor, degree, lya_iters: int, refine: int) -
         def inner(g_n):
             return _gram_approx(g_n, kind, degree)
 
-    return _GramLyaRoot.apply(u, alpha, inner, lya_iters, _NAMES[kind])[0]
+    with products_in_tf32(u.device, tf32):
+        return _GramLyaRoot.apply(u, alpha, inner, lya_iters, _NAMES[kind], tf32)[0]
 
 
 _NAMES = {"taylor": "mtp_lya", "pade": "mpa_lya"}
 
 
-def _mtp_lya(a: torch.Tensor, inverse: bool, degree: int, lya_iters: int, refine: int) -> torch.Tensor:
+def _mtp_lya(a: torch.Tensor, inverse: bool, degree: int, lya_iters: int, refine: int, tf32: bool) -> torch.Tensor:
     """Matrix Taylor Polynomial: √A ≈ √‖A‖ Σ_k c_k X^k, X = I − A/‖A‖_F (1/√ series for the inverse)."""
-    return _lya("taylor", a, inverse, degree, lya_iters, refine)
+    return _lya("taylor", a, inverse, degree, lya_iters, refine, tf32)
 
 
 def _mpa_lya(a: torch.Tensor, inverse: bool, degree: tuple[int, int], lya_iters: int, refine: int) -> torch.Tensor:
     """Matrix Padé Approximant: √A ≈ √‖A‖ Q(X)⁻¹P(X); the inverse root swaps P and Q. P and Q are
     polynomials of the same symmetric X, so they commute and are symmetric positive definite for
-    normalised input: one Cholesky factorisation and a triangular solve, never an explicit inverse."""
+    normalised input: one Cholesky factorisation and a triangular solve, never an explicit inverse. No TF32
+    option: rounding the products' operands to TF32 multiplies its error by 7 (README)."""
     return _lya("pade", a, inverse, degree, lya_iters, refine)
 
 
-def _mtp_gram(u: torch.Tensor, degree: int, lya_iters: int, refine: int) -> torch.Tensor:
-    return _lya_gram("taylor", u, degree, lya_iters, refine)
+def _mtp_gram(u: torch.Tensor, degree: int, lya_iters: int, refine: int, tf32: bool) -> torch.Tensor:
+    return _lya_gram("taylor", u, degree, lya_iters, refine, tf32)
 
 
 def _mpa_gram(u: torch.Tensor, degree: tuple[int, int], lya_iters: int, refine: int) -> torch.Tensor:
@@ -308,7 +313,7 @@ def _lya_products(approx_fwd: int, inverse: bool, lya_iters: int, refine: int) -
     return fwd, fwd + 5 * (lya_iters - 1) + 3 + (3 if inverse else 0)
 
 
-def _mtp_products(inverse: bool, degree: int, lya_iters: int, refine: int) -> tuple[int, int]:
+def _mtp_products(inverse: bool, degree: int, lya_iters: int, refine: int, tf32: bool) -> tuple[int, int]:
     """Paterson–Stockmeyer: powers X², …, X^s, then one product per Horner step."""
     s = split(degree, 1)
     return _lya_products((s - 1) + math.ceil((degree + 1) / s) - 1, inverse, lya_iters, refine)
@@ -329,7 +334,9 @@ _REFINE = Option(0, int_at_least(0), "Newton–Schulz refinement steps after the
 register_backend(
     "mtp_lya",
     _mtp_lya,
-    {"degree": Option(10, int_at_least(1), "degree of the Taylor polynomial"), "lya_iters": _LYA, "refine": _REFINE},
+    {"degree": Option(10, int_at_least(1), "degree of the Taylor polynomial"), "lya_iters": _LYA, "refine": _REFINE,
+     "tf32": Option(False, bool_option, "CUDA: the products in TF32 (within the Taylor polynomial's own error: "
+                    "README, 'TF32 and bf16 products')")},
     doc="Matrix Taylor Polynomial forward, Lyapunov backward (Song et al., ICLR 2022)",
     products=_mtp_products,
     gram=_mtp_gram,

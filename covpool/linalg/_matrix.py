@@ -14,6 +14,9 @@ G, so the mean direction of a centred covariance (G·1 = 0) and dead channels co
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 __all__: list[str] = []
@@ -89,3 +92,20 @@ def lift(alpha: float, inner: torch.Tensor, u: torch.Tensor, scale: torch.Tensor
     if alpha:
         out.add_(eye(out) * (alpha * scale))
     return out
+
+
+@contextlib.contextmanager
+def products_in_tf32(device: torch.device, enabled: bool) -> Iterator[None]:
+    """Run the enclosed float32 matrix products in TF32 on CUDA (operands rounded to a 10-bit mantissa,
+    float32 accumulation) when ``enabled``, whatever the global setting, and restore that setting after.
+    A no-op elsewhere: CPUs have no TF32 products."""
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before

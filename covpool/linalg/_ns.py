@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ._matrix import eye, normaliser
-from ._registry import Option, int_at_least, one_of, register_backend
+from ._matrix import eye, normaliser, products_in_tf32
+from ._registry import Option, bool_option, int_at_least, one_of, register_backend
 
 __all__: list[str] = []
 
@@ -32,23 +32,28 @@ class _NewtonSchulz(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(a: torch.Tensor, inverse: bool, num_iters: int, norm: str):
+    def forward(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, tf32: bool):
         out, c, ys, zs, ts = _ns_iterate(a, inverse, num_iters, norm, keep=True)
         # Z₁ is T₁: return each tensor once (torch.compile rejects an output listed twice).
         return (out, c, *ys[1:], *zs[2:], *ts)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, inverse, num_iters, norm = inputs
+        a, inverse, num_iters, norm, tf32 = inputs
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # the intermediates get no gradient: don't fill zeros for them
         ctx.save_for_backward(a, *output[1:])
-        ctx.inverse, ctx.num_iters, ctx.norm = inverse, num_iters, norm
+        ctx.inverse, ctx.num_iters, ctx.norm, ctx.tf32 = inverse, num_iters, norm, tf32
 
     @staticmethod
     def backward(ctx, grad, *_):
         if grad is None:
-            return None, None, None, None
+            return None, None, None, None, None
+        with products_in_tf32(grad.device, ctx.tf32):
+            return _NewtonSchulz._backward(ctx, grad), None, None, None, None
+
+    @staticmethod
+    def _backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         a, c, *rest = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the iteration again, with autograd, from the saved input,
@@ -56,7 +61,7 @@ class _NewtonSchulz(torch.autograd.Function):
             with torch.enable_grad():
                 root = _ns_iterate(a, ctx.inverse, ctx.num_iters, ctx.norm, keep=False)[0]
                 (g_a,) = torch.autograd.grad(root, a, 0.5 * (grad + grad.mT), create_graph=True)
-            return g_a, None, None, None
+            return g_a
         n_it = ctx.num_iters
         n_z = max(n_it - 2, 0)
         y0 = a / c
@@ -103,7 +108,7 @@ class _NewtonSchulz(torch.autograd.Function):
             g_a.diagonal(dim1=-2, dim2=-1).add_(g_c.squeeze(-1))
         else:
             g_a.add_(g_c * y0)
-        return g_a, None, None, None
+        return g_a
 
 
 def _ns_iterate(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, keep: bool):
@@ -134,23 +139,24 @@ def _ns_iterate(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, keep:
     return out, c, ys, zs, ts
 
 
-def _ns(a: torch.Tensor, inverse: bool, num_iters: int, norm: str) -> torch.Tensor:
-    if torch.is_grad_enabled() and a.requires_grad:
-        return _NewtonSchulz.apply(a, inverse, num_iters, norm)[0]
-    return _ns_iterate(a, inverse, num_iters, norm, keep=False)[0]
+def _ns(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, tf32: bool) -> torch.Tensor:
+    with products_in_tf32(a.device, tf32):
+        if torch.is_grad_enabled() and a.requires_grad:
+            return _NewtonSchulz.apply(a, inverse, num_iters, norm, tf32)[0]
+        return _ns_iterate(a, inverse, num_iters, norm, keep=False)[0]
 
 
-def _ns_gram(u: torch.Tensor, num_iters: int, norm: str) -> torch.Tensor:
+def _ns_gram(u: torch.Tensor, num_iters: int, norm: str, tf32: bool) -> torch.Tensor:
     """√(U Uᵀ) from the Gram side. The iteration keeps Y_k = (A/c)·Z_k, so its square root is
     √c·(A/c)·Z_N(A/c) = U·Z_N(G/c)·Uᵀ/√c by the push-through identity: the *inverse* root that the same
     iteration gives for G = UᵀU (same trace and Frobenius norm as U Uᵀ), between U and Uᵀ. The same
     polynomial, so the same matrix and, through autograd, the same gradient; the M×M steps keep M×M
     intermediates for the backward."""
-    r = _ns(u.mT @ u, True, num_iters, norm)
+    r = _ns(u.mT @ u, True, num_iters, norm, tf32)
     return (u @ r) @ u.mT
 
 
-def _ns_products(inverse: bool, num_iters: int, norm: str) -> tuple[int, int]:
+def _ns_products(inverse: bool, num_iters: int, norm: str, tf32: bool) -> tuple[int, int]:
     """3N − 3 products forward (for N = 1: one, none for the inverse root, which is T₁ itself); the
     exact backward costs two per forward product."""
     fwd = 3 * num_iters - 3 if num_iters > 1 else int(not inverse)
@@ -164,6 +170,8 @@ register_backend(
         "num_iters": Option(5, int_at_least(1), "Newton–Schulz iterations"),
         "norm": Option("trace", one_of("trace", "fro"), "pre-normalisation: 'trace' (iSQRT-COV) or 'fro' "
                        "(Frobenius norm: larger eigenvalues after scaling, so faster convergence)"),
+        "tf32": Option(False, bool_option, "CUDA: the iteration's products in TF32 (within the iteration's own "
+                       "error: README, 'TF32 and bf16 products')"),
     },
     doc="coupled Newton–Schulz iteration (Li et al., CVPR 2018); exact (symmetric) gradient of the iteration",
     products=_ns_products,

@@ -197,6 +197,12 @@ def positive_float_or_none(key: str, value: Any) -> float | None:
     return check_number(key, value, 0.0, open_low=True, allow_none=True)
 
 
+def bool_option(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
 def one_of(*choices: str) -> Callable[[str, Any], str]:
     def check(key: str, value: Any) -> str:
         if value not in choices:
