@@ -43,6 +43,13 @@ def normaliser(a: torch.Tensor, kind: str) -> torch.Tensor:
     return c.clamp_min(tiny)[:, None, None]
 
 
+def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """⟨X, Y⟩ = Σ_ij x_ij y_ij per matrix, ``(B, 1, 1)``, as a batched 1×n² by n²×1 product: no n×n
+    temporary (``(x * y).sum()`` writes one)."""
+    b, n, m = x.shape
+    return torch.bmm(x.reshape(b, 1, n * m), y.reshape(b, n * m, 1))
+
+
 def split(degree: int, num_polys: int) -> int:
     """Block size s of Paterson–Stockmeyer evaluation minimising the products for ``num_polys``
     polynomials of ``degree`` that share the powers X², …, X^s."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._matrix import eye, normaliser, products_in_tf32
+from ._matrix import dot, eye, normaliser, products_in_tf32
 from ._registry import Option, bool_option, int_at_least, one_of, register_backend
 
 __all__: list[str] = []
@@ -70,8 +70,7 @@ class _NewtonSchulz(torch.autograd.Function):
         # torch's convention for functions of symmetric matrices (and every other backend's): the
         # gradient is the one w.r.t. symmetric perturbations, symmetric for any upstream gradient. The
         # iteration is a polynomial in A, so symmetrising Ḡ symmetrises the result.
-        grad = 0.5 * (grad + grad.mT)
-        g_out = grad * (c.rsqrt() if ctx.inverse else c.sqrt())
+        g_out = torch.add(grad, grad.mT).mul_((c.rsqrt() if ctx.inverse else c.sqrt()) * 0.5)
         # Every adjoint update is a fresh product followed by an in-place baddbmm_: no extra
         # allocation or copy per step.
         if n_it == 1:
@@ -89,7 +88,7 @@ class _NewtonSchulz(torch.autograd.Function):
                 g_z = (g_t @ y).mul_(-0.5)
         # The output is out_n·c^(±½), so c̄ = ±½⟨Ḡ, out⟩/c, and ⟨Ḡ, out⟩/c = ⟨T̄_N, T_N⟩/c: out_n = Y T
         # (or T Z) and T̄_N = Y·Ḡ·√c (or Ḡ·Z/√c) with Y, Z symmetric.
-        g_c = (g_t * ts[-1]).sum(dim=(-2, -1), keepdim=True) / c * (-0.5 if ctx.inverse else 0.5)
+        g_c = dot(g_t, ts[-1]) / c * (-0.5 if ctx.inverse else 0.5)
         if n_it > 1:
             for k in range(n_it - 2, 0, -1):
                 y, z, t = ys[k], zs[k], ts[k]
@@ -102,7 +101,7 @@ class _NewtonSchulz(torch.autograd.Function):
             g_t = g_z.baddbmm_(ys[0], g_y)
             g_y = (g_y @ ts[0]).add_(g_t, alpha=-0.5)
         # Y₀ = A/c: Ā = Ȳ₀/c and c̄ −= ⟨Ȳ₀, Y₀⟩/c; then c̄ reaches A through ∂c/∂A (I or A/c).
-        g_c = g_c - (g_y * y0).sum(dim=(-2, -1), keepdim=True) / c
+        g_c = g_c - dot(g_y, y0) / c
         g_a = g_y.div_(c)
         if ctx.norm == "trace":
             g_a.diagonal(dim1=-2, dim2=-1).add_(g_c.squeeze(-1))
@@ -135,7 +134,9 @@ def _ns_iterate(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, keep:
             if step < num_iters - 2:  # the last step only forms the requested root, below
                 y, z = y @ t, t @ z
         out = t @ z if inverse else y @ t
-    out = out * (c.rsqrt() if inverse else c.sqrt())
+    scale = c.rsqrt() if inverse else c.sqrt()
+    # In place unless the output is an iterate that is kept (one step, inverse root: T₁) or differentiated.
+    out = out * scale if (keep and out is t) or torch.is_grad_enabled() else out.mul_(scale)
     return out, c, ys, zs, ts
 
 
