@@ -7,10 +7,12 @@ from . import layers, linalg, models  # noqa: F401  (subpackages; importing mode
 from .layers import *  # noqa: F401,F403
 from .linalg import (
     covariance,
+    covariance_power,
     covariance_sqrtm,
     get_backend,
     inv_sqrtm,
     list_backends,
+    matrix_power,
     register_backend,
     sqrtm,
     triu_vectorize,
@@ -27,6 +29,8 @@ __all__ = [
     "get_backend",
     "covariance",
     "covariance_sqrtm",
+    "covariance_power",
+    "matrix_power",
     "triu_vectorize",
     *layers.__all__,
     *models.__all__,

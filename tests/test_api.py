@@ -12,7 +12,8 @@ PUBLIC = {
     "sqrtm", "inv_sqrtm", "list_backends", "register_backend", "get_backend", "covariance", "covariance_sqrtm",
     "triu_vectorize",
     "CovPool", "ZCABatchNorm1d", "ZCABatchNorm2d", "convert_sync_zca", "SoViTHead", "cov_pool", "zca_batch_norm",
-    "swap_pooling", "keep_fitting_classifier", "set_backend", "convert_zca", "cifar_stem",
+    "swap_pooling", "keep_fitting_classifier", "set_backend", "convert_zca", "cifar_stem", "list_heads", "get_head",
+    "build_head", "matrix_power", "covariance_power",
 }
 
 
@@ -149,8 +150,8 @@ def test_import_registers_the_models_with_timm():
 
 def test_backend_options_are_documented_defaults():
     defaults = {name: covpool.get_backend(name).defaults for name in covpool.list_backends()[:7]}
-    assert defaults["ns"] == {"num_iters": 5, "norm": "trace"}
-    assert defaults["mtp_lya"] == {"degree": 10, "lya_iters": 8, "refine": 0}
+    assert defaults["ns"] == {"num_iters": 5, "norm": "trace", "tf32": False}
+    assert defaults["mtp_lya"] == {"degree": 10, "lya_iters": 8, "refine": 0, "tf32": False}
     assert defaults["mpa_lya"] == {"degree": (5, 5), "lya_iters": 8, "refine": 0}
 
 

@@ -105,8 +105,7 @@ def assert_grads_everywhere(module):
 def test_public_names():
     assert sorted(covpool.layers.__all__) == sorted(
         ["CovPool", "ZCABatchNorm1d", "ZCABatchNorm2d", "convert_zca", "convert_sync_zca", "SoViTHead", "cov_pool",
-         "zca_batch_norm",
-         "set_backend"]
+         "zca_batch_norm", "set_backend", "list_heads", "get_head", "build_head"]
     )
     for name in covpool.layers.__all__:
         assert getattr(covpool, name) is getattr(covpool.layers, name)
@@ -543,3 +542,22 @@ def test_so_vit_head_new_classifiers_follow_the_head_without_reduction():
     head.reset_classifier(5)
     assert head.fc_cls.weight.dtype == head.fc_cov.weight.dtype == torch.float64
     assert head(torch.randn(2, 5, 8, dtype=torch.float64)).shape == (2, 5)
+
+
+def test_ambiguous_three_dimensional_input_needs_an_explicit_layout():
+    # (B, C, N) with N = C could be tokens (B, N, C) or channels-first features: it was read as tokens silently.
+    pool = CovPool(16, reduced_dim=None, backend="eig")
+    x = torch.randn(2, 16, 16)
+    with pytest.raises(ValueError, match=r"ambiguous: tokens \(B, N, 16\) or channels-first features \(B, 16, N\)"):
+        pool(x)
+    tokens = CovPool(16, reduced_dim=None, backend="eig", layout="tokens")
+    torch.testing.assert_close(tokens(x), CovPool(16, None, backend="eig")(x.mT.unsqueeze(-1)))
+    with pytest.raises(ValueError, match=r"expects feature maps \(B, 16, H, W\) \(layout='maps'\)"):
+        CovPool(16, None, layout="maps")(torch.randn(2, 5, 16))
+    assert CovPool(16, None, layout="tokens")(torch.randn(2, 5, 16)).shape == (2, 136)
+
+
+@pytest.mark.parametrize("x", [torch.randn(2, 16, 0, 7), torch.randn(2, 0, 16)], ids=["empty map", "no tokens"])
+def test_pooling_nothing_says_so(x):
+    with pytest.raises(ValueError, match="needs at least one position to pool"):
+        CovPool(16, reduced_dim=8)(x)

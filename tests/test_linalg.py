@@ -399,7 +399,7 @@ def test_unknown_option_lists_the_backend_options():
      ("mpa_lya", {"degree": "5"}, "pair"),
      ("mpa_lya", {"degree": (1, 0)}, "m \\+ n >= 2"),
      ("svd_pi", {"num_iters": 1}, ">= 2"),
-     ("eig", {"eps": -1.0}, "positive"),
+     ("eig", {"eps": -1.0}, r"in \(0, 1\)"),
      ("mtp_lya", {"lya_iters": 0}, ">= 1")],
 )
 def test_invalid_option_values(backend, options, message):
@@ -641,7 +641,7 @@ def test_empty_matrices_give_empty_roots(backend, inverse, device):
 
 @pytest.mark.parametrize("eps", [math.inf, math.nan, -1.0, 0.0])
 def test_backend_eps_must_be_positive_and_finite(eps):
-    with pytest.raises(ValueError, match="eig.eps must be a positive finite number"):
+    with pytest.raises(ValueError, match=r"eig.eps must be a number in \(0, 1\) or None"):
         covpool.sqrtm(torch.eye(3), "eig", eps=eps)
 
 
@@ -766,3 +766,31 @@ def test_eigh_redoes_only_the_failed_matrices_in_float64(monkeypatch):
     monkeypatch.setattr(torch.linalg, "eigh", raising)
     lam, v = _spectral._eigh_checked(a[0])
     assert lam.dtype == torch.float32 and rel((v * lam.unsqueeze(-2)) @ v.mT, a[0]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["eig", "svd_pi", "svd_taylor", "svd_pade"])
+def test_eigenvalue_floor_must_be_below_the_largest_eigenvalue(backend):
+    # eps is relative to the largest eigenvalue: at 10 every eigenvalue was raised to 10·λmax (root 3× off).
+    with pytest.raises(ValueError, match=rf"{backend}.eps must be a number in \(0, 1\) or None.*got 10"):
+        covpool.sqrtm(torch.eye(3), backend, eps=10)
+    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+        covpool.sqrtm(torch.eye(3), backend, eps=1.0)
+    assert torch.allclose(covpool.sqrtm(4 * torch.eye(3), backend, eps=0.5), 2 * torch.eye(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["eig", "svd_pade"])
+def test_non_finite_input_to_the_eigendecomposition_says_so(backend, dtype):
+    # LAPACK blames the conditioning ("ill-conditioned"), or returns NaN; the message must name the NaN.
+    a = torch.eye(4, dtype=dtype).repeat(3, 1, 1)
+    a[1] = float("nan")
+    with pytest.raises(torch.linalg.LinAlgError, match="NaN or inf entries \\(index 1 of a batch of 3\\)"):
+        covpool.sqrtm(a, backend)
+    x = torch.randn(2, 8, 5, dtype=dtype)
+    x[0, 0, 0] = float("inf")
+    for gram in (False, True):
+        with pytest.raises(torch.linalg.LinAlgError, match="NaN or inf entries"):
+            covpool.cov_pool(x, backend, gram=gram)
+    with pytest.raises(torch.linalg.LinAlgError, match="NaN or inf entries"):
+        covpool.ZCABatchNorm2d(8, group_size=4, backend=backend).to(dtype)(torch.full((2, 8, 3, 3), float("nan"),
+                                                                                      dtype=dtype))

@@ -825,3 +825,28 @@ def test_cifar_stem_keeps_32x32_maps_at_4x4(device):
     assert model.forward_features(torch.randn(1, 3, 32, 32, device=device)).shape == (1, 512, 4, 4)
     with pytest.raises(ValueError, match=r"single-conv stem \(conv1 \+ maxpool\)"):
         covpool.cifar_stem(nn.Sequential(nn.Conv2d(3, 8, 3)))
+
+
+@pytest.mark.parametrize("name", ["so_vit_7", "so_vit_10", "so_vit_14", "so_vit_19"])
+def test_so_vit_with_one_word_token_has_finite_gradients(name):
+    # 16×16 pixels make one word token, whose centred cross-covariance is 0: svPN's s^½ had an infinite
+    # derivative there and every gradient came back NaN (the forward was finite).
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3, img_size=16)
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    model(x).square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    head = covpool.SoViTHead(8, num_classes=2, reduced_dim=(4, 3), kind="svpn")
+    tokens = torch.randn(2, 1 + 1, 8, requires_grad=True)
+    head(tokens).sum().backward()
+    assert torch.isfinite(tokens.grad).all()
+
+
+def test_so_vit_checks_the_backend_its_head_would_ignore():
+    with pytest.raises(ValueError, match="unknown backend 'foo'"):
+        timm.create_model("so_vit_7", head="mpa", backend="foo")
+    with pytest.raises(ValueError, match="kind='svpn' normalises by svPN.*backend='foo' does not apply"):
+        timm.create_model("so_vit_7", backend="foo")
+    with pytest.raises(ValueError, match="backend='eig' does not apply"):
+        covpool.SoViTHead(8, 2, reduced_dim=(4, 3), kind="svpn", backend="eig")

@@ -5,11 +5,14 @@
   decorrelated (ZCA whitening) batch normalisation, the BatchNorm2d swap and its multi-process form.
 - :class:`SoViTHead`: So-ViT's class-token + covariance classification head.
 - :func:`set_backend`: change the square-root backend of a built model's covpool layers.
+- :func:`list_heads`, :func:`get_head`, :func:`build_head`: the published second-order heads as presets of
+  :class:`CovPool` (and SoT's token head).
 - :func:`cov_pool`, :func:`zca_batch_norm`: the functional forms.
 """
 from .backend_switch import set_backend
 from .covpool_layer import CovPool
 from .functional import cov_pool, zca_batch_norm
+from .heads import build_head, get_head, list_heads
 from .sovit_head import SoViTHead
 from .zca import ZCABatchNorm1d, ZCABatchNorm2d, convert_sync_zca, convert_zca
 
@@ -23,4 +26,7 @@ __all__ = [
     "cov_pool",
     "zca_batch_norm",
     "set_backend",
+    "list_heads",
+    "get_head",
+    "build_head",
 ]

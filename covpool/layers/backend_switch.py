@@ -52,9 +52,9 @@ def set_backend(
 ) -> dict[str, BackendSpec]:
     """Set the square-root backend of every covpool layer in ``model``, in place, and return the old ones.
 
-    Changes the ``backend`` of each :class:`CovPool` (also the one inside a ``head="mpa"`` :class:`SoViTHead`
-    and what :func:`covpool.swap_pooling` makes), :class:`ZCABatchNorm1d` and :class:`ZCABatchNorm2d` in the
-    model (``layers=`` restricts it to those of the given classes), e.g. for the
+    Changes the ``backend`` of each :class:`CovPool` that takes a square root (also the one inside a
+    ``head="mpa"`` :class:`SoViTHead` and what :func:`covpool.swap_pooling` makes), :class:`ZCABatchNorm1d` and
+    :class:`ZCABatchNorm2d` in the model (``layers=`` restricts it to those of the given classes), e.g. for the
     hybrid protocol of Song, Sebe and Wang, "Why Approximate Matrix Square Root Outperforms Accurate SVD in
     Global Covariance Pooling?", ICCV 2021: Newton–Schulz (``"ns"``) early in training, where its smooth
     gradient avoids the explosions that close eigenvalues cause in SVD gradients, then an SVD-based layer
@@ -97,9 +97,15 @@ def set_backend(
     resolve_backend(backend)
     types = _layer_types(layers)
     root = _unwrap(model)
-    targets = [(name, m) for name, m in root.named_modules() if isinstance(m, types)]
+    chosen = [(name, m) for name, m in root.named_modules() if isinstance(m, types)]
+    # A covariance head without a square root (bilinear, MPN-COV's power, a sketch, DropCov) has no backend.
+    targets = [(name, m) for name, m in chosen if not isinstance(m, CovPool) or m.uses_backend]
     if not targets:
         which = ", ".join(t.__name__ for t in types) if layers is not None else _PUBLIC_NAMES
+        if chosen:
+            raise ValueError(f"{type(root).__name__}'s covariance pooling has no matrix square root whose backend "
+                             "could be set (its head normalises by a matrix power, a sketch or not at all); only "
+                             "normalization='sqrt' heads (isqrt_cov, improved_bcnn) take a backend")
         if any(isinstance(m, SoViTHead) and m.backend is None for m in root.modules()):
             raise ValueError(f"{type(root).__name__} has no covpool layer ({which}) whose backend could be set: "
                              "its So-ViT head normalises by svPN, which has no matrix square root; build the "

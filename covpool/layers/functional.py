@@ -10,46 +10,115 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from covpool.linalg import BackendSpec, covariance_sqrtm, inv_sqrtm, triu_vectorize
+from covpool.linalg import (
+    BackendSpec,
+    covariance,
+    covariance_power,
+    covariance_sqrtm,
+    inv_sqrtm,
+    triu_vectorize,
+)
 from covpool.linalg._checks import check_number, is_int, work_dtype
 
-__all__ = ["cov_pool", "zca_batch_norm"]
+__all__ = ["cov_pool", "second_moment", "signed_sqrt", "l2_normalize", "tensor_sketch", "random_maclaurin",
+           "zca_batch_norm"]
 
 
-def as_maps(x: torch.Tensor, channels: int, name: str) -> torch.Tensor:
+LAYOUTS = ("auto", "maps", "tokens")
+
+
+def as_maps(x: torch.Tensor, channels: int, name: str, layout: str = "auto") -> torch.Tensor:
     """Feature maps ``(B, C, H, W)`` as they are, tokens ``(B, N, C)`` as ``(B, C, N, 1)`` maps (internal:
-    what the pooling layers accept); anything else is an error naming the layer ``name``."""
-    if x.dim() == 4 and x.shape[1] == channels:
-        return x
-    if x.dim() == 3 and x.shape[2] == channels:
-        return rearrange(x, "b n c -> b c n 1")
-    raise ValueError(f"{name} expects feature maps (B, {channels}, H, W) or tokens (B, N, {channels}), "
-                     f"got shape {tuple(x.shape)}")
+    what the pooling layers accept). ``layout`` ``"auto"`` tells them apart by ``ndim``, and refuses a 3-D
+    ``(B, C, C)`` input, which could be tokens or channels-first features; ``"maps"`` / ``"tokens"`` accept
+    only that layout. Anything else, and input without a position, is an error naming the layer ``name``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} expects a tensor, got {type(x).__name__}")
+    maps = x.dim() == 4 and x.shape[1] == channels and layout in ("auto", "maps")
+    tokens = x.dim() == 3 and x.shape[2] == channels and layout in ("auto", "tokens")
+    if tokens and layout == "auto" and x.shape[1] == channels:
+        raise ValueError(f"{name}: input of shape {tuple(x.shape)} is ambiguous: tokens (B, N, {channels}) or "
+                         f"channels-first features (B, {channels}, N)? Build the layer with layout='tokens' "
+                         f"for tokens, or pass channels-first features as maps x.unsqueeze(-1)")
+    if not (maps or tokens):
+        expected = {"auto": f"feature maps (B, {channels}, H, W) or tokens (B, N, {channels})",
+                    "maps": f"feature maps (B, {channels}, H, W) (layout='maps')",
+                    "tokens": f"tokens (B, N, {channels}) (layout='tokens')"}[layout]
+        raise ValueError(f"{name} expects {expected}, got shape {tuple(x.shape)}")
+    if x.shape[2:].numel() == 0 if maps else x.shape[1] == 0:
+        raise ValueError(f"{name} needs at least one position to pool, got shape {tuple(x.shape)} (an empty "
+                         f"{'feature map' if maps else 'token sequence'})")
+    return x if maps else rearrange(x, "b n c -> b c n 1")
+
+
+NORMALIZATIONS = ("sqrt", "power", "none")
+VECTORIZE = ("triu", "full", "matrix")
+
+
+def vectorize_mode(vectorize: Any) -> str:
+    """``vectorize`` as one of :data:`VECTORIZE`: True is ``"triu"`` and False ``"matrix"`` (covpool ≤ 0.1)."""
+    mode = {True: "triu", False: "matrix"}.get(vectorize, vectorize) if isinstance(vectorize, bool) else vectorize
+    if mode not in VECTORIZE:
+        raise ValueError(f"vectorize must be one of {', '.join(map(repr, VECTORIZE))} (or True/False), "
+                         f"got {vectorize!r}")
+    return mode
+
+
+def normalization_mode(normalization: Any) -> str:
+    mode = "none" if normalization is None else normalization
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {', '.join(map(repr, NORMALIZATIONS))} (None is 'none'), "
+                         f"got {normalization!r}")
+    return mode
+
+
+def element_norm(out: torch.Tensor, signed: bool, l2: bool) -> torch.Tensor:
+    """The element normalisations of the bilinear heads, in their order: signed square root, then ℓ2."""
+    if signed:
+        out = signed_sqrt(out)
+    return l2_normalize(out) if l2 else out
 
 
 def cov_pool(
-    x: torch.Tensor, backend: BackendSpec = "ns", vectorize: bool = True, gram: bool | str = "auto"
+    x: torch.Tensor,
+    backend: BackendSpec = "ns",
+    vectorize: bool | str = True,
+    gram: bool | str = "auto",
+    *,
+    centered: bool = True,
+    normalization: str | None = "sqrt",
+    alpha: float = 0.5,
+    signed_sqrt: bool = False,
+    l2: bool = False,
 ) -> torch.Tensor:
-    """Global covariance pooling with matrix square-root normalisation (iSQRT-COV).
+    """Global second-order pooling: covariance (or second moment), matrix normalisation, vectorisation and
+    element normalisation; the defaults are iSQRT-COV.
 
     Li et al., "Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square
     Root Normalization", CVPR 2018: Σ = (1/N) X_c X_cᵀ over the N positions, then Σ^{1/2} by
     ``backend`` (``"ns"`` is their coupled Newton–Schulz iteration with trace pre-normalisation and
-    post-compensation), then the upper triangle as the image representation.
+    post-compensation), then the upper triangle as the image representation. The other options give the
+    rest of the family (:func:`covpool.list_heads`).
 
     Args:
         x: ``(*, d, N)`` features: d channels at N positions (pixels or tokens). N < d is fine (the
             covariance is then rank-deficient; every backend returns a finite square root).
         backend: a name from :func:`covpool.list_backends` or a dict ``{"name": ..., **options}``,
-            passed to :func:`covpool.linalg.sqrtm` untouched.
-        vectorize: return the upper triangle (``(*, d(d+1)/2)``, ``torch.triu_indices`` order) rather
-            than the ``(*, d, d)`` matrix.
-        gram: compute the root from the N×N Gram matrix instead of the d×d covariance (same value and
-            gradient, (N/d)³ of the backend's products): ``"auto"`` where it is cheaper, True, False
+            passed to :func:`covpool.linalg.sqrtm` untouched (``normalization="sqrt"``).
+        vectorize: ``"triu"`` (or True) the upper triangle (``(*, d(d+1)/2)``, ``torch.triu_indices``
+            order); ``"full"`` the whole matrix row by row (``(*, d²)``, bilinear pooling's); ``"matrix"``
+            (or False) the ``(*, d, d)`` matrix.
+        gram: compute the matrix function from the N×N Gram matrix instead of the d×d covariance (same value
+            and gradient, (N/d)³ of the backend's products): ``"auto"`` where it is cheaper, True, False
             (:func:`covpool.linalg.covariance_sqrtm`).
+        centered: the covariance; False the uncentred second moment (1/N)·X Xᵀ (bilinear pooling).
+        normalization: ``"sqrt"`` the square root by ``backend``; ``"power"`` Σ^``alpha`` by
+            eigendecomposition (:func:`covpool.linalg.matrix_power`, MPN-COV); ``"none"`` (or None).
+        alpha: the power of ``normalization="power"``.
+        signed_sqrt, l2: then sign(x)·√|x| per entry (:func:`signed_sqrt`) and ℓ2 normalisation of the vector.
 
     Returns:
-        ``(*, d(d+1)/2)`` or ``(*, d, d)`` in the dtype of ``x``. float16/bfloat16 input (and autocast
+        ``(*, features)`` or ``(*, d, d)`` in the dtype of ``x``. float16/bfloat16 input (and autocast
         regions) are pooled in float32, because the covariance of half-precision features loses most
         of its significant digits. Integer or bool features are promoted to
         ``torch.get_default_dtype()``, and so is the result.
@@ -60,15 +129,102 @@ def cov_pool(
         >>> from covpool.layers import cov_pool
         >>> cov_pool(torch.randn(2, 8, 49)).shape
         torch.Size([2, 36])
+        >>> cov_pool(torch.randn(2, 8, 49), centered=False, normalization="none", vectorize="full",
+        ...          signed_sqrt=True, l2=True).shape     # bilinear CNN
+        torch.Size([2, 64])
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] < 1:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"cov_pool expects features of shape (*, d, N) with N >= 1, got {shape}")
     if x.is_complex():
         raise TypeError(f"cov_pool expects real features, got dtype {x.dtype}")
+    mode, norm = vectorize_mode(vectorize), normalization_mode(normalization)
+    if mode == "matrix" and (signed_sqrt or l2):
+        raise ValueError("signed_sqrt and l2 normalise a vector: use vectorize='triu' or 'full'")
     # Integer features are promoted, not truncated back: the pooled covariance root is not an integer.
-    root = covariance_sqrtm(x, backend, gram=gram)
-    return triu_vectorize(root) if vectorize else root
+    if norm == "sqrt":
+        stat = covariance_sqrtm(x, backend, centered=centered, gram=gram)
+    elif norm == "power":
+        stat = covariance_power(x, alpha, centered=centered, gram=gram)
+    else:
+        stat = second_moment(x, centered)
+    if mode == "matrix":
+        return stat
+    out = triu_vectorize(stat) if mode == "triu" else stat.flatten(-2)
+    if not (signed_sqrt or l2):
+        return out
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return element_norm(out.to(work_dtype(out.dtype)), signed_sqrt, l2).to(out.dtype)
+
+
+def second_moment(x: torch.Tensor, centered: bool = True) -> torch.Tensor:
+    """(1/N)·X_c X_cᵀ (the covariance, :func:`covpool.covariance`) or, with ``centered=False``, the
+    uncentred (1/N)·X Xᵀ of ``x`` ``(*, d, N)``, in float32 for half-precision input (autocast off) and
+    returned in the input dtype (integers promoted to the default dtype)."""
+    out_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = x.to(work_dtype(out_dtype))
+        stat = covariance(x) if centered else x @ x.mT / x.shape[-1]
+    return stat.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- element normalisation
+class _SignedSqrt(torch.autograd.Function):
+    """sign(x)·√|x| with the bounded gradient ½/√(|x| + eps) of the bilinear-CNN package: the exact
+    derivative ½/√|x| is infinite at 0 (an exactly-zero entry: a dead channel's moment)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, eps: float) -> torch.Tensor:
+        return x.sign() * x.abs().sqrt()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.eps = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * 0.5 * (x.abs() + ctx.eps).rsqrt(), None
+
+
+def signed_sqrt(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Element-wise sign(x)·√|x| (Perronnin et al.'s power normalisation), as bilinear and compact bilinear
+    pooling apply it: the forward is exact, the gradient ½/√(|x| + ``eps``) is bounded at 0 (the bilinear-CNN
+    package's backward; ``eps`` = 1e-8)."""
+    return _SignedSqrt.apply(x, float(eps))
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """x / √(‖x‖² + ``eps``) over the last dimension (the bilinear-CNN package's ℓ2 layer)."""
+    return x * (x.square().sum(-1, keepdim=True) + eps).rsqrt()
+
+
+# ------------------------------------------------------------------------------------ compact sketches
+def tensor_sketch(x: torch.Tensor, h1: torch.Tensor, s1: torch.Tensor, h2: torch.Tensor, s2: torch.Tensor,
+                  dim: int) -> torch.Tensor:
+    """Tensor Sketch of the second moment (Gao et al., "Compact Bilinear Pooling", CVPR 2016; Pham and Pagh,
+    KDD 2013): (1/N)·Σ_n FFT⁻¹(FFT(Ψ₁x_n) ⊙ FFT(Ψ₂x_n)) for features ``x`` ``(B, d, N)``, with the count
+    sketches Ψ_t(x)_k = Σ_{i: h_t(i) = k} s_t(i)·x_i (``h_t`` ``(d,)`` in [0, dim), ``s_t`` ``(d,)`` in ±1).
+
+    Its entry k is Σ_{(i, j): h₁(i) + h₂(j) ≡ k} s₁(i)s₂(j)·M_ij of M = (1/N) X Xᵀ. The sum over positions is
+    taken in the frequency domain (one inverse FFT per image). Returns ``(B, dim)``."""
+    b, _, n = x.shape
+
+    def spectrum(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        sketch = x.new_zeros(b, dim, n).index_add_(1, h, x * s.to(x.dtype).unsqueeze(-1))
+        return torch.fft.rfft(sketch, dim=1)
+
+    return torch.fft.irfft((spectrum(h1, s1) * spectrum(h2, s2)).mean(-1), n=dim, dim=1)
+
+
+def random_maclaurin(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Random Maclaurin projection of the second moment (Gao et al., CVPR 2016; Kar and Karnick, AISTATS
+    2012): z_k = (1/N)·Σ_n (w1_kᵀ x_n)(w2_kᵀ x_n) = w1_kᵀ M w2_k, for features ``x`` ``(B, d, N)`` and
+    projections ``w1``, ``w2`` ``(d, D)``. Returns ``(B, D)``."""
+    return ((w1.mT @ x) * (w2.mT @ x)).mean(-1)
+
+
 
 
 # ----------------------------------------------------------------------------------------- ZCA

@@ -14,17 +14,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from covpool.linalg import BackendSpec
 from covpool.linalg._checks import check_int, check_number, work_dtype
 
 from .covpool_layer import CovPool, _init_reduction, _reduction
-from .functional import as_maps
+from .functional import LAYOUTS, as_maps
 
-__all__ = ["SoViTHead", "SvPNCrossCov", "cross_covariance", "svpn"]
+__all__ = ["SoViTHead", "SvPNCrossCov", "MultiHeadCrossCov", "cross_covariance", "svpn"]
 
-_KINDS = ("svpn", "mpa")
+_KINDS = ("svpn", "mpa", "sot")
+_CENTERINGS = ("feature", "scalar")
 
 
 def cross_covariance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -47,8 +49,9 @@ def svpn(c: torch.Tensor, v0: torch.Tensor, alpha: float = 0.5, iters: int = 1, 
 
         svPN(C) = s^alpha v uᵀ + (C − s v uᵀ) / (s^(1−alpha) + eps).
 
-    Returns ``(*, d1, d2)``. Caveats: the gradient of s^alpha is unbounded as s → 0 (a zero matrix); one
-    power iteration is only an estimate of the top singular pair, which is what the published models used.
+    Returns ``(*, d1, d2)``. Caveats: the gradient of s^alpha grows without bound as s → 0; for the zero
+    matrix (the cross-covariance of a single token) it is 0, the derivative of a constant. One power
+    iteration is only an estimate of the top singular pair, which is what the published models used.
     """
     if c.dim() < 2 or v0.shape != c.shape[-2:-1]:
         raise ValueError(f"svpn expects c (*, d1, d2) and v0 (d1,), got {tuple(c.shape)} and {tuple(v0.shape)}")
@@ -58,7 +61,10 @@ def svpn(c: torch.Tensor, v0: torch.Tensor, alpha: float = 0.5, iters: int = 1, 
     for _ in range(iters):
         u = F.normalize(c.mT @ v, dim=-2)
         v = F.normalize(c @ u, dim=-2)
-    s = v.mT @ c @ u
+    # s = ‖c u‖ ≥ 0; it is 0 for a zero matrix (one token: its centred cross-covariance), where s^alpha has an
+    # infinite derivative. Below the smallest normal number the clamp passes no gradient, and the forward is
+    # unchanged there (the rank-one term is zero with c).
+    s = (v.mT @ c @ u).clamp_min(torch.finfo(c.dtype).tiny)
     rank1 = v @ u.mT
     return s.pow(alpha) * rank1 + (c - s * rank1) / (s.pow(1.0 - alpha) + eps)
 
@@ -82,6 +88,7 @@ class SvPNCrossCov(nn.Module):
         in_channels: C.
         dims: (d1, d2), (48, 24) for So-ViT-7/10, (64, 48) for So-ViT-14, (96, 48) for So-ViT-19.
         alpha, iters, eps: svPN's exponent, power iterations and denominator guard (0.5, 1, 1e-5 released).
+        layout: ``"auto"``, ``"maps"`` or ``"tokens"``, as :class:`covpool.CovPool`'s.
         device, dtype: factory kwargs.
 
     Shapes: ``(B, C, H, W)`` or tokens ``(B, N, C)`` → ``(B, d1·d2)``. The BatchNorms normalise over all
@@ -89,7 +96,7 @@ class SvPNCrossCov(nn.Module):
     """
 
     def __init__(self, in_channels: int, dims: tuple[int, int] = (64, 48), alpha: float = 0.5, iters: int = 1,
-                 eps: float = 1e-5, *, device: torch.device | str | None = None,
+                 eps: float = 1e-5, *, layout: str = "auto", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         check_int("in_channels", in_channels)
@@ -98,10 +105,13 @@ class SvPNCrossCov(nn.Module):
         for d in dims:
             check_int("dims[i]", d)
         check_int("iters", iters)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_channels = in_channels
         self.dims = tuple(dims)
         self.alpha, self.iters, self.eps = float(alpha), iters, float(eps)
+        self.layout = layout
         self.out_features = dims[0] * dims[1]
         self.reduce = nn.ModuleList([_reduction(in_channels, d, factory) for d in dims])
         self.v0 = nn.Parameter(torch.empty(dims[0], **factory))
@@ -114,7 +124,7 @@ class SvPNCrossCov(nn.Module):
         nn.init.normal_(self.v0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        maps = as_maps(x, self.in_channels, "SvPNCrossCov")
+        maps = as_maps(x, self.in_channels, "SvPNCrossCov", self.layout)
         a, b = (branch(maps).flatten(2) for branch in self.reduce)
         dtype = work_dtype(x.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -126,29 +136,114 @@ class SvPNCrossCov(nn.Module):
         return f"{self.in_channels}, dims={self.dims}, alpha={self.alpha}, iters={self.iters}, eps={self.eps}"
 
 
+class MultiHeadCrossCov(nn.Module):
+    """SoT's multi-headed global cross-covariance pooling of transformer tokens (Xie, Zeng, Wang, Zhou, Li,
+    "SoT: Delving Deeper into Classification Head for Transformer", 2021; jiangtaoxie/SoT,
+    ``MultiHeadPooling``).
+
+    The tokens ``(B, N, C)`` are projected without bias to 2·h·d_r channels (``proj``, their ``wr``) and split
+    into h heads of a query and a key ``(N, d_r)``; each head's cross-covariance P = Q_cᵀ K_c / N is
+    normalised by svPN with a learned start vector ``v0`` ``(d_r,)`` shared by the heads (their
+    ``norm.weight``; SoT iterates from the right, P·v0, which is :func:`svpn` of Pᵀ, transposed), and the
+    h matrices are flattened row-major: h·d_r² features.
+
+    Args:
+        in_channels: C, the token width.
+        reduced_dim: (h, d_r): 6 heads of 14, 24 and 38 in SoT-Tiny, -Small and -Base.
+        alpha, iters, eps: svPN's exponent, power iterations and denominator guard (0.5, 1, 1e-5 released).
+        centering: ``"feature"`` (default) subtracts each channel's mean over the tokens, the
+            cross-covariance; ``"scalar"`` subtracts one mean over all of a head's tokens and channels, which
+            is what the released code computes (``adaptive_avg_pool2d`` on a 3-D tensor). README,
+            "Second-order heads", says by how much the two differ.
+        layout: ``"tokens"`` (default) or ``"auto"`` (also ``(B, C, H, W)`` maps, as positions).
+        device, dtype: factory kwargs.
+
+    Shapes: ``(B, N, C)`` → ``(B, h·d_r²)``. Half-precision input is pooled in float32 and cast back.
+    """
+
+    def __init__(self, in_channels: int, reduced_dim: tuple[int, int] = (6, 24), alpha: float = 0.5,
+                 iters: int = 1, eps: float = 1e-5, *, centering: str = "feature", layout: str = "tokens",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        check_int("in_channels", in_channels)
+        if not isinstance(reduced_dim, (tuple, list)) or len(reduced_dim) != 2:
+            raise ValueError(f"reduced_dim must be a pair (heads, head width), got {reduced_dim!r}")
+        heads, width = reduced_dim
+        check_int("reduced_dim[0] (heads)", heads)
+        check_int("reduced_dim[1] (head width)", width)
+        check_int("iters", iters)
+        check_number("alpha", alpha, 0.0, 1.0, open_low=True)
+        check_number("eps", eps, 0.0)
+        if centering not in _CENTERINGS:
+            raise ValueError(f"centering must be one of {_CENTERINGS}, got {centering!r}")
+        if layout not in ("tokens", "auto"):
+            raise ValueError(f"layout must be 'tokens' or 'auto', got {layout!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels = in_channels
+        self.reduced_dim = (heads, width)
+        self.alpha, self.iters, self.eps = float(alpha), iters, float(eps)
+        self.centering, self.layout = centering, layout
+        self.out_features = heads * width * width
+        self.proj = nn.Linear(in_channels, 2 * heads * width, bias=False, **factory)
+        self.v0 = nn.Parameter(torch.empty(width, **factory))
+        self.reset_parameters()
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments that build this pooling again (fresh parameters)."""
+        return {"reduced_dim": self.reduced_dim, "alpha": self.alpha, "iters": self.iters, "eps": self.eps,
+                "centering": self.centering, "layout": self.layout}
+
+    def reset_parameters(self) -> None:
+        """The release's initialisation: trunc-normal (std 0.02) projection, standard-normal start vector."""
+        nn.init.trunc_normal_(self.proj.weight, std=0.02, a=-2.0, b=2.0)
+        nn.init.normal_(self.v0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = as_maps(x, self.in_channels, "MultiHeadCrossCov", self.layout).flatten(2).mT  # (B, N, C)
+        heads, width = self.reduced_dim
+        qk = rearrange(self.proj(tokens), "b n (two h d) -> two b h n d", two=2, h=heads)
+        dtype = work_dtype(x.dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            q, k = qk.to(dtype)
+            dims = (-2,) if self.centering == "feature" else (-2, -1)
+            q, k = q - q.mean(dims, keepdim=True), k - k.mean(dims, keepdim=True)
+            p = q.mT @ k / q.shape[-2]
+            out = svpn(p.mT, self.v0, self.alpha, self.iters, self.eps).mT
+        return out.flatten(1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, reduced_dim={self.reduced_dim}, alpha={self.alpha}, iters={self.iters}, "
+                f"centering={self.centering!r}, out_features={self.out_features}")
+
+
 class SoViTHead(nn.Module):
     """Vision-transformer head that classifies from the class token *and* the second-order statistics of the
     word tokens: logits = ``fc_cls(class token) + fc_cov(dropout(pool(word tokens)))``.
 
-    Two published poolings, chosen by ``kind``:
+    Three published poolings, chosen by ``kind``:
 
     - ``"svpn"`` (So-ViT release, Xie et al. 2021): :class:`SvPNCrossCov` with ``reduced_dim=(d1, d2)``,
       ``d1·d2`` features;
     - ``"mpa"`` (Song et al., ICLR 2022): :class:`covpool.CovPool` with ``reduced_dim=d`` and ``backend``
-      (default ``mpa_lya``), ``d(d+1)/2`` features.
+      (default ``mpa_lya``), ``d(d+1)/2`` features;
+    - ``"sot"`` (SoT, Xie et al. 2021): :class:`MultiHeadCrossCov` with ``reduced_dim=(heads, d_r)``,
+      ``heads·d_r²`` features (SoT-Small: (6, 24)).
 
-    Both reduce the tokens with 1×1 conv → BatchNorm → ReLU (BatchNorm over all B·N tokens, as the
-    releases do). Classifiers are initialised as the releases do (trunc-normal std 0.02, zero bias), the
-    reduction convolutions Kaiming-normal (fan-out).
+    ``"svpn"`` and ``"mpa"`` reduce the tokens with 1×1 conv → BatchNorm → ReLU (BatchNorm over all B·N
+    tokens, as the releases do), ``"sot"`` with a linear projection. Classifiers are initialised as the
+    releases do (trunc-normal std 0.02, zero bias), the reduction convolutions Kaiming-normal (fan-out).
 
     Args:
         embed_dim: C, the token width.
         num_classes: classes of both classifiers; 0 makes them identities (the forward returns features).
-        reduced_dim: ``"mpa"``: d (an int, or None to pool the C channels as they are); ``"svpn"``: (d1, d2).
-        backend: square-root backend of ``"mpa"``, a name or ``{"name": ..., **options}``; ignored by svPN
-            (which is not a square root of a symmetric matrix).
-        drop_rate: dropout on the covariance features before ``fc_cov`` (0.5 in So-ViT-14/19).
-        kind: ``"mpa"`` (default) or ``"svpn"``.
+        reduced_dim: ``"mpa"``: d (an int, or None to pool the C channels as they are); ``"svpn"``: (d1, d2);
+            ``"sot"``: (heads, d_r).
+        backend: square-root backend of ``"mpa"``, a name or ``{"name": ..., **options}`` (None:
+            ``mpa_lya``). svPN is not a square root of a symmetric matrix, so ``"svpn"`` and ``"sot"`` refuse
+            one.
+        drop_rate: dropout on the covariance features before ``fc_cov`` (0.5 in So-ViT-14/19, SoT-Small).
+        kind: ``"mpa"`` (default), ``"svpn"`` or ``"sot"``.
         device, dtype: factory kwargs of the parameters.
 
     Attributes:
@@ -170,6 +265,8 @@ class SoViTHead(nn.Module):
         (torch.Size([2, 10]), 68)
         >>> SoViTHead(32, num_classes=10, reduced_dim=(8, 4), kind="svpn").num_features
         64
+        >>> SoViTHead(32, num_classes=10, reduced_dim=(6, 4), kind="sot").num_features
+        128
     """
 
     def __init__(
@@ -177,7 +274,7 @@ class SoViTHead(nn.Module):
         embed_dim: int,
         num_classes: int = 1000,
         reduced_dim: int | tuple[int, int] | None = 64,
-        backend: BackendSpec = "mpa_lya",
+        backend: BackendSpec | None = None,
         drop_rate: float = 0.0,
         *,
         kind: str = "mpa",
@@ -189,19 +286,26 @@ class SoViTHead(nn.Module):
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
         check_number("drop_rate", drop_rate, 0.0, 1.0, open_high=True)
+        if kind != "mpa" and backend is not None:
+            raise ValueError(f"kind={kind!r} normalises by svPN, not by a matrix square root: backend={backend!r} "
+                             "does not apply; kind='mpa' (head='mpa' in so_vit_*) pools with a square-root backend")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kind = kind
         self.reduced_dim = reduced_dim
-        if kind == "svpn":
-            if not isinstance(reduced_dim, (tuple, list)):
-                raise ValueError(f"kind='svpn' needs reduced_dim=(d1, d2), the widths of its two branches, "
-                                 f"got {reduced_dim!r}")
-            self.pool: nn.Module = SvPNCrossCov(embed_dim, tuple(reduced_dim), **factory)
-        else:
+        if kind == "mpa":
             if isinstance(reduced_dim, (tuple, list)):
                 raise ValueError(f"kind='mpa' reduces to one width d (an int or None), got {reduced_dim!r}")
-            self.pool = CovPool(embed_dim, reduced_dim=reduced_dim, backend=backend, **factory)
+            self.pool: nn.Module = CovPool(embed_dim, reduced_dim=reduced_dim,
+                                           backend="mpa_lya" if backend is None else backend, layout="tokens",
+                                           **factory)
+        elif not isinstance(reduced_dim, (tuple, list)):
+            what = "(d1, d2), the widths of its two branches" if kind == "svpn" else "(heads, head width)"
+            raise ValueError(f"kind={kind!r} needs reduced_dim={what}, got {reduced_dim!r}")
+        elif kind == "svpn":
+            self.pool = SvPNCrossCov(embed_dim, tuple(reduced_dim), layout="tokens", **factory)
+        else:
+            self.pool = MultiHeadCrossCov(embed_dim, tuple(reduced_dim), **factory)
         self.cov_dim = self.pool.out_features
         self.num_features = embed_dim + self.cov_dim
         self.head_drop = nn.Dropout(drop_rate)
@@ -220,10 +324,10 @@ class SoViTHead(nn.Module):
     def reset_parameters(self) -> None:
         """The releases' initialisation: Kaiming-normal (fan-out) reduction convolutions, unit/zero BatchNorm,
         trunc-normal (std 0.02) classifier weights and zero biases (svPN: standard-normal start vector)."""
-        if isinstance(self.pool, SvPNCrossCov):
-            self.pool.reset_parameters()
-        else:
+        if isinstance(self.pool, CovPool):
             _init_reduction(self.pool)
+        else:
+            self.pool.reset_parameters()
         for fc in (self.fc_cls, self.fc_cov):
             _init_classifier(fc)
 

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from . import _spectral
 from ._checks import work_dtype
-from ._registry import BackendSpec, resolve_backend
+from ._registry import BackendSpec, get_backend, resolve_backend
 
-__all__ = ["sqrtm", "inv_sqrtm", "covariance", "covariance_sqrtm", "triu_vectorize"]
+__all__ = ["sqrtm", "inv_sqrtm", "covariance", "covariance_sqrtm", "covariance_power", "triu_vectorize"]
 
 
 def _check_square(a: Any, what: str = "a") -> None:
@@ -190,8 +192,31 @@ def covariance_sqrtm(
     """
     _check_features(x, "x")
     entry, bound = resolve_backend(backend, options)
+    use_gram = entry.uses_gram(x.shape[-2], x.shape[-1], gram)
+    return _on_side(x, centered, use_gram,
+                    lambda u: entry.gram_fn(u, **bound),
+                    lambda a: entry.fn(a, False, **bound))
+
+
+def covariance_power(
+    x: torch.Tensor, alpha: float = 0.5, *, centered: bool = True, gram: bool | str = "auto", eps: float | None = None
+) -> torch.Tensor:
+    """:func:`matrix_power` of the covariance (1/N)·X_c X_cᵀ of features ``x`` ``(*, d, N)`` (MPN-COV), on
+    the cheaper side as :func:`covariance_sqrtm` (the Gram side when N < 0.9·d, as ``eig``); ``centered``
+    and ``gram`` as there."""
+    _check_features(x, "x")
+    _spectral._check_power(alpha, eps)
     channels, samples = x.shape[-2], x.shape[-1]
-    use_gram = entry.uses_gram(channels, samples, gram)
+    use_gram = get_backend("eig").uses_gram(channels, samples, gram)
+    return _on_side(x, centered, use_gram,
+                    lambda u: _spectral.power_gram(u, alpha, eps),
+                    lambda a: _spectral.matrix_power(a, alpha, eps=eps))
+
+
+def _on_side(x: torch.Tensor, centered: bool, use_gram: bool, gram_fn: Callable, matrix_fn: Callable) -> torch.Tensor:
+    """A matrix function of the (centred) second moment of ``x`` ``(*, d, N)``: ``gram_fn`` on the factors
+    U = X/√N ``(B, d, N)`` or ``matrix_fn`` on the ``(B, d, d)`` matrix, in the work dtype, autocast off."""
+    channels, samples = x.shape[-2], x.shape[-1]
     out_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     if channels == 0:
         return x.new_zeros(*x.shape[:-1], 0, dtype=out_dtype)
@@ -200,10 +225,9 @@ def covariance_sqrtm(
         if centered:
             x = x - x.mean(dim=-1, keepdim=True)
         if use_gram:
-            u = (x / math.sqrt(samples)).reshape(-1, channels, samples)
-            out = entry.gram_fn(u, **bound)
+            out = gram_fn((x / math.sqrt(samples)).reshape(-1, channels, samples))
         else:
-            out = entry.fn((x @ x.mT / samples).reshape(-1, channels, channels), False, **bound)
+            out = matrix_fn((x @ x.mT / samples).reshape(-1, channels, channels))
     return out.reshape(*x.shape[:-1], channels).to(out_dtype)
 
 

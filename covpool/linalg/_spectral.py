@@ -12,15 +12,17 @@ approximation, as the papers do, which keeps the gradient finite for (nearly) eq
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 
+from ._checks import check_number, work_dtype
 from ._double import guard
 from ._matrix import eye
-from ._registry import Option, degree_pair, int_at_least, positive_float_or_none, register_backend
+from ._registry import Option, degree_pair, int_at_least, register_backend
 
-__all__: list[str] = []
+__all__ = ["matrix_power"]
 
 KernelFn = Callable[[torch.Tensor, bool], torch.Tensor]
 
@@ -32,10 +34,31 @@ def _floor_value(lam: torch.Tensor, eps: float | None) -> torch.Tensor:
     return rel * lam[..., -1:].clamp_min(torch.finfo(lam.dtype).tiny)
 
 
-def _floor(lam: torch.Tensor, eps: float | None) -> torch.Tensor:
-    """Clamp eigenvalues (ascending) at the floor, so that rank-deficient inputs keep a finite root,
-    inverse root and gradient."""
-    return torch.maximum(lam, _floor_value(lam, eps))
+@dataclasses.dataclass(frozen=True)
+class _Fn:
+    """A function f of a symmetric PSD matrix, applied to its eigenvalues, with the rule for the eigenvalues
+    at or below the floor φ = eps·λ_max and the kernel K of its backward on the effective eigenvalues.
+
+    ``cut=False`` (the square-root backends): those eigenvalues are raised to φ, so f and K stay finite.
+    ``cut=True`` (:func:`matrix_power`, as MPN-COV): they count as 0, and K must be finite at 0.
+    """
+
+    f: Callable[[torch.Tensor], torch.Tensor]
+    kernel: Callable[[torch.Tensor], torch.Tensor]
+    eps: float | None
+    cut: bool = False
+
+    def effective(self, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Effective eigenvalues, and the value ``(*, 1)`` of the directions outside the floor."""
+        phi = _floor_value(lam, self.eps)
+        if self.cut:
+            return torch.where(lam > phi, lam, 0.0), torch.zeros_like(phi)
+        return torch.maximum(lam, phi), phi
+
+
+def _root_fn(inverse: bool, eps: float | None, kernel: KernelFn) -> _Fn:
+    """√· or 1/√· with a kernel written on the roots (``kernel(root, inverse)``)."""
+    return _Fn(torch.rsqrt if inverse else torch.sqrt, lambda lam: kernel(lam.sqrt(), inverse), eps)
 
 
 def _eigh_checked(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,111 +69,120 @@ def _eigh_checked(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a word; for a single matrix it raises. Measured on such a 64×64 covariance (51 zero channels), in
     training with the SVD backends. Those matrices, only, are decomposed again in float64 and rounded back,
     so a healthy batch costs one finiteness check (a host sync on CUDA, where ``eigh`` itself already
-    synchronises). Input that is itself non-finite stays non-finite.
+    synchronises). Input that is itself non-finite raises a ``LinAlgError`` that says so (LAPACK itself
+    blames the conditioning, or returns NaN).
     """
-    if a.dtype == torch.float64:
-        return torch.linalg.eigh(a)
     try:
         lam, v = torch.linalg.eigh(a)
-    except torch.linalg.LinAlgError:
-        lam, v = torch.linalg.eigh(a.double())
-        return lam.to(a.dtype), v.to(a.dtype)
-    failed = ~torch.isfinite(lam).all(dim=-1)
-    if failed.any():
-        lam64, v64 = torch.linalg.eigh(a[failed].double())
-        lam[failed], v[failed] = lam64.to(lam.dtype), v64.to(v.dtype)
-    return lam, v
-
-
-def _rescale(f: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (v * f.unsqueeze(-2)) @ v.mT
+        failed = ~torch.isfinite(lam).all(dim=-1)
+        if failed.any():
+            if a.dtype != torch.float64:
+                lam64, v64 = torch.linalg.eigh(a[failed].double())
+                lam[failed], v[failed] = lam64.to(lam.dtype), v64.to(v.dtype)
+            if not torch.isfinite(lam).all():
+                raise torch.linalg.LinAlgError("linalg.eigh: the eigenvalues are not finite")
+        return lam, v
+    except torch.linalg.LinAlgError as err:
+        bad = ~torch.isfinite(a).flatten(1).all(-1)
+        if not bad.any():
+            if a.dtype == torch.float64:
+                raise
+            lam, v = torch.linalg.eigh(a.double())  # a single float32 matrix that LAPACK refused
+            return lam.to(a.dtype), v.to(a.dtype)
+        # LAPACK reports NaN input as an ill-conditioned matrix, or returns NaN; the cause is the input. Still a
+        # LinAlgError, so callers that stop on one (covpool train) keep doing so.
+        raise torch.linalg.LinAlgError(
+            f"the eigendecomposition backends got a matrix with NaN or inf entries (index "
+            f"{int(bad.nonzero()[0, 0])} of a batch of {a.shape[0]}), whose eigendecomposition is undefined; "
+            "non-finite features usually come from a diverged loss (lower the learning rate) or from a layer "
+            "before the pooling") from err
 
 
 class _Spectral(torch.autograd.Function):
-    """Exact eigendecomposition forward; backward ``V (K ∘ Vᵀ Ḡ V) Vᵀ`` with a backend-given K."""
+    """Exact eigendecomposition forward ``V f(Λ̃) Vᵀ``; backward ``V (K ∘ Vᵀ sym(Ḡ) V) Vᵀ`` with the
+    function's kernel K on the effective eigenvalues Λ̃."""
 
     @staticmethod
-    def forward(a: torch.Tensor, inverse: bool, eps: float | None, kernel: KernelFn, name: str):
+    def forward(a: torch.Tensor, fn: _Fn, name: str):
         lam, v = _eigh_checked(a)
-        lam = _floor(lam, eps)
-        root = lam.sqrt()
-        out = _rescale(root.reciprocal() if inverse else root, v)
-        return out, root, v
+        lam, _ = fn.effective(lam)
+        return (v * fn.f(lam).unsqueeze(-2)) @ v.mT, lam, v
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, inverse, _, kernel, name = inputs
-        _, root, v = output
-        ctx.mark_non_differentiable(root, v)
+        a, fn, name = inputs
+        _, lam, v = output
+        ctx.mark_non_differentiable(lam, v)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(a, root, v)  # a only anchors the second-derivative guard
-        ctx.inverse, ctx.kernel, ctx.name = inverse, kernel, name
+        ctx.save_for_backward(a, lam, v)  # a only anchors the second-derivative guard
+        ctx.fn, ctx.name = fn, name
 
     @staticmethod
-    def backward(ctx, grad, _grad_root, _grad_v):
+    def backward(ctx, grad, _grad_lam, _grad_v):
         if grad is None:
-            return None, None, None, None, None
-        a, root, v = ctx.saved_tensors
+            return None, None, None
+        a, lam, v = ctx.saved_tensors
         with torch.no_grad():
-            k = ctx.kernel(root, ctx.inverse)
+            k = ctx.fn.kernel(lam)
             g = v.mT @ (0.5 * (grad + grad.mT)) @ v
             g_a = v @ (g * k) @ v.mT
-        return guard(g_a, ctx.name, a, grad), None, None, None, None
+        return guard(g_a, ctx.name, a, grad), None, None
 
 
 class _GramSpectral(torch.autograd.Function):
-    """√(U Uᵀ) for U ``(B, d, M)`` from the eigendecomposition of the M×M Gram matrix G = Uᵀ U, with the
+    """f(U Uᵀ) for U ``(B, d, M)`` from the eigendecomposition of the M×M Gram matrix G = Uᵀ U, with the
     forward and backward of :class:`_Spectral` on the d×d matrix Σ = U Uᵀ.
 
     G = W Λ Wᵀ gives Σ's eigenpairs (λ_i, u_i = U w_i/√λ_i) for λ_i > 0; all other directions of Σ have
     eigenvalue 0. With the floor φ = eps·λ_max, the directions R = {λ_i > φ} keep their eigenvalue and the
-    rest get φ, as on the channel side, so
+    rest get the function's floor value ν (φ, or 0 for a cut), as on the channel side, so
 
-        f(Σ) = f(φ)·I + U W diag(h) Wᵀ Uᵀ,    h_i = (f(λ_i) − f(φ))/λ_i on R, 0 elsewhere,
+        f(Σ) = f(ν)·I + U W diag(h) Wᵀ Uᵀ,    h_i = (f(λ_i) − f(ν))/λ_i on R, 0 elsewhere,
 
     never dividing by an eigenvalue below the floor (the mean direction of a centred covariance, dead
-    channels). Backward: Σ̄ = Σ_ij K_ij u_i u_iᵀ sym(Ḡ) u_j u_jᵀ with the backend's kernel K on the floored
+    channels). Backward: Σ̄ = Σ_ij K_ij u_i u_iᵀ sym(Ḡ) u_j u_jᵀ with the kernel K on the effective
     spectrum, and Ū = 2·Σ̄·U. Only the columns Σ̄·U w_j = Σ̄ u_j √λ_j are needed; with A = sym(Ḡ)·U W and
     C = (U W)ᵀ A they are
 
-        Σ̄ U W = U W_R·[(K_Rj − κ_j)·C_Rj / λ_R] + A·diag(κ),    κ_j = K(φ, λ̃_j),
+        Σ̄ U W = U W_R·[(K_Rj − κ_j)·C_Rj / λ_R] + A·diag(κ),    κ_j = K(ν, λ̃_j),
 
     where κ is the kernel between the floored directions (whose eigenvectors are never formed: they enter
     through the projector I − Σ_R u_i u_iᵀ) and each direction j; for j itself below the floor, κ_j is
-    K's diagonal f'(φ). The pairs of two floored directions vanish on U. One d×d×M product each way, the
+    K's diagonal f'(ν). The pairs of two floored directions vanish on U. One d×d×M product each way, the
     rest d×M×M and M×M.
     """
 
     @staticmethod
-    def forward(u: torch.Tensor, eps: float | None, kernel: KernelFn, name: str):
+    def forward(u: torch.Tensor, fn: _Fn, name: str):
         lam, w = _eigh_checked(u.mT @ u)
-        phi = _floor_value(lam, eps)
-        root = torch.cat([phi, torch.maximum(lam, phi)], dim=-1).sqrt()
-        keep = lam > phi
-        h = torch.where(keep, (root[..., 1:] - root[..., :1]) / torch.where(keep, lam, 1.0), 0.0)
+        eff, nu = fn.effective(lam)
+        keep = lam > _floor_value(lam, fn.eps)
+        ext = torch.cat([nu, eff], dim=-1)  # the floored directions' value, then G's effective spectrum
+        f = fn.f(ext)
+        h = torch.where(keep, (f[..., 1:] - f[..., :1]) / torch.where(keep, lam, 1.0), 0.0)
         uw = u @ w
         out = (uw * h.unsqueeze(-2)) @ uw.mT
-        return out + eye(out) * root[..., :1, None], lam, w, root
+        return out + eye(out) * f[..., :1, None], lam, w, ext
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, eps, kernel, name = inputs
-        _, lam, w, root = output
-        ctx.mark_non_differentiable(lam, w, root)
+        u, fn, name = inputs
+        _, lam, w, ext = output
+        ctx.mark_non_differentiable(lam, w, ext)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(u, lam, w, root)
-        ctx.kernel, ctx.name = kernel, name
+        ctx.save_for_backward(u, lam, w, ext)
+        ctx.fn, ctx.name = fn, name
 
     @staticmethod
     def backward(ctx, grad, *_):
         if grad is None:
-            return None, None, None, None
-        u, lam, w, root = ctx.saved_tensors
+            return None, None, None
+        u, lam, w, ext = ctx.saved_tensors
         with torch.no_grad():
-            keep = lam > root[..., :1].square()
-            # root[0] is √φ (the floor), root[1:] the floored √λ̃: one kernel evaluation covers K_ij
-            # (rows and columns 1:) and κ_j = K(φ, λ̃_j) (row 0; its diagonal entry is f'(φ)).
-            k = ctx.kernel(root, False)
+            keep = lam > _floor_value(lam, ctx.fn.eps)
+            # ext[0] is the floored directions' value, ext[1:] G's effective spectrum: one kernel covers
+            # K_ij (rows and columns 1:) and κ_j = K(ν, λ̃_j) (row 0; its diagonal entry is f'(ν)).
+            k = ctx.fn.kernel(ext)
             kappa = torch.where(keep, k[..., 0, 1:], k[..., :1, 0])
             uw = u @ w
             a = (0.5 * (grad + grad.mT)) @ uw
@@ -158,7 +190,7 @@ class _GramSpectral(torch.autograd.Function):
             scale = torch.where(keep, lam, torch.ones_like(lam)).unsqueeze(-1)
             d = torch.where(keep.unsqueeze(-1), (k[..., 1:, 1:] - kappa.unsqueeze(-2)) * c / scale, 0.0)
             g_u = torch.baddbmm(a * kappa.unsqueeze(-2), uw, d).matmul(w.mT).mul_(2.0)
-        return guard(g_u, ctx.name, u, grad), None, None, None
+        return guard(g_u, ctx.name, u, grad), None, None
 
 
 def _exact_kernel(root: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -232,20 +264,98 @@ def _pade_kernel(degree: tuple[int, int]) -> KernelFn:
     return lambda root, inverse: _approx_kernel(root, inverse, series)
 
 
+# ------------------------------------------------------------------------------------ matrix power
+def _power_kernel(alpha: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Daleckii–Krein divided differences of x^α on effective eigenvalues that may be 0, without a
+    difference in the denominator: (λ_hi^α − λ_lo^α)/(λ_hi − λ_lo) = λ_hi^(α−1)·expm1(α·ln r)/expm1(ln r),
+    r = λ_lo/λ_hi, which is α·λ^(α−1) at r = 1 and λ_hi^(α−1) at r = 0 (the exact value with f(0) = 0). Two
+    zero eigenvalues get 0: f'(0) is infinite for α < 1, and for a covariance of features those pairs never
+    reach the features' gradient (they vanish on U; see :class:`_GramSpectral`)."""
+    def kernel(lam: torch.Tensor) -> torch.Tensor:
+        li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
+        hi, lo = torch.maximum(li, lj), torch.minimum(li, lj)
+        pos = hi > 0
+        hi_safe = torch.where(pos, hi, 1.0)
+        log_r = torch.log(lo / hi_safe)
+        same = log_r == 0
+        ratio = torch.where(same, alpha, torch.expm1(alpha * log_r) / torch.where(same, 1.0, torch.expm1(log_r)))
+        return torch.where(pos, hi_safe.pow(alpha - 1.0) * ratio, 0.0)
+
+    return kernel
+
+
+def _power_fn(alpha: float, eps: float | None) -> _Fn:
+    return _Fn(lambda lam: lam.pow(alpha), _power_kernel(alpha), eps, cut=True)
+
+
+def _check_power(alpha: float, eps: float | None) -> None:
+    check_number("alpha", alpha, 0.0, open_low=True, note="the power of the matrix")
+    check_number("eps", eps, 0.0, 1.0, open_low=True, open_high=True, allow_none=True,
+                 note="eigenvalues at or below eps·λ_max count as zero")
+
+
+def matrix_power(a: torch.Tensor, alpha: float = 0.5, *, eps: float | None = None) -> torch.Tensor:
+    """A^α of symmetric positive semi-definite matrices by eigendecomposition, with its gradient: the matrix
+    power normalisation of MPN-COV (Li, Xie, Wang, Zuo, "Is Second-order Information Helpful for Large-scale
+    Visual Recognition?", ICCV 2017).
+
+    Args:
+        a: ``(*, n, n)`` symmetric PSD matrices; float16/bfloat16 are computed in float32, as :func:`sqrtm`.
+        alpha: the power, > 0 (0.5 in MPN-COV: the square root).
+        eps: eigenvalues at or below ``eps`` × the largest count as zero, as MPN-COV does (it zeroes those
+            at or below the float spacing of the largest); None: 10 × machine epsilon of the working dtype.
+
+    Returns:
+        ``(*, n, n)`` in the input dtype. The gradient is the exact Daleckii–Krein one of this function
+        (MPN-COV's own backward drops the coupling between kept and zeroed eigenvalues instead; README,
+        "Second-order heads"), and for a symmetric input it is symmetric. For ``alpha`` = 0.5 this differs
+        from ``sqrtm(a, "eig")`` only on the null space, which ``eig`` raises to its floor.
+
+    Example::
+
+        >>> import torch, covpool
+        >>> a = torch.diag(torch.tensor([4.0, 1.0, 0.0]))
+        >>> covpool.matrix_power(a, 0.5).diagonal()
+        tensor([2., 1., 0.])
+    """
+    from ._api import _check_square  # the public functions' shape check
+
+    _check_square(a)
+    _check_power(alpha, eps)
+    n = a.shape[-1]
+    if n == 0:
+        return a.clone()
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        out = _Spectral.apply(a.to(work_dtype(a.dtype)).reshape(-1, n, n), _power_fn(float(alpha), eps),
+                              "matrix_power")[0]
+    return out.reshape(a.shape).to(a.dtype)
+
+
+def power_gram(u: torch.Tensor, alpha: float, eps: float | None) -> torch.Tensor:
+    """(U Uᵀ)^α from the Gram side (:class:`_GramSpectral`); ``u`` ``(B, d, M)``."""
+    return _GramSpectral.apply(u, _power_fn(float(alpha), eps), "matrix_power")[0]
+
+
 def _register(name: str, kernel: Callable[..., KernelFn], options: dict[str, Option], doc: str) -> None:
     """Register a spectral backend: exact eigendecomposition forward, ``kernel(**options)`` in the backward,
     on the matrix and on the Gram side."""
     def fn(a: torch.Tensor, inverse: bool, eps: float | None, **kw) -> torch.Tensor:
-        return _Spectral.apply(a, inverse, eps, kernel(**kw), name)[0]
+        return _Spectral.apply(a, _root_fn(inverse, eps, kernel(**kw)), name)[0]
 
     def gram(u: torch.Tensor, eps: float | None, **kw) -> torch.Tensor:
-        return _GramSpectral.apply(u, eps, kernel(**kw), name)[0]
+        return _GramSpectral.apply(u, _root_fn(False, eps, kernel(**kw)), name)[0]
 
     # Gram side from M < 0.9·d: measured crossover 0.93–0.97 (B = 32, d = 128 and 256, fwd+bwd, 2-core CPU).
     register_backend(name, fn, {**options, "eps": _EPS}, doc=doc, gram=gram, gram_below=0.9)
 
 
-_EPS = Option(None, positive_float_or_none, "eigenvalue floor relative to the largest eigenvalue "
+def _relative_floor(key: str, value: object) -> float | None:
+    return check_number(key, value, 0.0, 1.0, open_low=True, open_high=True, allow_none=True,
+                        note="the eigenvalue floor relative to the largest eigenvalue: at 1 or more every "
+                             "eigenvalue would be raised to the largest or beyond")
+
+
+_EPS = Option(None, _relative_floor, "eigenvalue floor relative to the largest eigenvalue, in (0, 1) "
               "(None: 10 × machine epsilon of the working dtype)")
 
 _register("eig", lambda: _exact_kernel, {},

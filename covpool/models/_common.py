@@ -10,7 +10,8 @@ from torch import nn
 
 from ..linalg._checks import check_int, is_int
 
-__all__ = ["check_num_classes", "stage_stride", "set_stage_stride", "set_last_stride", "keep_fitting_classifier",
+__all__ = ["check_num_classes", "check_vector_output", "stage_stride", "set_stage_stride", "set_last_stride",
+           "keep_fitting_classifier",
            "unwrap_checkpoint"]
 
 
@@ -159,3 +160,10 @@ def keep_fitting_classifier(model_name: str, kwargs: dict[str, Any],
         overlay["num_classes"] = num_classes
         return {**kwargs, "pretrained_cfg_overlay": overlay}
     return kwargs
+
+
+def check_vector_output(pool: nn.Module) -> None:
+    """A classifier needs the pooled features as a vector: refuse a pooling that returns matrices."""
+    if getattr(pool, "vectorize", "triu") == "matrix":
+        raise ValueError("vectorize='matrix' returns (B, d, d) matrices: a classifier needs the features as a "
+                         "vector, use vectorize='triu' (default) or 'full'")

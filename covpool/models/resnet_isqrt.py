@@ -38,7 +38,13 @@ from torch import nn
 
 from ..layers import CovPool
 from ..linalg._checks import is_int
-from ._common import check_num_classes, keep_fitting_classifier, set_last_stride, unwrap_checkpoint
+from ._common import (
+    check_num_classes,
+    check_vector_output,
+    keep_fitting_classifier,
+    set_last_stride,
+    unwrap_checkpoint,
+)
 
 __all__ = ["ISqrtResNet", "checkpoint_filter_fn"]
 
@@ -126,10 +132,9 @@ class ISqrtResNet(ResNet):
     def _install_covpool(self, pool: CovPool) -> None:
         """Make ``pool`` the global pooling and size a fresh ``fc`` to its output (used at construction and
         by :func:`covpool.swap_pooling` on a timm ResNet)."""
-        if not pool.vectorize:
-            raise ValueError("vectorize must be True: the classifier needs the covariance as a vector")
+        check_vector_output(pool)
         # What a later reset_classifier(n, 'cov') rebuilds the pooling from once '' has dropped it.
-        self.covpool_options = {"reduced_dim": pool.reduced_dim, "backend": copy.deepcopy(pool.backend)}
+        self.covpool_options = pool.options
         self._set_head(pool, self.num_classes)
 
     def _set_head(self, pool: nn.Module, num_classes: int) -> None:
@@ -165,9 +170,7 @@ class ISqrtResNet(ResNet):
         elif pooled:
             pool = self.global_pool
         else:
-            options = self.covpool_options
-            pool = CovPool(self.num_features, reduced_dim=options["reduced_dim"],
-                           backend=copy.deepcopy(options["backend"]))
+            pool = CovPool(self.num_features, **copy.deepcopy(self.covpool_options))
         self._set_head(pool, num_classes)
 
 

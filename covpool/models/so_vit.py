@@ -180,7 +180,8 @@ class SoViT(VisionTransformer):
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the transformer (no qkv bias in the paper).
         head: ``"svpn"`` (the So-ViT release) or ``"mpa"`` (Song et al.'s MPA-Lya So-ViT); see the module doc.
         reduced_dim: the head's reduction: (d1, d2) for ``"svpn"``, d for ``"mpa"``.
-        backend: square root of the ``"mpa"`` head, a name or ``{"name": ..., **options}``.
+        backend: square root of the ``"mpa"`` head, a name or ``{"name": ..., **options}`` (None: ``mpa_lya``);
+            the svPN head has none and refuses one.
         pos_embed: ``"sincos"`` (fixed 1-D sinusoid, the paper's) or ``"learn"`` (trunc-normal, trained).
         official_init: initialise as the release (default): trunc-normal(0.02) Linear weights and zero biases,
             class token trunc-normal(0.02), PyTorch-default stem convolutions, no zero-init of the last
@@ -211,7 +212,7 @@ class SoViT(VisionTransformer):
             qkv_bias: bool = False,
             head: str = "svpn",
             reduced_dim: int | tuple[int, int] | None = (64, 48),
-            backend: str | Mapping[str, Any] = "mpa_lya",
+            backend: str | Mapping[str, Any] | None = None,
             pos_embed: str = "sincos",
             official_init: bool = True,
             stem_width: int = 64,

@@ -25,9 +25,10 @@ from timm.layers import register_notrace_module
 from timm.models.resnet import ResNet as TimmResNet
 from torch import nn
 
-from ..layers import CovPool, SoViTHead
+from ..layers import CovPool, SoViTHead, build_head, get_head, list_heads
+from ..layers.sovit_head import MultiHeadCrossCov
 from ..linalg._checks import check_int, is_int
-from ._common import check_num_classes, set_last_stride
+from ._common import check_num_classes, check_vector_output, set_last_stride
 from .resnet_isqrt import ISqrtResNet
 
 __all__ = ["swap_pooling", "SecondOrderNet", "TokenCovPool"]
@@ -49,33 +50,35 @@ class TokenCovPool(nn.Module):
     """Second-order pooling of a transformer's tokens, the So-ViT recipe on any timm ViT.
 
     Xie et al., "So-ViT: Mind Visual Tokens for Vision Transformer", arXiv:2104.10935: classify from the
-    class token *and* the square-root normalised covariance of the patch ("visual") tokens. The covariance is
-    :class:`covpool.CovPool` on the tokens after the model's ``num_prefix_tokens`` prefix tokens (class,
-    distillation and register tokens are not image positions); the class token, when the model has one, is
-    concatenated in front, so one linear layer on the output is So-ViT's sum of a class-token and a
-    covariance classifier.
+    class token *and* the second-order statistics of the patch ("visual") tokens. The pooling is the head
+    ``head`` (:func:`covpool.build_head`: :class:`covpool.CovPool` for the covariance heads, SoT's
+    multi-headed cross-covariance for ``"sot"``) on the tokens after the model's ``num_prefix_tokens`` prefix
+    tokens (class, distillation and register tokens are not image positions); the class token, when the model
+    has one, is concatenated in front, so one linear layer on the output is So-ViT's (and SoT's) sum of a
+    class-token and a covariance classifier.
 
     Args:
         embed_dim: C, the token width.
         num_prefix_tokens: tokens before the patch tokens (timm's ``num_prefix_tokens``).
         use_class_token: put token 0 (the class token) in front of the covariance vector.
-        **covpool_options: :class:`covpool.CovPool` options (``reduced_dim``, ``backend``, ...).
+        head: a name from :func:`covpool.list_heads` (default ``"isqrt_cov"``).
+        **options: the head's options (``reduced_dim``, ``backend``, ...).
 
     Attributes:
-        out_features: ``embed_dim`` (with the class token) + ``CovPool.out_features``.
+        out_features: ``embed_dim`` (with the class token) + the pooling's ``out_features``.
 
     Shapes: ``(B, num_prefix_tokens + N, C)`` → ``(B, out_features)``.
     """
 
     def __init__(self, embed_dim: int, num_prefix_tokens: int = 1, use_class_token: bool = True,
-                 **covpool_options: Any) -> None:
+                 head: str = "isqrt_cov", **options: Any) -> None:
         super().__init__()
         check_int("num_prefix_tokens", num_prefix_tokens, 0)
         if use_class_token and num_prefix_tokens < 1:
             raise ValueError("use_class_token needs a class token: num_prefix_tokens must be >= 1")
-        self.pool = CovPool(embed_dim, **covpool_options)
-        if not self.pool.vectorize:
-            raise ValueError("vectorize must be True: the classifier needs the covariance as a vector")
+        self.pool = build_head(head, embed_dim, **{"layout": "tokens", **options})
+        check_vector_output(self.pool)
+        self.head = head
         self.embed_dim = embed_dim
         self.num_prefix_tokens = num_prefix_tokens
         self.use_class_token = bool(use_class_token)
@@ -92,7 +95,8 @@ class TokenCovPool(nn.Module):
         return torch.cat([x[:, 0], cov], dim=-1) if self.use_class_token else cov
 
     def extra_repr(self) -> str:
-        return f"num_prefix_tokens={self.num_prefix_tokens}, use_class_token={self.use_class_token}"
+        return (f"head={self.head!r}, num_prefix_tokens={self.num_prefix_tokens}, "
+                f"use_class_token={self.use_class_token}")
 
 
 def _prefix_regex(regex: str, prefix: str) -> str:
@@ -114,6 +118,8 @@ def _prefix_matcher(spec: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def _make_pool(pool_kind: str, in_channels: int, options: dict[str, Any]) -> nn.Module:
+    """The pooling of a :class:`SecondOrderNet`: ``options`` are ``head`` and its options (and, for tokens,
+    :class:`TokenCovPool`'s)."""
     if pool_kind == "tokens":
         return TokenCovPool(in_channels, **options)
     if "use_class_token" in options or "num_prefix_tokens" in options:
@@ -253,12 +259,14 @@ class SecondOrderNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def swap_pooling(model: nn.Module, *, last_stride: int | None = None, **covpool_options: Any) -> nn.Module:
-    """Replace a model's global pooling and classifier with iSQRT-COV covariance pooling (a second-order head).
+def swap_pooling(model: nn.Module, *, head: str = "isqrt_cov", last_stride: int | None = None,
+                 **covpool_options: Any) -> nn.Module:
+    """Replace a model's global pooling and classifier with a second-order head (iSQRT-COV by default).
 
     Li et al., "Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square
-    Root Normalization", CVPR 2018 (maps); Xie et al., "So-ViT", arXiv:2104.10935 (tokens). The backbone's
-    weights are untouched; the pooling and a linear classifier with the model's class count are new.
+    Root Normalization", CVPR 2018 (maps); Xie et al., "So-ViT", arXiv:2104.10935 (tokens); ``head`` picks
+    another of the family (:func:`covpool.list_heads`). The backbone's weights are untouched; the pooling and
+    a linear classifier with the model's class count are new.
 
     - timm ``ResNet`` (resnet*, resnet*d, resnext*, seresnet*, ...): becomes, in place, a
       :class:`covpool.models.resnet_isqrt.ISqrtResNet` (the class of ``resnet50_isqrt``).
@@ -285,9 +293,12 @@ def swap_pooling(model: nn.Module, *, last_stride: int | None = None, **covpool_
         last_stride: ResNets only: stride of the last stage. ``None`` (default) keeps the model's; 1 removes
             its downsampling as iSQRT-COV does (14×14 instead of 7×7 features at 224², 4× the last stage's
             compute, a full-rank 256×256 covariance from 196 samples instead of 49); 2 asserts the usual stride.
-        **covpool_options: :class:`covpool.CovPool` options, e.g. ``reduced_dim=256`` (default) and
-            ``backend="ns"`` or ``{"name": "ns", "num_iters": 5}`` (default ``"ns"``); for token models also
-            ``use_class_token`` (default: whether the model has one).
+        head: the second-order head, a name from :func:`covpool.list_heads`: ``"isqrt_cov"`` (default),
+            ``"bcnn"``, ``"improved_bcnn"``, ``"mpn_cov"``, ``"cbp_ts"``, ``"cbp_rm"``, ``"dropcov"``, and for
+            token models ``"sot"``.
+        **covpool_options: the head's options (:class:`covpool.CovPool`'s), overriding the preset's, e.g.
+            ``reduced_dim=256`` (default) and ``backend="ns"`` or ``{"name": "ns", "num_iters": 5}`` (default
+            ``"ns"``); for token models also ``use_class_token`` (default: whether the model has one).
 
     Returns:
         The model with the new head: the same object, except for the timm models wrapped in a
@@ -314,8 +325,10 @@ def swap_pooling(model: nn.Module, *, last_stride: int | None = None, **covpool_
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_pooling expects an nn.Module, one of {_SUPPORTED}; got {type(model).__name__}")
     if isinstance(model, (ISqrtResNet, SecondOrderNet)) or any(
-            isinstance(m, (CovPool, TokenCovPool, SoViTHead)) for m in model.children()):
+            isinstance(m, (CovPool, TokenCovPool, SoViTHead, MultiHeadCrossCov)) for m in model.children()):
         raise ValueError(f"{type(model).__name__} already uses covariance pooling")
+    get_head(head)  # an unknown name lists the valid ones before anything is checked or changed
+    covpool_options = {"head": head, **covpool_options}
     if type(model) is TimmResNet:
         return _swap_timm_resnet(model, last_stride, covpool_options)
     if all(callable(getattr(model, hook, None)) for hook in _TIMM_HOOKS):
@@ -323,10 +336,16 @@ def swap_pooling(model: nn.Module, *, last_stride: int | None = None, **covpool_
     return _swap_torchvision(model, last_stride, covpool_options)
 
 
-def _build_pool(in_channels: int, covpool_options: dict[str, Any]) -> CovPool:
-    pool = CovPool(in_channels, **covpool_options)
-    if not pool.vectorize:
-        raise ValueError("vectorize must be True: the classifier needs the covariance as a vector")
+def _build_pool(in_channels: int, options: dict[str, Any]) -> nn.Module:
+    """A map head (``options``: ``head`` and its options) whose output is a vector."""
+    options = dict(options)
+    name = options.pop("head", "isqrt_cov")
+    if get_head(name).tokens_only:
+        maps = ", ".join(h for h in list_heads() if not get_head(h).tokens_only)
+        raise ValueError(f"head {name!r} pools transformer tokens (a timm ViT with num_prefix_tokens); this model "
+                         f"gives feature maps: use one of {maps}")
+    pool = build_head(name, in_channels, **options)
+    check_vector_output(pool)
     return pool
 
 
