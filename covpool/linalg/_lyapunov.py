@@ -106,33 +106,29 @@ def _refine(a_n: torch.Tensor, z: torch.Tensor, inverse: bool, steps: int) -> to
     return z if inverse else y
 
 
-def _gram_approx(g_n: torch.Tensor, kind: str, degree) -> torch.Tensor:
-    """Inner matrix W of the normalised square root α·I + U_n W U_nᵀ, from G_n = U_nᵀ U_n (``_matrix``):
-    W = h(G_n) = −den(Y)⁻¹·ñ(Y), Y = I − G_n, with α and ñ from :func:`_coefficients.gram_form`."""
-    _, tail = _coefficients.gram_form(kind, degree, False)
-    _, den = _coefficients.approximant(kind, degree, False)
+def _gram_approx(g_n: torch.Tensor, kind: str, degree, inverse: bool) -> tuple[float, torch.Tensor]:
+    """The approximant of (I − X)^(±1/2) at X = A/‖A‖_F as a Gram-side iterate α·I + U_n W U_nᵀ, from
+    G_n = U_nᵀ U_n (``_matrix``): α = r(1) and W = h(G_n) = −den(Y)⁻¹·ñ(Y), Y = I − G_n, with the
+    coefficients of :func:`_coefficients.gram_form`."""
+    alpha, tail = _coefficients.gram_form(kind, degree, inverse)
+    _, den = _coefficients.approximant(kind, degree, inverse)
     y = torch.add(eye(g_n), g_n, alpha=-1.0)
     xs = powers(y, split(max(len(tail), len(den)) - 1, 1 if len(den) == 1 else 2))
     num = poly(tail, xs)
-    return -(num if len(den) == 1 else _solve(poly(den, xs), num, _den_range(kind, degree, False)))
+    return alpha, -(num if len(den) == 1 else _solve(poly(den, xs), num, _den_range(kind, degree, inverse)))
 
 
 def _gram_refined(g_n: torch.Tensor, kind: str, degree, steps: int) -> torch.Tensor:
     """:func:`_refine` on the Gram side, for the square root: Z starts as the inverse-root approximant
     (ζ·I + U_n W_Z U_nᵀ), Y = A_n Z has null value 0 and inner matrix P_Z, and T = 1.5·I − ½ Z Y has
     inner matrix −½ P_Z². Returns the inner matrix of the refined Y (its null value is 0)."""
-    zeta, tail = _coefficients.gram_form(kind, degree, True)
-    _, den = _coefficients.approximant(kind, degree, True)
-    y = torch.add(eye(g_n), g_n, alpha=-1.0)
-    xs = powers(y, split(max(len(tail), len(den)) - 1, 1 if len(den) == 1 else 2))
-    num = poly(tail, xs)
-    w_z = -(num if len(den) == 1 else _solve(poly(den, xs), num, _den_range(kind, degree, True)))
+    zeta, w_z = _gram_approx(g_n, kind, degree, True)
     p_z = outer(zeta, w_z, g_n)
     for step in range(steps):
         p_z2 = p_z @ p_z
         p_t = torch.baddbmm(eye(g_n, 1.5), g_n, p_z2, alpha=-0.5)
         if step == steps - 1:
-            return p_z @ p_t  # Y ← Y T: inner matrix P_Y·P_T / … = P_Z·P_T
+            return p_z @ p_t  # Y ← Y T: inner matrix P_Z·P_T
         w_z = torch.baddbmm(w_z * 1.5, p_z2, p_z, alpha=-0.5)  # Z ← T Z
         zeta *= 1.5
         p_z = p_t @ p_z
@@ -257,16 +253,12 @@ def _lya(kind: str, a: torch.Tensor, inverse: bool, degree, lya_iters: int, refi
 
 
 def _lya_gram(kind: str, u: torch.Tensor, degree, lya_iters: int, refine: int, tf32: bool = False) -> torch.Tensor:
-    if refine:
-        alpha = 0.0
+    # The null value α must be known before the autograd function runs (its backward needs it): r(1) of the
+    # approximant, or 0 after a refinement (Y = A_n Z vanishes on A's null space).
+    alpha = 0.0 if refine else _coefficients.gram_form(kind, degree, False)[0]
 
-        def inner(g_n):
-            return _gram_refined(g_n, kind, degree, refine)
-    else:
-        alpha = _coefficients.gram_form(kind, degree, False)[0]
-
-        def inner(g_n):
-            return _gram_approx(g_n, kind, degree)
+    def inner(g_n):
+        return _gram_refined(g_n, kind, degree, refine) if refine else _gram_approx(g_n, kind, degree, False)[1]
 
     with products_in_tf32(u.device, tf32):
         return _GramLyaRoot.apply(u, alpha, inner, lya_iters, _NAMES[kind], tf32)[0]
