@@ -10,21 +10,10 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from . import _spectral
-from ._checks import work_dtype
+from ._checks import check_square, work_dtype
 from ._registry import BackendSpec, get_backend, resolve_backend
 
 __all__ = ["sqrtm", "inv_sqrtm", "covariance", "covariance_sqrtm", "covariance_power", "triu_vectorize"]
-
-
-def _check_square(a: Any, what: str = "a") -> None:
-    if not isinstance(a, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(a).__name__}")
-    if a.dim() < 2:
-        raise ValueError(f"{what} must have shape (*, n, n) with at least 2 dimensions, got shape {tuple(a.shape)}")
-    if a.shape[-1] != a.shape[-2]:
-        raise ValueError(f"{what} must be square in its last two dimensions, got shape {tuple(a.shape)}")
-    if not a.is_floating_point():
-        raise TypeError(f"{what} must be a floating-point tensor, got dtype {a.dtype}")
 
 
 def _location(k: int, batch_shape: torch.Size) -> str:
@@ -72,7 +61,7 @@ def _check_symmetric_psd(a: torch.Tensor) -> None:
 def _root(
     a: torch.Tensor, backend: BackendSpec, options: dict[str, Any], inverse: bool, check_input: bool
 ) -> torch.Tensor:
-    _check_square(a)
+    check_square(a)
     entry, bound = resolve_backend(backend, options)
     if check_input:
         _check_symmetric_psd(a)
@@ -240,7 +229,7 @@ def _triu_flat_index(n: int, device: torch.device) -> torch.Tensor:
 def triu_vectorize(a: torch.Tensor) -> torch.Tensor:
     """Upper triangle (diagonal included) of ``(*, n, n)`` as ``(*, n(n+1)/2)``, row-major, in
     ``torch.triu_indices`` order: 32 896 features for n = 256."""
-    _check_square(a)
+    check_square(a)
     n = a.shape[-1]
     if torch.compiler.is_compiling() or is_fake(a):
         # Under torch.compile / torch.export / FakeTensorMode the index is a traced (fake) tensor: caching

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["is_int", "is_number", "check_int", "check_number", "WORK_DTYPES", "work_dtype"]
+__all__ = ["is_int", "is_number", "check_int", "check_number", "check_square", "WORK_DTYPES", "work_dtype"]
 
 WORK_DTYPES = (torch.float32, torch.float64)
 
@@ -70,3 +70,15 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     (float16, bfloat16, integers) in float32: half precision loses most of a covariance's digits and
     the iterations their convergence."""
     return dtype if dtype in WORK_DTYPES else torch.float32
+
+
+def check_square(a: Any, what: str = "a") -> None:
+    """Raise unless ``a`` is a floating-point tensor of shape ``(*, n, n)``, naming it ``what``."""
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(a).__name__}")
+    if a.dim() < 2:
+        raise ValueError(f"{what} must have shape (*, n, n) with at least 2 dimensions, got shape {tuple(a.shape)}")
+    if a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"{what} must be square in its last two dimensions, got shape {tuple(a.shape)}")
+    if not a.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got dtype {a.dtype}")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._checks import check_number, work_dtype
+from ._checks import check_number, check_square, work_dtype
 from ._double import guard
 from ._matrix import eye
 from ._registry import Option, degree_pair, int_at_least, register_backend
@@ -318,9 +318,7 @@ def matrix_power(a: torch.Tensor, alpha: float = 0.5, *, eps: float | None = Non
         >>> covpool.matrix_power(a, 0.5).diagonal()
         tensor([2., 1., 0.])
     """
-    from ._api import _check_square  # the public functions' shape check
-
-    _check_square(a)
+    check_square(a)
     _check_power(alpha, eps)
     n = a.shape[-1]
     if n == 0:
