@@ -114,6 +114,42 @@ def test_gram_side_with_newton_schulz_refinement(backend):
     assert rel(root_g, root_c) < 1e-10 and rel(grad_g, grad_c) < 1e-10
 
 
+def decaying(d=48, m=40, smallest=1e-4, seed=12):
+    """Centred features whose singular values fall log-evenly from 1 to ``smallest`` (eigenvalues to its square)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(2, d, m, generator=g, dtype=torch.float64))
+    raw = torch.randn(2, m, m, generator=g, dtype=torch.float64)
+    p, _ = torch.linalg.qr(raw - raw.mean(-2, keepdim=True))
+    s = torch.logspace(0, math.log10(smallest), m - 1, dtype=torch.float64)
+    return (q[..., :m - 1] * s) @ p[..., :m - 1].mT * m ** 0.5 + 0.3
+
+
+@pytest.mark.parametrize("backend", ["mtp_lya", "mpa_lya"])
+def test_gram_side_refinement_stays_stable_on_an_ill_conditioned_covariance(backend):
+    # Eigenvalues from 1 to 1e-8: the refinement must stay coupled (Y and Z) on the Gram side; a Z-only form
+    # drifted from the d×d side step by step (float64: 4e-7 at 3 steps) and blew up in float32 (gradient 2e2).
+    x = decaying()
+    g = torch.randn(2, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    for refine in (1, 2, 3):
+        (root_c, grad_c), (root_g, grad_g) = both_sides(backend, x, g, refine=refine)
+        assert rel(root_g, root_c) < 1e-10 and rel(grad_g, grad_c) < 1e-9, refine
+        x32 = x.float().requires_grad_()
+        out = covpool.covariance_sqrtm(x32, backend, gram=True, refine=refine)
+        (grad32,) = torch.autograd.grad((out * g.float()).sum(), x32)
+        assert rel(out, root_g) < 1e-3 and rel(grad32, grad_g) < 0.05, refine
+
+
+@pytest.mark.parametrize("backend", SPECTRAL)
+def test_gram_side_with_positive_eigenvalues_below_the_floor(backend):
+    # Eigenvalues between 0 and the floor (here 1e-9·λmax): raised to the floor on both sides, where the
+    # SVD family's kernel between two floored directions is f'(floor) (a basis-free choice, as eig's).
+    x = decaying(d=24, m=12, smallest=2e-5)  # eigenvalues down to 4e-10
+    g = torch.randn(2, 24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    (root_c, grad_c), (root_g, grad_g) = both_sides(backend, x, g, eps=1e-9)
+    # 1e-9 is the d×d side's own rounding with eigenvalues of 4e-10 (eig too); the kernel mismatch was 0.2.
+    assert rel(root_g, root_c) < 1e-10 and rel(grad_g, grad_c) < 1e-8
+
+
 def test_uncentred_second_moment():
     x = features(24, 8, seed=8)
     g = torch.randn(2, 24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
@@ -337,6 +373,32 @@ def test_tf32_option_switches_cuda_products_only_inside_the_backend():
         covpool.sqrtm(a, "ns", tf32="yes")
     with pytest.raises(TypeError, match="unknown option"):
         covpool.sqrtm(a, "mpa_lya", tf32=True)
+
+
+def test_tf32_switch_is_restored_after_concurrent_regions():
+    import threading
+
+    from covpool.linalg._matrix import products_in_tf32
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    inside = threading.Barrier(2)
+    done = threading.Event()
+
+    def replica(first):
+        with products_in_tf32(torch.device("cuda"), True):
+            inside.wait()  # both regions are open
+            if first:
+                done.wait(5)  # the first to enter leaves last
+            else:
+                done.set()
+
+    threads = [threading.Thread(target=replica, args=(i == 0,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert matmul.fp32_precision == before
 
 
 def errors(backend, a64, g64, rounding=None, **options):

@@ -185,7 +185,8 @@ GRAD_OPTIONS = {"cbp_ts": {"sketch_dim": 8}, "cbp_rm": {"sketch_dim": 8}}
 @pytest.mark.parametrize("name", MAP_HEADS)
 def test_gradcheck_every_map_head(name):
     x = features(b=2, c=4, n=5, seed=9).requires_grad_()
-    pool = covpool.build_head(name, 4, reduced_dim=None, dtype=F64, backend="eig", **GRAD_OPTIONS.get(name, {}))
+    exact = {"backend": "eig"} if covpool.build_head(name, 4).uses_backend else {}  # a gradient gradcheck can verify
+    pool = covpool.build_head(name, 4, reduced_dim=None, dtype=F64, **exact, **GRAD_OPTIONS.get(name, {}))
 
     def fn(t):
         torch.manual_seed(0)  # DropCov draws its channel mask in training: the same draw every call
@@ -205,6 +206,9 @@ def test_signed_sqrt_gradient_is_bounded_at_zero():
     x = torch.tensor([0.0, 1e-12, 4.0], dtype=F64, requires_grad=True)
     covpool.layers.functional.signed_sqrt(x).sum().backward()
     torch.testing.assert_close(x.grad, 0.5 / (x.detach().abs() + 1e-8).sqrt())
+    half = torch.zeros(3, dtype=torch.float16, requires_grad=True)  # 1e-8 is 0 in float16
+    covpool.layers.functional.signed_sqrt(half).sum().backward()
+    assert torch.isfinite(half.grad).all() and float(half.grad[0]) == 5000.0
 
 
 def test_matrix_power_gradcheck_and_gram_side():
@@ -285,6 +289,22 @@ def test_sketch_parameters_are_buffers_that_a_checkpoint_restores():
     assert torch.equal(after_sketch, torch.random.get_rng_state())
 
 
+def test_a_covpool_pickled_whole_by_covpool_0_1_still_runs():
+    import pickle
+
+    pool = covpool.CovPool(8, 4, backend="eig", vectorize=True).eval()
+    x = torch.randn(2, 8, 3, 3)
+    expected = pool(x)
+    for name in ("centered", "normalization", "alpha", "signed_sqrt", "l2", "sketch", "sketch_dim", "sketch_seed",
+                 "channel_drop", "gram", "layout"):
+        del pool.__dict__[name]  # what 0.1.0 pickled
+    del pool._modules["drop"]
+    pool.__dict__["vectorize"] = True
+    restored = pickle.loads(pickle.dumps(pool))
+    torch.testing.assert_close(restored(x), expected)
+    assert restored.vectorize == "triu"
+
+
 # ------------------------------------------------------------------------------------- option errors
 @pytest.mark.parametrize("options, match", [
     ({"normalization": "log"}, "normalization must be one of 'sqrt', 'power', 'none'"),
@@ -296,10 +316,18 @@ def test_sketch_parameters_are_buffers_that_a_checkpoint_restores():
     ({"signed_sqrt": 1}, "signed_sqrt must be true or false"),
     ({"vectorize": "matrix", "l2": True}, "produce a vector"),
     ({"layout": "NCHW"}, "layout must be one of 'auto', 'maps', 'tokens'"),
+    ({"normalization": "power", "backend": "svd_pade"}, "backend='svd_pade' would have no effect"),
+    ({"alpha": 0.3}, "alpha=0.3 would have no effect"),
+    ({"sketch_dim": 64}, "sketch_dim=64 would have no effect"),
 ])
 def test_bad_head_options_name_the_valid_ones(options, match):
     with pytest.raises(ValueError, match=match):
         covpool.CovPool(8, 4, **options)
+
+
+def test_dropcov_needs_two_channels():
+    with pytest.raises(ValueError, match="channels must be an integer >= 2"):
+        covpool.CovPool(8, 1, channel_drop="adaptive")
 
 
 def test_unknown_head_in_swap_pooling_and_token_head_on_maps():

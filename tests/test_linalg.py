@@ -794,3 +794,18 @@ def test_non_finite_input_to_the_eigendecomposition_says_so(backend, dtype):
     with pytest.raises(torch.linalg.LinAlgError, match="NaN or inf entries"):
         covpool.ZCABatchNorm2d(8, group_size=4, backend=backend).to(dtype)(torch.full((2, 8, 3, 3), float("nan"),
                                                                                       dtype=dtype))
+
+
+def test_lyapunov_solver_needs_a_step():
+    b, c = torch.eye(3).expand(1, 3, 3), torch.ones(1, 3, 3)
+    with pytest.raises(ValueError, match="num_iters must be an integer >= 1"):
+        lyapunov_sign(b, c, 0)
+    before = c.clone()
+    lyapunov_sign(b, c, 2)
+    assert torch.equal(c, before), "the right-hand side must not be modified"
+
+
+def test_empty_covariance_root_stays_on_the_graph():
+    x = torch.randn(2, 0, 5, requires_grad=True)
+    out = covpool.covariance_sqrtm(x)
+    assert out.shape == (2, 0, 0) and out.requires_grad

@@ -64,7 +64,7 @@ class AdaptiveChannelDrop(nn.Module):
 
     def __init__(self, channels: int, *, device: Any = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        check_int("channels", channels)
+        check_int("channels", channels, 2)  # the drop rate divides by log₂ of the channel count
         self.channels = channels
         self.conv = nn.Conv1d(1, 1, kernel_size=3, padding=1, bias=False, device=device, dtype=dtype)
 
@@ -204,6 +204,16 @@ class CovPool(nn.Module):
             raise ValueError(f"channel_drop must be 'adaptive' or None, got {channel_drop!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
+        # An option the chosen head would never read is a mistake to report, not to ignore (as set_backend does).
+        uses_backend = norm == "sqrt" and sketch is None
+        unused = [f"{name}={value!r}" for name, value, default, used in (
+            ("backend", backend, "ns", uses_backend), ("alpha", alpha, 0.5, norm == "power" and sketch is None),
+            ("sketch_dim", sketch_dim, 8192, sketch is not None), ("sketch_seed", sketch_seed, 0, sketch is not None),
+        ) if not used and value != default]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} would have no effect: backend needs normalization='sqrt', alpha "
+                             f"normalization='power', sketch_dim and sketch_seed a sketch (this head: normalization="
+                             f"{norm!r}, sketch={sketch!r})")
         if mode == "matrix" and (signed_sqrt or l2 or sketch):
             raise ValueError("signed_sqrt, l2 and sketch produce a vector: use vectorize='triu' or 'full'")
         factory = {"device": device, "dtype": dtype}
@@ -230,6 +240,20 @@ class CovPool(nn.Module):
         self.drop: nn.Module = AdaptiveChannelDrop(self.dim, **factory) if channel_drop else nn.Identity()
         if sketch is not None:
             self._draw_sketch(factory)
+
+    # Attributes added after covpool 0.1.0, for modules pickled whole (torch.save(model)) before them.
+    _DEFAULTS = {"centered": True, "normalization": "sqrt", "alpha": 0.5, "signed_sqrt": False, "l2": False,
+                 "sketch": None, "sketch_dim": 8192, "sketch_seed": 0, "channel_drop": None, "gram": "auto",
+                 "layout": "auto"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in self._DEFAULTS.items():
+            state.setdefault(key, value)
+        if isinstance(state.get("vectorize"), bool):
+            state["vectorize"] = vectorize_mode(state["vectorize"])
+        super().__setstate__(state)
+        if "drop" not in self._modules:
+            self.drop = nn.Identity()
 
     @property
     def uses_backend(self) -> bool:

@@ -185,7 +185,9 @@ class _SignedSqrt(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return grad * 0.5 * (x.abs() + ctx.eps).rsqrt(), None
+        # In float32 at least: eps = 1e-8 vanishes in half precision and the bound with it.
+        bound = (x.abs().to(work_dtype(x.dtype)) + ctx.eps).rsqrt().mul_(0.5)
+        return grad * bound.to(grad.dtype), None
 
 
 def signed_sqrt(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -157,7 +157,8 @@ def covariance_sqrtm(
 
     Args:
         x: ``(*, d, N)`` features: d channels at N positions.
-        backend: a name from :func:`list_backends` or a dict ``{"name": ..., **options}``.
+        backend: a name from :func:`list_backends` or a dict ``{"name": ..., **options}``; the default is
+            ``"ns"``, covariance pooling's (:func:`sqrtm`'s is the exact ``"eig"``).
         centered: the covariance (subtract each channel's mean); False gives the uncentred second moment
             (1/N)·X Xᵀ (bilinear pooling).
         gram: ``"auto"`` (default) the Gram side where it measured cheaper, N < ``gram_below``·d
@@ -208,7 +209,7 @@ def _on_side(x: torch.Tensor, centered: bool, use_gram: bool, gram_fn: Callable,
     channels, samples = x.shape[-2], x.shape[-1]
     out_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     if channels == 0:
-        return x.new_zeros(*x.shape[:-1], 0, dtype=out_dtype)
+        return (x @ x.mT).to(out_dtype)  # (*, 0, 0), on the graph as sqrtm's empty result is
     with torch.autocast(device_type=x.device.type, enabled=False):
         x = x.to(work_dtype(out_dtype))
         if centered:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from . import _coefficients
+from ._checks import check_int
 from ._double import guard
 from ._matrix import eye, lift, normaliser, outer, poly, powers, products_in_tf32, split
 from ._registry import Option, bool_option, degree_pair, int_at_least, register_backend
@@ -32,13 +33,14 @@ def lyapunov_sign(b: torch.Tensor, c: torch.Tensor, num_iters: int) -> torch.Ten
     eigenvalues of B are not fully converged after ``num_iters`` steps, which bounds the solution there (a
     feature on rank-deficient input: the exact solution is infinite).
     """
+    check_int("num_iters", num_iters)
     for k in range(num_iters):
         e = b @ c
         w = torch.baddbmm(c, e, b, beta=1.5, alpha=0.5).baddbmm_(b, e, alpha=-1.0)
         c = w + w.mT
         if k < num_iters - 1:
             b = torch.baddbmm(b, b @ b, b, beta=1.5, alpha=-0.5)
-    return c.mul_(0.5 ** (num_iters + 1))
+    return c * 0.5 ** (num_iters + 1)
 
 
 # ------------------------------------------------------------------------------------ approximants
@@ -119,20 +121,21 @@ def _gram_approx(g_n: torch.Tensor, kind: str, degree, inverse: bool) -> tuple[f
 
 
 def _gram_refined(g_n: torch.Tensor, kind: str, degree, steps: int) -> torch.Tensor:
-    """:func:`_refine` on the Gram side, for the square root: Z starts as the inverse-root approximant
-    (ζ·I + U_n W_Z U_nᵀ), Y = A_n Z has null value 0 and inner matrix P_Z, and T = 1.5·I − ½ Z Y has
-    inner matrix −½ P_Z². Returns the inner matrix of the refined Y (its null value is 0)."""
+    """:func:`_refine` on the Gram side, for the square root, coupled as there (an uncoupled Z-only form
+    amplifies rounding step by step on ill-conditioned input). Z starts as the inverse-root approximant
+    ζ·I + U_n W_Z U_nᵀ and acts on U_n through its outer matrix P_Z; Y = A_n Z has null value 0 and inner
+    matrix W_Y = P_Z. A step: T = 1.5·I − ½·Z·Y (outer P_T = 1.5·I − ½·P_Z·G_n·W_Y), Y ← Y·T (W_Y ← W_Y·P_T),
+    Z ← T·Z (P_Z ← P_T·P_Z): four M×M products. Returns the inner matrix of the refined Y."""
     zeta, w_z = _gram_approx(g_n, kind, degree, True)
     p_z = outer(zeta, w_z, g_n)
+    w_y = p_z
     for step in range(steps):
-        p_z2 = p_z @ p_z
-        p_t = torch.baddbmm(eye(g_n, 1.5), g_n, p_z2, alpha=-0.5)
-        if step == steps - 1:
-            return p_z @ p_t  # Y ← Y T: inner matrix P_Z·P_T
-        w_z = torch.baddbmm(w_z * 1.5, p_z2, p_z, alpha=-0.5)  # Z ← T Z
-        zeta *= 1.5
-        p_z = p_t @ p_z
-    raise AssertionError("steps >= 1")  # pragma: no cover
+        # Z·Y = U_n (P_Zᵀ W_Y) U_nᵀ and G_n P_Zᵀ = P_Z G_n: grouped so, rounding keeps the coupling.
+        p_t = torch.baddbmm(eye(g_n, 1.5), p_z @ g_n, w_y, alpha=-0.5)
+        w_y = w_y @ p_t
+        if step < steps - 1:  # the last step forms only Y
+            p_z = p_t @ p_z
+    return w_y
 
 
 # ------------------------------------------------------------------------------------ autograd

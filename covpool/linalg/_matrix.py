@@ -15,6 +15,7 @@ G, so the mean direction of a centred covariance (G·1 = 0) and dead channels co
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -101,18 +102,45 @@ def lift(alpha: float, inner: torch.Tensor, u: torch.Tensor, scale: torch.Tensor
     return out
 
 
+class _TF32Switch:
+    """CUDA's float32 product precision is one setting for the whole process: the outermost of any number of
+    nested or concurrent :func:`products_in_tf32` regions switches it to TF32 and the last one out restores
+    what it was (a lock and a depth count, so that two threads, e.g. ``nn.DataParallel`` replicas, cannot
+    leave it on)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.before = "ieee"
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.depth == 0:
+                self.before = torch.backends.cuda.matmul.fp32_precision
+                torch.backends.cuda.matmul.fp32_precision = "tf32"
+            self.depth += 1
+
+    def exit(self) -> None:
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0:
+                torch.backends.cuda.matmul.fp32_precision = self.before
+
+
+_TF32 = _TF32Switch()
+
+
 @contextlib.contextmanager
 def products_in_tf32(device: torch.device, enabled: bool) -> Iterator[None]:
     """Run the enclosed float32 matrix products in TF32 on CUDA (operands rounded to a 10-bit mantissa,
     float32 accumulation) when ``enabled``, whatever the global setting, and restore that setting after.
-    A no-op elsewhere: CPUs have no TF32 products."""
-    if not enabled or device.type != "cuda":
+    A no-op elsewhere (CPUs have no TF32 products) and while ``torch.compile`` traces (the compiled graph
+    follows the global setting: dynamo cannot trace the switch)."""
+    if not enabled or device.type != "cuda" or torch.compiler.is_compiling():
         yield
         return
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
+    _TF32.enter()
     try:
         yield
     finally:
-        matmul.fp32_precision = before
+        _TF32.exit()

@@ -57,8 +57,20 @@ class _Fn:
 
 
 def _root_fn(inverse: bool, eps: float | None, kernel: KernelFn) -> _Fn:
-    """√· or 1/√· with a kernel written on the roots (``kernel(root, inverse)``)."""
-    return _Fn(torch.rsqrt if inverse else torch.sqrt, lambda lam: kernel(lam.sqrt(), inverse), eps)
+    """√· or 1/√· with a kernel written on the roots (``kernel(root, inverse)``).
+
+    The directions raised to the floor share one eigenvalue, φ, whose eigenvectors are any basis of their
+    span: between two of them K is f'(φ), K's diagonal there (as ``eig``'s exact kernel has it), not what
+    an approximate kernel gives a pair of *equal* eigenvalues (0 for Taylor and Padé), which would make the
+    gradient depend on the basis LAPACK returns (and differ from the Gram side, which forms no such basis).
+    """
+    def k(lam: torch.Tensor) -> torch.Tensor:
+        out = kernel(lam.sqrt(), inverse)
+        floored = lam <= _floor_value(lam, eps)
+        both = floored.unsqueeze(-1) & floored.unsqueeze(-2)
+        return torch.where(both, out.diagonal(dim1=-2, dim2=-1).unsqueeze(-1), out)
+
+    return _Fn(torch.rsqrt if inverse else torch.sqrt, k, eps)
 
 
 def _eigh_checked(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
