@@ -16,7 +16,7 @@ import torch
 
 import covpool
 from covpool.cli import main
-from covpool.train import engine
+from covpool.train import engine, evaluation
 from covpool.train.checkpoint import with_checksums
 from covpool.train.config import ConfigError, ConfigNotFoundError, config_to_dict, load_config
 
@@ -80,10 +80,12 @@ def _checkpoint(tmp_path: Path, name: str = "last.pt") -> Path:
 def test_resume_from_checkpoint_takes_its_config_with_overrides(runs, tmp_path):
     ckpt = _checkpoint(tmp_path)
     assert main(["train", "--resume-from", str(ckpt), "epochs=6"]) == 0
-    assert runs[0].resume == str(ckpt) and runs[0].cfg.name == "stored" and runs[0].cfg.epochs == 6
+    # the checkpoint read for its config is the one handed on to continue (read once)
+    assert runs[0].resume.path == ckpt and runs[0].resume.state["config"]["name"] == "stored"
+    assert runs[0].cfg.name == "stored" and runs[0].cfg.epochs == 6
     # 0.1.0's spelling, `--resume CKPT`, still means the same when CKPT is a checkpoint file
     assert main(["train", "--resume", str(ckpt), "epochs=7"]) == 0
-    assert runs[1].resume == str(ckpt) and runs[1].cfg.epochs == 7
+    assert runs[1].resume.path == ckpt and runs[1].cfg.epochs == 7
 
 
 def test_resume_from_with_a_config_uses_the_config(runs, config, tmp_path):
@@ -224,7 +226,7 @@ def test_eval_overrides_after_flags_and_error_lines(monkeypatch, capsys, tmp_pat
         seen.update(checkpoint=checkpoint, cfg=cfg, ema=use_ema)
         return {"loss": 1.0, "acc1": 50.0, "acc5": 90.0, "count": 8}
 
-    monkeypatch.setattr(engine, "evaluate", fake_evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
     ckpt = _checkpoint(tmp_path)
     assert main(["eval", "--checkpoint", str(ckpt), "epochs=9", "--ema", "name=e"]) == 0
     assert seen["cfg"].epochs == 9 and seen["cfg"].name == "e" and seen["ema"] is True
@@ -467,3 +469,4 @@ def test_config_diff_value_rules(old, new, expected):
     from covpool.train.config import config_diff
 
     assert config_diff(old, new) == expected
+

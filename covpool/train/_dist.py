@@ -15,8 +15,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..outputs import first_line
+
 __all__ = ["DistContext", "DistributedFailure", "init_distributed", "shutdown_distributed", "all_gather_objects",
-           "all_reduce_sum", "all_reduce_max", "dist_timeout_s", "is_collective_failure"]
+           "all_reduce_sum", "all_reduce_max", "dist_timeout_s", "is_collective_failure", "collective_failure"]
 
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "COVPOOL_DIST_TIMEOUT"
@@ -51,6 +53,17 @@ def is_collective_failure(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(
         s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
                             "Watchdog caught collective operation timeout"))
+
+
+def collective_failure(err: BaseException, timeout_s: float, saved_work: str) -> DistributedFailure:
+    """The error a process reports when a collective failed (``err``): its rank, the peer that is frozen or
+    dead, the timeout, and ``saved_work`` (which checkpoint holds the work, as the run folder says it)."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    others = f"rank {1 - rank}" if world == 2 else f"one of the other {world - 1} processes"
+    return DistributedFailure(
+        f"rank {rank} of {world}: a collective operation failed within dist_timeout={timeout_s:g} s "
+        f"({first_line(err)}); {others} is frozen or died (see its log). {saved_work[0].upper()}{saved_work[1:]}. "
+        "If steps legitimately take longer, raise dist_timeout=<seconds> (or COVPOOL_DIST_TIMEOUT).")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Model construction for ``covpool train``: timm model + optional covariance pooling, CIFAR stem, ZCA."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +12,22 @@ import covpool
 
 from .config import ConfigError, ModelConfig
 
-__all__ = ["build_model", "head_parameter_names", "param_groups"]
+__all__ = ["build_model", "set_grad_checkpointing", "head_parameter_names", "param_groups"]
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+def build_model(cfg: ModelConfig, num_classes: int, for_checkpoint: bool = False) -> nn.Module:
     """Build ``cfg.name`` with timm (covpool's models registered) and apply the config's surgery.
 
     ``cfg.pretrained`` may be ``True`` (timm's hub weights, needs the network), ``False``, or a path to a
     local checkpoint (loaded by timm; its classifier is kept when it has ``num_classes`` rows, dropped
-    otherwise). Surgery
-    happens after the weights load, in this order: CIFAR stem, ZCA batch norm, covariance pooling.
+    otherwise). ``for_checkpoint``: the model will receive a checkpoint's weights, which hold every weight, so
+    ``cfg.pretrained`` is not read (no download, no file needed). Surgery happens after the weights load, in
+    this order: CIFAR stem, ZCA batch norm, covariance pooling.
     """
     import timm
 
-
+    if for_checkpoint and cfg.pretrained is not False:
+        cfg = replace(cfg, pretrained=False)
     kwargs = dict(cfg.kwargs)
     pretrained = cfg.pretrained
     if isinstance(pretrained, str):
@@ -64,6 +67,17 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     elif cfg.covpool:
         raise ConfigError("model.covpool options are only used with model.swap_pooling=true")
     return model
+
+
+def set_grad_checkpointing(model: nn.Module, cfg: ModelConfig) -> None:
+    """``model.grad_checkpointing``: timm's ``set_grad_checkpointing(True)``; a model without it is a
+    :class:`ConfigError`."""
+    if not cfg.grad_checkpointing:
+        return
+    if not callable(getattr(model, "set_grad_checkpointing", None)):
+        raise ConfigError(f"model.grad_checkpointing=true: {cfg.name} ({type(model).__name__}) has no "
+                          "set_grad_checkpointing (timm's models do); turn it off for this model")
+    model.set_grad_checkpointing(True)
 
 
 def head_parameter_names(model: nn.Module) -> set[str]:
