@@ -5,7 +5,7 @@ import pytest
 from _train_helpers import REPO
 
 from covpool.cli import train_main
-from covpool.train.config import ConfigError, load_config
+from covpool.train.config import ConfigError, TrainConfig, load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second OpenMP thread only slows them down
 
@@ -42,3 +42,12 @@ def test_override_values_are_yaml_scalars_with_types_checked():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["epochs"])
 
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".", "", "c:\\\\x"])
+def test_a_run_name_is_a_folder_name_not_a_path(name):
+    """name=../escape wrote the run outside output_dir: a run name names one folder inside it."""
+    with pytest.raises(ConfigError, match=r"config key 'name' must be a folder name .*put the path in output_dir"):
+        load_config(None, [f"name={name!r}"] if name else ["name=''"])
+    with pytest.raises(ConfigError, match="must be a folder name"):
+        TrainConfig(name=name)
+    assert load_config(None, ["name=cub-2026.05_run 2", "output_dir=../elsewhere/runs"]).name == "cub-2026.05_run 2"

@@ -16,6 +16,7 @@ from covpool.train._model import build_model, param_groups
 from covpool.train.config import ConfigError, load_config
 from covpool.train.data import DatasetNotFoundError, build_datasets, build_loaders, dataset_names, num_classes_of
 from covpool.train.embedded import EMBEDDED_CLASSES, EmbeddedTextures, _patch_boxes
+from covpool.train.validate import check_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second OpenMP thread only slows them down
 
@@ -159,7 +160,7 @@ def test_pretrained_from_a_local_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a file"):
         build_model(missing.model, 8)
     with pytest.raises(ConfigError, match="not a timm model"):
-        build_model(load_config(None, ["model.name=resnet_nonexistent"]).model, 8)
+        check_config(load_config(None, ["model.name=resnet_nonexistent"]))
 
 
 def test_own_checkpoint_as_pretrained_keeps_its_classifier_when_it_fits(tmp_path):

@@ -23,6 +23,13 @@ def build_model(cfg: ModelConfig, num_classes: int, for_checkpoint: bool = False
     otherwise). ``for_checkpoint``: the model will receive a checkpoint's weights, which hold every weight, so
     ``cfg.pretrained`` is not read (no download, no file needed). Surgery happens after the weights load, in
     this order: CIFAR stem, ZCA batch norm, covariance pooling.
+
+    ``cfg.name`` is not checked here: :func:`covpool.train.validate.check_config` checks it, with the other
+    registry names, before anything is built (timm raises for an unknown name).
+
+    Raises:
+        ConfigError: ``model.kwargs``, ``model.covpool``, ``model.zca_options`` or ``model.cifar_stem`` are
+            refused by the model's or the layer's own checks (the message names the key).
     """
     import timm
 
@@ -37,20 +44,18 @@ def build_model(cfg: ModelConfig, num_classes: int, for_checkpoint: bool = False
                                     "path, true (download from the hub) or false (random init)")
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
         pretrained = True
-    if not timm.is_model(cfg.name):
-        raise ConfigError(f"model.name={cfg.name!r} is not a timm model; see timm.list_models() "
-                          "(covpool adds resnet18/50/101_isqrt and so_vit_7/10/14/19)")
     if isinstance(cfg.pretrained, str):
         kwargs = covpool.keep_fitting_classifier(cfg.name, {**kwargs, "num_classes": num_classes})
         kwargs.pop("num_classes")
     try:
         model = timm.create_model(cfg.name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    except (OSError, RuntimeError, ValueError) as err:
+    except (OSError, RuntimeError, TypeError, ValueError) as err:
+        if isinstance(err, TypeError) or (isinstance(err, ValueError) and not pretrained):
+            # the model's own checks of its keyword arguments
+            raise ConfigError(f"model.kwargs={dict(cfg.kwargs)!r} for model.name={cfg.name!r}: {err}") from None
         if not pretrained or isinstance(cfg.pretrained, str):
             raise
-        raise RuntimeError(f"could not fetch pretrained weights for {cfg.name!r} ({type(err).__name__}: {err}). "
-                           "Without network access, download them elsewhere and pass model.pretrained=/path/to/"
-                           "file.safetensors (or .pth), or train from scratch with model.pretrained=false") from err
+        raise _fetch_failed(cfg.name, err) from err
     if cfg.cifar_stem:
         try:
             model = covpool.cifar_stem(model)
@@ -63,10 +68,19 @@ def build_model(cfg: ModelConfig, num_classes: int, for_checkpoint: bool = False
             raise ConfigError(f"model.zca={cfg.zca!r}, model.zca_options={dict(cfg.zca_options)!r} "
                               f"(model.zca: none, stem or all): {err}") from None
     if cfg.swap_pooling:
-        model = covpool.swap_pooling(model, **cfg.covpool)  # timm non-ResNets come back wrapped
+        try:
+            model = covpool.swap_pooling(model, **cfg.covpool)  # timm non-ResNets come back wrapped
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.covpool={dict(cfg.covpool)!r} (covpool.swap_pooling's options): {err}") from None
     elif cfg.covpool:
         raise ConfigError("model.covpool options are only used with model.swap_pooling=true")
     return model
+
+
+def _fetch_failed(name: str, err: Exception) -> RuntimeError:
+    return RuntimeError(f"could not fetch pretrained weights for {name!r} ({type(err).__name__}: {err}). "
+                        "Without network access, download them elsewhere and pass model.pretrained=/path/to/"
+                        "file.safetensors (or .pth), or train from scratch with model.pretrained=false")
 
 
 def set_grad_checkpointing(model: nn.Module, cfg: ModelConfig) -> None:

@@ -16,8 +16,8 @@ from torch import nn
 
 from .config import ConfigError, TrainConfig, config_diff, config_to_dict, format_config_diff
 
-__all__ = ["Progress", "check_resume_config", "training_state", "restore_weights", "resume_progress",
-           "describe_resume"]
+__all__ = ["Progress", "model_changes", "check_resume_config", "training_state", "restore_weights",
+           "resume_progress", "describe_resume"]
 
 _log = logging.getLogger(__name__)
 
@@ -102,6 +102,12 @@ def _changes(stored: Mapping[str, Any], current: TrainConfig | Mapping[str, Any]
 
 def _shapes_weights(key: str) -> bool:
     return key.startswith(_MODEL) and not key.startswith(_MODEL_FREE)
+
+
+def model_changes(stored: Mapping[str, Any], current: TrainConfig | Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The keys, as ``(key, stored, current)``, that make ``current``'s model another one than the model
+    whose weights a checkpoint with config ``stored`` holds."""
+    return [(key, old, new) for key, (old, new) in _changes(stored, current).items() if _shapes_weights(key)]
 
 
 def check_resume_config(stored: Mapping[str, Any], current: TrainConfig | Mapping[str, Any]

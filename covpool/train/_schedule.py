@@ -19,9 +19,9 @@ from typing import Any
 from torch import nn
 
 from ..linalg import BackendSpec
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, did_you_mean
 
-__all__ = ["BackendSchedule", "parse_backend_schedule", "backend_for_epoch", "describe_backend",
+__all__ = ["BackendSchedule", "parse_backend_schedule", "check_backend_spec", "backend_for_epoch", "describe_backend",
            "checkpoint_epoch"]
 
 _log = logging.getLogger(__name__)
@@ -35,14 +35,19 @@ def _pooling_types() -> tuple[type[nn.Module], ...]:
     return (covpool.CovPool,)  # also the square root of a So-ViT "mpa" head and of swap_pooling's heads
 
 
-def _check_spec(spec: Any, where: str) -> None:
-    """The check every covpool layer applies to its ``backend=``, with the config key in the message."""
+def check_backend_spec(spec: Any, where: str) -> None:
+    """The check every covpool layer applies to its ``backend=`` (:func:`covpool.linalg.resolve_backend`),
+    as a :class:`ConfigError` naming the config key ``where``, with the closest registered name for an
+    unknown one."""
     import covpool.linalg
 
     try:
         covpool.linalg.resolve_backend(spec)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from None
+        name = spec.get("name") if isinstance(spec, Mapping) else spec
+        names = covpool.linalg.list_backends()
+        hint = did_you_mean(name, names) if isinstance(name, str) and name not in names else ""
+        raise ConfigError(f"{where}: {err}{hint}") from None
 
 
 def parse_backend_schedule(raw: Any, epochs: int | None = None) -> tuple[tuple[int, BackendSpec], ...]:
@@ -72,7 +77,7 @@ def parse_backend_schedule(raw: Any, epochs: int | None = None) -> tuple[tuple[i
                               f"got {start} first; {_EXAMPLE}")
         if entries and start <= entries[-1][0]:
             raise ConfigError(f"{_KEY}: start epochs must increase, got {start} after {entries[-1][0]}")
-        _check_spec(spec, where)
+        check_backend_spec(spec, where)
         entries.append((start, spec))
     late = [start for start, _ in entries if epochs is not None and start >= epochs]
     if late:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
-from .config import DataConfig
+from .config import ConfigError, DataConfig
 from .embedded import EMBEDDED_CLASSES, EmbeddedTextures
 
 __all__ = [
@@ -273,7 +273,7 @@ def build_train_loader(cfg: DataConfig, train_set: Dataset, seed: int, rank: int
     worker augmentation; the trainer reseeds it every epoch so that resumed and uninterrupted runs draw the
     same numbers."""
     if len(train_set) < cfg.batch_size * world_size:
-        raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch "
+        raise ConfigError(f"the training set has {len(train_set)} images, fewer than one batch "
                          f"({cfg.batch_size} x {world_size} processes); lower data.batch_size")
     return DataLoader(train_set, batch_size=cfg.batch_size, sampler=ResumableSampler(
         train_set, world_size, rank, seed), num_workers=cfg.workers, pin_memory=pin_memory, drop_last=True,

@@ -19,7 +19,7 @@ from ._schedule import BackendSchedule, checkpoint_epoch
 from .checkpoint import Checkpoint, CheckpointError
 from .config import TrainConfig, config_from_dict
 from .data import build_dataset, build_val_loader, num_classes_of
-from .validate import check_config
+from .validate import check_config, check_same_model
 
 __all__ = ["autocast", "to_device", "interactive", "evaluate_model", "evaluate"]
 
@@ -86,14 +86,18 @@ def evaluate_model(model: nn.Module, loader, ctx: DistContext, amp: str = "none"
 def evaluate(checkpoint: str | Path | Checkpoint, cfg: TrainConfig | None = None, use_ema: bool = False
              ) -> dict[str, float]:
     """Evaluate a checkpoint (a path, or a :class:`~covpool.train.checkpoint.Checkpoint` already read) on its
-    config's validation set; ``cfg`` replaces the stored config. Only the model and the validation set are built.
+    config's validation set; ``cfg`` replaces the stored config, and must describe the same model. Only the
+    model and the validation set are built.
 
     Raises:
-        ConfigError: ``cfg`` (or the stored config) has a mistake.
+        ConfigError: ``cfg`` (or the stored config) has a mistake, or describes another model.
         CheckpointError: the file is damaged or foreign, or ``use_ema`` and it holds no EMA weights.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.read(checkpoint)
-    cfg = cfg or config_from_dict(ckpt.config, where=f" (stored in {ckpt.path})")
+    if cfg is None:
+        cfg = config_from_dict(ckpt.config, where=f" (stored in {ckpt.path})")
+    else:
+        check_same_model(ckpt.config, cfg, ckpt.path)
     check_config(cfg)
     key = "state_dict_ema" if use_ema else "state_dict"
     if ckpt.state.get(key) is None:
