@@ -37,6 +37,12 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     assert state["state_dict"]["conv1.1.running_cov"].shape == (2, 8, 8)  # the stem's ZCA layer, 2 groups of 8
     assert len(read_rows(run / "metrics.csv")) == 2
+    # resumed by one process for a third epoch: 3 steps of 8 images on the 3-epoch schedule of one process, so the
+    # schedule continues at step 2 x 3 = 6 (not at the two processes' step 2) and ends at the cosine's end
+    with pytest.warns(UserWarning, match="written by 2 processes, this run has 1"):
+        resumed = engine.train(load_config(None, [*over, "epochs=3"]), resume=True)
+    assert [r["lr"] for r in resumed.history][-1] == 0.0
+    assert torch.load(run / "last.pt", weights_only=True)["global_step"] == 9
 
 
 @pytest.mark.slow  # ~10 s: two processes import torch and timm

@@ -13,7 +13,7 @@ from _train_helpers import Killed, assert_same_run, read_rows, tiny_overrides
 from covpool.cli import eval_main, train_main
 from covpool.train import _run_folder, engine
 from covpool.train import checkpoint as ckpt_mod
-from covpool.train._resume import check_resume_config
+from covpool.train._resume import check_resume_config, resume_progress
 from covpool.train.config import ConfigError, config_to_dict, load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second OpenMP thread only slows them down
@@ -235,4 +235,48 @@ def test_grad_accumulation_counts_optimizer_steps_and_resumes(tmp_path, monkeypa
         engine.train(smaller, resume=True)
     engine.train(cfg, resume=True)
     assert_same_run(tmp_path / "straight", tmp_path / "interrupted")
+
+
+def _state(epoch: int, step: int, global_step: int, world_size: int) -> dict:
+    return {"epoch": epoch, "step_in_epoch": step, "global_step": global_step, "partial": [2.0, 3.0, 8.0],
+            "history": [], "best_acc1": -1.0, "best_epoch": 0, "world_size": world_size}
+
+
+def test_the_position_of_another_number_of_processes_is_mapped_exactly_or_refused():
+    """The schedule's position is epoch x this run's steps per epoch + the step in the epoch; a mid-epoch
+    step of n processes is n·k batches of all processes together (their shards interleave), so it maps to
+    n·k / m steps of m processes when that is whole, and is refused when it is not."""
+    same = resume_progress(_state(2, 1, 7, 1), {}, world_size=1, steps_per_epoch=3)
+    assert (same.epoch, same.step_in_epoch, same.global_step) == (2, 1, 7)  # unchanged: 2 x 3 + 1
+    assert (same.loss_sum, same.correct, same.count) == (2.0, 3.0, 8.0)
+    fewer = resume_progress(_state(1, 0, 3, 2), {}, world_size=1, steps_per_epoch=6)
+    assert (fewer.step_in_epoch, fewer.global_step) == (0, 6)  # the 2-process run's 3 steps were one epoch
+    mid = resume_progress(_state(1, 1, 4, 2), {}, world_size=1, steps_per_epoch=6)
+    assert (mid.step_in_epoch, mid.global_step) == (2, 8)  # 2 batches done: 2 steps of one process
+    more = resume_progress(_state(1, 2, 8, 1), {}, world_size=2, steps_per_epoch=3)
+    assert (more.step_in_epoch, more.global_step) == (1, 4)
+    with pytest.raises(ConfigError, match=r"cannot resume mid-epoch \(step 1 of 1 processes\) with 2 processes: "
+                                          r"the 1 batches .* are not a whole number of steps of 2 processes"):
+        resume_progress(_state(1, 1, 4, 1), {}, world_size=2, steps_per_epoch=3)
+    with pytest.raises(ConfigError, match=r"cannot resume mid-epoch \(step 1\) with data.batch_size 8 -> 4"):
+        resume_progress(_state(1, 1, 4, 1), {"data.batch_size": (8, 4)}, world_size=1, steps_per_epoch=3)
+
+
+def test_a_checkpoint_of_two_processes_resumes_in_one_on_the_new_schedule(tmp_path):
+    """What 2 processes x batch 4 write after epoch 1 of 24 images (3 steps of 8 images; made here by relabelling
+    a one-process run of batch 8, which takes the same steps), resumed by one process of batch 4 for a second
+    epoch: the schedule continues at step 6 of 12 and ends at the cosine's end (lr 0), not at step 9 of 12."""
+    engine.train(load_config(None, tiny_overrides(tmp_path, "two", epochs=1)))
+    path = tmp_path / "two" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    assert (state["epoch"], state["global_step"], state["world_size"]) == (1, 3, 1)
+    state["world_size"], state["rng"] = 2, state["rng"] * 2
+    state["config"]["data"]["batch_size"] = 4
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match="written by 2 processes, this run has 1"):
+        resumed = engine.train(load_config(None, tiny_overrides(tmp_path, "two", epochs=2, data__batch_size=4)),
+                               resume=True)
+    assert resumed.history[-1]["lr"] == 0.0  # cosine to 0 over the 2 epochs of the new run
+    final = torch.load(path, weights_only=True)
+    assert (final["epoch"], final["global_step"], final["world_size"]) == (2, 12, 1)
 

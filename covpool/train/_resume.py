@@ -179,10 +179,23 @@ def restore_weights(state: Mapping[str, Any], model: nn.Module, ema: nn.Module |
         scaler.load_state_dict(state["scaler"])
 
 
-def resume_progress(state: Mapping[str, Any], changes: Mapping[str, tuple[Any, Any]]) -> Progress:
-    """The checkpoint's :class:`Progress`; the position inside an epoch is a number of optimizer steps of
-    ``data.batch_size`` x ``grad_accum_steps`` images, so a run stopped mid-epoch keeps those until the epoch
-    ends (a :class:`ConfigError` otherwise)."""
+def resume_progress(state: Mapping[str, Any], changes: Mapping[str, tuple[Any, Any]], world_size: int,
+                    steps_per_epoch: int) -> Progress:
+    """The checkpoint's :class:`Progress` in this run's terms.
+
+    The position inside an epoch counts optimizer steps of ``data.batch_size`` x ``grad_accum_steps`` images
+    per process, so a run stopped mid-epoch keeps those until the epoch ends; with another number of
+    processes it continues after the images already seen when they make a whole number of this run's steps
+    (the processes' shards of an epoch are interleaved, so the first k steps of n processes are the first
+    n·k samples of the epoch), and is refused otherwise. The schedule's position (``global_step``) is the
+    run's position, ``epoch`` x this run's steps per epoch + the step in the epoch, so it ends where the new
+    schedule ends whatever the number of processes or ``max_steps_per_epoch`` was before (it is the stored
+    step when neither changed).
+
+    Raises:
+        ConfigError: a mid-epoch resume with another ``data.batch_size`` or ``grad_accum_steps``, or with a
+            number of processes that does not divide the images already seen into whole steps.
+    """
     progress = Progress.from_state(state)
     step = progress.step_in_epoch
     for key in ("grad_accum_steps", "data.batch_size") if step else ():
@@ -191,14 +204,30 @@ def resume_progress(state: Mapping[str, Any], changes: Mapping[str, tuple[Any, A
             raise ConfigError(f"cannot resume mid-epoch (step {step}) with {key} {old} -> {new}: the position in "
                               "the epoch counts steps of data.batch_size x grad_accum_steps images. Resume with "
                               f"{key}={old} and change it once the epoch is done")
+    stored_world = int(state.get("world_size", world_size))
+    if step and stored_world != world_size:
+        batches = step * stored_world  # batches of data.batch_size x grad_accum_steps images, all processes
+        if batches % world_size:
+            raise ConfigError(
+                f"cannot resume mid-epoch (step {step} of {stored_world} processes) with {world_size} processes: "
+                f"the {batches} batches of data.batch_size x grad_accum_steps images done are not a whole "
+                f"number of steps of {world_size} processes. Resume with {stored_world} processes (or a number "
+                f"that divides {batches}), or from a checkpoint written at the end of an epoch")
+        progress.step_in_epoch = batches // world_size
+    progress.global_step = progress.epoch * steps_per_epoch + progress.step_in_epoch
     return progress
 
 
-def describe_resume(source: Any, progress: Progress, changes: Mapping[str, tuple], total_steps: int,
-                    lr: float) -> None:
+def describe_resume(source: Any, progress: Progress, stored: Mapping[str, Any], changes: Mapping[str, tuple],
+                    world_size: int, total_steps: int, lr: float) -> None:
     """Log where the run continues and what changed."""
     _log.info(f"resume: {source} at epoch {progress.epoch + 1}, step {progress.step_in_epoch} (global step "
               f"{progress.global_step})")
+    stored_world = int(stored.get("world_size", world_size))
+    if stored_world != world_size or int(stored["global_step"]) != progress.global_step:
+        _log.info(f"resume: the checkpoint was written by {stored_world} process(es) at global step "
+                  f"{stored['global_step']}; this run has {world_size} and continues the schedule at global step "
+                  f"{progress.global_step} of {total_steps}")
     if changes:
         listed = format_config_diff([(key, old, new) for key, (old, new) in changes.items()])
         rebuilt = [key for key in changes if key in _SCHEDULE_KEYS or key.startswith("optim.")]

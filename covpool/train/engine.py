@@ -186,20 +186,21 @@ class _Trainer:
         if self.scheduler is not None:
             self.scheduler.step_update(num_updates=self.progress.global_step)
         if checkpoint is not None and ctx.is_main:
-            describe_resume(checkpoint.path, self.progress, changes, self.steps_per_epoch * cfg.epochs, self._lr())
+            describe_resume(checkpoint.path, self.progress, checkpoint.state, changes, ctx.world_size,
+                            self.steps_per_epoch * cfg.epochs, self._lr())
 
     def _resume(self, checkpoint: Checkpoint, changes: dict) -> None:
         ctx = self.ctx
         restore_weights(checkpoint.state, self.model, getattr(self.ema, "module", None), self.optimizer,
                         self.scaler)
-        self.progress = resume_progress(checkpoint.state, changes)
+        self.progress = resume_progress(checkpoint.state, changes, ctx.world_size, self.steps_per_epoch)
         rngs = checkpoint.state["rng"]
         if len(rngs) == ctx.world_size:
             set_rng_state(rngs[ctx.rank])
         else:
             warnings.warn(f"the checkpoint was written by {len(rngs)} processes, this run has "
-                          f"{ctx.world_size}: weights and optimizer resume exactly, the data order and augmentation "
-                          "draws do not", stacklevel=3)
+                          f"{ctx.world_size}: weights, optimizer and the position in the run resume exactly, the "
+                          "data order and augmentation draws do not", stacklevel=3)
             seed_everything(process_seed(self.cfg.seed, ctx.rank, self.progress.global_step))
 
     # -- the loop --------------------------------------------------------------------------------------------
