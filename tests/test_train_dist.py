@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from _train_helpers import REPO, read_rows, rel_diff, tiny_overrides, weight_update
 
-from covpool.train import _dist, engine
+from covpool.train import DistributedFailure, _dist, _run_folder, engine
 from covpool.train.config import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second OpenMP thread only slows them down
@@ -137,3 +138,18 @@ def test_a_frozen_rank_ends_a_ddp_job_within_dist_timeout(tmp_path):
     waited = float(re.search(r"waited ([\d.]+) s", out0).group(1))
     assert 1.5 < waited < 8  # the timeout, not the frozen process, ended the wait
 
+
+def test_a_failure_message_names_the_run_folder_as_it_is(tmp_path, monkeypatch):
+    """The saved-work sentence is quoted as is: the abort message said `Runs/ddp/last.pt` for `runs/ddp`."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run = Path("runs") / "ddp"
+    run.mkdir(parents=True)
+    torch.save({"epoch": 1, "step_in_epoch": 2, "global_step": 5}, run / "last.pt")
+    err = _dist.collective_failure(RuntimeError("[gloo] Timed out waiting 2000ms\nmore"), 2.0,
+                                   _run_folder.saved_work(run))
+    assert isinstance(err, DistributedFailure)
+    assert str(err).startswith("rank 0 of 2: a collective operation failed within dist_timeout=2 s ([gloo] Timed out "
+                               "waiting 2000ms); rank 1 is frozen or died (see its log); runs/ddp/last.pt holds "
+                               "epoch 1, step 2 (global step 5); continue with --resume. If steps")

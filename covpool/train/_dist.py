@@ -65,8 +65,8 @@ def collective_failure(err: BaseException, timeout_s: float, saved_work: str) ->
     others = f"rank {1 - rank}" if world == 2 else f"one of the other {world - 1} processes"
     return DistributedFailure(
         f"rank {rank} of {world}: a collective operation failed within dist_timeout={timeout_s:g} s "
-        f"({first_line(err)}); {others} is frozen or died (see its log). {saved_work[0].upper()}{saved_work[1:]}. "
-        "If steps legitimately take longer, raise dist_timeout=<seconds> (or COVPOOL_DIST_TIMEOUT).")
+        f"({first_line(err)}); {others} is frozen or died (see its log); {saved_work}. If steps legitimately "
+        "take longer, raise dist_timeout=<seconds> (or COVPOOL_DIST_TIMEOUT).")
 
 
 @dataclass(frozen=True)
