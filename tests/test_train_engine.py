@@ -292,3 +292,16 @@ def test_each_command_reads_its_checkpoint_once_and_eval_builds_only_the_validat
     reads.clear()
     assert train_main(["--config", "demo", *tiny_overrides(tmp_path, epochs=3, max_steps_per_epoch=1), "--resume"]) == 0
     assert reads == [last] and torch.load(last, weights_only=True)["epoch"] == 3
+
+
+def test_names_that_left_the_engine_still_work_for_one_release_with_a_warning():
+    from covpool import train
+    from covpool.train import summary
+
+    for name, expected in (("evaluate", evaluate), ("format_table", summary.format_history),
+                           ("RunExistsError", train.RunExistsError), ("RunLockedError", train.RunLockedError),
+                           ("DistributedFailure", train.DistributedFailure)):
+        with pytest.warns(DeprecationWarning, match=rf"covpool.train.engine.{name} is deprecated"):
+            assert getattr(engine, name) is expected
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        engine.nope  # noqa: B018

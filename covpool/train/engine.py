@@ -442,13 +442,12 @@ def train(cfg: TrainConfig, resume: str | Path | bool | Checkpoint | None = None
 
 
 # Names that moved out of this module, kept for one release: old name -> (module, name, where to import it).
+# (evaluate_model and TrainingAborted, which the loop uses, are still imported here.)
 _MOVED = {
     "evaluate": ("covpool.train.evaluation", "evaluate", "covpool.train.evaluate"),
-    "evaluate_model": ("covpool.train.evaluation", "evaluate_model", "covpool.train.evaluation.evaluate_model"),
     "format_table": ("covpool.train.summary", "format_history", "covpool.train.summary.format_history"),
     "RunExistsError": ("covpool.train._run_folder", "RunExistsError", "covpool.train.RunExistsError"),
     "RunLockedError": ("covpool.train._run_folder", "RunLockedError", "covpool.train.RunLockedError"),
-    "TrainingAborted": ("covpool.train._stop", "TrainingAborted", "covpool.train.TrainingAborted"),
     "DistributedFailure": ("covpool.train._dist", "DistributedFailure", "covpool.train.DistributedFailure"),
 }
 
