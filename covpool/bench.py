@@ -6,10 +6,7 @@ machines. Accuracy is measured against float64 eigendecomposition on three matri
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,9 +15,11 @@ import torch
 from torch.utils import benchmark
 
 from . import linalg
+from .outputs import format_table as _table
+from .outputs import new_figure, save_figure
 from .testing import exact_grad, exact_root, ill_conditioned, rank_deficient, repeated_eigenvalues, well_conditioned
 
-__all__ = ["Variant", "default_variants", "product_count", "run_bench", "format_table", "main"]
+__all__ = ["Variant", "default_variants", "product_count", "run_bench", "format_table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,45 +173,20 @@ def _compiled(variant: Variant) -> Callable[[torch.Tensor, bool], torch.Tensor]:
     return lambda a, inverse: compiled[inverse](a, variant.backend, **dict(variant.options))
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
-    return "–" if value is None else str(value)
-
-
 TABLE_COLUMNS = ("variant", "d", "fwd ms", "fwd+bwd ms", "fwd prod-eq", "fwd+bwd prod-eq", "products fwd+bwd",
                  "fwd err well-conditioned", "fwd err ill-conditioned", "grad err well-conditioned",
                  "grad err rank-deficient", "grad err repeated")
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
-    """Markdown table of ``rows``."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    """``rows`` as a CSV file, written atomically."""
-    from .train._io import atomic_write
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode("utf-8")))
+    """Markdown table of ``rows`` (:func:`covpool.outputs.format_table`)."""
+    return _table(rows, columns, markdown=True)
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     """Time against d per variant, and the accuracy/cost frontier at the largest d ≤ 256."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(13, 5))
+    fig = new_figure((13, 5))
+    ax_t, ax_f = fig.subplots(1, 2)
     labels = list(dict.fromkeys(r["variant"] for r in rows))
     for i, label in enumerate(labels):
         rs = [r for r in rows if r["variant"] == label]
@@ -234,17 +208,4 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     ax_f.set(xscale="log", yscale="log", xlabel="forward+backward cost (product equivalents)",
              ylabel="forward relative error", title=f"accuracy / cost, d = {d_front} (errors at d <= 128)")
     fig.tight_layout()
-    from .train._io import atomic_write
-
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    finally:
-        plt.close(fig)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``covpool bench [options]``: kept for callers of covpool <= 0.1.0; the command line lives in
-    :func:`covpool.cli.bench_main`."""
-    from .cli import bench_main
-
-    return bench_main(argv)
+    save_figure(fig, path, dpi=110)

@@ -37,10 +37,6 @@ class _UsageError(Exception):
     """A mistake in the command line itself (unknown option, missing --config, ...)."""
 
 
-class _BadCheckpoint(Exception):
-    """A checkpoint given on the command line that cannot be read or holds no covpool config."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one `error:` line and status 2, the same from main() as from a shell
         raise _UsageError(message)
@@ -89,21 +85,10 @@ def _parse(parser: _Parser, argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _stored_config(path: str, option: str) -> dict:
-    """The config a ``covpool train`` checkpoint stores; :func:`load_checkpoint` explains a damaged or
-    foreign file (:class:`CheckpointError`)."""
-    from .train.checkpoint import load_checkpoint
-
-    config = load_checkpoint(path).get("config")
-    if not isinstance(config, dict):
-        raise _BadCheckpoint(f"{option} {path}: holds no covpool config; give the run's config with --config")
-    return config
-
-
 def _report(err: BaseException, input_errors: tuple[type[BaseException], ...]) -> int | None:
     """Print ``err`` as one ``error:`` line and return the exit status, or None for errors that are not
     covpool's nor the system's (they propagate with their traceback)."""
-    from .train._io import os_error_in
+    from .outputs import os_error_in
 
     if isinstance(err, input_errors):
         status = 2
@@ -164,10 +149,10 @@ def train_main(argv: Sequence[str]) -> int:
                       help="start afresh even if the run folder has a checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
 
-    from .train.checkpoint import CheckpointError
-    from .train.config import ConfigError, config_from_dict, load_config
-    from .train.data import DatasetNotFoundError
-    from .train.engine import RunExistsError, train
+    from .train import CheckpointError, ConfigError, DatasetNotFoundError, RunExistsError
+    from .train.checkpoint import Checkpoint
+    from .train.config import config_from_dict, load_config
+    from .train.engine import train
 
     cfg = None
     try:
@@ -175,25 +160,27 @@ def train_main(argv: Sequence[str]) -> int:
         if args.list_configs:
             print(_list_configs())
             return 0
+        resume = args.resume_from or args.resume or None
         if args.config is not None:
             cfg = load_config(args.config, args.overrides)
         elif args.resume_from is not None:
-            # continue from the checkpoint's own config, with the command line's overrides on top
-            stored = _stored_config(args.resume_from, "--resume-from")
-            cfg = config_from_dict(stored, where=f" (from {args.resume_from})", overrides=args.overrides)
+            # continue from the checkpoint's own config, with the command line's overrides on top; the
+            # checkpoint read here is the one the run continues (read once)
+            resume = Checkpoint.read(args.resume_from)
+            cfg = config_from_dict(resume.config, where=f" (from {args.resume_from})", overrides=args.overrides)
         elif args.resume:
             raise _UsageError("--resume continues the last.pt of a config's run folder: give --config too, "
                               "or --resume-from CKPT")
         else:
             raise _UsageError("--config is required (or --resume-from CKPT to continue from a checkpoint's config)")
-        result = train(cfg, resume=args.resume_from or args.resume or None, overwrite=args.overwrite)
+        result = train(cfg, resume=resume, overwrite=args.overwrite)
     except _UsageError as err:
         return _usage_error(prog, err)
     except KeyboardInterrupt as err:
         return _interrupted(cfg, err)
     except Exception as err:
         status = _report(err, (ConfigError, DatasetNotFoundError, RunExistsError, FileNotFoundError,
-                                    CheckpointError, _BadCheckpoint))
+                                    CheckpointError))
         if status is None:
             raise
         return status
@@ -211,26 +198,26 @@ def eval_main(argv: Sequence[str]) -> int:
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights (runs with ema=true)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
 
-    from .train.config import ConfigError, config_from_dict, load_config
-    from .train.data import DatasetNotFoundError
-    from .train.engine import evaluate
+    from .train import CheckpointError, ConfigError, DatasetNotFoundError
+    from .train.checkpoint import Checkpoint
+    from .train.config import config_from_dict, load_config
+    from .train.evaluation import evaluate
 
     try:
         args = _parse(parser, list(argv))
+        checkpoint = Checkpoint.read(args.checkpoint)  # read once: its config and its weights
         if args.config is not None:
             cfg = load_config(args.config, args.overrides)
         else:
-            stored = _stored_config(args.checkpoint, "--checkpoint")
-            cfg = config_from_dict(stored, where=f" (from {args.checkpoint})", overrides=args.overrides)
-        metrics = evaluate(args.checkpoint, cfg, use_ema=args.ema)
+            cfg = config_from_dict(checkpoint.config, where=f" (from {args.checkpoint})", overrides=args.overrides)
+        metrics = evaluate(checkpoint, cfg, use_ema=args.ema)
     except _UsageError as err:
         return _usage_error(prog, err)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        status = _report(err, (ConfigError, DatasetNotFoundError, FileNotFoundError, ValueError,
-                                    _BadCheckpoint))
+        status = _report(err, (ConfigError, DatasetNotFoundError, FileNotFoundError, CheckpointError))
         if status is None:
             raise
         return status
@@ -247,6 +234,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from . import bench
+    from .outputs import write_csv
 
     parser = argparse.ArgumentParser(prog="covpool bench", description=bench.__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small size, backends at defaults (under a minute)")
@@ -269,7 +257,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     print(bench.format_table(rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bench.write_csv(rows, out / "bench.csv")
+    write_csv(rows, out / "bench.csv")
     bench.plot(rows, out / "bench.png")
     print(f"\nwrote {out / 'bench.csv'} and {out / 'bench.png'}")
     return 0

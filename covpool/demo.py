@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
-from .train.config import TrainConfig, load_config
+from .train.config import TrainConfig, load_config, shipped_configs
 
 __all__ = ["DEMO_VARIANTS", "HYBRID_VARIANTS", "demo_config", "hybrid_demo_config", "compare_backends", "run_demo",
            "run_hybrid_demo"]
@@ -46,7 +46,8 @@ table as "what the three runs did here", not as a verdict on the protocol. Outpu
 _COLUMNS = ("variant", "fwd err well-conditioned", "grad err well-conditioned", "grad err rank-deficient",
             "grad err repeated", "fwd ms", "fwd+bwd ms", "fwd+bwd prod-eq")
 
-# variant -> overrides on top of the shared settings (configs/demo.yaml holds the "avgpool" one)
+# variant -> overrides on top of the shipped config `demo` (configs/demo.yaml: the "avgpool" run, and every
+# setting the runs share)
 DEMO_VARIANTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "avgpool": (),
     "covpool": ("model.swap_pooling=true", "model.covpool.reduced_dim=64", "model.covpool.backend=ns",
@@ -55,21 +56,13 @@ DEMO_VARIANTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
 
 HYBRID_VARIANTS = ("ns", "svd_pade", "hybrid")
 
-_SHARED = (
-    "model.name=resnet18",
-    "data.dataset=embedded", "data.img_size=56", "data.batch_size=32", "data.workers=0",
-    "data.embedded_train_per_class=100", "data.embedded_val_per_class=40",
-    "optim.opt=sgd", "optim.lr=0.05", "optim.momentum=0.9", "optim.weight_decay=5e-4", "optim.sched=cosine",
-    "optim.warmup_epochs=0", "epochs=3", "seed=0", "amp=none",
-)
-
 
 def demo_config(variant: str, output_dir: str = "runs/demo", extra: Sequence[str] = ()) -> TrainConfig:
     """The config of one demo run (``variant`` in :data:`DEMO_VARIANTS`), with ``key=value`` extras."""
     if variant not in DEMO_VARIANTS:
         raise ValueError(f"unknown demo variant {variant!r}; valid: {', '.join(DEMO_VARIANTS)}")
-    return load_config(None, [*_SHARED, *DEMO_VARIANTS[variant], f"name={variant}", f"output_dir={output_dir}",
-                              *extra])
+    return load_config(shipped_configs()["demo"], [*DEMO_VARIANTS[variant], f"name={variant}",
+                                                   f"output_dir={output_dir}", *extra])
 
 
 def _schedule(variant: str, switch: int) -> str:
@@ -109,8 +102,8 @@ def _environment() -> str:
 def run_demo(output_dir: str = "runs/demo", extra: Sequence[str] = ()) -> int:
     """Part 2: train the two :data:`DEMO_VARIANTS` (``extra`` overrides applied to both) and print their
     validation accuracy, time and plot location."""
-    from .train._plot import plot_comparison
-    from .train.engine import train
+    from .train import train
+    from .train.summary import plot_curves
 
     print("== 2. Average pooling vs covariance pooling on the embedded texture task ==")
     print("covpool demo: ResNet-18 from scratch on the embedded texture task (8 classes, patches of scikit-image's "
@@ -126,7 +119,7 @@ def run_demo(output_dir: str = "runs/demo", extra: Sequence[str] = ()) -> int:
         result = train(cfg, overwrite=True)
         results[variant] = (result, time.perf_counter() - start)
 
-    plot = plot_comparison({name: res.history for name, (res, _) in results.items()},
+    plot = plot_curves({name: res.history for name, (res, _) in results.items()},
                            Path(output_dir) / "comparison.png",
                            title="ResNet-18 on the embedded texture task: average vs covariance pooling")
     print("\n== result ==")
@@ -140,8 +133,8 @@ def run_demo(output_dir: str = "runs/demo", extra: Sequence[str] = ()) -> int:
 
 def run_hybrid_demo(output_dir: str = "runs/hybrid_demo", switch: int = 2, extra: Sequence[str] = ()) -> int:
     """Train the three :data:`HYBRID_VARIANTS` with the same budget and print their accuracy, loss and time."""
-    from .train._plot import plot_comparison
-    from .train.engine import NonFiniteLossError, format_table, train
+    from .train import NonFiniteLossError, train
+    from .train.summary import format_history, plot_curves
 
     configs = {v: hybrid_demo_config(v, switch, output_dir, tuple(extra)) for v in HYBRID_VARIANTS}
     epochs = configs["hybrid"].epochs
@@ -172,8 +165,8 @@ def run_hybrid_demo(output_dir: str = "runs/hybrid_demo", switch: int = 2, extra
     for variant, (summary, _, _) in results.items():
         if summary is not None:
             print(f"\n{variant} (backend per epoch: {', '.join(r.get('backend', '') for r in summary['history'])})")
-            print(format_table(summary["history"]))
-    plot = plot_comparison({v: s["history"] for v, (s, _, _) in results.items() if s is not None},
+            print(format_history(summary["history"]))
+    plot = plot_curves({v: s["history"] for v, (s, _, _) in results.items() if s is not None},
                            Path(output_dir) / "comparison.png",
                            title="ResNet-18 + covariance pooling: NS, SVD-Pade and NS -> SVD-Pade")
     print(f"\n  curves: {plot}  (per run: {Path(output_dir)}/<variant>/metrics.csv with the backend of each "

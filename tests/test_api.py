@@ -1,5 +1,6 @@
 """The public surface: names, registries and the timm registration that `import covpool` promises."""
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ def test_public_names_snapshot():
 
 
 @pytest.mark.parametrize("module", ["covpool.linalg", "covpool.layers", "covpool.models", "covpool.bench",
-                                    "covpool.demo", "covpool.cli", "covpool.train"])
+                                    "covpool.demo", "covpool.cli", "covpool.train", "covpool.outputs"])
 def test_every_module_declares_all(module):
     mod = __import__(module, fromlist=["__all__"])
     assert isinstance(mod.__all__, (list, tuple))
@@ -34,9 +35,10 @@ def test_every_module_declares_all(module):
 
 ROOT = Path(covpool.__file__).parent
 REPO = ROOT.parent
-# The application: the command line, the demo, the benchmark, the training package and the examples. It may
-# use its own internals (covpool.train._*), but of the library only what a user can: public names.
-APPLICATION = ("covpool.train", "covpool.cli", "covpool.demo", "covpool.bench", "covpool.__main__")
+# The application: the command line, the demo, the benchmark, the training package, what they all write, and the
+# examples. A package may use its own internals (covpool.train._* inside covpool.train), but of the library and of
+# the application's other packages only what a user can: public names.
+APPLICATION = ("covpool.train", "covpool.cli", "covpool.demo", "covpool.bench", "covpool.outputs", "covpool.__main__")
 
 
 def _module_name(path: Path) -> str:
@@ -81,7 +83,7 @@ def _imports(*names: str) -> set[str]:
     return set().union(*(_imports_of(path) for path in _sources(*names)))
 
 
-_APP = ("covpool.train", "covpool.cli", "covpool.demo", "covpool.bench")
+_APP = ("covpool.train", "covpool.cli", "covpool.demo", "covpool.bench", "covpool.outputs")
 
 
 @pytest.mark.parametrize(
@@ -89,9 +91,9 @@ _APP = ("covpool.train", "covpool.cli", "covpool.demo", "covpool.bench")
     [("linalg", ("timm", "covpool.layers", "covpool.models", "torch.nn", *_APP)),
      ("layers", ("timm", "covpool.models", *_APP)),
      ("models", _APP),
+     ("outputs", ("covpool.train", "covpool.cli", "covpool.demo", "covpool.bench", "torch", "timm")),
      ("train", ("covpool.cli", "covpool.demo", "covpool.bench")),
-     # bench.main, a shim for callers of covpool <= 0.1.0, is the one import of the command line below it
-     ("bench", ("timm", "covpool.layers", "covpool.models", "covpool.demo"))],
+     ("bench", ("timm", "covpool.layers", "covpool.models", "covpool.train", "covpool.demo", "covpool.cli"))],
 )
 def test_layering(package, forbidden):
     """Each layer imports only the ones above it: linalg → layers → models → the application (train, the
@@ -116,7 +118,8 @@ _AWAITING_LIBRARY: dict[str, set[str]] = {}
 
 
 def _application_files() -> list[Path]:
-    return [*_sources("train", "cli", "demo", "bench", "__main__"), *sorted((REPO / "examples").glob("*.py"))]
+    return [*_sources("train", "cli", "demo", "bench", "outputs", "__main__"),
+            *sorted((REPO / "examples").glob("*.py"))]
 
 
 @pytest.mark.parametrize("path", _application_files(), ids=lambda p: str(p.relative_to(REPO)))
@@ -129,6 +132,120 @@ def test_application_uses_only_public_library_names(path):
     still = {p for p in _AWAITING_LIBRARY.get(where, ())
              if not any(m == p or m.startswith(p + ".") for m in _imports_of(path))}
     assert not still, f"{where} no longer needs {sorted(still)}: remove it from _AWAITING_LIBRARY"
+
+
+def _package_of(module: str) -> str:
+    """The package a module belongs to, for the private-module rule: covpool.train.x -> covpool.train,
+    covpool.cli -> covpool.cli (a top-level module is its own package)."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def _private_crossings(module: str, imported: set[str]) -> set[str]:
+    """The names ``module`` imports from a private module or name of another covpool package."""
+    def private(part: str) -> bool:
+        return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
+
+    home = _package_of(module)
+    return {m for m in imported if m.startswith("covpool.") and _package_of(m) != home
+            and any(private(part) for part in m.split(".")[1:])}
+
+
+@pytest.mark.parametrize("path", _application_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_no_application_module_imports_another_packages_private_module(path):
+    """covpool.cli, demo, bench and the examples use covpool.train, covpool.outputs and each other through
+    public names only, as the application uses the library (covpool.train's own _modules stay its own)."""
+    module = _module_name(path) if path.is_relative_to(ROOT) else "examples"
+    crossings = _private_crossings(module, _imports_of(path))
+    assert not crossings, f"{path.relative_to(REPO)} imports another package's private {sorted(crossings)}"
+
+
+def test_private_crossing_detection():
+    assert _private_crossings("covpool.cli", {"covpool.train._io.os_error_in", "covpool.train.config",
+                                              "covpool.outputs.os_error_in"}) == {"covpool.train._io.os_error_in"}
+    assert _private_crossings("covpool.train.engine", {"covpool.train._dist", "covpool.outputs"}) == set()
+    assert _private_crossings("covpool.demo", {"covpool.train._plot.plot_comparison"}) == {
+        "covpool.train._plot.plot_comparison"}
+
+
+# The floors of the house, from the ground up: a module imports only modules on its own floor or below it.
+_FLOORS = (("covpool.linalg", "covpool.testing"), ("covpool.layers",), ("covpool.models",), ("covpool",),
+           ("covpool.outputs",), ("covpool.train",), ("covpool.bench",), ("covpool.demo",), ("covpool.cli",),
+           ("covpool.__main__",))
+
+
+def _floor(module: str) -> int:
+    best = max((prefix for floor in _FLOORS for prefix in floor if module == prefix or module.startswith(prefix + ".")),
+               key=len)
+    return next(i for i, floor in enumerate(_FLOORS) if best in floor)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """covpool's modules and the covpool modules each imports: ``from pkg import name`` is an import of
+    ``pkg.name`` when that is a module and of ``pkg`` otherwise; ``covpool.a.b`` attribute chains count (a
+    package's __init__ is not implied by importing one of its modules)."""
+    modules = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+    def module_of(name: str) -> str:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(module_of(a.name) for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                source = ".".join(p for p in (package.rsplit(".", node.level - 1)[0] if node.level else "",
+                                              node.module or "") if p)
+                targets.update(f"{source}.{a.name}" if f"{source}.{a.name}" in modules else source
+                               for a in node.names)
+            elif isinstance(node, ast.Attribute):
+                chain, inner = [node.attr], node.value
+                while isinstance(inner, ast.Attribute):
+                    chain.append(inner.attr)
+                    inner = inner.value
+                if isinstance(inner, ast.Name) and inner.id == "covpool":
+                    targets.add(module_of(".".join(["covpool", *reversed(chain)])))
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_the_import_graph_has_no_circle_and_no_arrow_back_up():
+    graph = _import_graph()
+    up = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets if _floor(b) > _floor(a))
+    assert not up, f"imports from a lower floor to a higher one: {up}"
+    done, path = set(), []
+
+    def visit(node: str) -> None:  # depth-first search; meeting a module on the current path closes a circle
+        if node in path:
+            raise AssertionError(f"import circle: {' -> '.join(path[path.index(node):] + [node])}")
+        if node in done:
+            return
+        path.append(node)
+        for target in sorted(graph[node]):
+            visit(target)
+        path.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node)
+    assert "covpool.bench" in graph and "covpool.cli" not in graph["covpool.bench"]  # bench.main is gone
+
+
+def test_importing_the_training_package_loads_only_covpools_own_modules():
+    """What covpool/train/__init__.py says: on top of ``import covpool``, only covpool's modules; matplotlib and
+    scikit-image load when a run needs them."""
+    code = ("import sys, covpool; before = set(sys.modules); import covpool.train; "
+            "print(sorted(m.split('.')[0] for m in set(sys.modules) - before if not m.startswith('covpool')), "
+            "'matplotlib' in sys.modules, 'skimage' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "False", "False"]
 
 
 def test_private_name_detection():

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import covpool.testing  # noqa: F401  (used in the compile test)
-from covpool.bench import Variant, default_variants, format_table, main, product_count, run_bench
+from covpool.bench import Variant, default_variants, format_table, product_count, run_bench
+from covpool.cli import bench_main
 
 
 def test_product_counts_follow_the_algorithms():
@@ -43,7 +44,7 @@ def test_gradient_error_compares_like_with_like():
 
 
 def test_quick_cli_writes_table_csv_and_png(tmp_path, capsys):
-    assert main(["--quick", "--backends", "eig", "mpa_lya", "--out", str(tmp_path)]) == 0
+    assert bench_main(["--quick", "--backends", "eig", "mpa_lya", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| mpa_lya | 64 |" in out
     with open(tmp_path / "bench.csv") as fh:
@@ -54,7 +55,7 @@ def test_quick_cli_writes_table_csv_and_png(tmp_path, capsys):
 
 def test_unknown_variant_is_an_error():
     with pytest.raises(SystemExit):
-        main(["--quick", "--backends", "nope"])
+        bench_main(["--quick", "--backends", "nope"])
 
 
 @pytest.mark.slow

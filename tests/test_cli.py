@@ -5,6 +5,7 @@ command line hands to the library, and that every input mistake is one ``error:`
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 
 import covpool
 from covpool.cli import main
-from covpool.train import engine
+from covpool.train import engine, evaluation
 from covpool.train.checkpoint import with_checksums
 from covpool.train.config import ConfigError, ConfigNotFoundError, config_to_dict, load_config
 
@@ -80,10 +81,12 @@ def _checkpoint(tmp_path: Path, name: str = "last.pt") -> Path:
 def test_resume_from_checkpoint_takes_its_config_with_overrides(runs, tmp_path):
     ckpt = _checkpoint(tmp_path)
     assert main(["train", "--resume-from", str(ckpt), "epochs=6"]) == 0
-    assert runs[0].resume == str(ckpt) and runs[0].cfg.name == "stored" and runs[0].cfg.epochs == 6
+    # the checkpoint read for its config is the one handed on to continue (read once)
+    assert runs[0].resume.path == ckpt and runs[0].resume.state["config"]["name"] == "stored"
+    assert runs[0].cfg.name == "stored" and runs[0].cfg.epochs == 6
     # 0.1.0's spelling, `--resume CKPT`, still means the same when CKPT is a checkpoint file
     assert main(["train", "--resume", str(ckpt), "epochs=7"]) == 0
-    assert runs[1].resume == str(ckpt) and runs[1].cfg.epochs == 7
+    assert runs[1].resume.path == ckpt and runs[1].cfg.epochs == 7
 
 
 def test_resume_from_with_a_config_uses_the_config(runs, config, tmp_path):
@@ -142,8 +145,10 @@ def test_unreadable_config_files_are_one_error_line(runs, capsys, tmp_path):
     latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
     assert main(["train", "--config", str(latin1)]) == 2
     assert "latin1.yaml' is not UTF-8" in one_error_line(capsys)
-    assert main(["train", "--config", str(tmp_path)]) == 2  # a folder
-    assert "not found" in one_error_line(capsys)
+    (tmp_path / "mine.yaml").write_text("epochs: 1\n")
+    assert main(["train", "--config", str(tmp_path)]) == 2  # a folder: said so, with the configs it holds
+    assert f"config {str(tmp_path)!r} is a folder, not a config file (it holds latin1.yaml, mine.yaml)" in \
+        one_error_line(capsys)
 
 
 def test_top_level_list_error_names_the_file(tmp_path):
@@ -224,7 +229,7 @@ def test_eval_overrides_after_flags_and_error_lines(monkeypatch, capsys, tmp_pat
         seen.update(checkpoint=checkpoint, cfg=cfg, ema=use_ema)
         return {"loss": 1.0, "acc1": 50.0, "acc5": 90.0, "count": 8}
 
-    monkeypatch.setattr(engine, "evaluate", fake_evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
     ckpt = _checkpoint(tmp_path)
     assert main(["eval", "--checkpoint", str(ckpt), "epochs=9", "--ema", "name=e"]) == 0
     assert seen["cfg"].epochs == 9 and seen["cfg"].name == "e" and seen["ema"] is True
@@ -467,3 +472,101 @@ def test_config_diff_value_rules(old, new, expected):
     from covpool.train.config import config_diff
 
     assert config_diff(old, new) == expected
+
+
+# -- every config mistake: one error line, exit 2, before a model or data set is built (issue 20) --------------
+_MISTAKES_DRIVER = r"""
+import json, os, sys, traceback
+
+import covpool.train.engine as engine, covpool.train.evaluation as evaluation
+from covpool.cli import main
+
+def built(*args, **kwargs):  # reached only after every check passed: the mistake was found too late
+    raise RuntimeError("BUILT: a model or data set was built before the mistake was reported")
+
+engine.build_model = evaluation.build_model = engine.build_datasets = evaluation.build_dataset = built
+results = []
+for argv, env in json.loads(sys.argv[1]):
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a process of its own per command line, as a shell would start
+        os.close(read)
+        os.dup2(write, 2)
+        os.environ.update(env)
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as f:
+        err = f.read()
+    _, status = os.waitpid(pid, 0)
+    results.append({"rc": os.waitstatus_to_exitcode(status), "err": err})
+print(json.dumps(results))
+"""
+
+_BASE = ["model.name=test_resnet", "data.img_size=32", "data.batch_size=8", "progress=false"]
+_COVPOOL = ["model.swap_pooling=true", "model.covpool.reduced_dim=8"]
+# (command-line arguments after `covpool train --config demo output_dir=...`, environment, what the line says)
+_MISTAKES = [
+    (["model.name=resnet5O"], {}, "model.name='resnet5O' is not a timm model (did you mean 'resnet50'?)"),
+    (["optim.opt=adamww"], {}, "optim.opt='adamww' is not a timm optimizer (did you mean 'adamw'?)"),
+    (["optim.sched=cosinee"], {}, "optim.sched='cosinee' is not a timm scheduler covpool can step (did you mean "
+                                  "'cosine'?); valid: cosine, tanh, step"),
+    (["optim.sched=rsqrt"], {}, "optim.sched='rsqrt': rsqrt schedule requires 0 < decay_epochs <= epochs"),
+    ([*_COVPOOL, "model.covpool.backend=mpa_lyaa"], {},
+     "model.covpool.backend: unknown backend 'mpa_lyaa'; valid backends are: eig"),
+    ([*_COVPOOL, "model.covpool.backend={name: ns, iters: 3}"], {},
+     "model.covpool.backend: backend 'ns' got unknown option(s) ['iters']"),
+    (["model.zca=stem", "model.zca_options.backend=eigg"], {}, "model.zca_options.backend: unknown backend 'eigg'"),
+    ([*_COVPOOL, "model.backend_schedule=[[0, ns], [1, svd_padee]]"], {},
+     "model.backend_schedule[1]: unknown backend 'svd_padee'"),
+    (["model.backend_schedule=[[0, ns], [1, eig]]"], {}, "model.backend_schedule needs covariance pooling"),
+    (["device=tpu"], {}, "device='tpu' is not a device (did you mean 'cpu'?); valid: auto, cpu, cuda"),
+    (["data.dataset=bogus"], {}, "data.dataset='bogus' is not a data set of covpool train; valid: embedded"),
+    ([*_COVPOOL[:1], "model.covpool.reduced_dimm=8"], {}, "unexpected keyword argument 'reduced_dimm'"),
+    ([*_COVPOOL[:1], "model.covpool.reduced_dim=-3"], {}, "reduced_dim must be an integer >= 1"),
+    ([*_COVPOOL, "model.covpool.last_stride=3"], {}, "last_stride must be None (keep the model's), 1 or 2, got 3"),
+    (["model.kwargs.drop_ratee=0.1"], {}, "model.kwargs={'drop_ratee': 0.1} for model.name='test_resnet'"),
+    (["model.zca=stme"], {}, "model.zca='stme' is not a ZCA mode (did you mean 'stem'?); valid: none, stem, all"),
+    (["clip_mode=max"], {}, "clip_mode='max' is not a clipping mode of timm's dispatch_clip_grad"),
+    (["compile=nope"], {}, "compile='nope' is not a torch.compile backend"),
+    (["amp=fp16", "device=cpu"], {}, "amp=fp16 needs CUDA"),
+    ([], {"COVPOOL_DIST_TIMEOUT": "abc"}, "COVPOOL_DIST_TIMEOUT must be a positive number of seconds, got 'abc'"),
+    ([], {"COVPOOL_DIST_TIMEOUT": "-3"}, "COVPOOL_DIST_TIMEOUT must be a positive number of seconds, got '-3'"),
+    (["name=../escape"], {}, "config key 'name' must be a folder name"),
+]
+
+
+def test_config_mistakes_end_in_one_error_line_before_anything_is_built(tmp_path):
+    """The command line in processes of their own (one per mistake, forked from one interpreter so the table
+    costs one import of torch): status 2, one `error:` line naming the key and the closest valid name, no
+    traceback, nothing written, and neither a model nor a data set built."""
+    runs = tmp_path / "runs"
+    ckpt = _checkpoint(tmp_path)  # written with model.name=resnet18 (the default) by a config of its own
+    table = [(["train", "--config", "demo", f"output_dir={runs}", *_BASE, *argv], env, message)
+             for argv, env, message in _MISTAKES]
+    table += [(["eval", "--checkpoint", str(ckpt), "--config", "demo", *_BASE], {},
+               f"the config describes another model than the one {ckpt} holds: model.name: 'resnet18' -> "
+               "'test_resnet'"),
+              (["eval", "--checkpoint", str(ckpt), "optim.opt=adamww"], {}, "optim.opt='adamww' is not a timm "
+               "optimizer"),
+              (["train", "--config", str(tmp_path)], {}, "is a folder, not a config file")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("COVPOOL_DIST_TIMEOUT", None)
+    out = subprocess.run([sys.executable, "-c", _MISTAKES_DRIVER, json.dumps([(a, e) for a, e, _ in table])],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    wrong = []
+    for (argv, _, message), result in zip(table, json.loads(out.stdout)):
+        lines = result["err"].strip().splitlines()
+        if not (result["rc"] == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]):
+            wrong.append((argv[4 + len(_BASE):] if argv[0] == "train" else argv, result["rc"], result["err"][-600:]))
+    assert not wrong, "\n".join(map(str, wrong))
+    assert not runs.exists()

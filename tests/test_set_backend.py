@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import logging
 import signal
 
 import pytest
@@ -15,7 +16,7 @@ from torch import nn
 import covpool
 from covpool.cli import main
 from covpool.demo import HYBRID_VARIANTS, hybrid_demo_config
-from covpool.train import engine
+from covpool.train import engine, evaluate
 from covpool.train._model import build_model
 from covpool.train._schedule import (
     BackendSchedule,
@@ -248,7 +249,7 @@ def record_backends(monkeypatch):
 
     def step(self, images, target, stop):
         pool = self.model.global_pool
-        seen.append((self.epoch, pool.backend))
+        seen.append((self.progress.epoch, pool.backend))
         return real_step(self, images, target, stop)
 
     monkeypatch.setattr(engine._Trainer, "_train_step", step)
@@ -271,7 +272,7 @@ def test_schedule_switches_at_the_configured_epoch_and_records_it(tmp_path, reco
     assert "epoch 1/2: square-root backend ns (model.backend_schedule)" in out
     assert "epoch 2/2: square-root backend ns -> svd_pade(degree=4) (model.backend_schedule)" in out
     # covpool eval of the checkpoint uses the backend of the epoch it was saved in
-    metrics = engine.evaluate(tmp_path / "hybrid" / "last.pt")
+    metrics = evaluate(tmp_path / "hybrid" / "last.pt")
     assert metrics["loss"] == pytest.approx(result.history[-1]["val_loss"], rel=1e-6, abs=1e-9)
 
 
@@ -297,7 +298,7 @@ def test_resume_mid_epoch_after_the_switch_continues_with_the_new_backend(tmp_pa
     real_step = engine._Trainer._train_step  # the recording step
 
     def step_then_interrupt(self, images, target, stop):
-        if self.global_step == 4:  # epoch index 1 (the second, svd_pade), after its first step
+        if self.progress.global_step == 4:  # epoch index 1 (the second, svd_pade), after its first step
             signal.raise_signal(signal.SIGINT)
         return real_step(self, images, target, stop)
 
@@ -320,14 +321,15 @@ def test_resume_mid_epoch_after_the_switch_continues_with_the_new_backend(tmp_pa
     assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]
 
 
-def test_shipped_hybrid_config_switches_to_svd_pade_after_ten_epochs(capsys):
+def test_shipped_hybrid_config_switches_to_svd_pade_after_ten_epochs(caplog):
     cfg = load_config(REPO / "configs" / "cub200_resnet50_hybrid.yaml", ["model.pretrained=false"])
     schedule = BackendSchedule.from_config(cfg)
     model = build_model(cfg.model, 200)
-    assert schedule.apply(0, [model]) == {"name": "ns", "num_iters": 5} == model.global_pool.backend
-    assert schedule.apply(9, [model]) == {"name": "ns", "num_iters": 5}
-    assert schedule.apply(10, [model]) == "svd_pade" == model.global_pool.backend
-    assert "epoch 11/50: square-root backend ns(num_iters=5) -> svd_pade" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="covpool"):  # the switch is a log line of covpool's
+        assert schedule.apply(0, [model]) == {"name": "ns", "num_iters": 5} == model.global_pool.backend
+        assert schedule.apply(9, [model]) == {"name": "ns", "num_iters": 5}
+        assert schedule.apply(10, [model]) == "svd_pade" == model.global_pool.backend
+    assert "epoch 11/50: square-root backend ns(num_iters=5) -> svd_pade" in caplog.text
 
 
 def test_hybrid_demo_trains_the_three_variants_with_the_same_budget(tmp_path, capsys):

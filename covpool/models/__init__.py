@@ -1,4 +1,5 @@
-"""Backbones registered in timm's model registry (the only place covpool imports timm).
+"""Backbones registered in timm's model registry (the library's only layer that imports timm; the application
+above it uses timm too).
 
 Importing this package registers ``resnet{18,50,101}_isqrt`` and ``so_vit_{7,10,14,19}`` with timm, so
 ``timm.create_model("so_vit_7")`` works after ``import covpool``. The model classes live in their

@@ -1,24 +1,21 @@
-"""Training tools on top of covpool: configs, data, the training loop and checkpoints.
+"""Training tools on top of covpool: configs, data, the training loop, evaluation and checkpoints.
 
-``covpool train --config configs/<name>.yaml [key=value ...]`` and ``covpool eval`` are thin wrappers over
-:func:`train` and :func:`evaluate`. Importing this package is cheap; timm and torchvision data sets load
-when a run starts.
+``covpool train --config <name or file> [key=value ...]`` and ``covpool eval`` are thin wrappers over
+:func:`train` and :func:`evaluate`. Importing this package loads only covpool's own modules on top of
+``import covpool`` (which loads torch, torchvision and timm, and with timm PyYAML and tqdm); matplotlib loads
+when a run draws its curves, scikit-image when the embedded data set is built.
 """
+from ._dist import DistributedFailure
 from ._model import build_model
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint
+from ._run_folder import RunExistsError, RunLockedError
+from ._stop import TrainingAborted
+from .checkpoint import Checkpoint, CheckpointError, atomic_save, load_checkpoint
 from .config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
 from .data import CUB200, DatasetNotFoundError, build_datasets, dataset_names
 from .embedded import EmbeddedTextures
-from .engine import (
-                     DistributedFailure,
-                     NonFiniteLossError,
-                     RunExistsError,
-                     RunLockedError,
-                     TrainingAborted,
-                     TrainResult,
-                     evaluate,
-                     train,
-)
+from .engine import NonFiniteLossError, TrainResult, train
+from .evaluation import evaluate
+from .validate import check_config
 
 __all__ = [
     "TrainConfig",
@@ -27,6 +24,7 @@ __all__ = [
     "OptimConfig",
     "ConfigError",
     "load_config",
+    "check_config",
     "train",
     "evaluate",
     "TrainResult",
@@ -35,6 +33,7 @@ __all__ = [
     "RunLockedError",
     "TrainingAborted",
     "DistributedFailure",
+    "Checkpoint",
     "CheckpointError",
     "build_model",
     "build_datasets",

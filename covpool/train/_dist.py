@@ -15,10 +15,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..outputs import first_line
+
 __all__ = ["DistContext", "DistributedFailure", "init_distributed", "shutdown_distributed", "all_gather_objects",
-           "all_reduce_sum", "all_reduce_max", "dist_timeout_s", "is_collective_failure"]
+           "all_reduce_sum", "all_reduce_max", "dist_timeout_s", "is_collective_failure", "collective_failure",
+           "uses_cuda", "DEVICES"]
 
 DEFAULT_TIMEOUT_S = 600.0
+#: the values of the config's ``device``
+DEVICES = ("auto", "cpu", "cuda")
 TIMEOUT_ENV = "COVPOOL_DIST_TIMEOUT"
 
 
@@ -53,6 +58,17 @@ def is_collective_failure(err: BaseException) -> bool:
                             "Watchdog caught collective operation timeout"))
 
 
+def collective_failure(err: BaseException, timeout_s: float, saved_work: str) -> DistributedFailure:
+    """The error a process reports when a collective failed (``err``): its rank, the peer that is frozen or
+    dead, the timeout, and ``saved_work`` (which checkpoint holds the work, as the run folder says it)."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    others = f"rank {1 - rank}" if world == 2 else f"one of the other {world - 1} processes"
+    return DistributedFailure(
+        f"rank {rank} of {world}: a collective operation failed within dist_timeout={timeout_s:g} s "
+        f"({first_line(err)}); {others} is frozen or died (see its log); {saved_work}. If steps legitimately "
+        "take longer, raise dist_timeout=<seconds> (or COVPOOL_DIST_TIMEOUT).")
+
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int
@@ -71,17 +87,22 @@ class DistContext:
         return self.world_size > 1
 
 
+def uses_cuda(device: str) -> bool:
+    """Whether config ``device`` (``auto``: CUDA when available, ``cpu``, ``cuda``) means CUDA here."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but CUDA is not available here; use device=cpu or device=auto")
+    return torch.cuda.is_available() if device == "auto" else device == "cuda"
+
+
 def init_distributed(device: str, timeout_s: float | None = None) -> DistContext:
     """Read torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) and start the process group.
 
     ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda``; ``timeout_s`` bounds every collective
     (see :func:`dist_timeout_s`)."""
     timeout = dist_timeout_s(timeout_s)
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but CUDA is not available here; use device=cpu or device=auto")
+    use_cuda = uses_cuda(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

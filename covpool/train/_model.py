@@ -1,6 +1,7 @@
 """Model construction for ``covpool train``: timm model + optional covariance pooling, CIFAR stem, ZCA."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +12,29 @@ import covpool
 
 from .config import ConfigError, ModelConfig
 
-__all__ = ["build_model", "head_parameter_names", "param_groups"]
+__all__ = ["build_model", "set_grad_checkpointing", "head_parameter_names", "param_groups"]
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+def build_model(cfg: ModelConfig, num_classes: int, for_checkpoint: bool = False) -> nn.Module:
     """Build ``cfg.name`` with timm (covpool's models registered) and apply the config's surgery.
 
     ``cfg.pretrained`` may be ``True`` (timm's hub weights, needs the network), ``False``, or a path to a
     local checkpoint (loaded by timm; its classifier is kept when it has ``num_classes`` rows, dropped
-    otherwise). Surgery
-    happens after the weights load, in this order: CIFAR stem, ZCA batch norm, covariance pooling.
+    otherwise). ``for_checkpoint``: the model will receive a checkpoint's weights, which hold every weight, so
+    ``cfg.pretrained`` is not read (no download, no file needed). Surgery happens after the weights load, in
+    this order: CIFAR stem, ZCA batch norm, covariance pooling.
+
+    ``cfg.name`` is not checked here: :func:`covpool.train.validate.check_config` checks it, with the other
+    registry names, before anything is built (timm raises for an unknown name).
+
+    Raises:
+        ConfigError: ``model.kwargs``, ``model.covpool``, ``model.zca_options`` or ``model.cifar_stem`` are
+            refused by the model's or the layer's own checks (the message names the key).
     """
     import timm
 
-
+    if for_checkpoint and cfg.pretrained is not False:
+        cfg = replace(cfg, pretrained=False)
     kwargs = dict(cfg.kwargs)
     pretrained = cfg.pretrained
     if isinstance(pretrained, str):
@@ -34,20 +44,18 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
                                     "path, true (download from the hub) or false (random init)")
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
         pretrained = True
-    if not timm.is_model(cfg.name):
-        raise ConfigError(f"model.name={cfg.name!r} is not a timm model; see timm.list_models() "
-                          "(covpool adds resnet18/50/101_isqrt and so_vit_7/10/14/19)")
     if isinstance(cfg.pretrained, str):
         kwargs = covpool.keep_fitting_classifier(cfg.name, {**kwargs, "num_classes": num_classes})
         kwargs.pop("num_classes")
     try:
         model = timm.create_model(cfg.name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    except (OSError, RuntimeError, ValueError) as err:
+    except (OSError, RuntimeError, TypeError, ValueError) as err:
+        if isinstance(err, TypeError) or (isinstance(err, ValueError) and not pretrained):
+            # the model's own checks of its keyword arguments
+            raise ConfigError(f"model.kwargs={dict(cfg.kwargs)!r} for model.name={cfg.name!r}: {err}") from None
         if not pretrained or isinstance(cfg.pretrained, str):
             raise
-        raise RuntimeError(f"could not fetch pretrained weights for {cfg.name!r} ({type(err).__name__}: {err}). "
-                           "Without network access, download them elsewhere and pass model.pretrained=/path/to/"
-                           "file.safetensors (or .pth), or train from scratch with model.pretrained=false") from err
+        raise _fetch_failed(cfg.name, err) from err
     if cfg.cifar_stem:
         try:
             model = covpool.cifar_stem(model)
@@ -60,10 +68,30 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
             raise ConfigError(f"model.zca={cfg.zca!r}, model.zca_options={dict(cfg.zca_options)!r} "
                               f"(model.zca: none, stem or all): {err}") from None
     if cfg.swap_pooling:
-        model = covpool.swap_pooling(model, **cfg.covpool)  # timm non-ResNets come back wrapped
+        try:
+            model = covpool.swap_pooling(model, **cfg.covpool)  # timm non-ResNets come back wrapped
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.covpool={dict(cfg.covpool)!r} (covpool.swap_pooling's options): {err}") from None
     elif cfg.covpool:
         raise ConfigError("model.covpool options are only used with model.swap_pooling=true")
     return model
+
+
+def _fetch_failed(name: str, err: Exception) -> RuntimeError:
+    return RuntimeError(f"could not fetch pretrained weights for {name!r} ({type(err).__name__}: {err}). "
+                        "Without network access, download them elsewhere and pass model.pretrained=/path/to/"
+                        "file.safetensors (or .pth), or train from scratch with model.pretrained=false")
+
+
+def set_grad_checkpointing(model: nn.Module, cfg: ModelConfig) -> None:
+    """``model.grad_checkpointing``: timm's ``set_grad_checkpointing(True)``; a model without it is a
+    :class:`ConfigError`."""
+    if not cfg.grad_checkpointing:
+        return
+    if not callable(getattr(model, "set_grad_checkpointing", None)):
+        raise ConfigError(f"model.grad_checkpointing=true: {cfg.name} ({type(model).__name__}) has no "
+                          "set_grad_checkpointing (timm's models do); turn it off for this model")
+    model.set_grad_checkpointing(True)
 
 
 def head_parameter_names(model: nn.Module) -> set[str]:

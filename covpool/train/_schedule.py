@@ -11,19 +11,20 @@ and options, as everywhere in covpool. It applies to the covariance-pooling laye
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import nn
-from tqdm import tqdm
 
-from .config import ConfigError, TrainConfig
+from ..linalg import BackendSpec
+from .config import ConfigError, TrainConfig, did_you_mean
 
-__all__ = ["BackendSchedule", "parse_backend_schedule", "backend_for_epoch", "describe_backend",
+__all__ = ["BackendSchedule", "parse_backend_schedule", "check_backend_spec", "backend_for_epoch", "describe_backend",
            "checkpoint_epoch"]
 
-Spec = str | Mapping[str, Any]
+_log = logging.getLogger(__name__)
 _KEY = "model.backend_schedule"
 _EXAMPLE = "e.g. [[0, ns], [10, svd_pade]] or [[0, ns], [10, {name: svd_pade, degree: 4}]]"
 
@@ -34,17 +35,22 @@ def _pooling_types() -> tuple[type[nn.Module], ...]:
     return (covpool.CovPool,)  # also the square root of a So-ViT "mpa" head and of swap_pooling's heads
 
 
-def _check_spec(spec: Any, where: str) -> None:
-    """The check every covpool layer applies to its ``backend=``, with the config key in the message."""
+def check_backend_spec(spec: Any, where: str) -> None:
+    """The check every covpool layer applies to its ``backend=`` (:func:`covpool.linalg.resolve_backend`),
+    as a :class:`ConfigError` naming the config key ``where``, with the closest registered name for an
+    unknown one."""
     import covpool.linalg
 
     try:
         covpool.linalg.resolve_backend(spec)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from None
+        name = spec.get("name") if isinstance(spec, Mapping) else spec
+        names = covpool.linalg.list_backends()
+        hint = did_you_mean(name, names) if isinstance(name, str) and name not in names else ""
+        raise ConfigError(f"{where}: {err}{hint}") from None
 
 
-def parse_backend_schedule(raw: Any, epochs: int | None = None) -> tuple[tuple[int, Spec], ...]:
+def parse_backend_schedule(raw: Any, epochs: int | None = None) -> tuple[tuple[int, BackendSpec], ...]:
     """Check a ``model.backend_schedule`` value and return it as ``((start_epoch, spec), ...)``.
 
     ``None`` or an empty list is no schedule. Start epochs count completed epochs (0 is the first epoch);
@@ -58,7 +64,7 @@ def parse_backend_schedule(raw: Any, epochs: int | None = None) -> tuple[tuple[i
         return ()
     if not isinstance(raw, (list, tuple)):
         raise ConfigError(f"{_KEY} must be a list of [start_epoch, backend] pairs, {_EXAMPLE}; got {raw!r}")
-    entries: list[tuple[int, Spec]] = []
+    entries: list[tuple[int, BackendSpec]] = []
     for i, item in enumerate(raw):
         where = f"{_KEY}[{i}]"
         if not isinstance(item, (list, tuple)) or len(item) != 2:
@@ -71,7 +77,7 @@ def parse_backend_schedule(raw: Any, epochs: int | None = None) -> tuple[tuple[i
                               f"got {start} first; {_EXAMPLE}")
         if entries and start <= entries[-1][0]:
             raise ConfigError(f"{_KEY}: start epochs must increase, got {start} after {entries[-1][0]}")
-        _check_spec(spec, where)
+        check_backend_spec(spec, where)
         entries.append((start, spec))
     late = [start for start, _ in entries if epochs is not None and start >= epochs]
     if late:
@@ -80,7 +86,7 @@ def parse_backend_schedule(raw: Any, epochs: int | None = None) -> tuple[tuple[i
     return tuple(entries)
 
 
-def backend_for_epoch(schedule: Iterable[tuple[int, Spec]], epoch: int) -> Spec | None:
+def backend_for_epoch(schedule: Iterable[tuple[int, BackendSpec]], epoch: int) -> BackendSpec | None:
     """The spec the schedule gives for (0-based) ``epoch``, or None for an empty schedule."""
     spec = None
     for start, entry in schedule:
@@ -90,7 +96,7 @@ def backend_for_epoch(schedule: Iterable[tuple[int, Spec]], epoch: int) -> Spec 
     return spec
 
 
-def describe_backend(spec: Spec) -> str:
+def describe_backend(spec: BackendSpec) -> str:
     """A short label: ``"ns"``, ``"svd_pade(degree=4)"``."""
     if isinstance(spec, str):
         return spec
@@ -117,7 +123,7 @@ class BackendSchedule:
     def __init__(self, raw: Any, epochs: int | None = None) -> None:
         self.entries = parse_backend_schedule(raw, epochs)
         self.epochs = epochs
-        self._current: Spec | None = None
+        self._current: BackendSpec | None = None
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> BackendSchedule:
@@ -126,10 +132,10 @@ class BackendSchedule:
     def __bool__(self) -> bool:
         return bool(self.entries)
 
-    def spec_for(self, epoch: int) -> Spec | None:
+    def spec_for(self, epoch: int) -> BackendSpec | None:
         return backend_for_epoch(self.entries, epoch)
 
-    def apply(self, epoch: int, models: Iterable[nn.Module | None], announce: bool = True) -> Spec | None:
+    def apply(self, epoch: int, models: Iterable[nn.Module | None], announce: bool = True) -> BackendSpec | None:
         """Give the pooling layers of every model (None entries are skipped: no EMA) the backend of
         ``epoch`` when it differs from the last one applied (so a compiled model recompiles only at a
         switch); print a line on the first call and at each switch when ``announce``. Returns the spec."""
@@ -150,7 +156,7 @@ class BackendSchedule:
             total = f"/{self.epochs}" if self.epochs is not None else ""
             change = describe_backend(spec) if self._current is None else \
                 f"{describe_backend(self._current)} -> {describe_backend(spec)}"
-            tqdm.write(f"epoch {epoch + 1}{total}: square-root backend {change} ({_KEY})")
+            _log.info(f"epoch {epoch + 1}{total}: square-root backend {change} ({_KEY})")
         self._current = spec
         return spec
 

@@ -8,9 +8,10 @@ scheduler and scaler state dicts, the RNG states as tensors and numbers (torch C
 ``random``), counters, the metrics history and ``checksum``, a BLAKE2b digest of each set of weights that
 :func:`load_checkpoint` verifies, so a damaged file is an error rather than silently wrong weights.
 
-Files are written atomically (:mod:`covpool.train._io`): a temporary file ``.<name>.<random>.tmp`` in the
+Files are written atomically (:func:`covpool.outputs.atomic_write`): a temporary file ``.<name>.<random>.tmp`` in the
 same folder moved into place with :func:`os.replace`, so a crash mid-write leaves the previous file whole and
 no partial file under the real name; :func:`remove_stale_temp_files` clears what a killed process left behind.
+A command reads a checkpoint once (:meth:`Checkpoint.read`) and hands the result on.
 """
 from __future__ import annotations
 
@@ -18,15 +19,16 @@ import hashlib
 import pickle
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ._io import atomic_write
+from ..outputs import atomic_write, first_line
 
-__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "weights_checksum", "with_checksums",
+__all__ = ["CheckpointError", "Checkpoint", "atomic_save", "load_checkpoint", "weights_checksum", "with_checksums",
            "remove_stale_temp_files", "rng_state", "set_rng_state"]
 
 #: the keys under which a checkpoint stores weights (timm's names)
@@ -40,7 +42,7 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: dict[str, Any], path: str | Path) -> Path:
-    """``torch.save`` to ``path`` atomically (:func:`covpool.train._io.atomic_write`: a temporary file in
+    """``torch.save`` to ``path`` atomically (:func:`covpool.outputs.atomic_write`: a temporary file in
     the same directory, flushed and fsynced, then ``os.replace``). On any error the temporary file is
     removed and the old ``path``, if any, is untouched.
 
@@ -93,12 +95,11 @@ def _advice(path: Path) -> str:
 
 
 def _describe_load_error(path: Path, err: Exception) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err):
         return (f"checkpoint {str(path)!r} holds Python objects that a safe (weights_only) load refuses, so it was "
-                f"not written by covpool train ({text[:200]})")
+                f"not written by covpool train ({first_line(err)})")
     return (f"checkpoint {str(path)!r} is not a readable PyTorch file: truncated, damaged or of another "
-            f"format ({type(err).__name__}: {text[:200]})")
+            f"format ({type(err).__name__}: {first_line(err)})")
 
 
 def _upgrade(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +152,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
                 raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its {key!r} weights do not match the "
                                       f"checksum stored with them (bit rot or an altered file). {_advice(path)}")
     return ckpt
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read and verified once (:meth:`read`), with the file it came from for messages; what a
+    command hands on instead of the path, so nothing reads (and hashes) the file a second time."""
+
+    path: Path
+    state: Mapping[str, Any]
+
+    @classmethod
+    def read(cls, path: str | Path) -> Checkpoint:
+        """:func:`load_checkpoint` of ``path`` (on the CPU)."""
+        return cls(Path(path), load_checkpoint(path, map_location="cpu"))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The config the run that wrote it used, as a plain dict."""
+        config = self.state.get("config")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"checkpoint {str(self.path)!r} holds no covpool config; give the run's config "
+                                  "with --config")
+        return config
 
 
 def rng_state() -> dict[str, Any]:

@@ -12,7 +12,7 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ __all__ = [
     "config_diff",
     "format_config_diff",
     "MISSING",
+    "did_you_mean",
 ]
 
 
@@ -74,10 +75,13 @@ class _Interval:
 
 
 def _opt(default: Any, help_: str, interval: str | None = None, *, length: int | None = None,
-         ascending: bool = False) -> Any:
+         ascending: bool = False, check: Callable[[str, Any, str], None] | None = None) -> Any:
     """A config key: default, help and, for a number (or each number of a list), the interval it must lie in;
-    ``length`` and ``ascending`` further constrain a list."""
+    ``length`` and ``ascending`` further constrain a list; ``check(key, value, where)`` raises :class:`ConfigError`
+    for any other rule of the key."""
     meta: dict[str, Any] = {"help": help_}
+    if check is not None:
+        meta["check"] = check
     if interval is not None:
         meta["interval"] = _Interval.parse(interval)
     if length is not None:
@@ -102,8 +106,11 @@ def _range_text(f: dataclasses.Field) -> str:
     return words + (" or null" if f.default is None else "")
 
 
-def _check_range(f: dataclasses.Field, value: Any, key: str, where: str = "") -> None:
-    """Raise :class:`ConfigError` when ``value`` lies outside the range that key ``f`` declares."""
+def _check_field(f: dataclasses.Field, value: Any, key: str, where: str = "") -> None:
+    """Raise :class:`ConfigError` when ``value`` lies outside the range that key ``f`` declares, or breaks
+    its other rule."""
+    if "check" in f.metadata and value is not None:
+        f.metadata["check"](key, value, where)
     interval = f.metadata.get("interval")
     if interval is None or value is None:
         return
@@ -115,12 +122,25 @@ def _check_range(f: dataclasses.Field, value: Any, key: str, where: str = "") ->
         raise ConfigError(f"config key {key!r} must be {_range_text(f)}, got {value!r}{where}")
 
 
+def _folder_name(key: str, value: Any, where: str = "") -> None:
+    """A run name names one folder inside output_dir, never a path out of it."""
+    if value in ("", ".", "..") or any(sep in value for sep in ("/", "\\", "\0")):
+        raise ConfigError(f"config key {key!r} must be a folder name (no '/', '\\', '.' or '..'), got "
+                          f"{value!r}{where}: the run's outputs go to <output_dir>/<name>/; put the path in output_dir")
+
+
+def did_you_mean(value: Any, valid: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` with the valid name closest to ``value``, or ``""`` when none is close."""
+    close = difflib.get_close_matches(str(value), list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 class _Section:
     """Checks every key's range when a section is built directly in Python, as files and overrides are."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            _check_range(f, getattr(self, f.name), f.name)
+            _check_field(f, getattr(self, f.name), f.name)
 
 
 @dataclass
@@ -190,7 +210,7 @@ class OptimConfig(_Section):
 
 @dataclass
 class TrainConfig(_Section):
-    name: str = _opt("run", "run name; outputs go to <output_dir>/<name>/")
+    name: str = _opt("run", "run name, a folder name; outputs go to <output_dir>/<name>/", check=_folder_name)
     output_dir: str = _opt("runs", "parent folder of the run folders")
     seed: int = _opt(0, "seed of every random number generator (data order, init, augmentation)",
                      "[0, 4294967295]")
@@ -240,9 +260,8 @@ def _valid_keys(cls: type, prefix: str) -> list[str]:
 
 def _unknown(key: str, cls: type, prefix: str, where: str) -> ConfigError:
     valid = _valid_keys(cls, prefix)
-    close = difflib.get_close_matches(f"{prefix}{key}", valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown config key {prefix + key!r}{where}{hint}; valid keys: {', '.join(valid)}")
+    return ConfigError(f"unknown config key {prefix + key!r}{where}{did_you_mean(prefix + key, valid)}; valid keys: "
+                       f"{', '.join(valid)}")
 
 
 def _coerce(value: Any, hint: Any, key: str, where: str = "") -> Any:
@@ -293,7 +312,7 @@ def _build(cls: type, data: Any, prefix: str, where: Callable[[str], str]) -> An
             kwargs[key] = _build(hint, value if value is not None else {}, f"{prefix}{key}.", where)
         else:
             kwargs[key] = _coerce(value, hint, prefix + key, where(prefix + key))
-            _check_range(fields[key], kwargs[key], prefix + key, where(prefix + key))
+            _check_field(fields[key], kwargs[key], prefix + key, where(prefix + key))
     return cls(**kwargs)
 
 
@@ -421,6 +440,11 @@ def resolve_config(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        yamls = sorted(p.name for p in path.glob("*.y*ml"))
+        inside = f" (it holds {', '.join(yamls)})" if yamls else " (it holds no .yaml file)"
+        raise ConfigError(f"config {str(name_or_path)!r} is a folder, not a config file{inside}; give a YAML file "
+                          "or the name of a shipped config")
     shipped = shipped_configs()
     bare = len(path.parts) == 1 or (len(path.parts) == 2 and path.parts[0] == "configs")
     if bare and path.suffix in ("", ".yaml", ".yml"):

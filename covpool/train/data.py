@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
-from .config import DataConfig
+from .config import ConfigError, DataConfig
 from .embedded import EMBEDDED_CLASSES, EmbeddedTextures
 
 __all__ = [
@@ -27,7 +27,10 @@ __all__ = [
     "dataset_names",
     "dataset_layout",
     "num_classes_of",
+    "build_dataset",
     "build_datasets",
+    "build_train_loader",
+    "build_val_loader",
     "build_loaders",
 ]
 
@@ -188,7 +191,7 @@ def num_classes_of(cfg: DataConfig) -> int:
     return sum(1 for p in train.iterdir() if p.is_dir())
 
 
-def _transforms(cfg: DataConfig, model: torch.nn.Module | None) -> tuple[Callable, Callable]:
+def _transform(cfg: DataConfig, model: torch.nn.Module | None, train: bool) -> Callable:
     if cfg.dataset == "embedded":
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         from torchvision.transforms import v2
@@ -196,10 +199,11 @@ def _transforms(cfg: DataConfig, model: torch.nn.Module | None) -> tuple[Callabl
         pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
         mean = pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN)
         std = pretrained_cfg.get("std", IMAGENET_DEFAULT_STD)
+        if not train:
+            return v2.Normalize(mean, std)
         # textures have no up or down: both flips are label-preserving
-        train = v2.Compose([v2.RandomHorizontalFlip(cfg.hflip), v2.RandomVerticalFlip(cfg.hflip),
-                            v2.Normalize(mean, std)])
-        return train, v2.Normalize(mean, std)
+        return v2.Compose([v2.RandomHorizontalFlip(cfg.hflip), v2.RandomVerticalFlip(cfg.hflip),
+                           v2.Normalize(mean, std)])
 
     from timm.data import create_transform, resolve_data_config
 
@@ -209,25 +213,30 @@ def _transforms(cfg: DataConfig, model: torch.nn.Module | None) -> tuple[Callabl
     if cfg.interpolation is not None:
         args["interpolation"] = cfg.interpolation
     data_cfg = resolve_data_config(args, model=model)
-    train = create_transform(**data_cfg, is_training=True, hflip=cfg.hflip, color_jitter=cfg.color_jitter,
-                             auto_augment=cfg.auto_augment, re_prob=cfg.re_prob,
-                             scale=tuple(cfg.scale) if cfg.scale else None)
-    return train, create_transform(**data_cfg, is_training=False)
+    if not train:
+        return create_transform(**data_cfg, is_training=False)
+    return create_transform(**data_cfg, is_training=True, hflip=cfg.hflip, color_jitter=cfg.color_jitter,
+                            auto_augment=cfg.auto_augment, re_prob=cfg.re_prob,
+                            scale=tuple(cfg.scale) if cfg.scale else None)
 
 
-def build_datasets(cfg: DataConfig, model: torch.nn.Module | None = None, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """Training and validation data sets with their transforms (normalisation from ``model``'s
-    pretrained config when given, ImageNet statistics otherwise)."""
+def build_dataset(cfg: DataConfig, train: bool, model: torch.nn.Module | None = None, seed: int = 0) -> Dataset:
+    """The training (``train``) or validation data set with its transform (normalisation from ``model``'s
+    pretrained config when given, ImageNet statistics otherwise); the other split is not read."""
     _check_root(cfg)
     spec = _spec(cfg.dataset)
-    train_tf, val_tf = _transforms(cfg, model)
     try:
-        return spec.build(cfg, True, train_tf, seed), spec.build(cfg, False, val_tf, seed)
+        return spec.build(cfg, train, _transform(cfg, model, train), seed)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
         if "not found" not in str(err).lower():
             raise
         raise _missing(cfg.dataset, cfg.root, _LAYOUTS[cfg.dataset], f"torchvision found nothing under "
                        f"{cfg.root!r} ({err})") from err
+
+
+def build_datasets(cfg: DataConfig, model: torch.nn.Module | None = None, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Training and validation data sets (:func:`build_dataset`)."""
+    return build_dataset(cfg, True, model, seed), build_dataset(cfg, False, model, seed)
 
 
 class ResumableSampler(DistributedSampler):
@@ -258,18 +267,28 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def build_loaders(cfg: DataConfig, train_set: Dataset, val_set: Dataset, seed: int, rank: int = 0,
-                  world_size: int = 1, pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
-    """Loaders over a :class:`ResumableSampler` (train, last incomplete batch dropped) and a
-    :class:`ShardSampler` (val). The training loader's ``generator`` seeds worker augmentation; the
-    trainer reseeds it every epoch so that resumed and uninterrupted runs draw the same numbers."""
+def build_train_loader(cfg: DataConfig, train_set: Dataset, seed: int, rank: int = 0, world_size: int = 1,
+                       pin_memory: bool = False) -> DataLoader:
+    """A loader over a :class:`ResumableSampler` (the last incomplete batch dropped). Its ``generator`` seeds
+    worker augmentation; the trainer reseeds it every epoch so that resumed and uninterrupted runs draw the
+    same numbers."""
     if len(train_set) < cfg.batch_size * world_size:
-        raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch "
+        raise ConfigError(f"the training set has {len(train_set)} images, fewer than one batch "
                          f"({cfg.batch_size} x {world_size} processes); lower data.batch_size")
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=ResumableSampler(
+    return DataLoader(train_set, batch_size=cfg.batch_size, sampler=ResumableSampler(
         train_set, world_size, rank, seed), num_workers=cfg.workers, pin_memory=pin_memory, drop_last=True,
         generator=torch.Generator())
-    val_loader = DataLoader(val_set, batch_size=cfg.val_batch_size or 2 * cfg.batch_size,
-                            sampler=ShardSampler(val_set, world_size, rank), num_workers=cfg.workers,
-                            pin_memory=pin_memory)
-    return train_loader, val_loader
+
+
+def build_val_loader(cfg: DataConfig, val_set: Dataset, rank: int = 0, world_size: int = 1,
+                     pin_memory: bool = False) -> DataLoader:
+    """A loader over a :class:`ShardSampler`: every image once, over all processes."""
+    return DataLoader(val_set, batch_size=cfg.val_batch_size or 2 * cfg.batch_size,
+                      sampler=ShardSampler(val_set, world_size, rank), num_workers=cfg.workers, pin_memory=pin_memory)
+
+
+def build_loaders(cfg: DataConfig, train_set: Dataset, val_set: Dataset, seed: int, rank: int = 0,
+                  world_size: int = 1, pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
+    """:func:`build_train_loader` and :func:`build_val_loader`."""
+    return (build_train_loader(cfg, train_set, seed, rank, world_size, pin_memory),
+            build_val_loader(cfg, val_set, rank, world_size, pin_memory))

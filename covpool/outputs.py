@@ -1,0 +1,202 @@
+"""What every ``covpool`` command writes: atomic files, CSV files, tables, figures and its console lines.
+
+The one home of these rules, below the trainer (:mod:`covpool.train`), the benchmark (:mod:`covpool.bench`)
+and the demo (:mod:`covpool.demo`), so that each writes its outputs the same way without importing another.
+Importing it loads the standard library only: matplotlib loads when a figure is made, tqdm when a console
+line is written.
+
+Atomic writes: the bytes go to a temporary file ``.<name>.<random>.tmp`` in the destination's folder (same
+file system, so the rename is atomic), are flushed and fsynced, and the file is moved into place with
+:func:`os.replace`. A crash mid-write leaves the previous file whole and no partial file under the real name;
+:func:`covpool.train.checkpoint.remove_stale_temp_files` clears what a killed process left behind.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+__all__ = ["atomic_write", "os_error_in", "first_line", "write_csv", "format_value", "format_table", "new_figure",
+           "save_figure", "console_logging"]
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object],
+                 advice: str = "Free space there (or choose another folder) and try again") -> Path:
+    """Call ``write(f)`` on a binary file that becomes ``path`` only once it is complete.
+
+    On any error the temporary file is removed and the old ``path``, if any, is untouched; the folder is
+    created when missing.
+
+    Raises:
+        OSError: the write failed (full disk, quota, I/O error); the message names ``path``, the cause
+            (which torch.save otherwise reports as a bare "unexpected pos" RuntimeError), whether the old
+            file survived, and ``advice``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        cause = os_error_in(err)
+        if cause is None:
+            raise
+        kept = "the previous file is untouched" if path.exists() else "nothing was written"
+        message = f"could not write {path}: {cause.strerror or cause}; {kept}. {advice}"
+        raise (OSError(cause.errno, message) if cause.errno is not None else OSError(message)) from err
+    return path
+
+
+def os_error_in(err: BaseException | None) -> OSError | None:
+    """The OSError behind ``err`` (torch.save reports ENOSPC as a RuntimeError raised while cleaning up)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """What a one-line message quotes of another error: the first line of its message, cut to ``limit``
+    characters (its type's name when the message is empty).
+
+    >>> first_line(RuntimeError("Timed out waiting 2000ms\\n  at frame 1"))
+    'Timed out waiting 2000ms'
+    """
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path, fields: Sequence[str] | None = None) -> Path:
+    """``rows`` as a CSV file with the columns ``fields`` (default: the first row's keys; other keys are
+    left out), written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields if fields is not None else rows[0]), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, lambda f: f.write(buf.getvalue().encode("utf-8")))
+
+
+def format_value(value: Any) -> str:
+    """A table cell: floats to 3 significant digits (scientific from 10⁴), ``–`` for a missing value."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
+    return str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, headers: Mapping[str, str] | None = None,
+                 formats: Mapping[str, str] | None = None, markdown: bool = False) -> str:
+    """``rows`` as a table of ``columns`` (keys of the rows): aligned text (right-justified under a dashed
+    rule, what a run prints at its end) or, with ``markdown``, a Markdown table (what ``covpool bench`` prints
+    and the README quotes). ``headers`` renames columns; a cell is ``formats[key].format(value)`` where a
+    format is given, else :func:`format_value`; a missing value is ``–``.
+
+    >>> print(format_table([{"d": 8, "ms": 1.25}], ["d", "ms"], headers={"ms": "time ms"}))
+    d  time ms
+    -  -------
+    8     1.25
+    >>> print(format_table([{"d": 8, "ms": 1.25}], ["d", "ms"], markdown=True))
+    | d | ms |
+    |---|---|
+    | 8 | 1.25 |
+    """
+    headers, formats = headers or {}, formats or {}
+
+    def cell(row: Mapping[str, Any], key: str) -> str:
+        value = row.get(key)
+        return formats[key].format(value) if key in formats and value is not None else format_value(value)
+
+    head = [headers.get(key, key) for key in columns]
+    body = [[cell(row, key) for key in columns] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(columns)]
+        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+    widths = [max(len(text) for text in column) for column in zip(head, *body)]
+    lines = ["  ".join(text.rjust(width) for text, width in zip(cells, widths)) for cells in (head, *body)]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def new_figure(figsize: tuple[float, float]):
+    """A matplotlib ``Figure`` on the Agg canvas, without pyplot: no GUI, no global backend switch
+    (``matplotlib.use``), nothing kept in pyplot's registry after it is saved."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path: str | Path, dpi: int = 90) -> Path:
+    """``fig`` as a PNG file, written atomically."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
+class _ConsoleHandler(logging.Handler):
+    """Writes a record's message through ``tqdm.write`` to the current ``sys.stdout``, so progress bars
+    are redrawn below it rather than broken."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # as logging.StreamHandler: a failing console never stops a run
+            self.handleError(record)
+
+
+def _shown_on_a_console(logger: logging.Logger) -> bool:
+    """Whether a handler on ``logger``'s way to the root already writes to the process's stdout or
+    stderr (the user configured logging, e.g. ``logging.basicConfig()``)."""
+    streams = {id(sys.stdout), id(sys.stderr), id(sys.__stdout__), id(sys.__stderr__)}
+    node: logging.Logger | None = logger
+    while node is not None:
+        if any(id(getattr(h, "stream", None)) in streams for h in node.handlers):
+            return True
+        node = node.parent if node.propagate else None
+    return False
+
+
+@contextmanager
+def console_logging(name: str = "covpool") -> Iterator[None]:
+    """Show the INFO lines of logger ``name`` (and its children) on stdout while the block runs, as the
+    commands always have, unless the program decided where they go.
+
+    covpool logs through :mod:`logging` (``logging.getLogger("covpool.train....")``), as timm does. Its
+    lines go to the console when neither the ``covpool`` logger has a handler or a level of its own nor a
+    handler on its way to the root writes to stdout or stderr; otherwise they follow the program's
+    configuration: ``logging.getLogger("covpool").setLevel(logging.WARNING)`` silences them; a handler of
+    your own with level INFO on that logger, or ``logging.basicConfig(level=logging.INFO)``, routes them.
+    """
+    logger = logging.getLogger(name)
+    if logger.handlers or logger.level != logging.NOTSET or _shown_on_a_console(logger):
+        yield
+        return
+    handler = _ConsoleHandler(logging.INFO)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)

@@ -1,0 +1,79 @@
+"""What a run reports: ``metrics.csv`` (one row per epoch), ``curves.png``, a line per epoch and the final table.
+
+Each is made from the run's history, a list of per-epoch rows with the keys of :data:`METRICS_FIELDS`;
+the files are written through :mod:`covpool.outputs` (atomically). ``covpool demo`` draws its comparison
+with :func:`plot_curves` too.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ..outputs import format_table, new_figure, save_figure, write_csv
+
+__all__ = ["METRICS_FIELDS", "write_metrics", "plot_curves", "format_history", "epoch_line"]
+
+#: the columns of metrics.csv
+METRICS_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc1", "val_acc5", "ema_val_acc1", "lr",
+                  "epoch_time_s", "train_img_per_s", "backend")
+
+# the final table's columns: key -> (header, format)
+_TABLE = {"epoch": ("epoch", "{:.0f}"), "train_loss": ("train loss", "{:.4f}"), "train_acc": ("train acc%", "{:.2f}"),
+          "val_loss": ("val loss", "{:.4f}"), "val_acc1": ("val acc%", "{:.2f}"), "val_acc5": ("val top5%", "{:.2f}"),
+          "ema_val_acc1": ("EMA val%", "{:.2f}"), "epoch_time_s": ("time s", "{:.1f}"),
+          "train_img_per_s": ("img/s", "{:.0f}")}
+
+
+def write_metrics(history: Sequence[Mapping], path: str | Path) -> Path:
+    """``metrics.csv``: one row per epoch, the columns of :data:`METRICS_FIELDS`."""
+    return write_csv(history, path, METRICS_FIELDS)
+
+
+def _has_ema(history: Sequence[Mapping]) -> bool:
+    return any(r.get("ema_val_acc1") is not None and not math.isnan(r["ema_val_acc1"]) for r in history)
+
+
+def format_history(history: Sequence[Mapping]) -> str:
+    """The per-epoch metrics as an aligned text table (the EMA column only for runs that keep one)."""
+    columns = [key for key in _TABLE if key != "ema_val_acc1" or _has_ema(history)]
+    return format_table(history, columns, headers={k: h for k, (h, _) in _TABLE.items()},
+                        formats={k: f for k, (_, f) in _TABLE.items()})
+
+
+def epoch_line(row: Mapping, epochs: int, is_best: bool, ema: bool) -> str:
+    """The summary line a run prints at the end of an epoch."""
+    ema_text = f"  ema val acc {row['ema_val_acc1']:.2f}%" if ema else ""
+    return (f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc1']:.2f}% (top-5 {row['val_acc5']:.2f}%){ema_text}  "
+            f"{row['epoch_time_s']:.1f}s {row['train_img_per_s']:.0f} img/s" + ("  *best*" if is_best else ""))
+
+
+def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str | Path, title: str = "") -> Path:
+    """One figure, two panels (loss, accuracy %), a train (dashed) and val (solid) line per run.
+
+    ``runs`` maps a label to its per-epoch rows (``epoch``, ``train_loss``, ``val_loss``, ``train_acc``,
+    ``val_acc1``), as in ``metrics.csv``; one run needs no label (``{"": history}``)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = new_figure((10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for i, (label, rows) in enumerate(runs.items()):
+        color = f"C{i}"
+        epochs = [r["epoch"] for r in rows]
+        prefix = f"{label} " if len(runs) > 1 else ""
+        ax_loss.plot(epochs, [r["train_loss"] for r in rows], "--", color=color, label=f"{prefix}train")
+        ax_loss.plot(epochs, [r["val_loss"] for r in rows], "-o", color=color, label=f"{prefix}val")
+        ax_acc.plot(epochs, [r["train_acc"] for r in rows], "--", color=color, label=f"{prefix}train")
+        ax_acc.plot(epochs, [r["val_acc1"] for r in rows], "-o", color=color, label=f"{prefix}val")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    # fixed margins: tight_layout would draw the figure twice, which costs more than the plot itself
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.86 if title else 0.92, wspace=0.22)
+    return save_figure(fig, path, dpi=90)
