@@ -1,25 +1,36 @@
-"""``covpool bench``: time and accuracy of every backend, in units of one batched matrix product.
+"""``covpool bench``: time and accuracy of every backend, in units of one batched matrix product; and, with
+``--models``, what a second-order head costs in a whole training step.
 
-Times are medians from :mod:`torch.utils.benchmark`; each is also divided by the time of one batched
-product ``bmm`` of the same shape ("product equivalents"), which makes figures comparable across
+Backends: times are medians from :mod:`torch.utils.benchmark`; each is also divided by the time of one
+batched product ``bmm`` of the same shape ("product equivalents"), which makes figures comparable across
 machines. Accuracy is measured against float64 eigendecomposition on three matrix families.
+
+Models (``--models``): a training step is forward, backward and an SGD step (momentum 0.9) on one random batch;
+the models are built first and then stepped in turn, step by step, so that a drift of the machine's speed
+reaches them all alike; each figure is the median over the steps, and each ratio is taken within the run. The
+iSQRT-COV head alone is timed on both sides of the Gram choice, with the bytes it keeps for its backward.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils import benchmark
 
-from . import linalg
+from . import layers, linalg, models
 from .outputs import format_table as _table
 from .outputs import new_figure, save_figure
 from .testing import exact_grad, exact_root, ill_conditioned, rank_deficient, repeated_eigenvalues, well_conditioned
 
-__all__ = ["Variant", "default_variants", "product_count", "run_bench", "format_table"]
+__all__ = ["Variant", "default_variants", "product_count", "run_bench", "format_table", "plot", "ModelCase",
+           "default_cases", "run_models_bench", "run_head_bench", "saved_bytes", "format_models_tables", "plot_models"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,5 +218,215 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     ax_f.legend(fontsize=7)
     ax_f.set(xscale="log", yscale="log", xlabel="forward+backward cost (product equivalents)",
              ylabel="forward relative error", title=f"accuracy / cost, d = {d_front} (errors at d <= 128)")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+
+
+# ------------------------------------------------------------------------------------------ --models
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+    """One row: a label, a builder ``(num_classes) -> model``, and the label of the row it is compared to."""
+
+    label: str
+    build: Callable[[int], nn.Module]
+    baseline: str
+    note: str = ""
+
+
+def _timm(name: str, **kwargs: Any) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        import timm
+
+        return timm.create_model(name, num_classes=num_classes, **kwargs)
+
+    return build
+
+
+def _swapped(name: str, **options: Any) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        return models.swap_pooling(_timm(name)(num_classes), **options)
+
+    return build
+
+
+def default_cases(names: Sequence[str] = ("resnet50",)) -> list[ModelCase]:
+    """For each timm backbone name: the backbone as timm builds it (average pooling: the baseline), with
+    :func:`covpool.swap_pooling` (its own stride; the Gram side where it is cheaper, and forced to the d×d
+    side for comparison), and covpool's registered ``<name>_isqrt`` if there is one (the published recipe:
+    last stage at stride 1)."""
+    import timm
+
+    cases = []
+    for name in names:
+        cases += [
+            ModelCase(name, _timm(name), name, "average pooling"),
+            ModelCase(f"swap_pooling({name})", _swapped(name), name, "its stride, iSQRT-COV head, Gram side"),
+            ModelCase(f"swap_pooling({name}, gram=False)", _swapped(name, gram=False), name,
+                      "the same on the d×d side (covpool <= 0.1)"),
+        ]
+        if timm.is_model(f"{name}_isqrt"):
+            cases.append(ModelCase(f"{name}_isqrt", _timm(f"{name}_isqrt"), name, "published recipe, stride 1"))
+    return cases
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_models_bench(
+    cases: Sequence[ModelCase] | None = None,
+    batch: int = 8,
+    img_size: int = 224,
+    num_classes: int = 1000,
+    steps: int = 5,
+    device: str | torch.device = "cpu",
+    amp: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Median training-step time of each case and its ratio to its baseline's, measured in one run."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    cases = list(cases or default_cases())
+    amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    y = torch.randint(num_classes, (batch,), device=device)
+    built = []
+    for case in cases:
+        model = case.build(num_classes).to(device).train()
+        built.append((model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    def step(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        _synchronize(device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        _synchronize(device)
+        return time.perf_counter() - start
+
+    for model, optimizer in built:  # warm-up: allocations, kernel choices, lazy initialisation
+        step(model, optimizer)
+    times: list[list[float]] = [[] for _ in built]
+    for _ in tqdm(range(steps), desc="bench --models", disable=not progress):
+        for i, (model, optimizer) in enumerate(built):
+            times[i].append(step(model, optimizer))
+    medians = {case.label: statistics.median(t) for case, t in zip(cases, times)}
+    rows = []
+    for case, (model, _) in zip(cases, built):
+        rows.append({
+            "model": case.label, "note": case.note, "batch": batch, "img_size": img_size, "device": device.type,
+            "amp": amp or "none", "step ms": 1e3 * medians[case.label],
+            "vs baseline": medians[case.label] / medians[case.baseline], "baseline": case.baseline,
+            "params M": sum(p.numel() for p in model.parameters()) / 1e6,
+        })
+    return rows
+
+
+def saved_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the tensors autograd keeps for the backward of ``fn()``, each storage counted once."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def run_head_bench(
+    sizes: Sequence[int] = (7, 14),
+    batch: int = 32,
+    in_channels: int = 2048,
+    reduced_dim: int = 256,
+    backend: str = "ns",
+    reps: int = 10,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """The iSQRT-COV head alone (1×1 conv to ``reduced_dim``, covariance, ``backend``, upper triangle),
+    forward and backward, on the Gram side where it is cheaper and on the d×d side, interleaved, at each
+    feature-map size; with the bytes each keeps for its backward."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    rows = []
+    for hw in tqdm(sizes, desc="bench --models (head)", disable=not progress):
+        x = torch.randn(batch, in_channels, hw, hw, device=device, requires_grad=True)
+        pools = {side: layers.CovPool(in_channels, reduced_dim, backend, gram=side).to(device)
+                 for side in ("auto", False)}
+
+        def run(pool: nn.Module) -> float:
+            _synchronize(device)
+            start = time.perf_counter()
+            pool(x).sum().backward()
+            _synchronize(device)
+            return time.perf_counter() - start
+
+        for pool in pools.values():
+            run(pool)
+        times: dict[Any, list[float]] = {side: [] for side in pools}
+        for _ in range(reps):
+            for side, pool in pools.items():
+                times[side].append(run(pool))
+        base = statistics.median(times[False])
+        for side, pool in pools.items():
+            gram = linalg.resolve_backend(backend)[0].uses_gram(reduced_dim, hw * hw, side)
+            rows.append({
+                "head": f"CovPool({in_channels} -> {reduced_dim}, {backend})", "positions": f"{hw}x{hw}",
+                "side": "Gram" if gram else "d x d",
+                "batch": batch, "device": device.type, "fwd+bwd ms": 1e3 * statistics.median(times[side]),
+                "speed-up vs d x d": base / statistics.median(times[side]),
+                "saved MiB": saved_bytes(lambda pool=pool: pool(x)) / 2**20,
+            })
+    return rows
+
+
+MODEL_COLUMNS = ("model", "note", "step ms", "vs baseline", "params M")
+HEAD_COLUMNS = ("head", "positions", "side", "fwd+bwd ms", "speed-up vs d x d", "saved MiB")
+
+
+def format_models_tables(model_rows: Sequence[dict[str, Any]], head_rows: Sequence[dict[str, Any]]) -> str:
+    """The two Markdown tables: training steps, and the head alone."""
+    first = model_rows[0] if model_rows else head_rows[0]
+    parts = []
+    if model_rows:
+        parts.append(f"Training step (forward, backward, SGD), batch {first['batch']} at {first['img_size']}², "
+                     f"{first['device']}, amp {first['amp']}; median of the steps, ratio to the baseline in "
+                     "this run:\n\n" + _table(model_rows, MODEL_COLUMNS, markdown=True))
+    if head_rows:
+        h = head_rows[0]
+        parts.append(f"The head alone, forward and backward, batch {h['batch']}, {h['device']}:\n\n"
+                     + _table(head_rows, HEAD_COLUMNS, markdown=True))
+    return "\n\n".join(parts)
+
+
+def plot_models(model_rows: Sequence[dict[str, Any]], head_rows: Sequence[dict[str, Any]], path: str) -> None:
+    """Step-time ratios of the models, and the head's time and saved bytes on each side."""
+    fig = new_figure((12, 4.5))
+    ax_m, ax_h = fig.subplots(1, 2)
+    labels = [r["model"] for r in model_rows]
+    ax_m.barh(range(len(labels)), [r["vs baseline"] for r in model_rows], color="tab:blue")
+    ax_m.axvline(1.0, color="black", linewidth=0.8)
+    ax_m.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax_m.invert_yaxis()
+    if model_rows:
+        r = model_rows[0]
+        ax_m.set(xlabel="training step time / baseline's", title=f"batch {r['batch']} at {r['img_size']}², "
+                 f"{r['device']}, amp {r['amp']}")
+    names = [f"{r['positions']} {r['side']}" for r in head_rows]
+    ax_h.bar(range(len(names)), [r["fwd+bwd ms"] for r in head_rows], color="tab:orange")
+    ax_h.set_xticks(range(len(names)), names, fontsize=8)
+    ax_h.set(ylabel="head forward+backward (ms)", title=head_rows[0]["head"] if head_rows else "")
+    for i, r in enumerate(head_rows):
+        ax_h.annotate(f"{r['saved MiB']:.0f} MiB saved", (i, r["fwd+bwd ms"]), ha="center", va="bottom", fontsize=7)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)

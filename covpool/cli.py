@@ -230,7 +230,8 @@ def eval_main(argv: Sequence[str]) -> int:
 
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
-    """``covpool bench [--quick] [--dims ...] [--inverse] [--compile] [--backends ...] [--out DIR]``."""
+    """``covpool bench [--quick] [--dims ...] [--inverse] [--compile] [--backends ...] [--out DIR]``, or
+    ``covpool bench --models [NAME ...] [--img-size ...] [--steps ...] [--amp ...]``."""
     import torch
 
     from . import bench
@@ -238,21 +239,34 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="covpool bench", description=bench.__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small size, backends at defaults (under a minute)")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, help="batch size (backends: 64; --models: 8)")
     parser.add_argument("--dims", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--inverse", action="store_true", help="measure the inverse square root")
     parser.add_argument("--compile", action="store_true", help="also torch.compile ns, mtp_lya and mpa_lya")
     parser.add_argument("--backends", nargs="+", help="only these variant labels (default: all)")
-    parser.add_argument("--out", default="bench_out", help="folder for bench.csv and bench.png")
+    parser.add_argument("--models", nargs="*", metavar="NAME",
+                        help="instead of the backends: training steps of timm backbones (default resnet50) with "
+                             "average pooling, with covpool.swap_pooling, and <name>_isqrt, and the head alone")
+    parser.add_argument("--img-size", type=int, default=224, help="--models: input size")
+    parser.add_argument("--steps", type=int, default=5, help="--models: timed steps per model (medians)")
+    parser.add_argument("--classes", type=int, default=1000, help="--models: classifier size")
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="--models: autocast")
+    parser.add_argument("--out", default="bench_out", help="folder for the CSV files and plots")
     args = parser.parse_args(argv)
+    for name, value, low in (("--batch", args.batch, 1), ("--img-size", args.img_size, 16),
+                             ("--steps", args.steps, 1), ("--classes", args.classes, 1)):
+        if value is not None and value < low:
+            parser.error(f"{name} must be at least {low}, got {value}")
+    if args.models is not None:
+        return _bench_models(parser, args)
     variants = bench.default_variants(quick=args.quick)
     if args.backends:
         unknown = sorted(set(args.backends) - {v.label for v in variants})
         if unknown:
             parser.error(f"unknown variant(s) {unknown}; choose from {[v.label for v in variants]}")
         variants = [v for v in variants if v.label in args.backends]
-    batch, dims, min_time = (16, [64], 0.05) if args.quick else (args.batch, args.dims, 0.2)
+    batch, dims, min_time = (16, [64], 0.05) if args.quick else (args.batch or 64, args.dims, 0.2)
     rows = bench.run_bench(variants, batch, dims, args.device, args.inverse, args.compile, min_time)
     print(bench.format_table(rows))
     out = Path(args.out)
@@ -263,12 +277,39 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _bench_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import timm
+
+    from . import bench
+    from .outputs import write_csv
+
+    names = args.models or ["resnet50"]
+    unknown = [n for n in names if not timm.is_model(n)]
+    if unknown:
+        parser.error(f"unknown timm model(s) {unknown}; see timm.list_models()")
+    amp = None if args.amp == "none" else args.amp
+    if amp == "fp16" and not str(args.device).startswith("cuda"):
+        parser.error("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+    model_rows = bench.run_models_bench(bench.default_cases(names), batch=args.batch or 8,
+                                               img_size=args.img_size, num_classes=args.classes, steps=args.steps,
+                                               device=args.device, amp=amp)
+    head_rows = bench.run_head_bench(device=args.device)
+    print(bench.format_models_tables(model_rows, head_rows))
+    out = Path(args.out)
+    write_csv(model_rows, out / "models.csv")
+    write_csv(head_rows, out / "head.csv")
+    bench.plot_models(model_rows, head_rows, out / "models.png")
+    print(f"\nwrote {out / 'models.csv'}, {out / 'head.csv'} and {out / 'models.png'}")
+    return 0
+
+
 # ---- covpool demo --------------------------------------------------------------------------------------
 
 
 def demo_main(argv: Sequence[str] | None = None) -> int:
-    """``covpool demo [--skip-training] [--output-dir DIR] [--no-progress] [key=value ...]`` and
-    ``covpool demo --hybrid [--switch N] [--output-dir DIR] [--no-progress] [key=value ...]``."""
+    """``covpool demo [--skip-training] [--output-dir DIR] [--no-progress] [key=value ...]``,
+    ``covpool demo --hybrid [--switch N] [--output-dir DIR] [--no-progress] [key=value ...]`` and
+    ``covpool demo --heads [--output-dir DIR] [--no-progress] [key=value ...]``."""
     from . import demo
 
     modes = argparse.ArgumentParser(add_help=False)
@@ -276,8 +317,13 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     modes.add_argument("--hybrid", action="store_true",
                        help="instead: NS only, SVD-Padé only and the hybrid protocol side by side (same budget); "
                             "`covpool demo --hybrid --help` for its options")
+    modes.add_argument("--heads", action="store_true",
+                       help="instead: average pooling and every second-order head side by side (same budget)")
     args, _ = modes.parse_known_args(argv)
+    if args.hybrid and args.heads:
+        modes.error("--hybrid and --heads are two demos: choose one")
     about, output_dir, example = ((demo.HYBRID_ABOUT, "runs/hybrid_demo", "epochs=6") if args.hybrid else
+                                  (demo.HEADS_ABOUT, "runs/heads_demo", "epochs=2") if args.heads else
                                   (demo.__doc__ + "\n" + demo.TRAINING_ABOUT, "runs/demo", "epochs=2"))
     parser = argparse.ArgumentParser(prog="covpool demo",
                                      description=about, parents=[modes],
@@ -292,6 +338,8 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     extra = (*run_args.overrides, *(("progress=false",) if run_args.no_progress else ()))
     if args.hybrid:
         return demo.run_hybrid_demo(run_args.output_dir, run_args.switch, extra)
+    if args.heads:
+        return demo.run_heads_demo(run_args.output_dir, extra)
     demo.compare_backends()
     if args.skip_training:
         return 0

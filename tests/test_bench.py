@@ -73,3 +73,33 @@ def test_torch_compile_fullgraph_matches_eager(backend):
         out_e.square().sum().backward()
         torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_models_mode_times_steps_and_the_head_and_writes_its_outputs(tmp_path, capsys, monkeypatch):
+    import covpool.bench as bm
+
+    small = {"sizes": (3, 6), "batch": 2, "in_channels": 32, "reduced_dim": 16, "reps": 2}
+    real = bm.run_head_bench
+    monkeypatch.setattr(bm, "run_head_bench", lambda **kw: real(**{**kw, **small}, progress=False))
+    rc = bench_main(["--models", "resnet18", "--batch", "2", "--img-size", "32", "--steps", "2", "--classes", "5",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| swap_pooling(resnet18) |" in out and "| resnet18_isqrt |" in out
+    with open(tmp_path / "models.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == ["resnet18", "swap_pooling(resnet18)", "swap_pooling(resnet18, gram=False)",
+                                          "resnet18_isqrt"]
+    assert float(rows[0]["vs baseline"]) == 1.0 and all(float(r["step ms"]) > 0 for r in rows)
+    with open(tmp_path / "head.csv") as f:
+        head = list(csv.DictReader(f))
+    # 3×3 positions of 16 channels: the Gram side (9 < 0.85·16), 6×6: the d×d side on both rows
+    assert [(r["positions"], r["side"]) for r in head] == [("3x3", "Gram"), ("3x3", "d x d"), ("6x6", "d x d"),
+                                                           ("6x6", "d x d")]
+    assert float(head[0]["saved MiB"]) < float(head[1]["saved MiB"])
+    assert (tmp_path / "models.png").stat().st_size > 1000
+
+
+def test_models_mode_refuses_an_unknown_model():
+    with pytest.raises(SystemExit):
+        bench_main(["--models", "resnet5O"])

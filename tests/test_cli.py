@@ -541,6 +541,10 @@ _MISTAKES = [
     ([], {"COVPOOL_DIST_TIMEOUT": "abc"}, "COVPOOL_DIST_TIMEOUT must be a positive number of seconds, got 'abc'"),
     ([], {"COVPOOL_DIST_TIMEOUT": "-3"}, "COVPOOL_DIST_TIMEOUT must be a positive number of seconds, got '-3'"),
     (["name=../escape"], {}, "config key 'name' must be a folder name"),
+    ([*_COVPOOL, "model.head=bcnnn"], {}, "model.head='bcnnn' is not a second-order head (did you mean 'bcnn'?)"),
+    (["model.head=bcnn"], {}, "model.head and model.covpool are only used with model.swap_pooling=true"),
+    ([*_COVPOOL, "model.head=sot"], {}, "head 'sot' pools transformer tokens"),
+    ([*_COVPOOL, "model.head=bcnn", "model.covpool.backend=eig"], {}, "backend='eig' would have no effect"),
 ]
 
 

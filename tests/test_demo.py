@@ -39,3 +39,23 @@ def test_run_demo_tiny(tmp_path, capsys):
     assert read_rows(tmp_path / "avgpool" / "metrics.csv")[0]["epoch"] == "1"
     state = torch.load(tmp_path / "covpool" / "last.pt", weights_only=True)
     assert any(k.startswith("global_pool.") for k in state["state_dict"])  # covariance pooling really in place
+
+
+def test_run_heads_demo_tiny(tmp_path, capsys):
+    import covpool
+    from covpool.demo import heads_demo_config, run_heads_demo
+
+    assert heads_demo_config("bcnn").model.head == "bcnn" and heads_demo_config(None).model.swap_pooling is False
+    rc = run_heads_demo(str(tmp_path), ["progress=false", "epochs=1", "model.name=test_resnet",
+                                        "data.img_size=32", "data.batch_size=8", "data.embedded_train_per_class=2",
+                                        "data.embedded_val_per_class=1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| head")]
+    heads = [h for h in covpool.list_heads() if not covpool.get_head(h).tokens_only]
+    assert [line.split("|")[1].strip() for line in table] == ["avgpool", *heads]
+    widths = {line.split("|")[1].strip(): line.split("|")[6].strip() for line in table}
+    assert widths["isqrt_cov"] == "2080" and widths["bcnn"] == "4096" and widths["cbp_ts"] == "8192"  # d = 64
+    assert "noise" in out and (tmp_path / "comparison.png").stat().st_size > 1000
+    state = torch.load(tmp_path / "cbp_ts" / "last.pt", weights_only=True)
+    assert "global_pool.h1" in state["state_dict"]  # the sketch's hashes are in the checkpoint

@@ -68,12 +68,13 @@ def build_model(cfg: ModelConfig, num_classes: int, for_checkpoint: bool = False
             raise ConfigError(f"model.zca={cfg.zca!r}, model.zca_options={dict(cfg.zca_options)!r} "
                               f"(model.zca: none, stem or all): {err}") from None
     if cfg.swap_pooling:
-        try:
-            model = covpool.swap_pooling(model, **cfg.covpool)  # timm non-ResNets come back wrapped
+        try:  # timm non-ResNets come back wrapped
+            model = covpool.swap_pooling(model, head=cfg.head, **cfg.covpool)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"model.covpool={dict(cfg.covpool)!r} (covpool.swap_pooling's options): {err}") from None
-    elif cfg.covpool:
-        raise ConfigError("model.covpool options are only used with model.swap_pooling=true")
+            raise ConfigError(f"model.head={cfg.head!r}, model.covpool={dict(cfg.covpool)!r} (covpool.swap_pooling's "
+                              f"head and options): {err}") from None
+    elif cfg.covpool or cfg.head != "isqrt_cov":
+        raise ConfigError("model.head and model.covpool are only used with model.swap_pooling=true")
     return model
 
 

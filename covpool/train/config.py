@@ -152,8 +152,10 @@ class ModelConfig(_Section):
     num_classes: int | None = _opt(None, "classifier size; null takes it from the data set", "[1, inf)")
     swap_pooling: bool = _opt(False, "replace the model's pooling + classifier by a second-order head "
                               "(covpool.swap_pooling: covariance pooling for CNNs, on the patch tokens for ViTs)")
-    covpool: dict = _opt({}, "keyword options for covpool.swap_pooling, e.g. {reduced_dim: 256, backend: ns, "
-                         "last_stride: 1}")
+    head: str = _opt("isqrt_cov", "the second-order head of model.swap_pooling, a name of covpool.list_heads(): "
+                     "isqrt_cov | bcnn | improved_bcnn | mpn_cov | cbp_ts | cbp_rm | dropcov | sot (ViTs)")
+    covpool: dict = _opt({}, "keyword options for covpool.swap_pooling and the head, e.g. {reduced_dim: 256, "
+                         "backend: ns, last_stride: 1}")
     zca: str = _opt("none", "ZCA whitening batch norm (covpool.ZCABatchNorm2d) in place of BatchNorm2d: none | stem "
                     "(the first one) | all; synchronised across processes under DDP")
     zca_options: dict = _opt({}, "keyword options for covpool.ZCABatchNorm2d, e.g. {group_size: 16, backend: ns}")

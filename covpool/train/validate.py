@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+import covpool
+
 from ._dist import DEVICES, dist_timeout_s, uses_cuda
 from ._model import build_model, set_grad_checkpointing
 from ._resume import model_changes
@@ -106,6 +108,7 @@ _NAMED: Mapping[str, _Registry] = MappingProxyType({
     "amp": _Registry("a mixed-precision mode", _choices("none", "bf16", "fp16")),
     "clip_mode": _Registry("a clipping mode of timm's dispatch_clip_grad", _choices("norm", "value", "agc")),
     "model.zca": _Registry("a ZCA mode", _choices("none", "stem", "all")),
+    "model.head": _Registry("a second-order head", covpool.list_heads),
     "compile": _Registry("a torch.compile backend (true: inductor)", _compile_backends),
 })
 
