@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["well_conditioned", "well_separated", "ill_conditioned", "rank_deficient", "repeated_eigenvalues",
-           "exact_root", "exact_grad", "rel", "round_products"]
+           "exact_root", "exact_grad", "rel", "round_products", "assert_compiles_like_eager"]
 
 
 def rel(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -80,6 +80,20 @@ def exact_grad(a: torch.Tensor, g: torch.Tensor, inverse: bool = False) -> torch
     k = torch.where(same, deriv, (fi - fj) / torch.where(same, torch.ones_like(diff), diff))
     gs = 0.5 * (g + g.mT).double()
     return v @ (k * (v.mT @ gs @ v)) @ v.mT
+
+
+def assert_compiles_like_eager(fn, x: torch.Tensor, fullgraph: bool = True, rtol: float = 1e-4,
+                               atol: float = 1e-5) -> None:
+    """``torch.compile(fn, fullgraph=...)`` gives ``fn``'s output and gradient on ``x`` (loss: the sum of
+    squares), within ``rtol``/``atol`` (10× looser for the gradient): a backend or layer compiles correctly."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=fullgraph)
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_c, out_e = compiled(xc), fn(xe)
+    out_c.square().sum().backward()
+    out_e.square().sum().backward()
+    torch.testing.assert_close(out_c, out_e, rtol=rtol, atol=atol)
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=10 * rtol, atol=10 * atol)
 
 
 def _round_tf32(x: torch.Tensor) -> torch.Tensor:

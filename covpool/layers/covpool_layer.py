@@ -3,6 +3,7 @@ DropCov's adaptive channel dropout."""
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections import OrderedDict
 from typing import Any
@@ -15,8 +16,8 @@ from covpool.linalg import BackendSpec, resolve_backend
 from covpool.linalg._checks import check_int, check_number, work_dtype
 
 from .functional import (
-    LAYOUTS,
     as_maps,
+    check_layout,
     cov_pool,
     element_norm,
     normalization_mode,
@@ -84,6 +85,13 @@ class AdaptiveChannelDrop(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.channels}"
+
+
+def _option_defaults() -> dict[str, Any]:
+    """``CovPool``'s options (its keyword arguments but the channel count and the factory kwargs) and their
+    defaults, read from its signature: one list for :attr:`CovPool.options` and for unpickling."""
+    params = inspect.signature(CovPool.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.name not in ("self", "in_channels", "device", "dtype")}
 
 
 _SKETCHES = ("tensor", "maclaurin")
@@ -202,8 +210,7 @@ class CovPool(nn.Module):
             check_int("sketch_seed", sketch_seed, 0)
         if channel_drop is not None and channel_drop not in _CHANNEL_DROPS:
             raise ValueError(f"channel_drop must be 'adaptive' or None, got {channel_drop!r}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
+        check_layout(layout)
         # An option the chosen head would never read is a mistake to report, not to ignore (as set_backend does).
         uses_backend = norm == "sqrt" and sketch is None
         unused = [f"{name}={value!r}" for name, value, default, used in (
@@ -241,16 +248,12 @@ class CovPool(nn.Module):
         if sketch is not None:
             self._draw_sketch(factory)
 
-    # Attributes added after covpool 0.1.0, for modules pickled whole (torch.save(model)) before them.
-    _DEFAULTS = {"centered": True, "normalization": "sqrt", "alpha": 0.5, "signed_sqrt": False, "l2": False,
-                 "sketch": None, "sketch_dim": 8192, "sketch_seed": 0, "channel_drop": None, "gram": "auto",
-                 "layout": "auto"}
-
     def __setstate__(self, state: dict[str, Any]) -> None:
-        for key, value in self._DEFAULTS.items():
+        # A module pickled whole (torch.save(model)) by covpool 0.1.0 lacks the options added since: the
+        # constructor's defaults are what it computed with.
+        for key, value in _option_defaults().items():
             state.setdefault(key, value)
-        if isinstance(state.get("vectorize"), bool):
-            state["vectorize"] = vectorize_mode(state["vectorize"])
+        state["vectorize"] = vectorize_mode(state["vectorize"])
         super().__setstate__(state)
         if "drop" not in self._modules:
             self.drop = nn.Identity()
@@ -263,12 +266,9 @@ class CovPool(nn.Module):
     @property
     def options(self) -> dict[str, Any]:
         """The keyword arguments that build this pooling again: ``CovPool(pool.in_channels, **pool.options)``
-        (fresh parameters; the same sketch, drawn from the same seed)."""
-        return {"reduced_dim": self.reduced_dim, "backend": copy.deepcopy(self.backend), "vectorize": self.vectorize,
-                "centered": self.centered, "normalization": self.normalization, "alpha": self.alpha,
-                "signed_sqrt": self.signed_sqrt, "l2": self.l2, "sketch": self.sketch, "sketch_dim": self.sketch_dim,
-                "sketch_seed": self.sketch_seed, "channel_drop": self.channel_drop, "gram": self.gram,
-                "layout": self.layout}
+        (fresh parameters; the same sketch, drawn from the same seed). Every option is kept as an attribute of
+        its own name."""
+        return {name: copy.deepcopy(getattr(self, name)) for name in _option_defaults()}
 
     def _draw_sketch(self, factory: dict) -> None:
         """The sketch's fixed random parameters, drawn from ``sketch_seed`` with a generator of its own (the

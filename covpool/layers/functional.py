@@ -27,6 +27,12 @@ __all__ = ["cov_pool", "second_moment", "signed_sqrt", "l2_normalize", "tensor_s
 LAYOUTS = ("auto", "maps", "tokens")
 
 
+def check_layout(layout: Any, allowed: tuple[str, ...] = LAYOUTS) -> None:
+    """The ``layout`` option of the pooling layers: one of ``allowed``, else a ValueError listing them."""
+    if layout not in allowed:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, allowed))}, got {layout!r}")
+
+
 def as_maps(x: torch.Tensor, channels: int, name: str, layout: str = "auto") -> torch.Tensor:
     """Feature maps ``(B, C, H, W)`` as they are, tokens ``(B, N, C)`` as ``(B, C, N, 1)`` maps (internal:
     what the pooling layers accept). ``layout`` ``"auto"`` tells them apart by ``ndim``, and refuses a 3-D

@@ -21,7 +21,7 @@ from covpool.linalg import BackendSpec
 from covpool.linalg._checks import check_int, check_number, work_dtype
 
 from .covpool_layer import CovPool, _init_reduction, _reduction
-from .functional import LAYOUTS, as_maps
+from .functional import as_maps, check_layout
 
 __all__ = ["SoViTHead", "SvPNCrossCov", "MultiHeadCrossCov", "cross_covariance", "svpn"]
 
@@ -105,8 +105,7 @@ class SvPNCrossCov(nn.Module):
         for d in dims:
             check_int("dims[i]", d)
         check_int("iters", iters)
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
+        check_layout(layout)
         factory = {"device": device, "dtype": dtype}
         self.in_channels = in_channels
         self.dims = tuple(dims)
@@ -176,8 +175,7 @@ class MultiHeadCrossCov(nn.Module):
         check_number("eps", eps, 0.0)
         if centering not in _CENTERINGS:
             raise ValueError(f"centering must be one of {_CENTERINGS}, got {centering!r}")
-        if layout not in ("tokens", "auto"):
-            raise ValueError(f"layout must be 'tokens' or 'auto', got {layout!r}")
+        check_layout(layout, ("tokens", "auto"))
         factory = {"device": device, "dtype": dtype}
         self.in_channels = in_channels
         self.reduced_dim = (heads, width)
