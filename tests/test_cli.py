@@ -225,14 +225,20 @@ def test_version_and_help(capsys):
 def test_eval_overrides_after_flags_and_error_lines(monkeypatch, capsys, tmp_path):
     seen = {}
 
-    def fake_evaluate(checkpoint, cfg, use_ema=False):
-        seen.update(checkpoint=checkpoint, cfg=cfg, ema=use_ema)
-        return {"loss": 1.0, "acc1": 50.0, "acc5": 90.0, "count": 8}
+    def fake_evaluate(checkpoint, cfg, use_ema=False, split="val", out_dir=None):
+        seen.update(checkpoint=checkpoint, cfg=cfg, ema=use_ema, split=split, out_dir=out_dir)
+        return evaluation.EvalResult({"loss": 1.0, "acc1": 50.0, "acc5": 90.0, "count": 8, "mean_class_acc": 50.0,
+                                      "split": split}, ["a", "b"], torch.tensor([[2, 2], [2, 2]]), [],
+                                     {"target": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])})
 
     monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
     ckpt = _checkpoint(tmp_path)
-    assert main(["eval", "--checkpoint", str(ckpt), "epochs=9", "--ema", "name=e"]) == 0
-    assert seen["cfg"].epochs == 9 and seen["cfg"].name == "e" and seen["ema"] is True
+    assert main(["eval", "--checkpoint", str(ckpt), "epochs=9", "--ema", "name=e", "--split", "test"]) == 0
+    assert seen["cfg"].epochs == 9 and seen["cfg"].name == "e" and seen["ema"] is True and seen["split"] == "test"
+    assert seen["out_dir"] == tmp_path / "eval_last_test_ema"
+    out = capsys.readouterr().out
+    assert "test loss 1.0000  top-1 50.00%  top-5 90.00%  mean per-class 50.00%  (8 images, 2 classes)" in out
+    assert "lowest per-class accuracy: a 50.0% (2/4), b 50.0% (2/4)" in out
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(ckpt), "optim.lrr=1"]) == 2
     assert "unknown config key 'optim.lrr'" in one_error_line(capsys)
@@ -484,7 +490,7 @@ from covpool.cli import main
 def built(*args, **kwargs):  # reached only after every check passed: the mistake was found too late
     raise RuntimeError("BUILT: a model or data set was built before the mistake was reported")
 
-engine.build_model = evaluation.build_model = engine.build_datasets = evaluation.build_dataset = built
+engine.make_model = evaluation.build_model = engine.open_datasets = evaluation.open_datasets = built
 results = []
 for argv, env in json.loads(sys.argv[1]):
     read, write = os.pipe()
