@@ -41,7 +41,7 @@ __all__ = [
 
 # Names of the training tools offered here too, loaded on first use: the library does not import the application
 # above it (covpool.train needs the `train` extra), so they are not in __all__ and `import *` does not load them.
-_APPLICATION_NAMES = {"load_model": "covpool.train.predict"}
+_APPLICATION_NAMES = {"load_model": "covpool.train.inference"}
 
 
 def __getattr__(name: str):

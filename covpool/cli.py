@@ -273,7 +273,7 @@ def predict_main(argv: Sequence[str]) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     from .train import CheckpointError, ConfigError
-    from .train.predict import ImageReadError, format_prediction, predict, write_predictions
+    from .train.inference import ImageReadError, format_prediction, predict, write_predictions
 
     try:
         args = parser.parse_args(list(argv))

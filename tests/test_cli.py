@@ -551,6 +551,14 @@ _MISTAKES = [
     (["model.head=bcnn"], {}, "model.head and model.covpool are only used with model.swap_pooling=true"),
     ([*_COVPOOL, "model.head=sot"], {}, "head 'sot' pools transformer tokens"),
     ([*_COVPOOL, "model.head=bcnn", "model.covpool.backend=eig"], {}, "backend='eig' would have no effect"),
+    # issue 23: sizes the model or the data set cannot take, a device this machine lacks
+    (["data.img_size=4"], {}, "data.img_size=4: the embedded data set cuts patches of at least 8x8 pixels"),
+    (_COVPOOL, {}, "model.name='test_resnet' at data.img_size=32 ends in a 1x1 feature map"),
+    (["model.name=vit_tiny_patch16_224", "model.kwargs.img_size=224"], {},
+     "model.name='vit_tiny_patch16_224' cannot take data.img_size=32 inputs: Input height (32) doesn't match"),
+    (["model.name=torchvision:resnet1"], {}, "model.name='torchvision:resnet1' is not a timm model (did you mean "
+                                             "'torchvision:resnet18'?)"),
+    *([(["device=cuda"], {}, "device=cuda but CUDA is not available here")] if not torch.cuda.is_available() else []),
 ]
 
 

@@ -17,7 +17,7 @@ from .data import CUB200, ClassListError, DatasetNotFoundError, build_datasets, 
 from .embedded import EmbeddedTextures
 from .engine import NonFiniteLossError, TrainResult, train
 from .evaluation import EvalResult, evaluate
-from .predict import ImageReadError, Prediction, load_model, predict
+from .inference import ImageReadError, Prediction, load_model, predict
 from .validate import check_config
 
 __all__ = [
