@@ -227,6 +227,7 @@ def eval_main(argv: Sequence[str]) -> int:
             cfg = config_from_dict(checkpoint.config, where=f" (from {args.checkpoint})", overrides=args.overrides)
         out = Path(args.out) if args.out is not None else \
             checkpoint.path.parent / f"eval_{checkpoint.path.stem}_{args.split}{'_ema' if args.ema else ''}"
+        _writable_folder(out, "--out")
         result = evaluate(checkpoint, cfg, use_ema=args.ema, split=args.split, out_dir=out)
     except _UsageError as err:
         return _usage_error(prog, err)
@@ -247,6 +248,14 @@ def eval_main(argv: Sequence[str]) -> int:
             f"{r['class']} {r['accuracy']:.1f}% ({r['correct']}/{r['images']})" for r in rows[:5]))
     print(f"wrote {out}/: per_class.csv, confusion.csv, confusion.png, predictions.csv")
     return 0
+
+
+def _writable_folder(folder: Path, option: str) -> None:
+    """Create ``folder`` now, so an output path that cannot be one is a usage error before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _UsageError(f"{option}: cannot create the folder {folder} ({err.strerror or err})") from None
 
 
 # ---- covpool predict -----------------------------------------------------------------------------------
@@ -281,6 +290,9 @@ def predict_main(argv: Sequence[str]) -> int:
                                  ("--workers", args.workers, 0)):
             if value < low:
                 raise _UsageError(f"{name} must be at least {low}, got {value}")
+        if Path(args.out).is_dir():
+            raise _UsageError(f"--out {args.out} is a folder; give the CSV file to write")
+        _writable_folder(Path(args.out).parent, "--out")
         predictions = predict(args.checkpoint, args.paths, top_k=args.top_k, batch_size=args.batch_size,
                               device=args.device, use_ema=args.ema, workers=args.workers,
                               progress=not args.no_progress)

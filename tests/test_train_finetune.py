@@ -85,6 +85,22 @@ def test_own_checkpoint_starts_a_new_run_for_every_kind_of_model(kind, tmp_path)
             build_model(plain.model, 4, img_size=size)
 
 
+def test_a_torchvision_weights_file_loads_its_backbone_under_a_new_head(tmp_path):
+    """A torchvision state dict (ImageNet's 1000 classes) as model.pretrained of a swapped torchvision model: every
+    backbone weight loaded, the classifier new, and the header's modules say which."""
+    import torchvision
+
+    source = torchvision.models.mobilenet_v3_small()
+    torch.save(source.state_dict(), tmp_path / "mobilenet.pth")
+    cfg = load_config(None, ["model.name=torchvision:mobilenet_v3_small", "model.swap_pooling=true",
+                             "model.covpool.reduced_dim=8", f"model.pretrained={tmp_path / 'mobilenet.pth'}"])
+    built = make_model(cfg.model, 3)
+    weights = built.model.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in source.state_dict().items() if k.startswith("features."))
+    assert built.weights == f"file {tmp_path / 'mobilenet.pth'}" and built.new == ("avgpool", "classifier")
+    assert weights["classifier.1.weight"].shape == (3, 36)
+
+
 def test_a_new_class_count_reinitialises_the_classifier_and_the_header_says_so(tmp_path, caplog):
     """Started from a 5-class checkpoint on the 8 embedded classes: backbone and head loaded, fc new, and the
     start-up header lists model, parameters, head, weights, data, device and the lr of each group."""
@@ -327,6 +343,8 @@ def test_eval_writes_per_class_accuracy_confusion_and_predictions_for_a_test_spl
     assert "test loss" in out and f"top-1 {acc:.2f}%" in out and f"mean per-class {mean:.2f}%" in out
     assert main(["eval", "--checkpoint", str(last), "--split", "tset"]) == 2
     assert "has no 'tset' split; its splits: train, val, test" in one_error_line(capsys)
+    assert main(["eval", "--checkpoint", str(last), "--out", str(folder / "confusion.png" / "x")]) == 2
+    assert "--out: cannot create the folder" in one_error_line(capsys)
 
 
 def test_predict_mistakes_are_one_error_line(tmp_path, capsys):
@@ -341,7 +359,9 @@ def test_predict_mistakes_are_one_error_line(tmp_path, capsys):
                           ([str(tmp_path), "--top-k", "0"], "--top-k must be at least 1"),
                           ([str(tmp_path), "--device", "cuda:7"] if torch.cuda.device_count() < 8 else [], "cuda"),
                           ([str(tmp_path), "--device", "tpu"], "--device 'tpu' is not a device"),
-                          ([str(tmp_path), "--device", "meta"], "--device meta: covpool predict runs on cpu or cuda")):
+                          ([str(tmp_path), "--device", "meta"], "--device meta: covpool predict runs on cpu or cuda"),
+                          ([str(tmp_path), "--out", str(tmp_path / "bad.jpg" / "p.csv")], "--out: cannot create the "
+                                                                                           "folder")):
         if not argv:
             continue
         assert main(["predict", "--checkpoint", str(ckpt), *argv]) == 2, argv

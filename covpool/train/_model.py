@@ -29,7 +29,7 @@ from .config import ConfigError, ModelConfig, format_config_diff
 
 __all__ = ["TORCHVISION_PREFIX", "PretrainedWeightsError", "BuiltModel", "build_model", "make_model",
            "set_grad_checkpointing", "classifier_names", "head_modules", "head_parameter_names", "param_groups",
-           "torchvision_models"]
+           "torchvision_models", "fixed_input_size", "load_fitting"]
 
 #: ``model.name`` prefix of a torchvision classification model (``torchvision:resnet50``)
 TORCHVISION_PREFIX = "torchvision:"
@@ -107,22 +107,22 @@ def make_model(cfg: ModelConfig, num_classes: int, for_checkpoint: bool = False,
     tv_file = isinstance(source, str) and own is None and cfg.name.startswith(TORCHVISION_PREFIX)
     base_cfg = replace(cfg, pretrained=False) if own is not None or tv_file else cfg
     model = _create(base_cfg, num_classes, img_size)
+    fresh: list[str] = []
+    if tv_file:  # the weights of a plain torchvision model: loaded before the surgery, as timm's loader does
+        fresh = load_fitting(model, _plain_weights(path), f"model.pretrained={source}")
     model = _surgery(model, cfg)
-    new: tuple[str, ...] = ()
     if own is not None:
         weights, label = _checkpoint_weights(own, path)
         fresh = load_fitting(model, weights, f"model.pretrained={source}", stored_config=own.get("config"),
                              current=cfg)
-        new = _modules_of(model, fresh)
-        return BuiltModel(model, label, new)
-    if tv_file:
-        fresh = load_fitting(model, _plain_weights(path), f"model.pretrained={source}")
-        return BuiltModel(model, f"file {source}", _modules_of(model, fresh))
+        return BuiltModel(model, label, _modules_of(model, fresh))
     if source is False:
         return BuiltModel(model, "random init")
     head = tuple(head_modules(model)) if cfg.swap_pooling else ()
-    classifier = () if cfg.swap_pooling or _kept_classifier(model, num_classes, source) else \
-        tuple(classifier_names(model))
+    if tv_file:
+        classifier = () if cfg.swap_pooling else _modules_of(model, fresh)
+    else:
+        classifier = () if cfg.swap_pooling or _kept_classifier(model, num_classes) else tuple(classifier_names(model))
     stem = ("conv1 (CIFAR stem)",) if cfg.cifar_stem else ()
     where = f"file {source}" if isinstance(source, str) else f"hub ({_hub_name(model, cfg.name)})"
     return BuiltModel(model, where, (*stem, *classifier, *head))
@@ -149,7 +149,7 @@ def _create(cfg: ModelConfig, num_classes: int, img_size: int | None) -> nn.Modu
         kwargs = covpool.keep_fitting_classifier(cfg.name, {**kwargs, "num_classes": num_classes})
         kwargs.pop("num_classes")
         pretrained = True
-    sized = img_size is not None and "img_size" not in kwargs and _fixed_input_size(cfg.name)
+    sized = img_size is not None and "img_size" not in kwargs and fixed_input_size(cfg.name)
     if sized:
         kwargs["img_size"] = img_size
     try:
@@ -170,7 +170,7 @@ def _create(cfg: ModelConfig, num_classes: int, img_size: int | None) -> nn.Modu
         raise _fetch_failed(cfg.name, err) from err
 
 
-def _fixed_input_size(name: str) -> bool:
+def fixed_input_size(name: str) -> bool:
     """Whether timm's pretrained config of ``name`` says that the model is built for one input size (ViTs,
     Swin, So-ViT: their position embeddings or windows are sized at construction)."""
     from timm.models import get_pretrained_cfg_value
@@ -259,7 +259,7 @@ def _hub_name(model: nn.Module, name: str) -> str:
     return str(cfg.get("hf_hub_id") or cfg.get("url") or name)
 
 
-def _kept_classifier(model: nn.Module, num_classes: int, source: bool | str) -> bool:
+def _kept_classifier(model: nn.Module, num_classes: int) -> bool:
     """Whether the loaded weights included the classifier: timm keeps it when the class count is the
     pretrained config's (or, for a file, when :func:`covpool.keep_fitting_classifier` found it fitting)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}

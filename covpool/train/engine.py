@@ -56,6 +56,9 @@ from .validate import check_config
 __all__ = ["NonFiniteLossError", "TrainResult", "train", "start_up_header"]
 
 _log = logging.getLogger(__name__)
+# the start-up header has a logger of its own, so a program that runs many short trainings (covpool demo) can
+# silence it alone: logging.getLogger("covpool.train.header").setLevel(logging.WARNING)
+_header_log = logging.getLogger("covpool.train.header")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -274,7 +277,7 @@ class _Trainer:
         cfg, ctx, model = self.cfg, self.ctx, self.model
         for line in start_up_header(cfg, model, built, data, checkpoint, self.optimizer, self.steps_per_epoch,
                                     self.backends.describe(model), ctx.device, ctx.world_size):
-            _log.info(line)
+            _header_log.info(line)
 
     def _resume(self, checkpoint: Checkpoint, changes: dict) -> None:
         ctx = self.ctx

@@ -20,7 +20,7 @@ import covpool
 
 from ..outputs import first_line
 from ._dist import DEVICES, dist_timeout_s, uses_cuda
-from ._model import TORCHVISION_PREFIX, build_model, set_grad_checkpointing, torchvision_models
+from ._model import TORCHVISION_PREFIX, build_model, fixed_input_size, set_grad_checkpointing, torchvision_models
 from ._resume import model_changes
 from ._schedule import BackendSchedule, check_backend_spec
 from .config import ConfigError, OptimConfig, TrainConfig, config_to_dict, did_you_mean, format_config_diff
@@ -199,7 +199,7 @@ class _Reached(Exception):
 # Messages of the errors a forward raises for an input size the model cannot take (timm's "Input height (32)
 # doesn't match model (224)", a kernel larger than its input, So-ViT's token grid, ...); other errors on the
 # meta device (a value read by .item(), an operator without a meta kernel) say nothing about the config.
-_SIZE_WORDS = ("size", "match", "grid", "shape", "small")
+_SIZE_WORDS = ("size", "match", "grid", "shape", "small", "height", "width")
 
 
 def _positions(module: torch.nn.Module, x: torch.Tensor) -> int:
@@ -233,8 +233,12 @@ def _check_input_size(model: torch.nn.Module, cfg: TrainConfig) -> None:
     except (AssertionError, RuntimeError, ValueError) as err:
         if not any(word in str(err).lower() for word in _SIZE_WORDS):
             return
-        sized = ("model.kwargs.img_size" if "img_size" in cfg.model.kwargs else
-                 "data.img_size (passed to the model as its img_size)")
+        if "img_size" in cfg.model.kwargs:
+            sized = "model.kwargs.img_size"
+        elif not cfg.model.name.startswith(TORCHVISION_PREFIX) and fixed_input_size(cfg.model.name):
+            sized = "data.img_size (passed to the model as its img_size)"
+        else:
+            sized = "data.img_size, or the model's own size option in model.kwargs,"
         raise ConfigError(f"model.name={cfg.model.name!r} cannot take data.img_size={size} inputs: "
                           f"{first_line(err).rstrip('.')}; change {sized} to a size the model takes") from None
     finally:
