@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["main", "train_main", "eval_main", "bench_main", "demo_main"]
+__all__ = ["main", "train_main", "eval_main", "predict_main", "bench_main", "demo_main"]
 
 
 # ---- covpool train / covpool eval ----------------------------------------------------------------------
@@ -149,7 +149,14 @@ def train_main(argv: Sequence[str]) -> int:
                       help="start afresh even if the run folder has a checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
 
-    from .train import CheckpointError, ConfigError, DatasetNotFoundError, RunExistsError
+    from .train import (
+        CheckpointError,
+        ClassListError,
+        ConfigError,
+        DatasetNotFoundError,
+        PretrainedWeightsError,
+        RunExistsError,
+    )
     from .train.checkpoint import Checkpoint
     from .train.config import config_from_dict, load_config
     from .train.engine import train
@@ -180,7 +187,7 @@ def train_main(argv: Sequence[str]) -> int:
         return _interrupted(cfg, err)
     except Exception as err:
         status = _report(err, (ConfigError, DatasetNotFoundError, RunExistsError, FileNotFoundError,
-                                    CheckpointError))
+                               CheckpointError, ClassListError, PretrainedWeightsError))
         if status is None:
             raise
         return status
@@ -188,17 +195,25 @@ def train_main(argv: Sequence[str]) -> int:
 
 
 def eval_main(argv: Sequence[str]) -> int:
-    """``covpool eval --checkpoint runs/<name>/best.pt [--config ...] [--ema] [key=value ...]``."""
+    """``covpool eval --checkpoint runs/<name>/best.pt [--split val|test|train] [--out DIR] [--config ...] [--ema]
+    [key=value ...]``."""
     prog = "covpool eval"
-    parser = _parser(prog, "Evaluate a checkpoint on its config's validation set.")
+    parser = _parser(prog, "Evaluate a checkpoint on a split of its config's data set: loss, top-1/top-5, mean "
+                     "per-class accuracy; writes per_class.csv, confusion.csv, confusion.png and predictions.csv.")
     parser.add_argument("--config", metavar="NAME|FILE",
                         help="YAML config (a file or a shipped config's name); default: the one stored in the "
                              "checkpoint")
     parser.add_argument("--checkpoint", required=True, help="a last.pt / best.pt written by covpool train")
+    parser.add_argument("--split", default="val",
+                        help="val (default), test (an ImageFolder's test/ folder; for cub200 and the torchvision "
+                             "data sets the same images as val, their official test split) or train")
+    parser.add_argument("--out", metavar="DIR",
+                        help="folder for the CSV files and the confusion matrix (default: "
+                             "<checkpoint's folder>/eval_<checkpoint name>_<split>)")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights (runs with ema=true)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
 
-    from .train import CheckpointError, ConfigError, DatasetNotFoundError
+    from .train import CheckpointError, ClassListError, ConfigError, DatasetNotFoundError
     from .train.checkpoint import Checkpoint
     from .train.config import config_from_dict, load_config
     from .train.evaluation import evaluate
@@ -210,19 +225,92 @@ def eval_main(argv: Sequence[str]) -> int:
             cfg = load_config(args.config, args.overrides)
         else:
             cfg = config_from_dict(checkpoint.config, where=f" (from {args.checkpoint})", overrides=args.overrides)
-        metrics = evaluate(checkpoint, cfg, use_ema=args.ema)
+        out = Path(args.out) if args.out is not None else \
+            checkpoint.path.parent / f"eval_{checkpoint.path.stem}_{args.split}{'_ema' if args.ema else ''}"
+        _writable_folder(out, "--out")
+        result = evaluate(checkpoint, cfg, use_ema=args.ema, split=args.split, out_dir=out)
     except _UsageError as err:
         return _usage_error(prog, err)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        status = _report(err, (ConfigError, DatasetNotFoundError, FileNotFoundError, CheckpointError))
+        status = _report(err, (ConfigError, DatasetNotFoundError, FileNotFoundError, CheckpointError, ClassListError))
         if status is None:
             raise
         return status
-    print(f"{args.checkpoint}: val loss {metrics['loss']:.4f}  top-1 {metrics['acc1']:.2f}%  "
-          f"top-5 {metrics['acc5']:.2f}%  ({metrics['count']} images)")
+    m = result.metrics
+    print(f"{args.checkpoint}: {args.split} loss {m['loss']:.4f}  top-1 {m['acc1']:.2f}%  top-5 {m['acc5']:.2f}%  "
+          f"mean per-class {m['mean_class_acc']:.2f}%  ({m['count']} images, {len(result.classes)} classes)")
+    rows = sorted((r for r in result.per_class() if r["images"]), key=lambda r: (r["accuracy"], r["label"]))
+    if len(rows) > 1:
+        print("lowest per-class accuracy: " + ", ".join(
+            f"{r['class']} {r['accuracy']:.1f}% ({r['correct']}/{r['images']})" for r in rows[:5]))
+    print(f"wrote {out}/: per_class.csv, confusion.csv, confusion.png, predictions.csv")
+    return 0
+
+
+def _writable_folder(folder: Path, option: str) -> None:
+    """Create ``folder`` now, so an output path that cannot be one is a usage error before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _UsageError(f"{option}: cannot create the folder {folder} ({err.strerror or err})") from None
+
+
+# ---- covpool predict -----------------------------------------------------------------------------------
+
+_SHOWN_PREDICTIONS = 20
+
+
+def predict_main(argv: Sequence[str]) -> int:
+    """``covpool predict --checkpoint CKPT [--top-k K] [--batch-size N] [--device auto|cpu|cuda[:n]] [--out CSV]
+    [--ema] [--workers N] [--no-progress] PATH ...``."""
+    prog = "covpool predict"
+    parser = _Parser(prog=prog, description="The top-k classes, with their probabilities, of image files or of "
+                     "every image in folders (recursively), by a model trained with covpool train; printed and "
+                     "written to a CSV file. The checkpoint alone is enough: its config and class names are in it.")
+    parser.add_argument("--checkpoint", required=True, help="a last.pt / best.pt written by covpool train")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    parser.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:<n>")
+    parser.add_argument("--out", default="predictions.csv", metavar="CSV",
+                        help="the CSV file to write (default predictions.csv): image, class_1, probability_1, ...")
+    parser.add_argument("--ema", action="store_true", help="use the EMA weights (runs with ema=true)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    from .train import CheckpointError, ConfigError
+    from .train.inference import ImageReadError, format_prediction, predict, write_predictions
+
+    try:
+        args = parser.parse_args(list(argv))
+        for name, value, low in (("--top-k", args.top_k, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--workers", args.workers, 0)):
+            if value < low:
+                raise _UsageError(f"{name} must be at least {low}, got {value}")
+        if Path(args.out).is_dir():
+            raise _UsageError(f"--out {args.out} is a folder; give the CSV file to write")
+        _writable_folder(Path(args.out).parent, "--out")
+        predictions = predict(args.checkpoint, args.paths, top_k=args.top_k, batch_size=args.batch_size,
+                              device=args.device, use_ema=args.ema, workers=args.workers,
+                              progress=not args.no_progress)
+        written = write_predictions(predictions, args.out)
+    except _UsageError as err:
+        return _usage_error(prog, err)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        status = _report(err, (ConfigError, CheckpointError, FileNotFoundError, ImageReadError))
+        if status is None:
+            raise
+        return status
+    for prediction in predictions[:_SHOWN_PREDICTIONS]:
+        print(format_prediction(prediction))
+    more = len(predictions) - _SHOWN_PREDICTIONS
+    print((f"... and {more} more; " if more > 0 else "") + f"wrote {len(predictions)} predictions to {written}")
     return 0
 
 
@@ -354,7 +442,8 @@ _TRAIN_EXTRA = frozenset({"yaml", "tqdm", "matplotlib", "skimage"})
 
 _COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (train_main, "fine-tune a model from a YAML config"),
-    "eval": (eval_main, "evaluate a checkpoint on a config's validation set"),
+    "eval": (eval_main, "evaluate a checkpoint: accuracy, per-class accuracy, confusion matrix, predictions"),
+    "predict": (predict_main, "the top-k classes of image files by a trained checkpoint"),
     "bench": (bench_main, "time and check every square-root backend"),
     "demo": (demo_main, "the main job of `make demo`"),
 }

@@ -225,14 +225,20 @@ def test_version_and_help(capsys):
 def test_eval_overrides_after_flags_and_error_lines(monkeypatch, capsys, tmp_path):
     seen = {}
 
-    def fake_evaluate(checkpoint, cfg, use_ema=False):
-        seen.update(checkpoint=checkpoint, cfg=cfg, ema=use_ema)
-        return {"loss": 1.0, "acc1": 50.0, "acc5": 90.0, "count": 8}
+    def fake_evaluate(checkpoint, cfg, use_ema=False, split="val", out_dir=None):
+        seen.update(checkpoint=checkpoint, cfg=cfg, ema=use_ema, split=split, out_dir=out_dir)
+        return evaluation.EvalResult({"loss": 1.0, "acc1": 50.0, "acc5": 90.0, "count": 8, "mean_class_acc": 50.0,
+                                      "split": split}, ["a", "b"], torch.tensor([[2, 2], [2, 2]]), [],
+                                     {"target": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])})
 
     monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
     ckpt = _checkpoint(tmp_path)
-    assert main(["eval", "--checkpoint", str(ckpt), "epochs=9", "--ema", "name=e"]) == 0
-    assert seen["cfg"].epochs == 9 and seen["cfg"].name == "e" and seen["ema"] is True
+    assert main(["eval", "--checkpoint", str(ckpt), "epochs=9", "--ema", "name=e", "--split", "test"]) == 0
+    assert seen["cfg"].epochs == 9 and seen["cfg"].name == "e" and seen["ema"] is True and seen["split"] == "test"
+    assert seen["out_dir"] == tmp_path / "eval_last_test_ema"
+    out = capsys.readouterr().out
+    assert "test loss 1.0000  top-1 50.00%  top-5 90.00%  mean per-class 50.00%  (8 images, 2 classes)" in out
+    assert "lowest per-class accuracy: a 50.0% (2/4), b 50.0% (2/4)" in out
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(ckpt), "optim.lrr=1"]) == 2
     assert "unknown config key 'optim.lrr'" in one_error_line(capsys)
@@ -484,7 +490,7 @@ from covpool.cli import main
 def built(*args, **kwargs):  # reached only after every check passed: the mistake was found too late
     raise RuntimeError("BUILT: a model or data set was built before the mistake was reported")
 
-engine.build_model = evaluation.build_model = engine.build_datasets = evaluation.build_dataset = built
+engine.make_model = evaluation.build_model = engine.open_datasets = evaluation.open_datasets = built
 results = []
 for argv, env in json.loads(sys.argv[1]):
     read, write = os.pipe()
@@ -545,6 +551,14 @@ _MISTAKES = [
     (["model.head=bcnn"], {}, "model.head and model.covpool are only used with model.swap_pooling=true"),
     ([*_COVPOOL, "model.head=sot"], {}, "head 'sot' pools transformer tokens"),
     ([*_COVPOOL, "model.head=bcnn", "model.covpool.backend=eig"], {}, "backend='eig' would have no effect"),
+    # issue 23: sizes the model or the data set cannot take, a device this machine lacks
+    (["data.img_size=4"], {}, "data.img_size=4: the embedded data set cuts patches of at least 8x8 pixels"),
+    (_COVPOOL, {}, "model.name='test_resnet' at data.img_size=32 ends in a 1x1 feature map"),
+    (["model.name=vit_tiny_patch16_224", "model.kwargs.img_size=224"], {},
+     "model.name='vit_tiny_patch16_224' cannot take data.img_size=32 inputs: Input height (32) doesn't match"),
+    (["model.name=torchvision:resnet1"], {}, "model.name='torchvision:resnet1' is not a timm model (did you mean "
+                                             "'torchvision:resnet18'?)"),
+    *([(["device=cuda"], {}, "device=cuda but CUDA is not available here")] if not torch.cuda.is_available() else []),
 ]
 
 

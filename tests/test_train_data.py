@@ -96,8 +96,6 @@ def _prepare(path: Path, tmp_path: Path) -> tuple[list[str], bool]:
     over = ["model.pretrained=false", "data.workers=0", "data.batch_size=2", f"output_dir={tmp_path}"]
     if dataset != "embedded":
         over.append("data.img_size=64")
-    if data["model"]["name"].startswith("so_vit"):
-        over.append("model.kwargs.img_size=64")
     if dataset == "imagefolder":
         make_imagefolder(tmp_path / "data", classes=3, per_class=2)
         return [*over, f"data.root={tmp_path / 'data'}"], True
@@ -119,8 +117,8 @@ def test_config_builds_model_and_data(path, tmp_path):
         num_classes = num_classes_of(cfg.data)
     if cfg.data.dataset == "cub200":
         assert num_classes == 200  # CUB's label space, whatever subset the folder holds
-    model = build_model(cfg.model, num_classes)
     size = cfg.data.img_size
+    model = build_model(cfg.model, num_classes, img_size=size)  # a transformer takes data.img_size as its own
     if local:
         train_set, val_set = build_datasets(cfg.data, model, seed=0)
         train_loader, val_loader = build_loaders(cfg.data, train_set, val_set, seed=0)

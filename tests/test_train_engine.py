@@ -3,6 +3,7 @@ and timm's training switches (gradient accumulation, channels_last, torch.compil
 clipping, layer decay)."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import sys
@@ -43,13 +44,13 @@ def test_two_step_training_then_eval(tmp_path, capsys):
     out = capsys.readouterr().out
     acc = float(out.split("top-1 ")[1].split("%")[0])
     assert acc == pytest.approx(float(rows[0]["val_acc1"]), abs=0.01)
-    assert "(16 images)" in out
+    assert "(16 images, 8 classes)" in out
 
 
 def test_amp_ema_mixup_clip_and_workers(tmp_path):
     over = tiny_overrides(tmp_path, epochs=2, amp="bf16", ema="true", ema_decay=0.5, mixup=0.8, cutmix=1.0,
                           label_smoothing=0.1, clip_grad=1.0, data__workers=1, model__swap_pooling="true",
-                          model__covpool__reduced_dim=16)
+                          model__covpool__reduced_dim=16, model__covpool__last_stride=1)
     result = engine.train(load_config(None, over))
     assert [r["epoch"] for r in result.history] == [1, 2]
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["ema_val_acc1"]) for r in result.history)
@@ -85,9 +86,19 @@ class _NaNAfter(torch.nn.Module):
         return out
 
 
+def _wrap_built_model(monkeypatch, wrapper: type, calls: int) -> None:
+    """The models the trainer builds come wrapped in ``wrapper(model, calls)``."""
+    real = engine.make_model
+
+    def make_model(cfg, n, **kw):
+        built = real(cfg, n, **kw)
+        return dataclasses.replace(built, model=wrapper(built.model, calls=calls))
+
+    monkeypatch.setattr(engine, "make_model", make_model)
+
+
 def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good(tmp_path, monkeypatch, capsys):
-    real_build = engine.build_model
-    monkeypatch.setattr(engine, "build_model", lambda cfg, n, **kw: _NaNAfter(real_build(cfg, n, **kw), calls=4))
+    _wrap_built_model(monkeypatch, _NaNAfter, calls=4)
     over = tiny_overrides(tmp_path, epochs=3)
     rc = train_main(["--config", str(REPO / "configs" / "demo.yaml"), *over])
     assert rc == 1
@@ -115,17 +126,15 @@ class _InfInputAfter(_NaNAfter):
 def test_non_finite_features_stop_the_same_way_whatever_the_backend(tmp_path, monkeypatch, backend):
     """eigh/SVD raise LinAlgError on NaN input where the products-only backends return NaN: the run stops
     with the same NonFiniteLossError, naming the step, in both cases."""
-    real_build = engine.build_model
-    monkeypatch.setattr(engine, "build_model", lambda cfg, n, **kw: _InfInputAfter(real_build(cfg, n, **kw), calls=2))
+    _wrap_built_model(monkeypatch, _InfInputAfter, calls=2)
     over = tiny_overrides(tmp_path, model__swap_pooling="true", model__covpool__reduced_dim=8,
-                          model__covpool__backend=backend)
+                          model__covpool__backend=backend, model__covpool__last_stride=1)
     with pytest.raises(engine.NonFiniteLossError, match=r"^non-finite .* at epoch 1, step 2 of 3 \(global step 2\)"):
         engine.train(load_config(None, over))
 
 
 def test_non_finite_loss_before_any_checkpoint(tmp_path, monkeypatch):
-    real_build = engine.build_model
-    monkeypatch.setattr(engine, "build_model", lambda cfg, n, **kw: _NaNAfter(real_build(cfg, n, **kw), calls=2))
+    _wrap_built_model(monkeypatch, _NaNAfter, calls=2)
     with pytest.raises(engine.NonFiniteLossError, match=r"epoch 1, step 2 of 3 .*No checkpoint was written yet"):
         engine.train(load_config(None, tiny_overrides(tmp_path)))
     assert not (tmp_path / "tiny" / "last.pt").exists()
@@ -141,7 +150,7 @@ def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path, monkeyp
     engine.train(load_config(None, over))  # under capsys: stdout and stderr are not terminals
     out, err = capsys.readouterr()
     assert "\r" not in out + err
-    lines = [line for line in out.splitlines() if "step" in line]
+    lines = [line for line in out.splitlines() if line.startswith("epoch ") and "  step " in line]
     assert [line.split("  ")[:2] for line in lines] == [["epoch 1/2", "step 2/3"], ["epoch 2/2", "step 2/3"]]
     assert all("loss" in line and "img/s" in line and "lr" in line for line in lines)
     # on a terminal: tqdm's redrawing bars, no plain lines
@@ -174,7 +183,8 @@ def test_layer_decay_combines_with_head_lr_mult(tmp_path):
         load_config(None, ["optim.layer_decay=1.5"])
     # the training loop reads optim.layer_decay and hands it to timm's optimizer
     run_cfg = load_config(None, tiny_overrides(tmp_path, optim__head_lr_mult=5.0, optim__sched="constant",
-                                               model__swap_pooling="true", model__covpool__reduced_dim=8))
+                                               model__swap_pooling="true", model__covpool__reduced_dim=8,
+                                               model__covpool__last_stride=1))
     for layer_decay in (None, 0.5):
         run_cfg.optim.layer_decay = layer_decay
         trainer = engine._Trainer(run_cfg, None, True)
@@ -260,7 +270,7 @@ def test_a_frozen_head_trains_the_backbone(tmp_path):
     """optim.head_lr_mult=0 (its range allows it): the head keeps its weights, the backbone trains, and the
     logged rate is the backbone's (it divided by the head's zero scale)."""
     over = tiny_overrides(tmp_path, optim__head_lr_mult=0, optim__sched="constant", model__swap_pooling="true",
-                          model__covpool__reduced_dim=8)
+                          model__covpool__reduced_dim=8, model__covpool__last_stride=1)
     trainer = engine._Trainer(load_config(None, over), None, True)
     try:
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}

@@ -19,7 +19,8 @@ def test_stop_signal_saves_mid_epoch_and_resume_matches(tmp_path, monkeypatch, s
     """Ctrl-C, SIGTERM or SIGUSR1 at global step 4 (epoch 2, step 1): saved and stopped; resuming gives the
     uninterrupted run."""
     signum = getattr(signal, signame)
-    extra = dict(epochs=2, optim__head_lr_mult=3.0, model__swap_pooling="true", model__covpool__reduced_dim=16)
+    extra = dict(epochs=2, optim__head_lr_mult=3.0, model__swap_pooling="true", model__covpool__reduced_dim=16,
+                 model__covpool__last_stride=1)
     engine.train(load_config(None, tiny_overrides(tmp_path, "straight", **extra)))
 
     real_step = engine._Trainer._train_step
@@ -47,7 +48,7 @@ def test_stop_signal_saves_mid_epoch_and_resume_matches(tmp_path, monkeypatch, s
 
 
 def test_first_ctrl_c_during_set_up_stops_cleanly_and_second_aborts_truthfully(tmp_path, monkeypatch):
-    real_build = engine.build_datasets
+    real_build = engine.open_datasets
     presses = [1]
 
     def build_with_ctrl_c(*args, **kwargs):
@@ -55,7 +56,7 @@ def test_first_ctrl_c_during_set_up_stops_cleanly_and_second_aborts_truthfully(t
             signal.raise_signal(signal.SIGINT)
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "build_datasets", build_with_ctrl_c)
+    monkeypatch.setattr(engine, "open_datasets", build_with_ctrl_c)
     cfg = load_config(None, tiny_overrides(tmp_path, max_steps_per_epoch=1))
     result = engine.train(cfg)  # one Ctrl-C while setting up: nothing trained, nothing written, no abort
     assert result.interrupted and result.exit_code == 130 and result.history == []
@@ -65,9 +66,9 @@ def test_first_ctrl_c_during_set_up_stops_cleanly_and_second_aborts_truthfully(t
         engine.train(cfg)
     assert "last.pt" not in str(err.value)
 
-    monkeypatch.setattr(engine, "build_datasets", real_build)
+    monkeypatch.setattr(engine, "open_datasets", real_build)
     engine.train(cfg, overwrite=True)
     presses[0] = 2
-    monkeypatch.setattr(engine, "build_datasets", build_with_ctrl_c)
+    monkeypatch.setattr(engine, "open_datasets", build_with_ctrl_c)
     with pytest.raises(TrainingAborted, match=r"last.pt holds epoch 1, step 0 \(global step 1\)"):
         engine.train(cfg, resume=True)

@@ -127,8 +127,10 @@ def check_resume_config(stored: Mapping[str, Any], current: TrainConfig | Mappin
 
 
 def training_state(cfg: TrainConfig, progress: Progress, model: nn.Module, ema: nn.Module | None, optimizer: Any,
-                   scheduler: Any, scaler: Any, rngs: list[dict], world_size: int) -> dict[str, Any]:
-    """Everything a checkpoint holds (before :func:`covpool.train.checkpoint.with_checksums`)."""
+                   scheduler: Any, scaler: Any, rngs: list[dict], world_size: int,
+                   class_names: list[str] | None = None) -> dict[str, Any]:
+    """Everything a checkpoint holds (before :func:`covpool.train.checkpoint.with_checksums`); ``class_names``
+    are the data set's, in label order."""
     from covpool import __version__
 
     config = config_to_dict(cfg)
@@ -145,6 +147,7 @@ def training_state(cfg: TrainConfig, progress: Progress, model: nn.Module, ema: 
         "rng": rngs,
         "world_size": world_size,
         "config": config,  # the same object as "args": pickled once
+        "class_names": list(class_names) if class_names is not None else None,
         "covpool_version": __version__,
     }
 

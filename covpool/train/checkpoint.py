@@ -3,9 +3,10 @@
 A checkpoint holds tensors and plain containers only. The weights sit under timm's keys, so
 ``timm.models.load_checkpoint(model, path, use_ema=True)`` and ``pretrained_cfg_overlay=dict(file=path)``
 read them: ``state_dict`` (the model), ``state_dict_ema`` (the EMA, when the run keeps one), ``arch`` (the
-model name) and ``args`` (the config as a plain dict, also under ``config``). Next to them: optimizer,
-scheduler and scaler state dicts, the RNG states as tensors and numbers (torch CPU, CUDA, numpy, python
-``random``), counters, the metrics history and ``checksum``, a BLAKE2b digest of each set of weights that
+model name) and ``args`` (the config as a plain dict, also under ``config``); ``class_names`` lists the
+classes in label order, so a checkpoint alone rebuilds a usable model (:func:`covpool.load_model`). Next to
+them: optimizer, scheduler and scaler state dicts, the RNG states as tensors and numbers (torch CPU, CUDA,
+numpy, python ``random``), counters, the metrics history and ``checksum``, a BLAKE2b digest of each set of weights that
 :func:`load_checkpoint` verifies, so a damaged file is an error rather than silently wrong weights.
 
 Files are written atomically (:func:`covpool.outputs.atomic_write`): a temporary file ``.<name>.<random>.tmp`` in the
@@ -175,6 +176,18 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {str(self.path)!r} holds no covpool config; give the run's config "
                                   "with --config")
         return config
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The class names, in label order, of the data set the model was trained on (``class_names``; None
+        for checkpoints written before covpool stored them)."""
+        names = self.state.get("class_names")
+        return [str(n) for n in names] if names is not None else None
+
+    @property
+    def weights(self) -> Mapping[str, Any]:
+        """The model's weights (``state_dict``)."""
+        return self.state["state_dict"]
 
 
 def rng_state() -> dict[str, Any]:

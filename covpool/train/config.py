@@ -145,9 +145,12 @@ class _Section:
 
 @dataclass
 class ModelConfig(_Section):
-    name: str = _opt("resnet18", "any timm model name, covpool's included (resnet50_isqrt, so_vit_7, ...)")
+    name: str = _opt("resnet18", "any timm model name, covpool's included (resnet50_isqrt, so_vit_7, ...), or "
+                     "torchvision:<name> for a torchvision classification model")
     pretrained: bool | str = _opt(
-        False, "true: timm's hub weights (needs the network once); a path: a local checkpoint file; false: random init"
+        False, "true: the hub's weights (timm's; torchvision's for torchvision: names; needs the network once); "
+        "a path: a local weights file, or a covpool checkpoint (last.pt/best.pt, loaded after the surgery; another "
+        "class count re-initialises the classifier); false: random init"
     )
     num_classes: int | None = _opt(None, "classifier size; null takes it from the data set", "[1, inf)")
     swap_pooling: bool = _opt(False, "replace the model's pooling + classifier by a second-order head "
@@ -173,7 +176,8 @@ class DataConfig(_Section):
                         "oxford_pet | cifar10 | cifar100")
     root: str | None = _opt(None, "data-set folder (not needed for 'embedded')")
     download: bool = _opt(False, "let torchvision download the data set into root (where torchvision can)")
-    img_size: int = _opt(224, "input resolution (square)", "[1, inf)")
+    img_size: int = _opt(224, "input resolution (square); also the img_size of models built for one input size "
+                         "(ViTs, Swin, So-ViT) unless model.kwargs.img_size is set", "[1, inf)")
     batch_size: int = _opt(32, "batch size per process", "[1, inf)")
     val_batch_size: int | None = _opt(None, "evaluation batch size; null uses 2 x batch_size", "[1, inf)")
     workers: int = _opt(2, "data-loader worker processes per process", "[0, inf)")

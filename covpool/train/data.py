@@ -1,14 +1,19 @@
-"""Data sets, transforms and loaders for ``covpool train``.
+"""Data sets, transforms and loaders for ``covpool train``, ``eval`` and ``predict``.
 
 Data sets are looked up by name in :func:`dataset_names`: the embedded texture task (no download), an
 ImageFolder tree, CUB-200-2011 in its native layout, and torchvision's StanfordCars, FGVCAircraft,
 Flowers102, OxfordIIITPet, CIFAR-10/100. Downloads are off unless ``data.download: true``; a missing root
 raises :class:`DatasetNotFoundError` naming the layout that is expected.
+
+A run reads its data sets before it builds its model (:func:`open_datasets`), so a wrong root, layout or class
+list is reported before any weight is downloaded; the transforms, which depend on the model's pretrained
+config (mean, std, interpolation), are attached once the model exists (:meth:`Splits.set_transforms`). The
+class lists of the splits must be the same (:class:`ClassListError` names the missing and extra classes).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -16,11 +21,20 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
+from ..outputs import first_line
 from .config import ConfigError, DataConfig
 from .embedded import EMBEDDED_CLASSES, EmbeddedTextures
 
 __all__ = [
     "DatasetNotFoundError",
+    "ClassListError",
+    "Splits",
+    "open_datasets",
+    "dataset_splits",
+    "class_names_of",
+    "check_class_lists",
+    "image_transform",
+    "sample_names",
     "CUB200",
     "ResumableSampler",
     "ShardSampler",
@@ -37,6 +51,11 @@ __all__ = [
 
 class DatasetNotFoundError(FileNotFoundError):
     """The data-set root is missing or does not hold the expected files."""
+
+
+class ClassListError(ValueError):
+    """Two class lists that must be the same differ: a data set's splits, or a data set and the checkpoint a
+    model was trained into (labels would silently mean other classes)."""
 
 
 def _missing(name: str, root: Any, layout: str, why: str) -> DatasetNotFoundError:
@@ -88,7 +107,8 @@ class CUB200(Dataset):
 
 _LAYOUTS = MappingProxyType({
     "embedded": "  (none: built from scikit-image's bundled photos)",
-    "imagefolder": "  train/<class>/<image>.jpg ...\n  val/<class>/<image>.jpg ...   (same class folder names)",
+    "imagefolder": "  train/<class>/<image>.jpg ...\n  val/<class>/<image>.jpg ...   (same class folder names)\n"
+                   "  test/<class>/<image>.jpg ...  (optional: covpool eval --split test)",
     "cub200": "  CUB_200_2011/images.txt\n  CUB_200_2011/train_test_split.txt\n  CUB_200_2011/image_class_labels.txt\n"
               "  CUB_200_2011/classes.txt\n  CUB_200_2011/images/<class>/<image>.jpg\n"
               "  (root may also be the CUB_200_2011 folder itself)",
@@ -102,34 +122,58 @@ _LAYOUTS = MappingProxyType({
 })
 
 
+class _Later:
+    """A transform given to a data set before the model that decides it exists; :meth:`Splits.set_transforms`
+    fills it in. The data set keeps this object, so filling it in reaches every place that holds it
+    (torchvision's ``StandardTransform``, the data sets of a ``ConcatDataset``)."""
+
+    def __init__(self) -> None:
+        self.transform: Callable | None = None
+
+    def __call__(self, x):
+        if self.transform is None:
+            raise RuntimeError("the data set's transform is not set yet: call Splits.set_transforms(model) first")
+        return self.transform(x)
+
+
 @dataclass(frozen=True)
 class _Spec:
-    build: Callable[[DataConfig, bool, Callable | None, int], Dataset]  # (cfg, train, transform, seed)
+    build: Callable[[DataConfig, str, Callable | None, int], Dataset]  # (cfg, split, transform, seed)
     num_classes: int | None  # None: read from the data (ImageFolder)
     needs_root: bool = True
+    # "test" is another name of "val": the validation split of these data sets is their official test split
+    val_is_test: bool = False
+    test: bool = False  # a test split of its own (an ImageFolder's optional test/ folder)
 
 
-def _embedded(cfg: DataConfig, train: bool, transform: Callable | None, seed: int) -> Dataset:
-    return EmbeddedTextures("train" if train else "val", img_size=cfg.img_size, seed=seed,
-                            per_class=cfg.embedded_train_per_class if train else cfg.embedded_val_per_class,
+def _embedded(cfg: DataConfig, split: str, transform: Callable | None, seed: int) -> Dataset:
+    if cfg.img_size < 8:
+        raise ConfigError(f"data.img_size={cfg.img_size}: the embedded data set cuts patches of at least 8x8 "
+                          "pixels; use data.img_size >= 8")
+    return EmbeddedTextures(split, img_size=cfg.img_size, seed=seed,
+                            per_class=cfg.embedded_train_per_class if split == "train" else cfg.embedded_val_per_class,
                             grayscale=cfg.embedded_grayscale, transform=transform)
 
 
-def _imagefolder(cfg: DataConfig, train: bool, transform: Callable | None, seed: int) -> Dataset:
+def _imagefolder(cfg: DataConfig, split: str, transform: Callable | None, seed: int) -> Dataset:
     from torchvision.datasets import ImageFolder
 
-    folder = Path(cfg.root) / ("train" if train else "val")
+    folder = Path(cfg.root) / split
     if not folder.is_dir():
         raise _missing("imagefolder", cfg.root, _LAYOUTS["imagefolder"], f"{str(folder)!r} does not exist")
-    return ImageFolder(str(folder), transform=transform)
+    try:
+        return ImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as err:  # no class folder, or a class folder without images
+        raise _missing("imagefolder", cfg.root, _LAYOUTS["imagefolder"], f"{str(folder)!r}: {first_line(err)}"
+                       ) from None
 
 
 def _torchvision(cls_name: str, train_kw: dict, val_kw: dict, train_extra: tuple[dict, ...] = ()):
-    def build(cfg: DataConfig, train: bool, transform: Callable | None, seed: int) -> Dataset:
+    def build(cfg: DataConfig, split: str, transform: Callable | None, seed: int) -> Dataset:
         import torchvision.datasets as tvd
 
         cls = getattr(tvd, cls_name)
-        parts = [train_kw, *train_extra] if train else [val_kw]
+        parts = [train_kw, *train_extra] if split == "train" else [val_kw]
         made = [cls(root=cfg.root, download=cfg.download, transform=transform, **kw) for kw in parts]
         return made[0] if len(made) == 1 else ConcatDataset(made)
 
@@ -139,16 +183,20 @@ def _torchvision(cls_name: str, train_kw: dict, val_kw: dict, train_extra: tuple
 def _specs() -> dict[str, _Spec]:
     return {
         "embedded": _Spec(_embedded, len(EMBEDDED_CLASSES), needs_root=False),
-        "imagefolder": _Spec(_imagefolder, None),
-        "cub200": _Spec(lambda c, t, tf, seed: CUB200(c.root, train=t, transform=tf), 200),
-        "stanford_cars": _Spec(_torchvision("StanfordCars", {"split": "train"}, {"split": "test"}), 196),
-        "fgvc_aircraft": _Spec(_torchvision("FGVCAircraft", {"split": "trainval"}, {"split": "test"}), 100),
+        "imagefolder": _Spec(_imagefolder, None, test=True),
+        "cub200": _Spec(lambda c, s, tf, seed: CUB200(c.root, train=s == "train", transform=tf), 200,
+                        val_is_test=True),
+        "stanford_cars": _Spec(_torchvision("StanfordCars", {"split": "train"}, {"split": "test"}), 196,
+                               val_is_test=True),
+        "fgvc_aircraft": _Spec(_torchvision("FGVCAircraft", {"split": "trainval"}, {"split": "test"}), 100,
+                               val_is_test=True),
         # the usual fine-grained protocol trains on train+val (2040 images) and reports the test split
         "flowers102": _Spec(_torchvision("Flowers102", {"split": "train"}, {"split": "test"}, ({"split": "val"},)),
-                            102),
-        "oxford_pet": _Spec(_torchvision("OxfordIIITPet", {"split": "trainval"}, {"split": "test"}), 37),
-        "cifar10": _Spec(_torchvision("CIFAR10", {"train": True}, {"train": False}), 10),
-        "cifar100": _Spec(_torchvision("CIFAR100", {"train": True}, {"train": False}), 100),
+                            102, val_is_test=True),
+        "oxford_pet": _Spec(_torchvision("OxfordIIITPet", {"split": "trainval"}, {"split": "test"}), 37,
+                            val_is_test=True),
+        "cifar10": _Spec(_torchvision("CIFAR10", {"train": True}, {"train": False}), 10, val_is_test=True),
+        "cifar100": _Spec(_torchvision("CIFAR100", {"train": True}, {"train": False}), 100, val_is_test=True),
     }
 
 
@@ -160,6 +208,14 @@ def dataset_layout(name: str) -> str:
     """The folder layout ``data.root`` must have for data set ``name``."""
     _spec(name)
     return _LAYOUTS[name]
+
+
+def dataset_splits(name: str) -> tuple[str, ...]:
+    """The splits ``covpool eval --split`` takes for data set ``name``: ``train`` and ``val`` always; ``test``
+    where the data set has one (an ImageFolder's ``test/`` folder) or where ``val`` already is the official
+    test split (CUB-200, the torchvision data sets: ``test`` and ``val`` are the same images)."""
+    spec = _spec(name)
+    return ("train", "val", "test") if spec.test or spec.val_is_test else ("train", "val")
 
 
 def _spec(name: str) -> _Spec:
@@ -193,26 +249,18 @@ def num_classes_of(cfg: DataConfig) -> int:
 
 def _transform(cfg: DataConfig, model: torch.nn.Module | None, train: bool) -> Callable:
     if cfg.dataset == "embedded":
-        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         from torchvision.transforms import v2
 
-        pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
-        mean = pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN)
-        std = pretrained_cfg.get("std", IMAGENET_DEFAULT_STD)
+        mean, std = _mean_std(model)
         if not train:
             return v2.Normalize(mean, std)
         # textures have no up or down: both flips are label-preserving
         return v2.Compose([v2.RandomHorizontalFlip(cfg.hflip), v2.RandomVerticalFlip(cfg.hflip),
                            v2.Normalize(mean, std)])
 
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import create_transform
 
-    args = {"input_size": (3, cfg.img_size, cfg.img_size)}
-    if cfg.crop_pct is not None:
-        args["crop_pct"] = cfg.crop_pct
-    if cfg.interpolation is not None:
-        args["interpolation"] = cfg.interpolation
-    data_cfg = resolve_data_config(args, model=model)
+    data_cfg = _data_config(cfg, model)
     if not train:
         return create_transform(**data_cfg, is_training=False)
     return create_transform(**data_cfg, is_training=True, hflip=cfg.hflip, color_jitter=cfg.color_jitter,
@@ -220,23 +268,189 @@ def _transform(cfg: DataConfig, model: torch.nn.Module | None, train: bool) -> C
                             scale=tuple(cfg.scale) if cfg.scale else None)
 
 
-def build_dataset(cfg: DataConfig, train: bool, model: torch.nn.Module | None = None, seed: int = 0) -> Dataset:
-    """The training (``train``) or validation data set with its transform (normalisation from ``model``'s
-    pretrained config when given, ImageNet statistics otherwise); the other split is not read."""
+def _mean_std(model: torch.nn.Module | None) -> tuple[Any, Any]:
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+    return pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN), pretrained_cfg.get("std", IMAGENET_DEFAULT_STD)
+
+
+def _data_config(cfg: DataConfig, model: torch.nn.Module | None) -> dict[str, Any]:
+    from timm.data import resolve_data_config
+
+    args = {"input_size": (3, cfg.img_size, cfg.img_size)}
+    if cfg.crop_pct is not None:
+        args["crop_pct"] = cfg.crop_pct
+    if cfg.interpolation is not None:
+        args["interpolation"] = cfg.interpolation
+    return resolve_data_config(args, model=model)
+
+
+def image_transform(cfg: DataConfig, model: torch.nn.Module | None = None) -> Callable:
+    """The evaluation transform of config ``cfg`` for a PIL image (what ``covpool predict`` applies to a file):
+    timm's resize, centre crop and normalisation for the model; for a model trained on the embedded data set,
+    a centre crop resized to ``data.img_size`` (grey when ``data.embedded_grayscale``), as its patches were."""
+    if cfg.dataset != "embedded":
+        return _transform(cfg, model, train=False)
+    from torchvision.transforms import v2
+
+    mean, std = _mean_std(model)
+    steps = [v2.PILToTensor(), v2.Resize(cfg.img_size, antialias=True), v2.CenterCrop(cfg.img_size)]
+    if cfg.embedded_grayscale:
+        steps.append(v2.Grayscale(num_output_channels=3))
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def class_names_of(dataset: Dataset) -> list[str] | None:
+    """A data set's class names in label order (its ``classes``; the first part's for a ``ConcatDataset``),
+    or None when it does not say."""
+    if isinstance(dataset, ConcatDataset):
+        return class_names_of(dataset.datasets[0])
+    classes = getattr(dataset, "classes", None)
+    return [str(c) for c in classes] if classes is not None else None
+
+
+def _labels_of(dataset: Dataset) -> list[int] | None:
+    if isinstance(dataset, ConcatDataset):
+        parts = [_labels_of(d) for d in dataset.datasets]
+        return None if any(p is None for p in parts) else [label for p in parts for label in p]
+    for name in ("targets", "_labels"):
+        labels = getattr(dataset, name, None)
+        if labels is not None:
+            return [int(x) for x in labels]
+    samples = getattr(dataset, "_samples", None)  # StanfordCars: (path, label) pairs
+    return [int(label) for _, label in samples] if samples is not None else None
+
+
+def sample_names(dataset: Dataset) -> list[str]:
+    """What names each sample in the predictions of ``covpool eval``: its file (ImageFolder, CUB-200 and the
+    torchvision data sets that keep paths), else its index."""
+    if isinstance(dataset, ConcatDataset):
+        return [name for d in dataset.datasets for name in sample_names(d)]
+    samples = getattr(dataset, "samples", None) or getattr(dataset, "_samples", None)
+    if samples is not None:
+        return [str(s[0]) for s in samples]
+    files = getattr(dataset, "_image_files", None) or getattr(dataset, "_images", None)
+    if files is not None and len(files) == len(dataset):
+        return [str(f) for f in files]
+    return [str(i) for i in range(len(dataset))]
+
+
+def check_class_lists(expected: list[str], found: list[str], what: str, advice: str = "") -> None:
+    """Raise :class:`ClassListError` when two class lists differ, naming the classes ``found`` lacks and those
+    it has in excess (or, with the same names, that the order differs): labels are indices into these lists,
+    so any difference makes a label mean another class. ``what`` says which lists (e.g. ``"val/ against
+    train/"``)."""
+    if list(expected) == list(found):
+        return
+    missing = [c for c in expected if c not in set(found)]
+    extra = [c for c in found if c not in set(expected)]
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(map(repr, names[:8])) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+    parts = ([f"missing {listed(missing)}"] if missing else []) + ([f"extra {listed(extra)}"] if extra else [])
+    detail = "; ".join(parts) if parts else "the same names in another order"
+    raise ClassListError(f"the class lists of {what} differ ({len(expected)} vs {len(found)} classes): {detail}. "
+                         "Labels are positions in the class list, so they would silently mean other classes"
+                         + (f"; {advice}" if advice else ""))
+
+
+@dataclass
+class Splits:
+    """The data sets of a run or an evaluation, read before the model exists (:func:`open_datasets`).
+
+    Attributes:
+        datasets: split name -> data set; each holds a placeholder transform until :meth:`set_transforms`.
+        classes: the class names, in label order, shared by every split.
+        dataset: the data-set name (``data.dataset``).
+    """
+
+    datasets: dict[str, Dataset]
+    classes: list[str]
+    dataset: str
+    _later: dict[str, _Later] = field(default_factory=dict, repr=False)
+
+    def __getitem__(self, split: str) -> Dataset:
+        return self.datasets[split]
+
+    def set_transforms(self, cfg: DataConfig, model: torch.nn.Module | None) -> None:
+        """Attach each split's transform (training augmentation for ``train``, evaluation otherwise), with the
+        normalisation of ``model``'s pretrained config."""
+        for split, later in self._later.items():
+            later.transform = _transform(cfg, model, split == "train")
+
+    def describe(self) -> str:
+        """``"8 classes; train 24 images, val 16 images"``, for the start-up header."""
+        sizes = ", ".join(f"{split} {len(ds)} images" for split, ds in self.datasets.items())
+        return f"{len(self.classes)} classes; {sizes}"
+
+
+def open_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), seed: int = 0) -> Splits:
+    """Read the ``splits`` of the configured data set (root, layout, annotations; no image is decoded and no
+    model is needed) and check that their class lists agree. Transforms come later
+    (:meth:`Splits.set_transforms`).
+
+    Raises:
+        DatasetNotFoundError: the root or a split is missing, or does not hold the expected files (the message
+            shows the layout).
+        ClassListError: the splits' class lists differ (the message names the missing and extra classes), or a
+            label lies outside the class list.
+        ConfigError: a split the data set does not have, or an ``img_size`` the data set cannot give.
+    """
     _check_root(cfg)
     spec = _spec(cfg.dataset)
-    try:
-        return spec.build(cfg, train, _transform(cfg, model, train), seed)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-        if "not found" not in str(err).lower():
-            raise
-        raise _missing(cfg.dataset, cfg.root, _LAYOUTS[cfg.dataset], f"torchvision found nothing under "
-                       f"{cfg.root!r} ({err})") from err
+    valid = dataset_splits(cfg.dataset)
+    for split in splits:
+        if split not in valid:
+            raise ConfigError(f"data set {cfg.dataset!r} has no {split!r} split; its splits: {', '.join(valid)}")
+    datasets, later = {}, {}
+    for split in splits:
+        later[split] = _Later()
+        which = "val" if split == "test" and spec.val_is_test else split
+        try:
+            datasets[split] = spec.build(cfg, which, later[split], seed)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+            if "not found" not in str(err).lower():
+                raise
+            raise _missing(cfg.dataset, cfg.root, _LAYOUTS[cfg.dataset], f"torchvision found nothing under "
+                           f"{cfg.root!r} ({err})") from err
+    classes = None
+    for split, ds in datasets.items():
+        names = class_names_of(ds)
+        if names is None:
+            names = [str(i) for i in range(spec.num_classes or 0)]
+        if classes is None:
+            classes, first = names, split
+        else:
+            folders = f"{split}/ against {first}/" if cfg.dataset == "imagefolder" else f"{split} against {first}"
+            check_class_lists(classes, names, f"{cfg.dataset} {folders} under {cfg.root}",
+                              "give every split the same class folders" if cfg.dataset == "imagefolder" else "")
+        labels = _labels_of(ds)
+        if labels and max(labels) >= len(names):
+            raise ClassListError(f"data set {cfg.dataset!r}, {split} split: label {max(labels)} but only "
+                                 f"{len(names)} classes are named; check the annotation files under {cfg.root}")
+    return Splits(datasets, classes or [], cfg.dataset, later)
+
+
+def build_dataset(cfg: DataConfig, train: bool | str, model: torch.nn.Module | None = None, seed: int = 0
+                  ) -> Dataset:
+    """The training (``train=True`` or ``"train"``), validation (``False`` or ``"val"``) or ``"test"`` data set
+    with its transform (normalisation from ``model``'s pretrained config when given, ImageNet statistics
+    otherwise); the other splits are not read."""
+    split = ("train" if train else "val") if isinstance(train, bool) else train
+    splits = open_datasets(cfg, (split,), seed)
+    splits.set_transforms(cfg, model)
+    return splits[split]
 
 
 def build_datasets(cfg: DataConfig, model: torch.nn.Module | None = None, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """Training and validation data sets (:func:`build_dataset`)."""
-    return build_dataset(cfg, True, model, seed), build_dataset(cfg, False, model, seed)
+    """Training and validation data sets (:func:`open_datasets`, whose class lists must agree) with their
+    transforms."""
+    splits = open_datasets(cfg, ("train", "val"), seed)
+    splits.set_transforms(cfg, model)
+    return splits["train"], splits["val"]
+
 
 
 class ResumableSampler(DistributedSampler):

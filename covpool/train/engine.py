@@ -40,22 +40,25 @@ from ._dist import (
     is_collective_failure,
     shutdown_distributed,
 )
-from ._model import build_model, param_groups, set_grad_checkpointing
+from ._model import BuiltModel, head_modules, make_model, param_groups, set_grad_checkpointing
 from ._resume import Progress, check_resume_config, describe_resume, restore_weights, resume_progress, training_state
 from ._run_folder import RunFolder, saved_work
 from ._schedule import BackendSchedule
 from ._seed import loader_seed, process_seed, seed_everything
 from ._stop import StopFlag, TrainingAborted, agree_to_stop, stopped_during_set_up
 from .checkpoint import Checkpoint, rng_state, set_rng_state, with_checksums
-from .config import OptimConfig, TrainConfig, config_to_dict
-from .data import build_datasets, build_train_loader, build_val_loader, num_classes_of
+from .config import ConfigError, OptimConfig, TrainConfig, config_to_dict
+from .data import Splits, build_train_loader, build_val_loader, check_class_lists, open_datasets
 from .evaluation import autocast, evaluate_model, interactive, to_device
 from .summary import epoch_line, format_history
 from .validate import check_config
 
-__all__ = ["NonFiniteLossError", "TrainResult", "train"]
+__all__ = ["NonFiniteLossError", "TrainResult", "train", "start_up_header"]
 
 _log = logging.getLogger(__name__)
+# the start-up header has a logger of its own, so a program that runs many short trainings (covpool demo) can
+# silence it alone: logging.getLogger("covpool.train.header").setLevel(logging.WARNING)
+_header_log = logging.getLogger("covpool.train.header")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -124,6 +127,74 @@ def _loss(mixup: float, cutmix: float, label_smoothing: float, num_classes: int)
     return None, nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
+def _num_classes(cfg: TrainConfig, data: Splits) -> int:
+    """The classifier's size: ``model.num_classes``, or the data set's class count; fewer outputs than the data
+    set has classes would fail at the first loss, after everything is set up."""
+    found = len(data.classes)
+    if cfg.model.num_classes is None:
+        return found
+    if cfg.model.num_classes < found:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data set {cfg.data.dataset!r} has {found} "
+                          f"classes (labels up to {found - 1}); leave model.num_classes=null to take the data's")
+    return cfg.model.num_classes
+
+
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
+
+
+def _lr_per_group(groups: list[dict]) -> str:
+    """``backbone 0.01, backbone, no decay 0.01, head 0.05, ...``; with layer-wise decay (many groups) the
+    range of each kind instead."""
+    named = [(g.get("name", f"group {i}"), g["lr"]) for i, g in enumerate(groups)]
+    if len(named) <= 6:
+        return ", ".join(f"{name} {lr:.3g}" for name, lr in named)
+    kinds: dict[str, list[float]] = {}
+    for name, lr in named:
+        kinds.setdefault(name, []).append(lr)
+    return ", ".join(f"{name} {min(lrs):.3g}" + (f" to {max(lrs):.3g} ({len(lrs)} groups)" if len(lrs) > 1 else "")
+                     for name, lrs in kinds.items())
+
+
+def start_up_header(cfg: TrainConfig, model: nn.Module, built: BuiltModel, data: Splits, checkpoint: Checkpoint | None,
+                    optimizer, steps_per_epoch: int, backend: str, device: torch.device, world_size: int) -> list[str]:
+    """The lines a run logs before its first step (rank 0), as timm's train.py does: the model, its parameter
+    counts and head, where its weights come from and which modules are new, the data, the device and the
+    schedule, and the learning rate of each parameter group."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    pooling = [n for n, m in head_modules(model).items() if not isinstance(m, nn.Linear)]
+    if cfg.model.swap_pooling:
+        head = f"second-order head {cfg.model.head!r} (model.swap_pooling)"
+    elif pooling:
+        head = f"covpool's second-order head ({', '.join(pooling)})"
+    else:
+        head = "the model's own head"
+    head += f", square-root backend {backend}" if backend else ""
+    weights = f"resumed from {checkpoint.path}" if checkpoint is not None else built.weights
+    if checkpoint is None and built.new:
+        weights += f"; new (re-initialised): {', '.join(built.new)}"
+    where = f" at {cfg.data.root}" if cfg.data.root else ""
+    per_step = cfg.data.batch_size * world_size * cfg.grad_accum_steps
+    how = f"batch {cfg.data.batch_size} x {_plural(world_size, 'process', 'processes')}" + (
+        f" x {cfg.grad_accum_steps} accumulated" if cfg.grad_accum_steps > 1 else "")
+    groups = _lr_per_group(optimizer.param_groups)
+    return [
+        f"model: {cfg.model.name} ({type(model).__name__}), {_millions(total)} parameters "
+        f"({_millions(trainable)} trainable); {head}",
+        f"weights: {weights}",
+        f"data: {cfg.data.dataset}{where}: {data.describe()}; input {cfg.data.img_size}x{cfg.data.img_size}",
+        f"device: {device}, amp {cfg.amp}; {_plural(cfg.epochs, 'epoch')} of {_plural(steps_per_epoch, 'step')}, "
+        f"{per_step} images per step ({how})",
+        f"optimizer: {cfg.optim.opt}, {cfg.optim.sched} schedule, weight decay {cfg.optim.weight_decay:g}; lr per "
+        f"parameter group: {groups}",
+    ]
+
+
 class _Trainer:
     """One run: set up from the config and the checkpoint it continues, then :meth:`run`."""
 
@@ -143,8 +214,16 @@ class _Trainer:
         checkpoint = self.folder.checkpoint_to_resume(resume, overwrite)
         changes = check_resume_config(checkpoint.config, cfg) if checkpoint is not None else {}
         seed_everything(cfg.seed)
-        num_classes = cfg.model.num_classes or num_classes_of(cfg.data)
-        model = build_model(cfg.model, num_classes, for_checkpoint=checkpoint is not None)
+        # the data first: a wrong root, layout or class list is reported before any weight is downloaded
+        data = open_datasets(cfg.data, ("train", "val"), seed=cfg.seed)
+        self.classes = data.classes
+        if checkpoint is not None and checkpoint.class_names is not None:
+            check_class_lists(checkpoint.class_names, data.classes, f"the checkpoint {checkpoint.path} and "
+                              f"data set {cfg.data.dataset!r} (data.root={cfg.data.root})",
+                              "resume on the data the run was trained on")
+        num_classes = _num_classes(cfg, data)
+        built = make_model(cfg.model, num_classes, for_checkpoint=checkpoint is not None, img_size=cfg.data.img_size)
+        model = built.model
         set_grad_checkpointing(model, cfg.model)
         model = model.to(ctx.device)
         if cfg.channels_last:
@@ -155,7 +234,8 @@ class _Trainer:
             model = covpool.convert_sync_zca(model)
         self.model = model
         pin = ctx.device.type == "cuda"
-        train_set, val_set = build_datasets(cfg.data, model, seed=cfg.seed)
+        data.set_transforms(cfg.data, model)
+        train_set, val_set = data["train"], data["val"]
         self.train_loader = build_train_loader(cfg.data, train_set, cfg.seed, ctx.rank, ctx.world_size, pin)
         self.val_loader = build_val_loader(cfg.data, val_set, ctx.rank, ctx.world_size, pin)
         # an optimizer step takes grad_accum_steps batches; the last step of an epoch may take fewer (as timm)
@@ -181,6 +261,8 @@ class _Trainer:
         self.progress = Progress()
         if ctx.rank > 0:
             seed_everything(process_seed(cfg.seed, ctx.rank))  # different augmentation draws on every process
+        if ctx.is_main:
+            self._header(built, data, checkpoint)
         if checkpoint is not None:
             self._resume(checkpoint, changes)
         if self.scheduler is not None:
@@ -188,6 +270,14 @@ class _Trainer:
         if checkpoint is not None and ctx.is_main:
             describe_resume(checkpoint.path, self.progress, checkpoint.state, changes, ctx.world_size,
                             self.steps_per_epoch * cfg.epochs, self._lr())
+
+    def _header(self, built: BuiltModel, data: Splits, checkpoint: Checkpoint | None) -> None:
+        """What timm's train.py logs before the first step: the model, its size and head, where its weights
+        come from, the data, the device and the learning rate of each parameter group."""
+        cfg, ctx, model = self.cfg, self.ctx, self.model
+        for line in start_up_header(cfg, model, built, data, checkpoint, self.optimizer, self.steps_per_epoch,
+                                    self.backends.describe(model), ctx.device, ctx.world_size):
+            _header_log.info(line)
 
     def _resume(self, checkpoint: Checkpoint, changes: dict) -> None:
         ctx = self.ctx
@@ -356,7 +446,7 @@ class _Trainer:
         if self.ctx.is_main:
             self.folder.save(with_checksums(training_state(
                 self.cfg, self.progress, self.model, getattr(self.ema, "module", None), self.optimizer,
-                self.scheduler, self.scaler, rngs, self.ctx.world_size)), best)
+                self.scheduler, self.scaler, rngs, self.ctx.world_size, self.classes)), best)
 
     def run(self, stop: StopFlag) -> TrainResult:
         cfg, ctx, p = self.cfg, self.ctx, self.progress

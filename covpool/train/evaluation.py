@@ -1,27 +1,31 @@
 """Evaluation: a model's loss and accuracy on a loader (:func:`evaluate_model`, what a run does after each
-epoch), and ``covpool eval``'s :func:`evaluate` of a checkpoint on its config's validation set."""
+epoch), and ``covpool eval``'s :func:`evaluate` of a checkpoint on a split of its config's data set: overall and
+per-class accuracy, the confusion matrix and each image's prediction (:class:`EvalResult`)."""
 from __future__ import annotations
 
 import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..outputs import console_logging
-from ._dist import DistContext, all_reduce_sum, init_distributed, shutdown_distributed
-from ._model import build_model
+from ..outputs import console_logging, first_line, new_figure, save_figure, write_csv
+from ._dist import DistContext, all_gather_objects, all_reduce_sum, init_distributed, shutdown_distributed
+from ._model import build_model, classifier_names
 from ._schedule import BackendSchedule, checkpoint_epoch
 from .checkpoint import Checkpoint, CheckpointError
 from .config import TrainConfig, config_from_dict
-from .data import build_dataset, build_val_loader, num_classes_of
+from .data import ClassListError, build_val_loader, check_class_lists, open_datasets, sample_names
 from .validate import check_config, check_same_model
 
-__all__ = ["autocast", "to_device", "interactive", "evaluate_model", "evaluate"]
+__all__ = ["autocast", "to_device", "interactive", "evaluate_model", "predict_loader", "evaluate", "EvalResult",
+           "plot_confusion", "check_checkpoint_classes", "load_weights"]
 
 _AMP_DTYPES = MappingProxyType({"none": None, "bf16": torch.bfloat16, "fp16": torch.float16})
 
@@ -83,15 +87,151 @@ def evaluate_model(model: nn.Module, loader, ctx: DistContext, amp: str = "none"
             "count": int(count)}
 
 
-def evaluate(checkpoint: str | Path | Checkpoint, cfg: TrainConfig | None = None, use_ema: bool = False
-             ) -> dict[str, float]:
-    """Evaluate a checkpoint (a path, or a :class:`~covpool.train.checkpoint.Checkpoint` already read) on its
-    config's validation set; ``cfg`` replaces the stored config, and must describe the same model. Only the
-    model and the validation set are built.
+@torch.no_grad()
+def predict_loader(model: nn.Module, loader, ctx: DistContext, amp: str = "none", max_steps: int | None = None,
+                   desc: str = "eval", progress: bool = False, channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """Per-image results of ``model`` over ``loader`` on this process: ``target``, ``pred`` (top-1 class),
+    ``prob`` (its softmax probability), ``top5`` (whether the label is among the 5 best) and ``loss``
+    (cross-entropy), each a CPU tensor in the loader's order."""
+    was_training = model.training
+    model.eval()
+    total = len(loader) if max_steps is None else min(max_steps, len(loader))
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
+               disable=not (progress and ctx.is_main and interactive()))
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("target", "pred", "prob", "top5", "loss")}
+    for step, (images, target) in enumerate(loader):
+        if step >= total:
+            break
+        images, target = to_device(images, ctx.device, channels_last), target.to(ctx.device, non_blocking=True)
+        with autocast(amp, ctx.device):
+            logits = model(images)
+        logits = logits.float()
+        prob, pred = logits.softmax(dim=-1).max(dim=-1)
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        for key, value in (("target", target), ("pred", pred), ("prob", prob),
+                           ("top5", (top == target[:, None]).any(dim=-1)),
+                           ("loss", F.cross_entropy(logits, target, reduction="none"))):
+            parts[key].append(value.cpu())
+        bar.update()
+    bar.close()
+    model.train(was_training)
+    empty = {"target": torch.long, "pred": torch.long, "prob": torch.float32, "top5": torch.bool,
+             "loss": torch.float32}
+    return {k: torch.cat(v) if v else torch.zeros(0, dtype=empty[k]) for k, v in parts.items()}
+
+
+def _gather(results: dict[str, torch.Tensor], ctx: DistContext) -> dict[str, torch.Tensor]:
+    """Every process's :func:`predict_loader` results in the data set's order (the :class:`ShardSampler` gives
+    process r the images r, r + world, r + 2 world, ...)."""
+    shards = all_gather_objects(results, ctx)
+    if len(shards) == 1:
+        return shards[0]
+    out = {}
+    for key in results:
+        parts = [shard[key] for shard in shards]
+        total = sum(len(p) for p in parts)
+        merged = torch.empty(total, dtype=parts[0].dtype)
+        for rank, part in enumerate(parts):
+            merged[rank::len(parts)][:len(part)] = part
+        out[key] = merged
+    return out
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` measured: the overall numbers (:attr:`metrics`), each class's accuracy, the
+    confusion matrix and each image's prediction.
+
+    Attributes:
+        metrics: ``loss``, ``acc1``, ``acc5`` (%), ``count``, ``mean_class_acc`` (%, the mean of the per-class
+            accuracies, which fine-grained papers also report), ``split``.
+        classes: class names in label order.
+        confusion: ``(K, K)`` counts, rows the true class, columns the predicted one.
+        images: a name per image (its file where the data set keeps one, else its index).
+        results: the per-image tensors of :func:`predict_loader`.
+    """
+
+    metrics: dict[str, Any]
+    classes: list[str]
+    confusion: torch.Tensor
+    images: list[str]
+    results: dict[str, torch.Tensor]
+
+    def __getitem__(self, key: str) -> Any:  # ``evaluate(...)["acc1"]``, as when it returned the metrics dict
+        return self.metrics[key]
+
+    def per_class(self) -> list[dict[str, Any]]:
+        """One row per class: ``class``, ``label``, ``images``, ``correct``, ``accuracy`` (%, NaN without images)."""
+        k = len(self.classes)
+        support = torch.bincount(self.results["target"], minlength=k)
+        rows = []
+        for label, name in enumerate(self.classes):
+            images, correct = int(support[label]), int(self.confusion[label, label])
+            rows.append({"class": name, "label": label, "images": images, "correct": correct,
+                         "accuracy": 100.0 * correct / images if images else float("nan")})
+        return rows
+
+    def predictions(self) -> list[dict[str, Any]]:
+        """One row per image: ``image``, ``label``, ``class``, ``predicted``, ``predicted_class``,
+        ``probability``, ``correct``."""
+        r, names = self.results, self.classes
+        return [{"image": image, "label": int(t), "class": names[int(t)], "predicted": int(p),
+                 "predicted_class": names[int(p)] if int(p) < len(names) else str(int(p)),
+                 "probability": round(float(q), 6), "correct": int(t == p)}
+                for image, t, p, q in zip(self.images, r["target"], r["pred"], r["prob"])]
+
+    def write(self, folder: str | Path, title: str = "") -> list[Path]:
+        """``per_class.csv``, ``confusion.csv``, ``confusion.png`` and ``predictions.csv`` in ``folder``."""
+        folder = Path(folder)
+        matrix = [{"true \\ predicted": name, **{n: int(v) for n, v in zip(self.classes, row.tolist())}}
+                  for name, row in zip(self.classes, self.confusion)]
+        return [write_csv(self.per_class(), folder / "per_class.csv"),
+                write_csv(matrix, folder / "confusion.csv", ["true \\ predicted", *self.classes]),
+                plot_confusion(self.confusion, self.classes, folder / "confusion.png", title),
+                write_csv(self.predictions(), folder / "predictions.csv",
+                          ["image", "label", "class", "predicted", "predicted_class", "probability", "correct"])]
+
+
+def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | Path, title: str = "") -> Path:
+    """The confusion matrix as an image, each row normalised to the fraction of its class's images (class
+    names on the axes up to 40 classes)."""
+    counts = confusion.double()
+    rates = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    k = len(classes)
+    side = min(4 + 0.25 * k, 16)
+    fig = new_figure((side + 1.5, side))
+    ax = fig.subplots()
+    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    if k <= 40:
+        ax.set_xticks(range(k), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(k), classes, fontsize=7)
+    fig.subplots_adjust(left=0.2 if k <= 40 else 0.1, bottom=0.2 if k <= 40 else 0.1, right=0.95, top=0.92)
+    return save_figure(fig, path, dpi=90)
+
+
+def evaluate(checkpoint: str | Path | Checkpoint, cfg: TrainConfig | None = None, use_ema: bool = False,
+             split: str = "val", out_dir: str | Path | None = None) -> EvalResult:
+    """Evaluate a checkpoint (a path, or a :class:`~covpool.train.checkpoint.Checkpoint` already read) on a split
+    of its config's data set; ``cfg`` replaces the stored config, and must describe the same model. Only the
+    model and that split are built.
+
+    Args:
+        split: ``val`` (default), ``test`` (an ImageFolder's ``test/`` folder; for CUB-200 and the torchvision
+            data sets the same images as ``val``, their official test split) or ``train``
+            (:func:`covpool.train.data.dataset_splits`).
+        out_dir: where to write ``per_class.csv``, ``confusion.csv``, ``confusion.png`` and
+            ``predictions.csv`` (None: nothing is written).
+
+    Returns:
+        An :class:`EvalResult`; ``result["acc1"]`` etc. read its metrics.
 
     Raises:
-        ConfigError: ``cfg`` (or the stored config) has a mistake, or describes another model.
+        ConfigError: ``cfg`` (or the stored config) has a mistake, or describes another model, or the data set
+            has no such split.
         CheckpointError: the file is damaged or foreign, or ``use_ema`` and it holds no EMA weights.
+        ClassListError: the data set's classes differ from those the checkpoint was trained on.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.read(checkpoint)
     if cfg is None:
@@ -107,17 +247,68 @@ def evaluate(checkpoint: str | Path | Checkpoint, cfg: TrainConfig | None = None
         ctx = init_distributed(cfg.device, cfg.dist_timeout)
         clean = False
         try:
-            model = build_model(cfg.model, cfg.model.num_classes or num_classes_of(cfg.data), for_checkpoint=True)
+            data = open_datasets(cfg.data, (split,), seed=cfg.seed)
+            classes = check_checkpoint_classes(ckpt, data.classes, f"data set {cfg.data.dataset!r} ({split} split, "
+                                               f"data.root={cfg.data.root})")
+            model = build_model(cfg.model, cfg.model.num_classes or len(classes), for_checkpoint=True,
+                                img_size=cfg.data.img_size)
             model = model.to(ctx.device)
-            model.load_state_dict(ckpt.state[key])
+            load_weights(model, ckpt, key)
             if cfg.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             BackendSchedule.from_config(cfg).apply(checkpoint_epoch(ckpt.state), [model], announce=False)
-            val_set = build_dataset(cfg.data, False, model, seed=cfg.seed)
-            loader = build_val_loader(cfg.data, val_set, rank=ctx.rank, world_size=ctx.world_size)
-            metrics = evaluate_model(model, loader, ctx, cfg.amp, cfg.max_val_steps, progress=cfg.progress,
-                                     channels_last=cfg.channels_last)
+            data.set_transforms(cfg.data, model)
+            loader = build_val_loader(cfg.data, data[split], rank=ctx.rank, world_size=ctx.world_size)
+            results = _gather(predict_loader(model, loader, ctx, cfg.amp, cfg.max_val_steps, desc=f"eval {split}",
+                                             progress=cfg.progress, channels_last=cfg.channels_last), ctx)
             clean = True
-            return metrics
         finally:
             shutdown_distributed(ctx, clean)
+    k = len(classes)
+    count = len(results["target"])
+    named = results["pred"] < k  # a classifier wider than the class list (model.num_classes) may pick no class
+    confusion = torch.bincount(results["target"][named] * k + results["pred"][named], minlength=k * k).reshape(k, k)
+    support = torch.bincount(results["target"], minlength=k)
+    present = support > 0
+    per_class = confusion.diagonal().double() / support.clamp_min(1)
+    n = max(count, 1)
+    metrics = {"loss": float(results["loss"].double().sum()) / n,
+               "acc1": 100.0 * float((results["pred"] == results["target"]).sum()) / n,
+               "acc5": 100.0 * float(results["top5"].sum()) / n, "count": count,
+               "mean_class_acc": 100.0 * float(per_class[present].mean()) if bool(present.any()) else float("nan"),
+               "split": split}
+    result = EvalResult(metrics, classes, confusion, sample_names(data[split])[:count], results)
+    if out_dir is not None and ctx.is_main:
+        result.write(out_dir, title=f"{ckpt.path.name} on {cfg.data.dataset} {split}: top-1 {metrics['acc1']:.2f}%")
+    return result
+
+
+def check_checkpoint_classes(ckpt: Checkpoint, classes: list[str], what: str) -> list[str]:
+    """The class names to report with: the checkpoint's, after checking that ``classes`` (a data set's) are the
+    same (:class:`ClassListError` otherwise); a checkpoint written before covpool stored them takes the data
+    set's."""
+    stored = ckpt.class_names
+    if stored is None:
+        return list(classes)
+    check_class_lists(stored, classes, f"the checkpoint {ckpt.path} and {what}",
+                      "evaluate a checkpoint on the classes it was trained on")
+    return stored
+
+
+def load_weights(model: nn.Module, ckpt: Checkpoint, key: str = "state_dict") -> None:
+    """Load a checkpoint's weights (``key``: ``state_dict`` or ``state_dict_ema``) into the model its config
+    builds; a classifier of another size (a checkpoint written before class names were stored, evaluated on
+    another data set) is a :class:`ClassListError`, any other difference a :class:`CheckpointError`."""
+    own = model.state_dict()
+    weights = ckpt.state[key]
+    sized = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    classifier = classifier_names(model)
+    if sized and all(any(k == c or k.startswith(c + ".") for c in classifier) for k in sized):
+        rows = tuple(weights[sized[0]].shape)[0]
+        raise ClassListError(f"{ckpt.path} holds a classifier of {rows} classes but the data set has "
+                             f"{tuple(own[sized[0]].shape)[0]}; evaluate it on the data set it was trained on")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{ckpt.path}: its weights do not fit the model its config builds ({first_line(err)})"
+                              ) from None

@@ -18,11 +18,12 @@ import torch
 
 import covpool
 
+from ..outputs import first_line
 from ._dist import DEVICES, dist_timeout_s, uses_cuda
-from ._model import build_model, set_grad_checkpointing
+from ._model import TORCHVISION_PREFIX, build_model, fixed_input_size, set_grad_checkpointing, torchvision_models
 from ._resume import model_changes
 from ._schedule import BackendSchedule, check_backend_spec
-from .config import ConfigError, ModelConfig, OptimConfig, TrainConfig, config_to_dict, did_you_mean, format_config_diff
+from .config import ConfigError, OptimConfig, TrainConfig, config_to_dict, did_you_mean, format_config_diff
 from .data import dataset_names
 
 __all__ = ["check_config", "check_same_model", "SCHEDULERS"]
@@ -62,13 +63,15 @@ def _unknown_name(key: str, value: Any, valid: Iterable[str], what: str, listed:
 def _timm_models() -> list[str]:
     import timm
 
-    return timm.list_models()
+    return [*timm.list_models(), *(TORCHVISION_PREFIX + n for n in torchvision_models())]
 
 
 def _is_timm_model(name: str) -> bool:
     import timm
     from timm.models import parse_model_name
 
+    if name.startswith(TORCHVISION_PREFIX):
+        return name[len(TORCHVISION_PREFIX):] in torchvision_models()
     try:
         source, _ = parse_model_name(name)
     except ValueError:
@@ -99,7 +102,8 @@ def _choices(*names: str) -> Callable[[], Collection[str]]:
 # line here; a key inside a free-form section is dotted as on the command line (model.kwargs.<name>).
 _NAMED: Mapping[str, _Registry] = MappingProxyType({
     "model.name": _Registry("a timm model", _timm_models, _is_timm_model, "see timm.list_models() (covpool adds "
-                            "resnet18/50/101_isqrt and so_vit_7/10/14/19)"),
+                            "resnet18/50/101_isqrt and so_vit_7/10/14/19), or torchvision:<name> for "
+                            "torchvision.models.list_models()"),
     "optim.opt": _Registry("a timm optimizer", _timm_optimizers, _is_timm_optimizer,
                            "see timm.optim.list_optimizers()"),
     "optim.sched": _Registry("a timm scheduler covpool can step", _choices(*SCHEDULERS)),
@@ -145,11 +149,14 @@ def check_config(cfg: TrainConfig) -> None:
     schedule = BackendSchedule(cfg.model.backend_schedule, cfg.epochs)
     try:
         dist_timeout_s(cfg.dist_timeout)
-        if cfg.amp == "fp16" and not uses_cuda(cfg.device):
+        if not uses_cuda(cfg.device) and cfg.amp == "fp16":  # uses_cuda refuses device=cuda without CUDA
             raise ValueError("amp=fp16 needs CUDA (float16 autocast on the CPU is slow and unscaled); use amp=bf16")
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    _dry_run_model(cfg.model, schedule)
+    if cfg.data.dataset == "embedded" and cfg.data.img_size < 8:
+        raise ConfigError(f"data.img_size={cfg.data.img_size}: the embedded data set cuts patches of at least 8x8 "
+                          "pixels; use data.img_size >= 8")
+    _dry_run_model(cfg, schedule)
 
 
 def _check_schedule_options(o: OptimConfig, epochs: int) -> None:
@@ -167,21 +174,83 @@ def _check_schedule_options(o: OptimConfig, epochs: int) -> None:
         raise ConfigError(f"optim.sched={o.sched!r}: {err}") from None
 
 
-def _dry_run_model(cfg: ModelConfig, schedule: BackendSchedule) -> None:
+def _dry_run_model(cfg: TrainConfig, schedule: BackendSchedule) -> None:
     """Build the model on the meta device, so its constructor, covpool's layers (``model.covpool``,
-    ``model.zca_options``), ``model.grad_checkpointing`` and ``model.backend_schedule`` check themselves.
-    A model that cannot be built on the meta device (an init that reads tensor values) is left to the real
-    build."""
-    num_classes = cfg.num_classes or 10  # the classifier's size does not change what is checked
+    ``model.zca_options``), ``model.grad_checkpointing`` and ``model.backend_schedule`` check themselves, and
+    send a ``data.img_size`` input through it (:func:`_check_input_size`). A model that cannot be built on
+    the meta device (an init that reads tensor values) is left to the real build."""
+    num_classes = cfg.model.num_classes or 10  # the classifier's size does not change what is checked
     try:
         with torch.device("meta"):
-            model = build_model(cfg, num_classes, for_checkpoint=True)
+            model = build_model(cfg.model, num_classes, for_checkpoint=True, img_size=cfg.data.img_size)
     except ConfigError:
         raise
     except Exception:  # meta tensors have no values; the real build reports a real problem
         return
-    set_grad_checkpointing(model, cfg)
+    set_grad_checkpointing(model, cfg.model)
     schedule.apply(0, [model], announce=False)
+    _check_input_size(model, cfg)
+
+
+class _Reached(Exception):
+    """Raised by the dry run's hook when the input reaches the second-order pooling: the rest is not needed."""
+
+
+# Messages of the errors a forward raises for an input size the model cannot take (timm's "Input height (32)
+# doesn't match model (224)", a kernel larger than its input, So-ViT's token grid, ...); other errors on the
+# meta device (a value read by .item(), an operator without a meta kernel) say nothing about the config.
+_SIZE_WORDS = ("size", "match", "grid", "shape", "small", "height", "width")
+
+
+def _positions(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """The number of positions (pixels or tokens) a covariance is computed from."""
+    if x.dim() == 4:
+        return x.shape[-2] * x.shape[-1]
+    return x.shape[2] if getattr(module, "layout", "auto") == "maps" else x.shape[1]
+
+
+def _check_input_size(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Send a ``(2, 3, data.img_size, data.img_size)`` meta tensor through the model, up to its second-order
+    pooling: an input size the model refuses (a ViT built for another size, a map that vanishes) is a
+    :class:`ConfigError`, as is a centred covariance of one position (a 1x1 final map: the covariance of one
+    sample is 0 for every image, so the head would train on constant features; the uncentred heads, bcnn and
+    the sketches, see x xᵀ and still learn)."""
+    from covpool.layers.sovit_head import MultiHeadCrossCov, SvPNCrossCov
+
+    size = cfg.data.img_size
+    seen: list[tuple[torch.nn.Module, int]] = []
+
+    def reached(module, args):
+        seen.append((module, _positions(module, args[0])))
+        raise _Reached
+
+    hooks = [m.register_forward_pre_hook(reached) for m in model.modules()
+             if isinstance(m, (covpool.CovPool, MultiHeadCrossCov, SvPNCrossCov))]
+    try:
+        model.eval()(torch.empty(2, 3, size, size, device="meta"))
+    except _Reached:
+        pass
+    except (AssertionError, RuntimeError, ValueError) as err:
+        if not any(word in str(err).lower() for word in _SIZE_WORDS):
+            return
+        if "img_size" in cfg.model.kwargs:
+            sized = "model.kwargs.img_size"
+        elif not cfg.model.name.startswith(TORCHVISION_PREFIX) and fixed_input_size(cfg.model.name):
+            sized = "data.img_size (passed to the model as its img_size)"
+        else:
+            sized = "data.img_size, or the model's own size option in model.kwargs,"
+        raise ConfigError(f"model.name={cfg.model.name!r} cannot take data.img_size={size} inputs: "
+                          f"{first_line(err).rstrip('.')}; change {sized} to a size the model takes") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for module, positions in seen:
+        if positions == 1 and getattr(module, "centered", False):
+            raise ConfigError(
+                f"model.name={cfg.model.name!r} at data.img_size={size} ends in a 1x1 feature map: the covariance of "
+                "one position is 0 for every image, so the second-order head would train on constant features. "
+                "Raise data.img_size, or keep more resolution (model.cifar_stem=true for ResNets on 32x32 images, "
+                "model.covpool.last_stride=1), or use an uncentred head (model.head=bcnn)")
 
 
 def check_same_model(stored: Mapping[str, Any], cfg: TrainConfig, path: Any) -> None:
