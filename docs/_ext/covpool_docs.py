@@ -7,8 +7,9 @@ the argument parsers, the backend, head and timm registries), called when the si
 functions and checks every name of the registries and the schema appears in them.
 
 Sphinx extension: ``setup(app)`` writes the pages into ``docs/api/`` and ``docs/_generated/`` (both ignored by
-git) and resolves cross-references to any public alias of a documented object (``covpool.CovPool`` →
-``covpool.layers.CovPool``).
+git), resolves cross-references to any public alias of a documented object (``covpool.CovPool`` →
+``covpool.layers.CovPool``), shows a private base class as the public bases it stands on, and mends viewcode's
+backlinks for modules whose names are documented under two modules.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def _title(text: str, char: str = "=") -> str:
 
 
 def _cell(text: Any) -> str:
-    """One line of text safe inside a list-table cell (no line breaks, no stray markup starters)."""
+    """``text`` on one line, for a list-table cell (its markup is kept: a stray one fails the build)."""
     return " ".join(str(text).split()) or " "
 
 
