@@ -15,6 +15,7 @@ PUBLIC = {
     "CovPool", "ZCABatchNorm1d", "ZCABatchNorm2d", "convert_sync_zca", "SoViTHead", "cov_pool", "zca_batch_norm",
     "swap_pooling", "keep_fitting_classifier", "set_backend", "convert_zca", "cifar_stem", "list_heads", "get_head",
     "build_head", "matrix_power", "covariance_power",
+    "Head", "AdaptiveChannelDrop", "MultiHeadCrossCov", "SvPNCrossCov", "SecondOrderNet", "TokenCovPool",
 }
 
 

@@ -105,7 +105,8 @@ def assert_grads_everywhere(module):
 def test_public_names():
     assert sorted(covpool.layers.__all__) == sorted(
         ["CovPool", "ZCABatchNorm1d", "ZCABatchNorm2d", "convert_zca", "convert_sync_zca", "SoViTHead", "cov_pool",
-         "zca_batch_norm", "set_backend", "list_heads", "get_head", "build_head"]
+         "zca_batch_norm", "set_backend", "list_heads", "get_head", "build_head", "Head", "AdaptiveChannelDrop",
+         "MultiHeadCrossCov", "SvPNCrossCov"]
     )
     for name in covpool.layers.__all__:
         assert getattr(covpool, name) is getattr(covpool.layers, name)

@@ -5,15 +5,17 @@
   decorrelated (ZCA whitening) batch normalisation, the BatchNorm2d swap and its multi-process form.
 - :class:`SoViTHead`: So-ViT's class-token + covariance classification head.
 - :func:`set_backend`: change the square-root backend of a built model's covpool layers.
-- :func:`list_heads`, :func:`get_head`, :func:`build_head`: the published second-order heads as presets of
-  :class:`CovPool` (and SoT's token head).
+- :func:`list_heads`, :func:`get_head`, :func:`build_head`, :class:`Head`: the published second-order heads as
+  presets of :class:`CovPool` (and SoT's token head).
+- :class:`AdaptiveChannelDrop`, :class:`MultiHeadCrossCov`, :class:`SvPNCrossCov`: the pieces some presets add
+  (DropCov's channel dropout, SoT's multi-headed and So-ViT's single cross-covariance).
 - :func:`cov_pool`, :func:`zca_batch_norm`: the functional forms.
 """
 from .backend_switch import set_backend
-from .covpool_layer import CovPool
+from .covpool_layer import AdaptiveChannelDrop, CovPool
 from .functional import cov_pool, zca_batch_norm
-from .heads import build_head, get_head, list_heads
-from .sovit_head import SoViTHead
+from .heads import Head, build_head, get_head, list_heads
+from .sovit_head import MultiHeadCrossCov, SoViTHead, SvPNCrossCov
 from .zca import ZCABatchNorm1d, ZCABatchNorm2d, convert_sync_zca, convert_zca
 
 __all__ = [
@@ -29,4 +31,8 @@ __all__ = [
     "list_heads",
     "get_head",
     "build_head",
+    "Head",
+    "AdaptiveChannelDrop",
+    "MultiHeadCrossCov",
+    "SvPNCrossCov",
 ]

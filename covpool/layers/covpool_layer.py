@@ -265,7 +265,7 @@ class CovPool(nn.Module):
 
     @property
     def options(self) -> dict[str, Any]:
-        """The keyword arguments that build this pooling again: ``CovPool(pool.in_channels, **pool.options)``
+        """The keyword arguments that build this pooling again, ``CovPool(pool.in_channels, **pool.options)``
         (fresh parameters; the same sketch, drawn from the same seed). Every option is kept as an attribute of
         its own name."""
         return {name: copy.deepcopy(getattr(self, name)) for name in _option_defaults()}

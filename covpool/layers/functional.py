@@ -197,8 +197,8 @@ class _SignedSqrt(torch.autograd.Function):
 
 
 def signed_sqrt(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Element-wise sign(x)·√|x| (Perronnin et al.'s power normalisation), as bilinear and compact bilinear
-    pooling apply it: the forward is exact, the gradient ½/√(|x| + ``eps``) is bounded at 0 (the bilinear-CNN
+    """Element-wise ``sign(x)·√|x|`` (Perronnin et al.'s power normalisation), as bilinear and compact bilinear
+    pooling apply it: the forward is exact, the gradient ``½/√(|x| + eps)`` is bounded at 0 (the bilinear-CNN
     package's backward; ``eps`` = 1e-8)."""
     return _SignedSqrt.apply(x, float(eps))
 

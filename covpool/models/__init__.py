@@ -6,11 +6,12 @@ Importing this package registers ``resnet{18,50,101}_isqrt`` and ``so_vit_{7,10,
 modules (:mod:`covpool.models.resnet_isqrt`, :mod:`covpool.models.so_vit`); the public helpers are
 :func:`swap_pooling` (a second-order head on any timm or torchvision backbone),
 :func:`keep_fitting_classifier` (a local checkpoint keeps its classifier when the class count fits) and
-:func:`cifar_stem` (a ResNet stem for 32×32 images).
+:func:`cifar_stem` (a ResNet stem for 32×32 images), and the modules :func:`swap_pooling` builds
+(:class:`SecondOrderNet`, :class:`TokenCovPool`).
 """
 from . import resnet_isqrt, so_vit, stem, swap  # noqa: F401  (importing them registers the models with timm)
 from ._common import keep_fitting_classifier
 from .stem import cifar_stem
-from .swap import swap_pooling
+from .swap import SecondOrderNet, TokenCovPool, swap_pooling
 
-__all__ = ["swap_pooling", "keep_fitting_classifier", "cifar_stem"]
+__all__ = ["swap_pooling", "keep_fitting_classifier", "cifar_stem", "SecondOrderNet", "TokenCovPool"]

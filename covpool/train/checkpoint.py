@@ -157,7 +157,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint read and verified once (:meth:`read`), with the file it came from for messages; what a
+    """A checkpoint read and verified once (:meth:`Checkpoint.read`), with the file it came from for messages; what a
     command hands on instead of the path, so nothing reads (and hashes) the file a second time."""
 
     path: Path

@@ -145,6 +145,8 @@ class _Section:
 
 @dataclass
 class ModelConfig(_Section):
+    """The ``model`` section of a training config: the timm model, its second-order head and ZCA layers."""
+
     name: str = _opt("resnet18", "any timm model name, covpool's included (resnet50_isqrt, so_vit_7, ...), or "
                      "torchvision:<name> for a torchvision classification model")
     pretrained: bool | str = _opt(
@@ -172,6 +174,8 @@ class ModelConfig(_Section):
 
 @dataclass
 class DataConfig(_Section):
+    """The ``data`` section of a training config: the data set, its transforms and loaders."""
+
     dataset: str = _opt("embedded", "embedded | imagefolder | cub200 | stanford_cars | fgvc_aircraft | flowers102 | "
                         "oxford_pet | cifar10 | cifar100")
     root: str | None = _opt(None, "data-set folder (not needed for 'embedded')")
@@ -197,6 +201,8 @@ class DataConfig(_Section):
 
 @dataclass
 class OptimConfig(_Section):
+    """The ``optim`` section of a training config: the optimizer and the learning-rate schedule."""
+
     opt: str = _opt("sgd", "timm optimizer name (sgd, adamw, ...)")
     lr: float = _opt(0.01, "learning rate of the backbone (per batch_size x processes as given)", "[0, inf)")
     head_lr_mult: float = _opt(1.0, "learning-rate multiplier of the new head (classifier + covariance pooling)",
@@ -216,6 +222,9 @@ class OptimConfig(_Section):
 
 @dataclass
 class TrainConfig(_Section):
+    """A training config: the top-level keys and the ``model``, ``data`` and ``optim`` sections (every
+    key, its default, help and range: ``covpool train --help``)."""
+
     name: str = _opt("run", "run name, a folder name; outputs go to <output_dir>/<name>/", check=_folder_name)
     output_dir: str = _opt("runs", "parent folder of the run folders")
     seed: int = _opt(0, "seed of every random number generator (data order, init, augmentation)",
@@ -483,6 +492,7 @@ class _Missing:
         return "MISSING"
 
 
+#: Stands for a key that one of two configs compared by :func:`config_diff` does not have.
 MISSING = _Missing()
 
 

@@ -201,6 +201,7 @@ def _specs() -> dict[str, _Spec]:
 
 
 def dataset_names() -> list[str]:
+    """The names ``data.dataset`` takes."""
     return list(_specs())
 
 

@@ -21,8 +21,8 @@ from torch.utils.data import Dataset
 
 __all__ = ["EmbeddedTextures", "EMBEDDED_CLASSES"]
 
-# class name -> file in skimage/data; chosen for distinct surface statistics (masonry, vegetation,
-# stone, regolith, stained tissue, star field, fur, a table-top scene).
+#: The embedded data set's classes: ``(class name, file in skimage/data)``, photographs chosen for distinct
+#: surface statistics (masonry, vegetation, stone, regolith, stained tissue, star field, fur, a table-top scene).
 EMBEDDED_CLASSES: tuple[tuple[str, str], ...] = (
     ("brick", "brick.png"),
     ("grass", "grass.png"),

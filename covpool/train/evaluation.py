@@ -37,6 +37,7 @@ def autocast(amp: str, device: torch.device):
 
 
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """``images`` on ``device`` (without waiting for the copy), in NHWC layout when ``channels_last``."""
     images = images.to(device, non_blocking=True)
     return images.contiguous(memory_format=torch.channels_last) if channels_last and images.dim() == 4 else images
 

@@ -1,0 +1,235 @@
+"""The documentation site's generated pages agree with the code: every public name has a docstring and an
+entry, and the config, command-line, backend, head and model references list what the schema, the parsers
+and the registries hold. (Building the site itself is `make docs`; these tests need no Sphinx.)"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import sys
+import typing
+
+import pytest
+from _train_helpers import REPO
+
+import covpool
+
+DOCS = REPO / "docs"
+
+
+def _load(name: str, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = _load("covpool_docs", DOCS / "_ext" / "covpool_docs.py")
+links = _load("covpool_check_links", DOCS / "tools" / "check_links.py")
+
+OBJECTS = gen.public_objects()
+OWN = [(module, name) for module, objects in OBJECTS.items() for name, _, home in objects
+       if home == f"{module}.{name}"]
+
+
+def test_the_reference_covers_the_public_modules():
+    """The six modules of the issue, and the public modules inside them that hold names of their own."""
+    modules = gen.api_modules()
+    assert modules[:6] == ["covpool", "covpool.linalg", "covpool.layers", "covpool.models", "covpool.train",
+                           "covpool.testing"]
+    assert {"covpool.models.so_vit", "covpool.models.resnet_isqrt", "covpool.layers.functional"} <= set(modules)
+    assert not any(m.startswith(("covpool.cli", "covpool.bench", "covpool.demo", "covpool.outputs")) for m in modules)
+    assert not any("._" in m for m in modules)
+
+
+@pytest.mark.parametrize("module, name", OWN, ids=[f"{m}.{n}" for m, n in OWN])
+def test_every_public_name_has_a_docstring(module, name):
+    assert gen.docstring_of(module, name).strip(), f"{module}.{name} has no docstring: the reference would be empty"
+
+
+def test_docstring_of_sees_through_what_is_not_a_docstring():
+    @dataclasses.dataclass
+    class Bare:
+        x: int = 0
+
+    class Child(ValueError):
+        pass
+
+    assert Bare.__doc__ and inspect.getdoc(Child)  # a dataclass's signature, the base class's docstring...
+    module = type(sys)("covpool_docs_probe")
+    module.Bare, module.Child = Bare, Child
+    sys.modules["covpool_docs_probe"] = module
+    try:
+        assert gen.docstring_of("covpool_docs_probe", "Bare") == ""  # ...are no docstring of their own
+        assert gen.docstring_of("covpool_docs_probe", "Child") == ""
+    finally:
+        del sys.modules["covpool_docs_probe"]
+    assert gen.docstring_of("covpool.linalg", "BackendSpec").startswith("What every ``backend=``")
+
+
+def test_every_public_name_is_in_the_api_reference():
+    """Each module's page lists every name of its ``__all__``: its own names in an autosummary (a page each),
+    the others with a link to where they are documented."""
+    pages = gen.api_pages()
+    for module, objects in OBJECTS.items():
+        page = pages[f"{module}.rst"]
+        assert f".. automodule:: {module}" in page
+        for name, _, home in objects:
+            if home == f"{module}.{name}":
+                assert f"\n   {name}\n" in page, f"{module}.{name} has no entry"
+            else:
+                assert f"``{module}.{name}``" in page and f":py:obj:`{home}`" in page, f"{module}.{name} not listed"
+    assert set(pages) == {f"{m}.rst" for m in OBJECTS} | {"index.rst"}
+
+
+def test_every_public_class_is_exported_by_its_subpackage():
+    """The classes that only the source showed (issue 25) are in their subpackage's ``__all__``."""
+    import covpool.layers
+    import covpool.models
+
+    for name in ("Head", "AdaptiveChannelDrop", "MultiHeadCrossCov", "SvPNCrossCov"):
+        assert name in covpool.layers.__all__
+    for name in ("SecondOrderNet", "TokenCovPool"):
+        assert name in covpool.models.__all__
+
+
+def _schema_keys(cls, prefix=""):
+    """The config's keys, walked here from the dataclasses independently of the generator."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _schema_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+def test_config_reference_lists_every_key_with_its_type_default_and_range():
+    from covpool.train import TrainConfig
+
+    text = gen.config_reference()
+    defaults = TrainConfig()
+    keys = list(_schema_keys(TrainConfig))
+    assert len(keys) > 50
+    for key, f in keys:
+        value = defaults
+        for part in key.split("."):
+            value = getattr(value, part)
+        row = text.split(f"* - ``{key}``\n", 1)
+        assert len(row) == 2, f"config key {key} is missing from the reference"
+        cells = row[1].split("* -", 1)[0]
+        assert f"``{f.type}``" in cells and f"``{value!r}``" in cells, f"{key}: type or default wrong"
+        assert " ".join(f.metadata["help"].split()) in cells
+    assert "in [0, 1)" in text.split("* - ``ema_decay``", 1)[1].split("* -", 1)[0]
+    for choice in covpool.list_heads():
+        assert choice in text.split("* - ``model.head``", 1)[1].split("* -", 1)[0]
+
+
+def test_cli_reference_shows_every_commands_help():
+    from covpool import cli
+
+    text = gen.cli_reference()
+    for command in cli._COMMANDS:
+        assert f"``covpool {command}``" in text and f"usage: covpool {command}" in text
+    for command, extras in gen.EXTRA_HELP.items():
+        for extra in extras:
+            assert f"``covpool {command} {' '.join(extra)}``" in text
+    assert "--resume-from CKPT" in text and "--checkpoint" in text
+
+
+def test_backend_table_follows_the_registry(monkeypatch):
+    """Every registered backend, its options with their defaults and its product counts; one registered by
+    a user's code appears as well."""
+    from covpool.linalg import _registry
+
+    monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))
+    covpool.register_backend("docs_probe", lambda a, inverse, k=3: a,
+                             {"k": covpool.linalg.Option(3, lambda key, v: v, doc="a probe option")},
+                             doc="a backend registered by a test", products=lambda inverse, k: (k, 2 * k))
+    text = gen.backend_table()
+    for name in covpool.list_backends():
+        backend = covpool.get_backend(name)
+        row = text.split(f"* - ``{name}``\n", 1)[1].split("* -", 1)[0]
+        for key, option in backend.options.items():
+            assert f"``{key}={option.default!r}``" in row
+        if backend.products_fn is not None:
+            assert "square root {} / {}".format(*backend.products()) in row
+    assert "a probe option" in text and "square root 3 / 6, inverse 3 / 6" in text
+
+
+def test_head_table_follows_the_registry():
+    text = gen.head_table()
+    for name in covpool.list_heads():
+        head = covpool.get_head(name)
+        row = text.split(f"* - ``{name}``\n", 1)[1].split("* -", 1)[0]
+        assert " ".join(head.paper.split()) in row and " ".join(head.doc.split()) in row
+        for key, value in head.options.items():
+            assert f"``{key}={value!r}``" in row
+
+
+def test_model_table_lists_every_registered_model_and_tag():
+    import timm
+    from timm.models import get_arch_pretrained_cfgs
+
+    names = gen.covpool_models()
+    assert {"resnet50_isqrt", "so_vit_7"} <= set(names)
+    assert set(names) == {m for m in timm.list_models() if timm.models.model_entrypoint(m).__module__
+                          .startswith("covpool.")}
+    text = gen.model_table()
+    for name in names:
+        assert f"* - ``{name}``" in text
+        for tagged in get_arch_pretrained_cfgs(name):
+            assert f"* - ``{tagged}``" in text
+    model = timm.create_model("so_vit_7")  # counted for real here, on the meta device there
+    assert f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M" in text
+    assert "76.8 %" in text.split("* - ``so_vit_7.in1k``", 1)[1].split("* -", 1)[0]
+
+
+def test_benchmark_list_includes_what_each_folder_holds(tmp_path):
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "bench.csv").write_text("variant,d,ms\nns,64,1.5\n")
+    (tmp_path / "cpu" / "bench.png").write_bytes(b"")
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "backends.md").write_text("# backends\n")
+    text = gen.benchmark_list(tmp_path)
+    assert "   gpu/backends" in text  # a page the command wrote: in the toctree
+    assert "* - variant" in text and "  - 1.5" in text  # a folder with tables only: the tables themselves
+    assert gen.benchmark_list(tmp_path / "gpu").strip() == "No benchmark folder yet."
+
+
+def test_link_checker_finds_broken_links_anchors_and_network_loads(tmp_path):
+    (tmp_path / "index.html").write_text(
+        '<html><head><link rel="stylesheet" href="https://cdn.example.org/x.css">'
+        '<script src="_static/here.js"></script></head><body id="top">'
+        '<a href="page.html#there">ok</a> <a href="page.html#nowhere">bad anchor</a> <a href="gone.html">gone</a>'
+        '<a href="https://example.org/">an external link is fine</a> <a href="#top">self</a></body></html>')
+    (tmp_path / "page.html").write_text('<html><body><section id="there"></section>'
+                                        '<img src="missing.png"></body></html>')
+    (tmp_path / "_static").mkdir()
+    (tmp_path / "_static" / "here.js").write_text("")
+    (tmp_path / "_static" / "style.css").write_text("@font-face { src: url(https://fonts.example.org/f.woff2) }")
+    problems = links.check_site(tmp_path)
+    assert sorted(problems) == sorted([
+        "index.html: loads https://cdn.example.org/x.css from the network",
+        "index.html: link to page.html#nowhere: page.html has no anchor 'nowhere'",
+        "index.html: link to gone.html: no such file",
+        "page.html: loads missing.png, which is not in the site",
+        "_static/style.css: loads https://fonts.example.org/f.woff2 from the network",
+    ])
+
+
+def test_generated_pages_are_written_where_sphinx_reads_them(tmp_path):
+    gen.write_pages(tmp_path)
+    assert (tmp_path / "api" / "index.rst").is_file() and (tmp_path / "api" / "covpool.layers.rst").is_file()
+    for name in gen.GENERATED:
+        assert (tmp_path / "_generated" / name).read_text(encoding="utf-8").strip()
+
+
+def test_gallery_examples_are_plot_scripts_with_a_title():
+    scripts = sorted((REPO / "examples" / "gallery").glob("*.py"))
+    assert len(scripts) >= 3
+    for script in scripts:
+        assert script.name.startswith("plot_"), f"{script.name}: sphinx-gallery runs only plot_*.py"
+        head = script.read_text(encoding="utf-8").split('"""')[1].strip().splitlines()
+        assert len(head) >= 2 and set(head[1]) == {"="}, f"{script.name}: the docstring needs a title"
+
