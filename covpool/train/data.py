@@ -7,7 +7,7 @@ raises :class:`DatasetNotFoundError` naming the layout that is expected.
 
 A run reads its data sets before it builds its model (:func:`open_datasets`), so a wrong root, layout or class
 list is reported before any weight is downloaded; the transforms, which depend on the model's pretrained
-config (mean, std, interpolation), are attached once the model exists (:meth:`Splits.set_transforms`). The
+config (mean, std, interpolation), are attached once the model exists (``Splits.set_transforms``). The
 class lists of the splits must be the same (:class:`ClassListError` names the missing and extra classes).
 """
 from __future__ import annotations
@@ -123,7 +123,7 @@ _LAYOUTS = MappingProxyType({
 
 
 class _Later:
-    """A transform given to a data set before the model that decides it exists; :meth:`Splits.set_transforms`
+    """A transform given to a data set before the model that decides it exists; ``Splits.set_transforms``
     fills it in. The data set keeps this object, so filling it in reaches every place that holds it
     (torchvision's ``StandardTransform``, the data sets of a ``ConcatDataset``)."""
 
@@ -390,7 +390,7 @@ class Splits:
 def open_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), seed: int = 0) -> Splits:
     """Read the ``splits`` of the configured data set (root, layout, annotations; no image is decoded and no
     model is needed) and check that their class lists agree. Transforms come later
-    (:meth:`Splits.set_transforms`).
+    (``Splits.set_transforms``).
 
     Raises:
         DatasetNotFoundError: the root or a split is missing, or does not hold the expected files (the message

@@ -140,7 +140,7 @@ def _gather(results: dict[str, torch.Tensor], ctx: DistContext) -> dict[str, tor
 
 @dataclass
 class EvalResult:
-    """What :func:`evaluate` measured: the overall numbers (:attr:`metrics`), each class's accuracy, the
+    """What :func:`evaluate` measured: the overall numbers (``metrics``), each class's accuracy, the
     confusion matrix and each image's prediction.
 
     Attributes:
