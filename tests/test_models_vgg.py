@@ -253,6 +253,11 @@ def test_head_api_and_options():
 
     model.reset_classifier(0, "")
     assert model(x).shape == (2, 512, 4, 4) and model.head_hidden_size == 512
+    for indices, shape in ((1, (2, 512, 4, 4)), ([2], (2, 256, 16, 16))):  # timm's pruning drops the head too
+        pruned = timm.create_model("vgg16_isqrt", num_classes=4, **SMALL).eval()
+        pruned.prune_intermediate_layers(indices)
+        with torch.no_grad():
+            assert pruned(x).shape == shape and pruned.num_classes == 0
     model.reset_classifier(3)
     assert isinstance(model.pre_logits, nn.Sequential) and model(x).shape == (2, 3)
     assert model.global_pool.backend == {"name": "ns", "num_iters": 5}

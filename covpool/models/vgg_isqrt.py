@@ -42,6 +42,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models.vgg import VGG, cfgs
 from torch import nn
 from torch.nn.utils import skip_init
@@ -237,9 +238,12 @@ class ISqrtVGG(VGG):
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
-        """timm's VGG pruning; a pruned head also drops the covariance pooling."""
+        """timm's VGG pruning; where it removes the head (``prune_head``, or features cut before the last
+        stage) the covariance pooling goes too."""
+        _, max_index = feature_take_indices(len(self.feature_ends), indices)
+        head_goes = prune_head or max_index < len(self.feature_ends) - 1
         take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
-        if not isinstance(self.pre_logits, nn.Sequential):
+        if head_goes:
             self.global_pool = nn.Identity()
         return take_indices
 
