@@ -264,7 +264,8 @@ def test_import_registers_the_models_with_timm():
     import timm
 
     assert set(timm.list_models("so_vit*")) == {"so_vit_7", "so_vit_10", "so_vit_14", "so_vit_19"}
-    assert set(timm.list_models("*_isqrt")) == {"resnet18_isqrt", "resnet50_isqrt", "resnet101_isqrt"}
+    assert set(timm.list_models("*_isqrt")) == {"resnet18_isqrt", "resnet50_isqrt", "resnet101_isqrt", "vgg16_isqrt"}
+    assert set(timm.list_models("resnet*_dropcov")) == {f"resnet{d}_dropcov" for d in (18, 34, 50, 101, 152)}
 
 
 def test_backend_options_are_documented_defaults():

@@ -24,7 +24,10 @@ from torchvision.models.feature_extraction import NodePathTracer, create_feature
 import covpool  # noqa: F401  (registers the models)
 
 COVPOOL_MODELS = [n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith("covpool.")]
-HEAVY = {"resnet101_isqrt", "so_vit_14", "so_vit_19"}
+HEAVY = {"resnet101_isqrt", "so_vit_14", "so_vit_19", "resnet101_dropcov", "resnet152_dropcov"}
+# Construction options for these checks. vgg16_isqrt's head is narrowed (the contract is the same at any width):
+# its first classifier layer, 32 896 × 4096, would otherwise be built and drawn in every test.
+CONTRACT_KWARGS = {"vgg16_isqrt": {"reduced_dim": 16, "hidden_dim": 64}}
 # The name patterns timm's tests/test_models.py treats as "non-standard" (token outputs, no spatial API),
 # as far as they can match a covpool name.
 # So-ViT is a ViT (token outputs) whose name timm's list does not know: covpool files it with them.
@@ -42,6 +45,7 @@ def _is_non_std(name):
 
 
 def _create(name, **kwargs):
+    kwargs = {**CONTRACT_KWARGS.get(name, {}), **kwargs}
     if timm.models.get_pretrained_cfg(name).fixed_input_size:
         kwargs.setdefault("img_size", IMG)
     return timm.create_model(name, pretrained=False, **kwargs)
@@ -59,7 +63,8 @@ def _assert_all_grads(model):
 
 
 def test_registry_is_covered():
-    assert {"resnet18_isqrt", "resnet50_isqrt", "resnet101_isqrt", "so_vit_7"} <= set(COVPOOL_MODELS)
+    assert {"resnet18_isqrt", "resnet50_isqrt", "resnet101_isqrt", "so_vit_7", "resnet50_dropcov",
+            "vgg16_isqrt"} <= set(COVPOOL_MODELS)
 
 
 @pytest.mark.parametrize("name", _params(COVPOOL_MODELS))

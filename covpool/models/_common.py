@@ -12,7 +12,7 @@ from ..linalg._checks import check_int, is_int
 
 __all__ = ["check_num_classes", "check_vector_output", "stage_stride", "set_stage_stride", "set_last_stride",
            "keep_fitting_classifier",
-           "unwrap_checkpoint"]
+           "unwrap_checkpoint", "require_weights"]
 
 
 def check_num_classes(num_classes: Any) -> None:
@@ -109,6 +109,23 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
             checkpoint = checkpoint[key]
             break
     return {_WRAPPER_PREFIX.sub("", k): v for k, v in checkpoint.items()}
+
+
+def require_weights(variant: str, kwargs: Mapping[str, Any]) -> None:
+    """Raise a clear error when ``pretrained=True`` resolves to a tag without weights timm can fetch (the
+    authors' releases on Google Drive / Baidu Cloud, which serve no direct downloads): the tag's notes say
+    where the file is, and the message how to load a downloaded copy."""
+    from timm.models import resolve_pretrained_cfg
+
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                 pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"))
+    if not (cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict):
+        notes = " ".join(cfg.notes or ())
+        raise ValueError(
+            f"{variant}.{cfg.tag} has no weights timm can download. {notes} Load a downloaded copy with "
+            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=path)), or use a "
+            "backbone-only tag such as '.tv_in1k'."
+        )
 
 
 def _file_classifier_rows(path: str, names: tuple[str, ...],

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_module
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
@@ -42,6 +42,7 @@ from ._common import (
     check_num_classes,
     check_vector_output,
     keep_fitting_classifier,
+    require_weights,
     set_last_stride,
     unwrap_checkpoint,
 )
@@ -124,10 +125,14 @@ class ISqrtResNet(ResNet):
             raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}")
         super().__init__(block, layers, num_classes=num_classes, **kwargs)
         set_last_stride(self, last_stride)
-        pool = CovPool(self.num_features, reduced_dim=reduced_dim, backend=backend)
-        self._install_covpool(pool)
+        self._install_covpool(self._new_covpool(reduced_dim=reduced_dim, backend=backend))
         if global_pool == "":
             self.reset_classifier(num_classes, "")
+
+    def _new_covpool(self, reduced_dim: int | None, backend: str | Mapping[str, Any] | None) -> CovPool:
+        """The pooling this class builds at construction: iSQRT-COV's (a subclass with another head preset,
+        such as DropCov's ResNets, overrides it)."""
+        return CovPool(self.num_features, reduced_dim=reduced_dim, backend=backend)
 
     def _install_covpool(self, pool: CovPool) -> None:
         """Make ``pool`` the global pooling and size a fresh ``fc`` to its output (used at construction and
@@ -230,15 +235,7 @@ def _build_isqrt_resnet(official_init: bool = True, **kwargs: Any) -> ISqrtResNe
 def _create_isqrt_resnet(variant: str, pretrained: bool = False, official_init: bool = True,
                          **kwargs: Any) -> ISqrtResNet:
     if pretrained:
-        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
-                                     pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"))
-        if not (cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict):
-            notes = " ".join(cfg.notes or ())
-            raise ValueError(
-                f"{variant}.{cfg.tag} has no weights timm can download. {notes} Load a downloaded copy with "
-                f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=path)), or use a "
-                "backbone-only tag such as '.tv_in1k'."
-            )
+        require_weights(variant, kwargs)
         # a local file keeps a classifier that fits, in the authors' layouts too
         kwargs = keep_fitting_classifier(variant, kwargs, rename=_rename_authors_key)
     # A fresh dict per call: the backend spec is handed down and must not be shared between models.
