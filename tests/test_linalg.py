@@ -752,7 +752,7 @@ def test_eigh_redoes_only_the_failed_matrices_in_float64(monkeypatch):
 
     monkeypatch.setattr(torch.linalg, "eigh", flaky)
     a = well_conditioned(4, 8, dtype=torch.float32, seed=3)
-    lam, v = _spectral._eigh_checked(a)
+    lam, v = _spectral._eigh_checked(a, "eig")
     assert calls == [((4, 8, 8), torch.float32), ((1, 8, 8), torch.float64)]
     ref_lam, _ = real(a.double())
     assert torch.allclose(lam.double(), ref_lam, rtol=1e-5, atol=1e-6)
@@ -764,7 +764,7 @@ def test_eigh_redoes_only_the_failed_matrices_in_float64(monkeypatch):
         return real(x)
 
     monkeypatch.setattr(torch.linalg, "eigh", raising)
-    lam, v = _spectral._eigh_checked(a[0])
+    lam, v = _spectral._eigh_checked(a[0], "eig")
     assert lam.dtype == torch.float32 and rel((v * lam.unsqueeze(-2)) @ v.mT, a[0]) < 1e-5
 
 

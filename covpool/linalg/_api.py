@@ -64,6 +64,9 @@ def _root(
     check_square(a)
     entry, bound = resolve_backend(backend, options)
     if check_input:
+        if torch.compiler.is_exporting():
+            raise RuntimeError("check_input=True raises on the values of the input, which an exported program cannot "
+                               "do (it would branch on the data): export without it and check the inputs eagerly")
         _check_symmetric_psd(a)
     n = a.shape[-1]
     if n == 0:

@@ -16,7 +16,7 @@ import torch
 from . import _coefficients
 from ._checks import check_int
 from ._double import guard
-from ._matrix import eye, lift, normaliser, outer, poly, powers, products_in_tf32, split
+from ._matrix import eye, lift, normaliser, onnx_exporting, outer, poly, powers, products_in_tf32, split
 from ._registry import Option, bool_option, degree_pair, int_at_least, register_backend
 
 __all__ = ["lyapunov_sign"]
@@ -49,7 +49,7 @@ def _solve(den: torch.Tensor, num: torch.Tensor, den_range: tuple[float, float])
     factorisation and a triangular solve, never an explicit inverse (torch 2.14's batched LU on the CPU
     fails at some sizes). ONNX has no Cholesky or solve: under export, products only (:func:`_spd_inverse`,
     with ``den_range`` the polynomial's range on [0, 1])."""
-    if torch.onnx.is_in_onnx_export():
+    if onnx_exporting():
         return _spd_inverse(den, *den_range) @ num
     chol = torch.linalg.cholesky_ex(den)[0]
     # The solve returns column-major matrices; the result is symmetric (the polynomials commute), so its

@@ -20,7 +20,20 @@ from collections.abc import Iterator
 
 import torch
 
+try:  # the ONNX exporter's own flag; see onnx_exporting
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+except ImportError:  # pragma: no cover - a torch without the dynamo exporter
+    _onnx_flags = None
+
 __all__: list[str] = []
+
+
+def onnx_exporting() -> bool:
+    """Whether ``torch.onnx.export`` is capturing the model. ``torch.onnx.is_in_onnx_export()`` says so under
+    its first capture strategy (non-strict ``torch.export``), but dynamo folds that call to False, and the
+    exporter's fallback strategy (strict ``torch.export``, tried when the first raises) runs under dynamo: there
+    the exporter's flag is read directly, so an ONNX-only path (or error) holds under both."""
+    return torch.onnx.is_in_onnx_export() or bool(getattr(_onnx_flags, "_is_onnx_exporting", False))
 
 
 def eye(a: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from ._checks import check_number, check_square, work_dtype
 from ._double import guard
-from ._matrix import eye
+from ._matrix import eye, onnx_exporting
 from ._registry import Option, degree_pair, int_at_least, register_backend
 
 __all__ = ["matrix_power"]
@@ -73,7 +73,24 @@ def _root_fn(inverse: bool, eps: float | None, kernel: KernelFn) -> _Fn:
     return _Fn(torch.rsqrt if inverse else torch.sqrt, k, eps)
 
 
-def _eigh_checked(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _no_onnx(name: str) -> None:
+    """Raise at ONNX export time: ONNX has no eigendecomposition operator, so the exporter would fail later,
+    in its translation step, with a message about ``linalg_eigh``."""
+    if not onnx_exporting():
+        return
+    if name == "matrix_power":
+        raise RuntimeError(
+            "ONNX has no eigendecomposition operator, and the matrix power of normalization='power' (the mpn_cov "
+            "head, covpool.matrix_power) has no product-only form: export this model with torch.export "
+            "(AOTInductor, ExecuTorch), or use a square-root head, which exports to ONNX once "
+            "covpool.set_backend(model, \"ns\") has given it a product backend (README, \"Export\")")
+    raise RuntimeError(
+        f"the {name!r} backend needs a symmetric eigendecomposition (torch.linalg.eigh), which ONNX has no operator "
+        f"for: call covpool.set_backend(model, \"ns\") (or \"mtp_lya\", \"mpa_lya\") before torch.onnx.export; "
+        f"torch.export itself (AOTInductor, ExecuTorch) takes {name!r} as it is (README, \"Export\")")
+
+
+def _eigh_checked(a: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh``, redone in float64 for the matrices whose lower-precision decomposition failed.
 
     LAPACK's float32 solver (``ssyevd``) can fail to converge on covariances whose channels are mostly
@@ -83,7 +100,14 @@ def _eigh_checked(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     so a healthy batch costs one finiteness check (a host sync on CUDA, where ``eigh`` itself already
     synchronises). Input that is itself non-finite raises a ``LinAlgError`` that says so (LAPACK itself
     blames the conditioning, or returns NaN).
+
+    Under ``torch.export`` (and so ONNX, AOTInductor, ExecuTorch) the decomposition is ``eigh`` alone: an
+    exported program cannot branch on the data, so a matrix that LAPACK fails on gives NaN there, as a
+    batched ``eigh`` does. ``name`` (the backend, or ``"matrix_power"``) names the caller in the ONNX error.
     """
+    _no_onnx(name)
+    if torch.compiler.is_exporting():
+        return torch.linalg.eigh(a)
     try:
         lam, v = torch.linalg.eigh(a)
         failed = ~torch.isfinite(lam).all(dim=-1)
@@ -116,7 +140,7 @@ class _Spectral(torch.autograd.Function):
 
     @staticmethod
     def forward(a: torch.Tensor, fn: _Fn, name: str):
-        lam, v = _eigh_checked(a)
+        lam, v = _eigh_checked(a, name)
         lam, _ = fn.effective(lam)
         return (v * fn.f(lam).unsqueeze(-2)) @ v.mT, lam, v
 
@@ -166,7 +190,7 @@ class _GramSpectral(torch.autograd.Function):
 
     @staticmethod
     def forward(u: torch.Tensor, fn: _Fn, name: str):
-        lam, w = _eigh_checked(u.mT @ u)
+        lam, w = _eigh_checked(u.mT @ u, name)
         eff, nu = fn.effective(lam)
         keep = lam > _floor_value(lam, fn.eps)
         ext = torch.cat([nu, eff], dim=-1)  # the floored directions' value, then G's effective spectrum
