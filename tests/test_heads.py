@@ -321,6 +321,24 @@ def test_bad_head_options_name_the_valid_ones(options, match):
         covpool.CovPool(8, 4, **options)
 
 
+def test_option_typos_name_the_public_function_and_the_closest_option():
+    with pytest.raises(TypeError, match=r"^covpool\.CovPool got an unexpected keyword argument 'reduced_dimm' "
+                                        r"\(did you mean 'reduced_dim'\?\); valid: reduced_dim, backend, "):
+        covpool.CovPool(8, reduced_dimm=4)
+    with pytest.raises(TypeError, match=r"^covpool\.build_head\('bcnn', \.\.\.\) got an unexpected keyword "
+                                        r"argument 'centred' \(did you mean 'centered'\?\)"):
+        covpool.build_head("bcnn", 8, centred=False)
+    with pytest.raises(TypeError, match=r"arguments 'centring' \(did you mean 'centering'\?\), 'zzz'; valid: "
+                                        r"reduced_dim, alpha, iters, eps, centering, layout, device, dtype$"):
+        covpool.build_head("sot", 8, centring="scalar", zzz=1)
+    with pytest.raises(TypeError, match=r"^covpool\.swap_pooling got an unexpected keyword argument 'bakend' "
+                                        r"\(did you mean 'backend'\?\); valid: head, last_stride, reduced_dim, "):
+        covpool.swap_pooling(timm.create_model("resnet18"), bakend="eig")
+    with pytest.raises(TypeError, match=r"'num_iter'\] \(did you mean 'num_iters'\?\); its options are"):
+        covpool.CovPool(8, 4, backend={"name": "ns", "num_iter": 3})
+    assert covpool.get_head("bcnn").keywords == [*covpool.CovPool(8, 4).options, "device", "dtype"]
+
+
 def test_dropcov_needs_two_channels():
     with pytest.raises(ValueError, match="channels must be an integer >= 2"):
         covpool.CovPool(8, 1, channel_drop="adaptive")

@@ -561,3 +561,17 @@ def test_ambiguous_three_dimensional_input_needs_an_explicit_layout():
 def test_pooling_nothing_says_so(x):
     with pytest.raises(ValueError, match="needs at least one position to pool"):
         CovPool(16, reduced_dim=8)(x)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"backend": "eig", "normalization": "none"}, "backend='eig' would have no effect"),
+    ({"backend": "eig", "normalization": "power"}, "backend='eig' would have no effect"),
+    ({"alpha": 0.3}, "alpha=0.3 would have no effect"),
+])
+def test_cov_pool_refuses_the_options_its_head_never_reads_as_covpool_does(options, match):
+    x = torch.randn(2, 8, 10)
+    with pytest.raises(ValueError, match=match) as functional:
+        covpool.cov_pool(x, **options)
+    with pytest.raises(ValueError, match=match) as layer:
+        covpool.CovPool(8, None, **options)
+    assert str(functional.value) == str(layer.value)

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from covpool.linalg import BackendSpec, resolve_backend
-from covpool.linalg._checks import check_int, check_number, work_dtype
+from covpool.linalg._checks import check_int, check_keywords, check_number, work_dtype
 
 from .functional import (
     as_maps,
     check_layout,
+    check_used,
     cov_pool,
     element_norm,
     normalization_mode,
@@ -91,7 +92,8 @@ def _option_defaults() -> dict[str, Any]:
     """``CovPool``'s options (its keyword arguments but the channel count and the factory kwargs) and their
     defaults, read from its signature: one list for :attr:`CovPool.options` and for unpickling."""
     params = inspect.signature(CovPool.__init__).parameters.values()
-    return {p.name: p.default for p in params if p.name not in ("self", "in_channels", "device", "dtype")}
+    return {p.name: p.default for p in params
+            if p.name not in ("self", "in_channels", "device", "dtype") and p.kind is not p.VAR_KEYWORD}
 
 
 _SKETCHES = ("tensor", "maclaurin")
@@ -145,6 +147,9 @@ class CovPool(nn.Module):
             be either.
         device, dtype: factory kwargs of the parameters and buffers.
 
+    Any other keyword is a TypeError naming the closest option (``reduced_dimm`` → "did you mean
+    'reduced_dim'?") and listing them all.
+
     Attributes:
         dim: d, the side of the covariance matrix.
         out_features: the output width: d(d+1)/2, d², ``sketch_dim``, or d (the last dimension of the
@@ -188,8 +193,11 @@ class CovPool(nn.Module):
         layout: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **unknown: Any,
     ) -> None:
         super().__init__()
+        # A typo ends in the closest option's name, not in Python's bare "unexpected keyword argument".
+        check_keywords("covpool.CovPool", unknown, [*_option_defaults(), "device", "dtype"])
         check_int("in_channels", in_channels)
         check_int("reduced_dim", reduced_dim, allow_none=True)
         entry, _ = resolve_backend(backend)
@@ -212,15 +220,7 @@ class CovPool(nn.Module):
             raise ValueError(f"channel_drop must be 'adaptive' or None, got {channel_drop!r}")
         check_layout(layout)
         # An option the chosen head would never read is a mistake to report, not to ignore (as set_backend does).
-        uses_backend = norm == "sqrt" and sketch is None
-        unused = [f"{name}={value!r}" for name, value, default, used in (
-            ("backend", backend, "ns", uses_backend), ("alpha", alpha, 0.5, norm == "power" and sketch is None),
-            ("sketch_dim", sketch_dim, 8192, sketch is not None), ("sketch_seed", sketch_seed, 0, sketch is not None),
-        ) if not used and value != default]
-        if unused:
-            raise ValueError(f"{', '.join(unused)} would have no effect: backend needs normalization='sqrt', alpha "
-                             f"normalization='power', sketch_dim and sketch_seed a sketch (this head: normalization="
-                             f"{norm!r}, sketch={sketch!r})")
+        check_used(norm, sketch, backend=backend, alpha=alpha, sketch_dim=sketch_dim, sketch_seed=sketch_seed)
         if mode == "matrix" and (signed_sqrt or l2 or sketch):
             raise ValueError("signed_sqrt, l2 and sketch produce a vector: use vectorize='triu' or 'full'")
         factory = {"device": device, "dtype": dtype}

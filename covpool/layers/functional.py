@@ -78,6 +78,27 @@ def normalization_mode(normalization: Any) -> str:
     return mode
 
 
+# The options that only some heads read, the value that means "not given", and when a head reads them.
+_CONDITIONAL_OPTIONS = {
+    "backend": ("ns", lambda norm, sketch: norm == "sqrt" and sketch is None),
+    "alpha": (0.5, lambda norm, sketch: norm == "power" and sketch is None),
+    "sketch_dim": (8192, lambda norm, sketch: sketch is not None),
+    "sketch_seed": (0, lambda norm, sketch: sketch is not None),
+}
+
+
+def check_used(normalization: str, sketch: str | None, **options: Any) -> None:
+    """The one rule of :class:`covpool.CovPool` and :func:`cov_pool`: an option given a value other than its
+    default that the chosen head never reads (``backend`` without ``normalization="sqrt"``, ``alpha`` without
+    ``"power"``, ``sketch_dim`` / ``sketch_seed`` without a sketch) is a mistake to report, not to ignore."""
+    unused = [f"{name}={value!r}" for name, value in options.items()
+              if value != _CONDITIONAL_OPTIONS[name][0] and not _CONDITIONAL_OPTIONS[name][1](normalization, sketch)]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} would have no effect: backend needs normalization='sqrt', alpha "
+                         f"normalization='power', sketch_dim and sketch_seed a sketch (this head: normalization="
+                         f"{normalization!r}, sketch={sketch!r})")
+
+
 def element_norm(out: torch.Tensor, signed: bool, l2: bool) -> torch.Tensor:
     """The element normalisations of the bilinear heads, in their order: signed square root, then ℓ2."""
     if signed:
@@ -123,6 +144,9 @@ def cov_pool(
         alpha: the power of ``normalization="power"``.
         signed_sqrt, l2: then sign(x)·√|x| per entry (:func:`signed_sqrt`) and ℓ2 normalisation of the vector.
 
+    A ``backend`` other than the default without ``normalization="sqrt"``, or an ``alpha`` other than 0.5 without
+    ``"power"``, would have no effect: a ValueError, as in :class:`covpool.CovPool` (one rule, :func:`check_used`).
+
     Returns:
         ``(*, features)`` or ``(*, d, d)`` in the dtype of ``x``. float16/bfloat16 input (and autocast
         regions) are pooled in float32, because the covariance of half-precision features loses most
@@ -145,6 +169,7 @@ def cov_pool(
     if x.is_complex():
         raise TypeError(f"cov_pool expects real features, got dtype {x.dtype}")
     mode, norm = vectorize_mode(vectorize), normalization_mode(normalization)
+    check_used(norm, None, backend=backend, alpha=alpha)
     if mode == "matrix" and (signed_sqrt or l2):
         raise ValueError("signed_sqrt and l2 normalise a vector: use vectorize='triu' or 'full'")
     # Integer features are promoted, not truncated back: the pooled covariance root is not an integer.

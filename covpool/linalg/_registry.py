@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._checks import check_int, check_number, is_int
+from ._checks import check_int, check_number, did_you_mean, is_int
 
 __all__ = ["Backend", "BackendSpec", "Option", "register_backend", "get_backend", "list_backends", "resolve_backend"]
 
@@ -57,7 +57,8 @@ class Backend:
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             valid = ", ".join(f"{k}={v.default!r}" for k, v in self.options.items()) or "none"
-            raise TypeError(f"backend {self.name!r} got unknown option(s) {unknown}; its options are: {valid}")
+            hint = "".join(did_you_mean(k, self.options) for k in unknown[:1])
+            raise TypeError(f"backend {self.name!r} got unknown option(s) {unknown}{hint}; its options are: {valid}")
         bound = self.defaults
         for key, value in options.items():
             bound[key] = self.options[key].check(f"{self.name}.{key}", value)
