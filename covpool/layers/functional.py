@@ -194,8 +194,7 @@ def second_moment(x: torch.Tensor, centered: bool = True) -> torch.Tensor:
     returned in the input dtype (integers promoted to the default dtype)."""
     out_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x = x.to(work_dtype(out_dtype))
-        stat = covariance(x) if centered else x @ x.mT / x.shape[-1]
+        stat = covariance(x.to(work_dtype(out_dtype)), centered=centered)
     return stat.to(out_dtype)
 
 

@@ -106,12 +106,18 @@ def outer(alpha: float, inner: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.baddbmm(eye(g, alpha), g, inner)
 
 
-def lift(alpha: float, inner: torch.Tensor, u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def lift(alpha: float, inner: torch.Tensor, u: torch.Tensor, scale: torch.Tensor,
+         factor: torch.Tensor | None = None) -> torch.Tensor:
     """The d×d matrix scale·(α·I + U W Uᵀ / scale²) = α·scale·I + U W Uᵀ / scale of a Gram-side iterate,
-    from U ``(B, d, M)``: two products (d·M² and d²·M multiply-adds), the second the only one of full size."""
+    from U ``(B, d, M)``: two products (d·M² and d²·M multiply-adds), the second the only one of full size.
+    ``factor`` ``(B, 1, 1)`` multiplies the result, applied to W and α (M×M and a number), not to the d×d matrix."""
+    if factor is not None:
+        inner, scale_i = inner * factor, scale * factor
+    else:
+        scale_i = scale
     out = ((u @ inner) @ u.mT).div_(scale)
     if alpha:
-        out.add_(eye(out) * (alpha * scale))
+        out.add_(eye(out) * (alpha * scale_i))
     return out
 
 
