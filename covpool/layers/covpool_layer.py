@@ -18,6 +18,7 @@ from covpool.linalg._checks import check_int, check_keywords, check_number, work
 from .functional import (
     as_maps,
     check_layout,
+    check_smoothing,
     check_used,
     cov_pool,
     element_norm,
@@ -133,6 +134,10 @@ class CovPool(nn.Module):
             MPN-COV) or ``"none"``.
         alpha: the power of ``normalization="power"`` (0.5).
         signed_sqrt, l2: sign(x)·√|x| per feature, then ℓ2 normalisation of the vector (bilinear heads).
+        sqrt_smoothing: δ > 0 makes the signed square root's backward ½/(√|z| + δ), z the statistic summed
+            over the positions, as the compact bilinear code has it (0.1 in its MatConvNet layers, 0.03 in
+            Caffe's, whose Tensor Sketch is also D times larger: 0.03/√D here); 0 (default) is the bilinear-CNN
+            package's ½/√(|z| + 1e-8) (:func:`covpool.cov_pool`; README, "Second-order heads").
         sketch: ``"tensor"`` or ``"maclaurin"``: a compact random projection of the second moment to
             ``sketch_dim`` features instead of the matrix (compact bilinear pooling; needs
             ``normalization="none"``); its random hashes, signs or projections are buffers drawn once from
@@ -188,6 +193,7 @@ class CovPool(nn.Module):
         alpha: float = 0.5,
         signed_sqrt: bool = False,
         l2: bool = False,
+        sqrt_smoothing: float = 0.0,
         sketch: str | None = None,
         sketch_dim: int = 8192,
         sketch_seed: int = 0,
@@ -223,7 +229,9 @@ class CovPool(nn.Module):
             raise ValueError(f"channel_drop must be 'adaptive' or None, got {channel_drop!r}")
         check_layout(layout)
         # An option the chosen head would never read is a mistake to report, not to ignore (as set_backend does).
-        check_used(norm, sketch, backend=backend, alpha=alpha, sketch_dim=sketch_dim, sketch_seed=sketch_seed)
+        check_used(norm, sketch, signed_sqrt, backend=backend, alpha=alpha, sketch_dim=sketch_dim,
+                   sketch_seed=sketch_seed, sqrt_smoothing=sqrt_smoothing)
+        check_smoothing(sqrt_smoothing)
         if mode == "matrix" and (signed_sqrt or l2 or sketch):
             raise ValueError("signed_sqrt, l2 and sketch produce a vector: use vectorize='triu' or 'full'")
         factory = {"device": device, "dtype": dtype}
@@ -232,7 +240,7 @@ class CovPool(nn.Module):
         self.backend = backend
         self.vectorize = mode
         self.centered, self.normalization, self.alpha = centered, norm, float(alpha)
-        self.signed_sqrt, self.l2 = signed_sqrt, l2
+        self.signed_sqrt, self.l2, self.sqrt_smoothing = signed_sqrt, l2, float(sqrt_smoothing)
         self.sketch, self.sketch_dim, self.sketch_seed = sketch, sketch_dim, sketch_seed
         self.channel_drop = channel_drop
         self.gram = gram
@@ -299,7 +307,7 @@ class CovPool(nn.Module):
         if self.sketch is None:
             return cov_pool(feats, self.backend, self.vectorize, self.gram, centered=self.centered,
                             normalization=self.normalization, alpha=self.alpha, signed_sqrt=self.signed_sqrt,
-                            l2=self.l2)
+                            l2=self.l2, sqrt_smoothing=self.sqrt_smoothing)
         out_dtype = feats.dtype if feats.is_floating_point() else torch.get_default_dtype()
         with torch.autocast(device_type=feats.device.type, enabled=False):
             f = feats.to(work_dtype(out_dtype))
@@ -309,7 +317,8 @@ class CovPool(nn.Module):
                 out = tensor_sketch(f, self.h1, self.s1, self.h2, self.s2, self.sketch_dim)
             else:
                 out = random_maclaurin(f, self.w1.to(f.dtype), self.w2.to(f.dtype))
-            out = element_norm(out, self.signed_sqrt, self.l2)
+            # sqrt_smoothing is δ on the sum over positions, covpool's statistic their average: δ/√N on it.
+            out = element_norm(out, self.signed_sqrt, self.l2, self.sqrt_smoothing / math.sqrt(f.shape[-1]))
         return out.to(out_dtype)
 
     def extra_repr(self) -> str:
@@ -327,6 +336,8 @@ class CovPool(nn.Module):
         if not self.centered:
             parts.append("centered=False")
         parts += [f"{k}=True" for k in ("signed_sqrt", "l2") if getattr(self, k)]
+        if self.sqrt_smoothing:
+            parts.append(f"sqrt_smoothing={self.sqrt_smoothing}")
         if self.channel_drop:
             parts.append(f"channel_drop={self.channel_drop!r}")
         if self.gram != "auto":

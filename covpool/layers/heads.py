@@ -28,7 +28,7 @@ from torch import nn
 from covpool.linalg._checks import check_keywords
 
 from .covpool_layer import CovPool
-from .sovit_head import MultiHeadCrossCov
+from .sovit_head import SOT_CENTERING, MultiHeadCrossCov
 
 __all__ = ["Head", "list_heads", "get_head", "build_head"]
 
@@ -89,8 +89,9 @@ _register(Head("dropcov", "Wang, Gao, Zhang, Xie, Li, Hu, NeurIPS 2022 (DropCov)
                {"normalization": "none", "channel_drop": "adaptive"},
                doc="adaptive channel dropout in training, then a plain covariance (no normalisation, as the "
                    "authors' code), upper triangle"))
-_register(Head("sot", "Xie, Zeng, Wang, Zhou, Li, 2021 (SoT)", {"reduced_dim": (6, 24)}, tokens_only=True,
-               doc="transformer tokens: multi-headed cross-covariance (6 heads of 24), svPN, full matrices"))
+_register(Head("sot", "Xie, Zeng, Wang, Zhou, Li, 2021 (SoT)", {"reduced_dim": (6, 24), "centering": SOT_CENTERING},
+               tokens_only=True, doc="transformer tokens: multi-headed cross-covariance (6 heads of 24) centred by one "
+                                     "mean per head as the release, svPN, full matrices"))
 
 
 def list_heads() -> list[str]:
