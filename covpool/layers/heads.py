@@ -1,6 +1,6 @@
 """The second-order pooling family as presets of one head, and the pieces the presets add to iSQRT-COV.
 
-A second-order head is four choices (``shared/DESIGN.md``): the statistic (centred covariance, uncentred
+A second-order head is four choices: the statistic (centred covariance, uncentred
 second moment, or a compact random projection of it), the matrix normalisation (a backend's square root, a
 matrix power, none), the element normalisation (signed square root, ℓ2) and the vectorisation (upper
 triangle, full matrix, the sketch itself). :class:`covpool.CovPool` takes each as an option; a published head
