@@ -408,3 +408,69 @@ def test_tf32_products_stay_within_the_backends_own_error(backend, offered):
     full, tf32 = errors(backend, a, g), errors(backend, a, g, "tf32")
     within = all(abs(t - f) < 0.01 * f for f, t in zip(full, tf32))
     assert within == offered, (full, tf32)
+
+
+# ---------------------------------------------------------------------------------- features far from 1
+@pytest.mark.parametrize("scale", [1e20, 1e-20])
+@pytest.mark.parametrize("backend", covpool.list_backends())
+def test_float32_features_far_from_one_give_the_float64_root(backend, scale):
+    """Beyond ~1e±19 the products of float32 features over- or underflow (before: NaN at ×1e20 for the product
+    backends, a LinAlgError for eig; 0.85% to 135% off at ×1e-20). Formed from features divided by a power of
+    two and scaled back, the root is as close to the float64 one as float32 features of order 1 give, forward
+    and gradient, on both sides (√Σ(s·x) = s·√Σ(x), so the gradient at s·x is the gradient at x). The float32
+    error at order 1 is the bound: on the rank-deficient Gram-side input it is 2e-3 for eig and the SVD family,
+    whose eigenvalue floor (10·ε of the dtype) gives the null space √floor."""
+    g = torch.Generator().manual_seed(3)
+    for d, m in [(8, 40), (16, 6)]:  # the d×d side, the Gram side
+        x = torch.randn(2, d, m, generator=g, dtype=torch.float64, requires_grad=True)
+        ref = covpool.covariance_sqrtm(x, backend)
+        up = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+        (ref_grad,) = torch.autograd.grad(ref, x, up)
+        errors = []
+        for factor in (1.0, scale):
+            y = (x.detach() * factor).float().requires_grad_()
+            root = covpool.covariance_sqrtm(y, backend)
+            (grad,) = torch.autograd.grad(root, y, up.float())
+            errors.append((rel(root.double() / factor, ref), rel(grad.double(), ref_grad)))
+        (fwd1, grad1), (fwd, grad) = errors
+        assert fwd <= 2 * fwd1 + 1e-6 and grad <= 2 * grad1 + 1e-6, (d, m, errors)
+    pool = covpool.CovPool(16, None, backend=backend)  # (B, 16, 6, 1) maps
+    maps = x.detach().unsqueeze(-1)
+    torch.testing.assert_close(pool((maps * scale).float()).double() / scale, pool(maps.float()).double(),
+                               rtol=1e-4, atol=1e-5)
+    power = covpool.covariance_power((x.detach() * scale).float(), 0.5).double() / scale
+    assert rel(power, covpool.covariance_power(x.detach().float(), 0.5).double()) < 1e-5
+
+
+def test_covariance_far_from_one_is_inf_where_it_must_be_and_keeps_its_digits_below():
+    x = torch.randn(2, 4, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[:, 0] = 0.0  # a dead channel: its row of the covariance is 0, never 0·inf = NaN
+    big = covpool.covariance((x * 1e20).float())
+    ref = covpool.covariance(x) * 1e40
+    beyond = ref.abs() > torch.finfo(torch.float32).max
+    assert beyond.any() and torch.equal(torch.isinf(big), beyond) and not big.isnan().any()
+    assert (big[:, 0] == 0).all()
+    torch.testing.assert_close(big[~beyond].double(), ref[~beyond], rtol=1e-5, atol=0)
+    small = covpool.covariance((x * 1e-20).float()).double()  # ~1e-40: float32 subnormals
+    assert rel(small, covpool.covariance(x) * 1e-40) < 1e-4
+
+
+@pytest.mark.parametrize("backend", covpool.list_backends())
+def test_a_shipped_backend_given_the_scale_returns_the_root_of_the_unscaled_matrix(backend):
+    """The shipped backends fold the features' power-of-two scale into their small tensors: ``fn(A, scale=t)``
+    is the (inverse) root of t²·A and ``gram(U, scale=t)`` the root of (tU)(tU)ᵀ, value and gradient."""
+    entry = covpool.get_backend(backend)
+    assert entry.fn_scale and entry.gram_scale
+    t = torch.tensor([4.0, 0.125], dtype=torch.float64).view(2, 1, 1)
+    g = torch.Generator().manual_seed(5)
+    a = covpool.covariance(torch.randn(2, 6, 20, generator=g, dtype=torch.float64)).requires_grad_()
+    u = torch.randn(2, 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(2, 6, 6, generator=g, dtype=torch.float64)
+    cases = [(lambda a: entry.fn(a, inverse, scale=t, **entry.defaults),
+              lambda a: entry.fn(a * t * t, inverse, **entry.defaults), a) for inverse in (False, True)]
+    cases.append((lambda u: entry.gram_fn(u, scale=t, **entry.defaults),
+                  lambda u: entry.gram_fn(u * t, **entry.defaults), u))
+    for folded, plain, x in cases:
+        out, ref = folded(x), plain(x)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=0)
+        torch.testing.assert_close(*(torch.autograd.grad(y, x, up)[0] for y in (out, ref)), rtol=1e-9, atol=1e-12)

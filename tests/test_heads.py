@@ -124,6 +124,55 @@ def test_cbp_random_maclaurin_is_the_projected_second_moment():
     assert torch.allclose(pool.w1.abs(), torch.full_like(pool.w1, 1 / math.sqrt(32)))
 
 
+@pytest.mark.parametrize("name, delta", [("cbp_rm", 0.1), ("cbp_ts", 0.03)])
+def test_sqrt_smoothing_is_the_compact_bilinear_backward_on_the_summed_sketch(name, delta):
+    """The compact bilinear code sums its sketch z over the N positions and smooths the signed square root's
+    backward as ½/(√|z| + δ) (0.1 MatConvNet, 0.03 Caffe); covpool averages, so its δ acts as δ/√N on the
+    average. Written out here on the sum: ℓ2 after it makes the sum's factor N invisible in the forward (but for
+    ℓ2's ε, 1e-10 against a squared norm N times larger: 1e-11 here)."""
+    x = features(seed=11)
+    up = torch.randn(2, 16, dtype=F64, generator=torch.Generator().manual_seed(12))
+    pool = covpool.build_head(name, 6, reduced_dim=None, dtype=F64, sketch_dim=16, sqrt_smoothing=delta)
+    xx = x.clone().requires_grad_()
+    out = pool(xx.unsqueeze(-1))
+    (grad,) = torch.autograd.grad(out, xx, up)
+    plain = covpool.build_head(name, 6, reduced_dim=None, dtype=F64, sketch_dim=16, signed_sqrt=False, l2=False)
+    plain.load_state_dict(pool.state_dict())
+    xr = x.clone().requires_grad_()
+    z = plain(xr.unsqueeze(-1)) * x.shape[-1]  # the sketch summed over positions
+    s = z.sign() * z.abs().sqrt()
+    ref = s / (s.square().sum(-1, keepdim=True) + 1e-10).sqrt()
+    g_s = torch.autograd.grad(ref, s, up)[0]
+    (ref_grad,) = torch.autograd.grad(z, xr, g_s * 0.5 / (z.abs().sqrt() + delta))
+    assert rel(out, ref) < 1e-9 and rel(grad, ref_grad) < 1e-9
+    default = covpool.build_head(name, 6, reduced_dim=None, dtype=F64, sketch_dim=16)
+    default.load_state_dict(pool.state_dict())
+    assert rel(torch.autograd.grad(default(xx.unsqueeze(-1)), xx, up)[0], ref_grad) > 1e-3  # a real difference
+    with pytest.raises(ValueError, match="sqrt_smoothing=0.1 would have no effect"):
+        covpool.CovPool(6, None, sqrt_smoothing=0.1)
+
+
+def test_sot_preset_and_head_centre_as_the_release_and_feature_centring_is_the_option():
+    """The released SoT subtracts one mean per head (its tokens and channels); with per-channel token means, as
+    real tokens have, the per-channel cross-covariance is a different head (~100% apart), so the preset and
+    SoViTHead(kind="sot") compute the release's, and centering="feature" gives the cross-covariance."""
+    g = torch.Generator().manual_seed(13)
+    tokens = torch.randn(2, 11, 10, dtype=F64, generator=g) + torch.randn(10, dtype=F64, generator=g)
+    preset = covpool.build_head("sot", 10, reduced_dim=(3, 4), dtype=F64)
+    head = covpool.SoViTHead(10, num_classes=0, reduced_dim=(3, 4), kind="sot", dtype=F64)
+    feature = covpool.SoViTHead(10, num_classes=0, reduced_dim=(3, 4), kind="sot", centering="feature", dtype=F64)
+    for pool in (head.pool, feature.pool):
+        pool.load_state_dict(preset.state_dict())
+    release = sot_reference(tokens, preset.proj.weight, preset.v0, 3, 4, scalar_mean=True)
+    assert rel(preset(tokens), release) < 1e-12
+    with_class_token = torch.cat([torch.zeros(2, 1, 10, dtype=F64), tokens], dim=1)
+    assert rel(head(with_class_token)[:, 10:], release) < 1e-12
+    cross = sot_reference(tokens, preset.proj.weight, preset.v0, 3, 4)
+    assert rel(feature(with_class_token)[:, 10:], cross) < 1e-12 and rel(cross, release) > 0.5
+    with pytest.raises(ValueError, match="centering='feature' applies to kind='sot'"):
+        covpool.SoViTHead(10, reduced_dim=4, centering="feature")
+
+
 def test_dropcov_is_a_plain_covariance_at_inference():
     x = features(seed=5)
     pool, _ = pooled("dropcov", x)
@@ -319,6 +368,24 @@ def test_a_covpool_pickled_whole_by_covpool_0_1_still_runs():
 def test_bad_head_options_name_the_valid_ones(options, match):
     with pytest.raises(ValueError, match=match):
         covpool.CovPool(8, 4, **options)
+
+
+def test_option_typos_name_the_public_function_and_the_closest_option():
+    with pytest.raises(TypeError, match=r"^covpool\.CovPool got an unexpected keyword argument 'reduced_dimm' "
+                                        r"\(did you mean 'reduced_dim'\?\); valid: reduced_dim, backend, "):
+        covpool.CovPool(8, reduced_dimm=4)
+    with pytest.raises(TypeError, match=r"^covpool\.build_head\('bcnn', \.\.\.\) got an unexpected keyword "
+                                        r"argument 'centred' \(did you mean 'centered'\?\)"):
+        covpool.build_head("bcnn", 8, centred=False)
+    with pytest.raises(TypeError, match=r"arguments 'centring' \(did you mean 'centering'\?\), 'zzz'; valid: "
+                                        r"reduced_dim, alpha, iters, eps, centering, layout, device, dtype$"):
+        covpool.build_head("sot", 8, centring="scalar", zzz=1)
+    with pytest.raises(TypeError, match=r"^covpool\.swap_pooling got an unexpected keyword argument 'bakend' "
+                                        r"\(did you mean 'backend'\?\); valid: head, last_stride, reduced_dim, "):
+        covpool.swap_pooling(timm.create_model("resnet18"), bakend="eig")
+    with pytest.raises(TypeError, match=r"'num_iter'\] \(did you mean 'num_iters'\?\); its options are"):
+        covpool.CovPool(8, 4, backend={"name": "ns", "num_iter": 3})
+    assert covpool.get_head("bcnn").keywords == [*covpool.CovPool(8, 4).options, "device", "dtype"]
 
 
 def test_dropcov_needs_two_channels():

@@ -562,3 +562,34 @@ def test_ambiguous_three_dimensional_input_needs_an_explicit_layout():
 def test_pooling_nothing_says_so(x):
     with pytest.raises(ValueError, match="needs at least one position to pool"):
         CovPool(16, reduced_dim=8)(x)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"backend": "eig", "normalization": "none"}, "backend='eig' would have no effect"),
+    ({"backend": "eig", "normalization": "power"}, "backend='eig' would have no effect"),
+    ({"alpha": 0.3}, "alpha=0.3 would have no effect"),
+])
+def test_cov_pool_refuses_the_options_its_head_never_reads_as_covpool_does(options, match):
+    x = torch.randn(2, 8, 10)
+    with pytest.raises(ValueError, match=match) as functional:
+        covpool.cov_pool(x, **options)
+    with pytest.raises(ValueError, match=match) as layer:
+        covpool.CovPool(8, None, **options)
+    assert str(functional.value) == str(layer.value)
+
+
+def test_rank_deficient_pooling_gradient_of_eig_is_close_to_exact_and_ns_is_below_it():
+    """What the CovPool docstring and README say about 49 positions of 256 channels: the eig gradient with
+    respect to the features is the exact one to float32 accuracy (not "large"), ns's is smaller than the exact
+    one (its iteration stops short of convergence on the null space: 0.84 of its norm, 22% off)."""
+    x = torch.randn(2, 256, 49, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    up = torch.randn(2, 256 * 257 // 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def grad(backend, dtype):
+        y = x.to(dtype).requires_grad_()
+        return torch.autograd.grad(covpool.cov_pool(y, backend), y, up.to(dtype))[0].double()
+
+    exact = grad("eig", torch.float64)
+    eig, ns = grad("eig", torch.float32), grad("ns", torch.float32)
+    assert rel(eig, exact) < 1e-2 and abs(float(eig.norm() / exact.norm()) - 1) < 1e-2
+    assert 0.5 < float(ns.norm() / exact.norm()) < 0.95 and rel(ns, exact) > 0.1

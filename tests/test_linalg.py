@@ -752,7 +752,7 @@ def test_eigh_redoes_only_the_failed_matrices_in_float64(monkeypatch):
 
     monkeypatch.setattr(torch.linalg, "eigh", flaky)
     a = well_conditioned(4, 8, dtype=torch.float32, seed=3)
-    lam, v = _spectral._eigh_checked(a)
+    lam, v = _spectral._eigh_checked(a, "eig")
     assert calls == [((4, 8, 8), torch.float32), ((1, 8, 8), torch.float64)]
     ref_lam, _ = real(a.double())
     assert torch.allclose(lam.double(), ref_lam, rtol=1e-5, atol=1e-6)
@@ -764,7 +764,7 @@ def test_eigh_redoes_only_the_failed_matrices_in_float64(monkeypatch):
         return real(x)
 
     monkeypatch.setattr(torch.linalg, "eigh", raising)
-    lam, v = _spectral._eigh_checked(a[0])
+    lam, v = _spectral._eigh_checked(a[0], "eig")
     assert lam.dtype == torch.float32 and rel((v * lam.unsqueeze(-2)) @ v.mT, a[0]) < 1e-5
 
 
@@ -809,3 +809,25 @@ def test_empty_covariance_root_stays_on_the_graph():
     x = torch.randn(2, 0, 5, requires_grad=True)
     out = covpool.covariance_sqrtm(x)
     assert out.shape == (2, 0, 0) and out.requires_grad
+
+
+def test_the_quick_start_figures():
+    """README's quick start: the distance of each backend's root of its rank-deficient covariance to the float64
+    root, and of the whitening line's inverse roots, as the paragraph under it quotes them (the SVD family's
+    forward is eig's, by construction). One float64 eigendecomposition gives every reference: adding eps·I
+    keeps the eigenvectors."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 256, 49)
+    cov = covpool.covariance(x)
+    lam, v = torch.linalg.eigh(covpool.covariance(x.double()))
+
+    def exact(f):
+        return (v * f(lam.clamp_min(0)).unsqueeze(-2)) @ v.mT
+
+    for backend, err in {"eig": 3.2e-3, "ns": 0.18, "mpa_lya": 0.52, "mtp_lya": 1.01}.items():
+        assert rel(covpool.sqrtm(cov, backend).double(), exact(torch.sqrt)) == pytest.approx(err, rel=0.05), backend
+    eye = torch.eye(256)
+    for eps, spec, err in [(0.1, "eig", 3.3e-6), (0.1, {"name": "mpa_lya", "refine": 2}, 0.13), (0.1, "ns", 0.85),
+                           (1.0, {"name": "mpa_lya", "refine": 2}, 1.3e-4), (1e-3, "eig", 3.1e-4)]:
+        ref = exact(lambda lam, eps=eps: (lam + eps).rsqrt())
+        assert rel(covpool.inv_sqrtm(cov + eps * eye, spec).double(), ref) == pytest.approx(err, rel=0.1), (eps, spec)

@@ -26,6 +26,9 @@ def test_wheel_metadata_puts_the_application_dependencies_in_the_train_extra(whe
     assert core == ["einops", "timm", "torch", "torchvision"]
     train = sorted(r.split(">")[0].strip() for r in requires if "extra == \"train\"" in r)
     assert train == ["matplotlib", "pyyaml", "scikit-image", "tqdm"]
+    onnx = sorted(r.split(">")[0].split("<")[0].strip() for r in requires if "extra == \"onnx\"" in r)
+    assert onnx == ["onnx", "onnxruntime", "onnxscript"]
+    assert any(r.startswith("covpool[onnx]") for r in requires if "extra == \"test\"" in r)
     assert msg["License-Expression"] == "MIT" and "Typing :: Typed" in msg.get_all("Classifier")
 
 

@@ -351,7 +351,16 @@ def test_hybrid_demo_trains_the_three_variants_with_the_same_budget(tmp_path, ca
 def test_released_so_vit_head_has_no_backend_and_says_so():
     model = timm.create_model("so_vit_7", num_classes=5, img_size=32)  # head="svpn", the release
     assert model.head.backend is None
-    with pytest.raises(ValueError, match="svPN, which has no matrix square root; build the model with head='mpa'"):
+    with pytest.raises(ValueError, match=r"So-ViT svPN head normalises by svPN .* no matrix square root, so there "
+                                         r"is no backend to choose.*head='mpa' for so_vit_\* models"):
         covpool.set_backend(model, "ns")
+
+
+def test_a_sot_head_has_no_backend_and_the_message_does_not_send_back_to_swap_pooling():
+    model = covpool.swap_pooling(timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32), head="sot",
+                                 reduced_dim=(2, 4))
+    with pytest.raises(ValueError, match=r"its SoT head \(head='sot'\) normalises by svPN") as err:
+        covpool.set_backend(model, "ns")
+    assert "swap_pooling(model)" not in str(err.value)
     mpa = timm.create_model("so_vit_7", num_classes=5, img_size=32, head="mpa")
     assert covpool.set_backend(mpa, "ns") == {"head.pool": "mpa_lya"} and mpa.head.backend == "ns"

@@ -218,6 +218,11 @@ def test_errors_say_why_and_leave_the_model_alone():
         covpool.swap_pooling(model, reduced_dim=0)
     with pytest.raises(ValueError, match="token models"):
         covpool.swap_pooling(model, use_class_token=True)
+    vit = _timm("vit_tiny_patch16_224")
+    for value in ("false", 0, None):  # "false" is truthy: it was taken as True
+        with pytest.raises(ValueError, match=f"use_class_token must be True or False, got {value!r}"):
+            covpool.swap_pooling(vit, use_class_token=value)
+    assert isinstance(vit.head, nn.Linear)
     assert model.head is head and model.num_classes == 5 and model(_images()).shape == (2, 5)
     swapped = covpool.swap_pooling(model)
     with pytest.raises(ValueError, match="already uses covariance pooling"):

@@ -10,7 +10,7 @@ from torch import nn
 from covpool.linalg import BackendSpec, resolve_backend
 
 from .covpool_layer import CovPool
-from .sovit_head import SoViTHead
+from .sovit_head import MultiHeadCrossCov, SvPNCrossCov
 from .zca import _ZCABatchNorm
 
 __all__ = ["set_backend"]
@@ -106,10 +106,14 @@ def set_backend(
             raise ValueError(f"{type(root).__name__}'s covariance pooling has no matrix square root whose backend "
                              "could be set (its head normalises by a matrix power, a sketch or not at all); only "
                              "normalization='sqrt' heads (isqrt_cov, improved_bcnn) take a backend")
-        if any(isinstance(m, SoViTHead) and m.backend is None for m in root.modules()):
+        svpn = [m for m in root.modules() if isinstance(m, (SvPNCrossCov, MultiHeadCrossCov))]
+        if svpn:
+            head = "SoT head (head='sot')" if isinstance(svpn[0], MultiHeadCrossCov) else "So-ViT svPN head"
             raise ValueError(f"{type(root).__name__} has no covpool layer ({which}) whose backend could be set: "
-                             "its So-ViT head normalises by svPN, which has no matrix square root; build the "
-                             "model with head='mpa' (the MPA-Lya So-ViT) to choose a backend")
+                             f"its {head} normalises by svPN (singular-value power normalisation), which has no "
+                             "matrix square root, so there is no backend to choose. Backends belong to the square-"
+                             "root heads: a model built with one takes them (swap_pooling on the original backbone "
+                             "with head='isqrt_cov' or 'improved_bcnn'; head='mpa' for so_vit_* models)")
         raise ValueError(f"{type(root).__name__} has no covpool layer ({which}) whose backend could be set; "
                          "build it with one (e.g. covpool.swap_pooling(model) or a *_isqrt / so_vit_* model)")
     previous: dict[str, BackendSpec] = {}

@@ -5,6 +5,7 @@ these.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -78,11 +79,42 @@ def normalization_mode(normalization: Any) -> str:
     return mode
 
 
-def element_norm(out: torch.Tensor, signed: bool, l2: bool) -> torch.Tensor:
-    """The element normalisations of the bilinear heads, in their order: signed square root, then ℓ2."""
+# The options that only some heads read, the value that means "not given", and when a head reads them.
+_CONDITIONAL_OPTIONS = {
+    "backend": ("ns", lambda norm, sketch, signed: norm == "sqrt" and sketch is None),
+    "alpha": (0.5, lambda norm, sketch, signed: norm == "power" and sketch is None),
+    "sketch_dim": (8192, lambda norm, sketch, signed: sketch is not None),
+    "sketch_seed": (0, lambda norm, sketch, signed: sketch is not None),
+    "sqrt_smoothing": (0.0, lambda norm, sketch, signed: signed),
+}
+
+
+def check_used(normalization: str, sketch: str | None, signed_sqrt: bool = False, **options: Any) -> None:
+    """The one rule of :class:`covpool.CovPool` and :func:`cov_pool`: an option given a value other than its
+    default that the chosen head never reads (``backend`` without ``normalization="sqrt"``, ``alpha`` without
+    ``"power"``, ``sketch_dim`` / ``sketch_seed`` without a sketch, ``sqrt_smoothing`` without ``signed_sqrt``)
+    is a mistake to report, not to ignore."""
+    unused = [f"{name}={value!r}" for name, value in options.items()
+              if value != _CONDITIONAL_OPTIONS[name][0]
+              and not _CONDITIONAL_OPTIONS[name][1](normalization, sketch, signed_sqrt)]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} would have no effect: backend needs normalization='sqrt', alpha "
+                         f"normalization='power', sketch_dim and sketch_seed a sketch, sqrt_smoothing signed_sqrt "
+                         f"(this head: normalization={normalization!r}, sketch={sketch!r}, "
+                         f"signed_sqrt={signed_sqrt!r})")
+
+
+def element_norm(out: torch.Tensor, signed: bool, l2: bool, smoothing: float = 0.0) -> torch.Tensor:
+    """The element normalisations of the bilinear heads, in their order: signed square root (its backward
+    smoothed by ``smoothing``, :func:`signed_sqrt`), then ℓ2."""
     if signed:
-        out = signed_sqrt(out)
+        out = signed_sqrt(out, smoothing=smoothing)
     return l2_normalize(out) if l2 else out
+
+
+def check_smoothing(sqrt_smoothing: Any) -> float:
+    return check_number("sqrt_smoothing", sqrt_smoothing, 0.0,
+                        note="added to √|z| in the signed square root's backward, z summed over the positions")
 
 
 def cov_pool(
@@ -96,6 +128,7 @@ def cov_pool(
     alpha: float = 0.5,
     signed_sqrt: bool = False,
     l2: bool = False,
+    sqrt_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Global second-order pooling: covariance (or second moment), matrix normalisation, vectorisation and
     element normalisation; the defaults are iSQRT-COV.
@@ -122,6 +155,13 @@ def cov_pool(
             eigendecomposition (:func:`covpool.linalg.matrix_power`, MPN-COV); ``"none"`` (or None).
         alpha: the power of ``normalization="power"``.
         signed_sqrt, l2: then sign(x)·√|x| per entry (:func:`signed_sqrt`) and ℓ2 normalisation of the vector.
+        sqrt_smoothing: δ > 0 makes the signed square root's backward ½/(√|z| + δ), z the statistic *summed* over
+            the N positions, as the compact bilinear pooling code computes it (Gao et al.: 0.1 in their MatConvNet
+            layers, 0.03 in Caffe's, whose Tensor Sketch is also D times larger: 0.03/√D here); covpool averages,
+            so it applies δ/√N to the average. 0 (default): the bilinear-CNN package's ½/√(|z| + 1e-8).
+
+    A ``backend`` other than the default without ``normalization="sqrt"``, or an ``alpha`` other than 0.5 without
+    ``"power"``, would have no effect: a ValueError, as in :class:`covpool.CovPool` (one rule, :func:`check_used`).
 
     Returns:
         ``(*, features)`` or ``(*, d, d)`` in the dtype of ``x``. float16/bfloat16 input (and autocast
@@ -145,6 +185,8 @@ def cov_pool(
     if x.is_complex():
         raise TypeError(f"cov_pool expects real features, got dtype {x.dtype}")
     mode, norm = vectorize_mode(vectorize), normalization_mode(normalization)
+    check_used(norm, None, signed_sqrt, backend=backend, alpha=alpha, sqrt_smoothing=sqrt_smoothing)
+    smoothing = check_smoothing(sqrt_smoothing) / math.sqrt(x.shape[-1])
     if mode == "matrix" and (signed_sqrt or l2):
         raise ValueError("signed_sqrt and l2 normalise a vector: use vectorize='triu' or 'full'")
     # Integer features are promoted, not truncated back: the pooled covariance root is not an integer.
@@ -160,7 +202,7 @@ def cov_pool(
     if not (signed_sqrt or l2):
         return out
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return element_norm(out.to(work_dtype(out.dtype)), signed_sqrt, l2).to(out.dtype)
+        return element_norm(out.to(work_dtype(out.dtype)), signed_sqrt, l2, smoothing).to(out.dtype)
 
 
 def second_moment(x: torch.Tensor, centered: bool = True) -> torch.Tensor:
@@ -169,38 +211,44 @@ def second_moment(x: torch.Tensor, centered: bool = True) -> torch.Tensor:
     returned in the input dtype (integers promoted to the default dtype)."""
     out_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x = x.to(work_dtype(out_dtype))
-        stat = covariance(x) if centered else x @ x.mT / x.shape[-1]
+        stat = covariance(x.to(work_dtype(out_dtype)), centered=centered)
     return stat.to(out_dtype)
 
 
 # ----------------------------------------------------------------------------- element normalisation
 class _SignedSqrt(torch.autograd.Function):
-    """sign(x)·√|x| with the bounded gradient ½/√(|x| + eps) of the bilinear-CNN package: the exact
-    derivative ½/√|x| is infinite at 0 (an exactly-zero entry: a dead channel's moment)."""
+    """sign(x)·√|x| with a bounded gradient: ½/√(|x| + eps), the bilinear-CNN package's (the exact derivative
+    ½/√|x| is infinite at 0, an exactly-zero entry: a dead channel's moment), or with ``smoothing`` > 0
+    ½/(√|x| + smoothing), the compact bilinear code's."""
 
     @staticmethod
-    def forward(x: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(x: torch.Tensor, eps: float, smoothing: float) -> torch.Tensor:
         return x.sign() * x.abs().sqrt()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
-        ctx.eps = inputs[1]
+        ctx.eps, ctx.smoothing = inputs[1], inputs[2]
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         # In float32 at least: eps = 1e-8 vanishes in half precision and the bound with it.
-        bound = (x.abs().to(work_dtype(x.dtype)) + ctx.eps).rsqrt().mul_(0.5)
-        return grad * bound.to(grad.dtype), None
+        magnitude = x.abs().to(work_dtype(x.dtype))
+        if ctx.smoothing:
+            bound = 0.5 / magnitude.sqrt_().add_(ctx.smoothing)
+        else:
+            bound = magnitude.add_(ctx.eps).rsqrt_().mul_(0.5)
+        return grad * bound.to(grad.dtype), None, None
 
 
-def signed_sqrt(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def signed_sqrt(x: torch.Tensor, eps: float = 1e-8, smoothing: float = 0.0) -> torch.Tensor:
     """Element-wise ``sign(x)·√|x|`` (Perronnin et al.'s power normalisation), as bilinear and compact bilinear
-    pooling apply it: the forward is exact, the gradient ``½/√(|x| + eps)`` is bounded at 0 (the bilinear-CNN
-    package's backward; ``eps`` = 1e-8)."""
-    return _SignedSqrt.apply(x, float(eps))
+    pooling apply it: the forward is exact, the gradient is bounded at 0: ``½/√(|x| + eps)``, the bilinear-CNN
+    package's backward (``eps`` = 1e-8), or with ``smoothing`` > 0 ``½/(√|x| + smoothing)``, the compact
+    bilinear code's (0.1 in its MatConvNet layer, 0.03 in Caffe's, on sums over positions: :func:`cov_pool`'s
+    ``sqrt_smoothing``)."""
+    return _SignedSqrt.apply(x, float(eps), float(smoothing))
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

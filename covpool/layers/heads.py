@@ -1,6 +1,6 @@
 """The second-order pooling family as presets of one head, and the pieces the presets add to iSQRT-COV.
 
-A second-order head is four choices (``shared/DESIGN.md``): the statistic (centred covariance, uncentred
+A second-order head is four choices: the statistic (centred covariance, uncentred
 second moment, or a compact random projection of it), the matrix normalisation (a backend's square root, a
 matrix power, none), the element normalisation (signed square root, ℓ2) and the vectorisation (upper
 triangle, full matrix, the sketch itself). :class:`covpool.CovPool` takes each as an option; a published head
@@ -19,13 +19,16 @@ is a named preset of them (:func:`list_heads`, :func:`get_head`, :func:`build_he
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
+from covpool.linalg._checks import check_keywords
+
 from .covpool_layer import CovPool
-from .sovit_head import MultiHeadCrossCov
+from .sovit_head import SOT_CENTERING, MultiHeadCrossCov
 
 __all__ = ["Head", "list_heads", "get_head", "build_head"]
 
@@ -41,6 +44,18 @@ class Head:
     options: Mapping[str, Any]
     tokens_only: bool = False
     doc: str = ""
+
+    @property
+    def module(self) -> type[nn.Module]:
+        """The pooling class :func:`build_head` builds: :class:`covpool.CovPool`, or
+        :class:`covpool.layers.sovit_head.MultiHeadCrossCov` for a token head."""
+        return MultiHeadCrossCov if self.tokens_only else CovPool
+
+    @property
+    def keywords(self) -> list[str]:
+        """The keyword options :func:`build_head` takes for this head (its pooling class's, but the channel count)."""
+        params = list(inspect.signature(self.module.__init__).parameters.values())[2:]  # self, in_channels
+        return [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
 
 
 _HEADS: dict[str, Head] = {}
@@ -74,8 +89,9 @@ _register(Head("dropcov", "Wang, Gao, Zhang, Xie, Li, Hu, NeurIPS 2022 (DropCov)
                {"normalization": "none", "channel_drop": "adaptive"},
                doc="adaptive channel dropout in training, then a plain covariance (no normalisation, as the "
                    "authors' code), upper triangle"))
-_register(Head("sot", "Xie, Zeng, Wang, Zhou, Li, 2021 (SoT)", {"reduced_dim": (6, 24)}, tokens_only=True,
-               doc="transformer tokens: multi-headed cross-covariance (6 heads of 24), svPN, full matrices"))
+_register(Head("sot", "Xie, Zeng, Wang, Zhou, Li, 2021 (SoT)", {"reduced_dim": (6, 24), "centering": SOT_CENTERING},
+               tokens_only=True, doc="transformer tokens: multi-headed cross-covariance (6 heads of 24) centred by one "
+                                     "mean per head as the release, svPN, full matrices"))
 
 
 def list_heads() -> list[str]:
@@ -94,7 +110,8 @@ def get_head(name: str) -> Head:
 def build_head(name: str, in_channels: int, **options: Any) -> nn.Module:
     """The pooling module of head ``name`` for ``in_channels`` channels: the preset's options, overridden by
     ``options``. A :class:`covpool.CovPool` (maps or tokens), or for ``"sot"`` a
-    :class:`covpool.layers.sovit_head.MultiHeadCrossCov` (tokens ``(B, N, C)`` only).
+    :class:`covpool.layers.sovit_head.MultiHeadCrossCov` (tokens ``(B, N, C)`` only). An option that class does
+    not take is a TypeError naming the closest one (:attr:`Head.keywords`).
 
     Example::
 
@@ -104,5 +121,5 @@ def build_head(name: str, in_channels: int, **options: Any) -> nn.Module:
         (torch.Size([2, 256]), 256)
     """
     head = get_head(name)
-    merged = {**head.options, **options}
-    return (MultiHeadCrossCov if head.tokens_only else CovPool)(in_channels, **merged)
+    check_keywords(f"covpool.build_head({name!r}, ...)", options, head.keywords)
+    return head.module(in_channels, **{**head.options, **options})

@@ -27,6 +27,9 @@ __all__ = ["SoViTHead", "SvPNCrossCov", "MultiHeadCrossCov", "cross_covariance",
 
 _KINDS = ("svpn", "mpa", "sot")
 _CENTERINGS = ("feature", "scalar")
+# The released SoT centres a head's queries and keys by one mean over its tokens and channels: the `sot` preset
+# and SoViTHead(kind="sot") use it by default, so that they compute SoT; "feature" is the cross-covariance.
+SOT_CENTERING = "scalar"
 
 
 def cross_covariance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -152,8 +155,9 @@ class MultiHeadCrossCov(nn.Module):
         alpha, iters, eps: svPN's exponent, power iterations and denominator guard (0.5, 1, 1e-5 released).
         centering: ``"feature"`` (default) subtracts each channel's mean over the tokens, the
             cross-covariance; ``"scalar"`` subtracts one mean over all of a head's tokens and channels, which
-            is what the released code computes (``adaptive_avg_pool2d`` on a 3-D tensor). README,
-            "Second-order heads", says by how much the two differ.
+            is what the released code computes (``adaptive_avg_pool2d`` on a 3-D tensor), and what the ``sot``
+            preset and ``SoViTHead(kind="sot")`` use. With tokens that have per-channel means the two are ~100%
+            apart (README, "Second-order heads").
         layout: ``"tokens"`` (default) or ``"auto"`` (also ``(B, C, H, W)`` maps, as positions).
         device, dtype: factory kwargs.
 
@@ -242,6 +246,9 @@ class SoViTHead(nn.Module):
             one.
         drop_rate: dropout on the covariance features before ``fc_cov`` (0.5 in So-ViT-14/19, SoT-Small).
         kind: ``"mpa"`` (default), ``"svpn"`` or ``"sot"``.
+        centering: ``"sot"`` only: ``"scalar"`` (None, the default: the release's one mean per head over its
+            tokens and channels) or ``"feature"`` (each channel's mean, the cross-covariance); with tokens that
+            have per-channel means, as real ones do, the two are ~100% apart (README, "Second-order heads").
         device, dtype: factory kwargs of the parameters.
 
     Attributes:
@@ -276,6 +283,7 @@ class SoViTHead(nn.Module):
         drop_rate: float = 0.0,
         *,
         kind: str = "mpa",
+        centering: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -287,6 +295,9 @@ class SoViTHead(nn.Module):
         if kind != "mpa" and backend is not None:
             raise ValueError(f"kind={kind!r} normalises by svPN, not by a matrix square root: backend={backend!r} "
                              "does not apply; kind='mpa' (head='mpa' in so_vit_*) pools with a square-root backend")
+        if kind != "sot" and centering is not None:
+            raise ValueError(f"centering={centering!r} applies to kind='sot' (SoT's multi-head cross-covariance); "
+                             f"kind={kind!r} centres each channel")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kind = kind
@@ -303,7 +314,8 @@ class SoViTHead(nn.Module):
         elif kind == "svpn":
             self.pool = SvPNCrossCov(embed_dim, tuple(reduced_dim), layout="tokens", **factory)
         else:
-            self.pool = MultiHeadCrossCov(embed_dim, tuple(reduced_dim), **factory)
+            self.pool = MultiHeadCrossCov(embed_dim, tuple(reduced_dim), centering=centering or SOT_CENTERING,
+                                          **factory)
         self.cov_dim = self.pool.out_features
         self.num_features = embed_dim + self.cov_dim
         self.head_drop = nn.Dropout(drop_rate)

@@ -64,6 +64,9 @@ def _root(
     check_square(a)
     entry, bound = resolve_backend(backend, options)
     if check_input:
+        if torch.compiler.is_exporting():
+            raise RuntimeError("check_input=True raises on the values of the input, which an exported program cannot "
+                               "do (it would branch on the data): export without it and check the inputs eagerly")
         _check_symmetric_psd(a)
     n = a.shape[-1]
     if n == 0:
@@ -122,17 +125,54 @@ def inv_sqrtm(
     return _root(a, backend, options, inverse=True, check_input=check_input)
 
 
-def covariance(x: torch.Tensor) -> torch.Tensor:
+def unit_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x / s, s)`` for features ``x`` ``(*, d, N)``: s ``(*, 1, 1)``, detached, is the power of two at or below
+    each matrix's largest ``|x|`` (clamped to the dtype's normal range), so the scaled features lie in [1, 2).
+
+    The products that form a covariance square the features: float32 features beyond ~1e19 overflow, below
+    ~1e-19 they fall into subnormals and lose their digits. Formed from x/s the matrix is s⁻²·Σ, in range, and
+    the backends' roots are homogeneous, √(s²Σ') = s·√Σ' (inverse root 1/s, power α s^(2α)), so the scale is
+    carried through exactly; with a power of two the division and the multiplication back are exact, so
+    features in the normal range give the same numbers as unscaled. Detached: every function of the
+    covariance here is homogeneous in x, so a constant s leaves the gradient exact. Internal (the layers use it).
+    """
+    s = _power_of_two_scale(x)
+    return x / s, s
+
+
+def _power_of_two_scale(x: torch.Tensor) -> torch.Tensor:
+    """2^⌊log₂ max|x|⌋ per matrix of ``x`` ``(*, d, N)``, ``(*, 1, 1)``, detached (:func:`unit_scale`)."""
+    if x.numel() == 0:
+        return x.new_ones(*x.shape[:-2], 1, 1)
+    finfo = torch.finfo(x.dtype)
+    with torch.no_grad():
+        # max|x| as the larger of max x and −min x: two reductions without a temporary |x|, the fastest form
+        # measured (0.5 ms against 0.8 for |x|.amax() and 4.5 for the ∞-norm, 1.6M entries, one CPU thread).
+        dims = (-2, -1)
+        m = torch.maximum(x.amax(dim=dims, keepdim=True), -x.amin(dim=dims, keepdim=True))
+        m = m.clamp(finfo.tiny, finfo.max)
+        return torch.exp2(torch.floor(torch.log2(m)))
+
+
+def covariance(x: torch.Tensor, *, centered: bool = True) -> torch.Tensor:
     """Sample covariance Σ = (1/N) X_c X_cᵀ of ``x`` with shape ``(*, n, N)`` (n features, N samples),
-    centred by subtracting the per-feature mean (no N×N centring matrix). Returns ``(*, n, n)``.
+    centred by subtracting the per-feature mean (no N×N centring matrix); ``centered=False`` gives the
+    uncentred second moment (1/N)·X Xᵀ. Returns ``(*, n, n)``.
 
     Integer or bool features are promoted to ``torch.get_default_dtype()`` (the covariance of integers
-    is not an integer); floating-point features keep their dtype."""
+    is not an integer); floating-point features keep their dtype. The products are formed from the features
+    divided by a power of two (:func:`unit_scale`), so float32 features of ~1e-20 keep their digits (the
+    unscaled products would be subnormal); an entry beyond the dtype's range (float32 features beyond ~1e19)
+    is inf, as it must be, never NaN. :func:`covariance_sqrtm` stays finite there: it carries the scale through
+    the root instead."""
     _check_features(x, "x")
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
-    xc = x - x.mean(dim=-1, keepdim=True)
-    return xc @ xc.mT / x.shape[-1]
+    s = _power_of_two_scale(x)
+    # As in _on_side: x/s − x̄/s is the centred value divided by s exactly, in the centring's one pass.
+    xs = torch.addcdiv(x.mean(dim=-1, keepdim=True) / -s, x, s) if centered else x / s
+    # Times s/N, then s, in place (no copy of the matrix): s² overflows where an entry can still be 0.
+    return (xs @ xs.mT).mul_(s / x.shape[-1]).mul_(s)
 
 
 def _check_features(x: Any, what: str) -> None:
@@ -183,9 +223,14 @@ def covariance_sqrtm(
     _check_features(x, "x")
     entry, bound = resolve_backend(backend, options)
     use_gram = entry.uses_gram(x.shape[-2], x.shape[-1], gram)
-    return _on_side(x, centered, use_gram,
-                    lambda u: entry.gram_fn(u, **bound),
-                    lambda a: entry.fn(a, False, **bound))
+
+    def gram_root(u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return entry.gram_fn(u, scale=scale, **bound) if entry.gram_scale else entry.gram_fn(u, **bound) * scale
+
+    def root(a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return entry.fn(a, False, scale=scale, **bound) if entry.fn_scale else entry.fn(a, False, **bound) * scale
+
+    return _on_side(x, centered, use_gram, gram_root, root)
 
 
 def covariance_power(
@@ -199,28 +244,37 @@ def covariance_power(
     channels, samples = x.shape[-2], x.shape[-1]
     use_gram = get_backend("eig").uses_gram(channels, samples, gram)
     return _on_side(x, centered, use_gram,
-                    lambda u: _spectral.power_gram(u, alpha, eps),
-                    lambda a: _spectral.matrix_power(a, alpha, eps=eps))
+                    lambda u, scale: _spectral.power_gram(u, alpha, eps, scale),
+                    lambda a, scale: _spectral.power_matrix(a, alpha, eps, scale))
 
 
 def _on_side(x: torch.Tensor, centered: bool, use_gram: bool, gram_fn: Callable, matrix_fn: Callable) -> torch.Tensor:
-    """A matrix function of the (centred) second moment of ``x`` ``(*, d, N)``: ``gram_fn`` on the factors
-    U = X/√N ``(B, d, N)`` or ``matrix_fn`` on the ``(B, d, d)`` matrix, in the work dtype, autocast off."""
+    """A matrix function of the (centred) second moment of ``x`` ``(*, d, N)``, in the work dtype, autocast off,
+    formed from the features divided by a power of two s per matrix (:func:`unit_scale`): ``gram_fn(U, s)`` on
+    the factors U = X/(s√N) ``(B, d, N)`` or ``matrix_fn(Σ/s², s)`` on the ``(B, d, d)`` matrix, each returning
+    the function of the unscaled Σ."""
     channels, samples = x.shape[-2], x.shape[-1]
     out_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     if channels == 0:
         return (x @ x.mT).to(out_dtype)  # (*, 0, 0), on the graph as sqrtm's empty result is
     with torch.autocast(device_type=x.device.type, enabled=False):
         x = x.to(work_dtype(out_dtype))
-        if centered:
-            x = x - x.mean(dim=-1, keepdim=True)
+        s = _power_of_two_scale(x)
+        # s is a power of two, so every value below is the unscaled one divided by s exactly. On the d×d side
+        # the division rides on the centring pass (x/s − x̄/s, exact); on the Gram side U = (x − x̄)/(s·√N) is
+        # the division the unscaled code made anyway, done in place.
+        mean = x.mean(dim=-1, keepdim=True) if centered else None
         if use_gram:
-            out = gram_fn((x / math.sqrt(samples)).reshape(-1, channels, samples))
+            div = s * math.sqrt(samples)
+            xs = torch.sub(x, mean).div_(div) if centered else x / div
         else:
-            out = matrix_fn((x @ x.mT / samples).reshape(-1, channels, channels))
+            xs = torch.addcdiv(mean / -s, x, s) if centered else x / s
+        s = s.reshape(-1, 1, 1)
+        if use_gram:
+            out = gram_fn(xs.reshape(-1, channels, samples), s)
+        else:
+            out = matrix_fn((xs @ xs.mT / samples).reshape(-1, channels, channels), s)
     return out.reshape(*x.shape[:-1], channels).to(out_dtype)
-
-
 @lru_cache(maxsize=64)
 def _triu_flat_index(n: int, device: torch.device) -> torch.Tensor:
     rows, cols = torch.triu_indices(n, n, device=device)

@@ -6,12 +6,15 @@ written once. ``bool`` is an ``int`` in Python; no count or size accepts ``True`
 """
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-__all__ = ["is_int", "is_number", "check_int", "check_number", "check_square", "WORK_DTYPES", "work_dtype"]
+__all__ = ["is_int", "is_number", "check_int", "check_number", "check_bool", "check_keywords", "did_you_mean",
+           "check_square", "WORK_DTYPES", "work_dtype"]
 
 WORK_DTYPES = (torch.float32, torch.float64)
 
@@ -63,6 +66,33 @@ def check_number(
         what = f"a number in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
     extra = f" ({note})" if note else ""
     raise ValueError(f"{name} must be {what}{' or None' if allow_none else ''}{extra}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False``; otherwise ValueError naming ``name``. Strings are refused: the
+    string ``"false"`` is truthy."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def did_you_mean(key: str, valid: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` with the name in ``valid`` closest to ``key`` (difflib), or ``""``."""
+    close = difflib.get_close_matches(str(key), list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_keywords(where: str, given: Iterable[str], valid: Iterable[str]) -> None:
+    """Raise TypeError for the keyword arguments in ``given`` that are not in ``valid``, naming the public
+    function ``where``, the closest valid name of each (difflib) and every valid one: a typo in an option passed
+    down through layers would otherwise surface as an unexpected keyword argument of an internal class."""
+    valid = list(valid)
+    unknown = [k for k in given if k not in valid]
+    if not unknown:
+        return
+    parts = [f"{key!r}{did_you_mean(key, valid)}" for key in unknown]
+    noun = "argument" if len(unknown) == 1 else "arguments"
+    raise TypeError(f"{where} got an unexpected keyword {noun} {', '.join(parts)}; valid: {', '.join(valid)}")
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:

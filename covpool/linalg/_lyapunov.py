@@ -16,7 +16,7 @@ import torch
 from . import _coefficients
 from ._checks import check_int
 from ._double import guard
-from ._matrix import eye, lift, normaliser, outer, poly, powers, products_in_tf32, split
+from ._matrix import eye, lift, normaliser, onnx_exporting, outer, poly, powers, products_in_tf32, split
 from ._registry import Option, bool_option, degree_pair, int_at_least, register_backend
 
 __all__ = ["lyapunov_sign"]
@@ -49,7 +49,7 @@ def _solve(den: torch.Tensor, num: torch.Tensor, den_range: tuple[float, float])
     factorisation and a triangular solve, never an explicit inverse (torch 2.14's batched LU on the CPU
     fails at some sizes). ONNX has no Cholesky or solve: under export, products only (:func:`_spd_inverse`,
     with ``den_range`` the polynomial's range on [0, 1])."""
-    if torch.onnx.is_in_onnx_export():
+    if onnx_exporting():
         return _spd_inverse(den, *den_range) @ num
     chol = torch.linalg.cholesky_ex(den)[0]
     # The solve returns column-major matrices; the result is symmetric (the polynomials commute), so its
@@ -148,28 +148,32 @@ class _LyaRoot(torch.autograd.Function):
 
     @staticmethod
     def forward(a: torch.Tensor, inverse: bool, approx: Callable, lya_iters: int, refine: int, name: str,
-                tf32: bool):
+                tf32: bool, scale: torch.Tensor | None = None):
         c = normaliser(a, "fro")
         x = torch.addcdiv(eye(a), a, c, value=-1.0)  # I − A/‖A‖_F in one pass, out of place (exportable)
         a_n = a / c if refine else None  # only the refinement needs A/‖A‖_F
         root = approx(x, inverse) if refine == 0 else _refine(a_n, approx(x, True), inverse, refine)
         s = c.sqrt()
-        return root / s if inverse else root * s, root, s
+        out_s = s if scale is None else s * scale  # the root of scale²·A: scale^(±1) times A's
+        return root / out_s if inverse else root * out_s, root, s
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, inverse, _, lya_iters, _, name, tf32 = inputs
+        a, inverse, _, lya_iters, _, name, tf32, *scale = inputs
         _, root, s = output
         ctx.mark_non_differentiable(root, s)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(a, root, s)  # a: the inverse root's S = A·Y, and the second-derivative guard
+        # a: the inverse root's S = A·Y, and the second-derivative guard
+        ctx.save_for_backward(a, root, s, scale[0] if scale else None)
         ctx.inverse, ctx.lya_iters, ctx.name, ctx.tf32 = inverse, lya_iters, name, tf32
 
     @staticmethod
     def backward(ctx, grad, _grad_root, _grad_s):
         if grad is None:
-            return None, None, None, None, None, None, None
-        a, root, s = ctx.saved_tensors
+            return None, None, None, None, None, None, None, None
+        a, root, s, scale = ctx.saved_tensors
+        # The output is scale^(±1) times the root of A: so is its gradient, folded into the last division.
+        out_s = s if scale is None else s * scale
         with torch.no_grad(), products_in_tf32(grad.device, ctx.tf32):
             g = grad + grad.mT  # 2·sym(Ḡ): the solution is linear in it, the ½ joins the last scaling
             if ctx.inverse:
@@ -177,10 +181,10 @@ class _LyaRoot(torch.autograd.Function):
                 # S = √c·S_n. Divide by s and s² in turn: s³ overflows float32 for ‖A‖ > 1e25.
                 sqrt_n = (a @ root).div_(s.square())
                 rhs = root @ g @ root
-                g_a = lyapunov_sign(sqrt_n, rhs, ctx.lya_iters).div_(s * -2.0).div_(s.square())
+                g_a = lyapunov_sign(sqrt_n, rhs, ctx.lya_iters).div_(out_s * -2.0).div_(s.square())
             else:
-                g_a = lyapunov_sign(root, g, ctx.lya_iters).div_(s * 2.0)
-        return guard(g_a, ctx.name, a, grad), None, None, None, None, None, None
+                g_a = lyapunov_sign(root, g, ctx.lya_iters).div_(s * 2.0 if scale is None else s * 2.0 / scale)
+        return guard(g_a, ctx.name, a, grad), None, None, None, None, None, None, None
 
 
 class _GramLyaRoot(torch.autograd.Function):
@@ -198,30 +202,35 @@ class _GramLyaRoot(torch.autograd.Function):
     So V_k = V₀·A_k + U·B_k throughout, and the whole iteration runs on M×M matrices: one d×d×M product
     (V₀ = sym(Ḡ)·U) and three d×M×M ones in all, a dozen M×M×M per step. The B_k follow ½B(3I − B²) in
     the (β, W, P) form.
+
+    ``scale`` ``(B, 1, 1)`` or None: U is the factor divided by ``scale``, and the result is the root of the
+    unscaled factor's Σ, ``scale`` times √(U Uᵀ) (the root is homogeneous): the factor goes into W and α in the
+    forward and into the last scaling of Ū in the backward, never over a d×d matrix.
     """
 
     @staticmethod
-    def forward(u: torch.Tensor, alpha: float, inner: Callable, lya_iters: int, name: str, tf32: bool):
+    def forward(u: torch.Tensor, alpha: float, inner: Callable, lya_iters: int, name: str, tf32: bool,
+                scale: torch.Tensor | None = None):
         g = u.mT @ u
         c = normaliser(g, "fro")
         w = inner(g / c)
         s = c.sqrt()
-        return lift(alpha, w, u, s), w, c
+        return lift(alpha, w, u, s, scale), w, c
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, alpha, _, lya_iters, name, tf32 = inputs
+        u, alpha, _, lya_iters, name, tf32, *rest = inputs
         _, w, c = output
         ctx.mark_non_differentiable(w, c)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(u, w, c)
+        ctx.save_for_backward(u, w, c, rest[0] if rest else None)
         ctx.alpha, ctx.lya_iters, ctx.name, ctx.tf32 = alpha, lya_iters, name, tf32
 
     @staticmethod
     def backward(ctx, grad, _grad_w, _grad_c):
         if grad is None:
-            return None, None, None, None, None, None
-        u, w, c = ctx.saved_tensors
+            return None, None, None, None, None, None, None
+        u, w, c, scale = ctx.saved_tensors
         with torch.no_grad(), products_in_tf32(grad.device, ctx.tf32):
             g_n = (u.mT @ u) / c
             beta, p = ctx.alpha, outer(ctx.alpha, w, g_n)
@@ -240,22 +249,23 @@ class _GramLyaRoot(torch.autograd.Function):
                     p = p * 1.5 - 0.5 * (p2 @ p)
                     beta = 1.5 * beta - 0.5 * beta ** 3
             v = torch.baddbmm(u @ coef_b, v0, coef_a)
-            # X·U = V·2^-(iters+1) (the D_k scaling of lyapunov_sign), Σ̄ = X/√c, Ū = 2Σ̄U.
-            g_u = v.mul_(0.5 ** ctx.lya_iters).div_(c.sqrt())
-        return guard(g_u, ctx.name, u, grad), None, None, None, None, None
+            # X·U = V·2^-(iters+1) (the D_k scaling of lyapunov_sign), Σ̄ = X/√c, Ū = 2Σ̄U; times the scale.
+            g_u = v.mul_(0.5 ** ctx.lya_iters).div_(c.sqrt() if scale is None else c.sqrt() / scale)
+        return guard(g_u, ctx.name, u, grad), None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------ backends
 def _lya(kind: str, a: torch.Tensor, inverse: bool, degree, lya_iters: int, refine: int,
-         tf32: bool = False) -> torch.Tensor:
+         tf32: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
     def approx(x, inv):
         return _approx(x, kind, degree, inv)
 
     with products_in_tf32(a.device, tf32):
-        return _LyaRoot.apply(a, inverse, approx, lya_iters, refine, _NAMES[kind], tf32)[0]
+        return _LyaRoot.apply(a, inverse, approx, lya_iters, refine, _NAMES[kind], tf32, scale)[0]
 
 
-def _lya_gram(kind: str, u: torch.Tensor, degree, lya_iters: int, refine: int, tf32: bool = False) -> torch.Tensor:
+def _lya_gram(kind: str, u: torch.Tensor, degree, lya_iters: int, refine: int, tf32: bool = False,
+              scale: torch.Tensor | None = None) -> torch.Tensor:
     # The null value α must be known before the autograd function runs (its backward needs it): r(1) of the
     # approximant, or 0 after a refinement (Y = A_n Z vanishes on A's null space).
     alpha = 0.0 if refine else _coefficients.gram_form(kind, degree, False)[0]
@@ -264,31 +274,35 @@ def _lya_gram(kind: str, u: torch.Tensor, degree, lya_iters: int, refine: int, t
         return _gram_refined(g_n, kind, degree, refine) if refine else _gram_approx(g_n, kind, degree, False)[1]
 
     with products_in_tf32(u.device, tf32):
-        return _GramLyaRoot.apply(u, alpha, inner, lya_iters, _NAMES[kind], tf32)[0]
+        return _GramLyaRoot.apply(u, alpha, inner, lya_iters, _NAMES[kind], tf32, scale)[0]
 
 
 _NAMES = {"taylor": "mtp_lya", "pade": "mpa_lya"}
 
 
-def _mtp_lya(a: torch.Tensor, inverse: bool, degree: int, lya_iters: int, refine: int, tf32: bool) -> torch.Tensor:
+def _mtp_lya(a: torch.Tensor, inverse: bool, degree: int, lya_iters: int, refine: int, tf32: bool,
+             scale: torch.Tensor | None = None) -> torch.Tensor:
     """Matrix Taylor Polynomial: √A ≈ √‖A‖ Σ_k c_k X^k, X = I − A/‖A‖_F (1/√ series for the inverse)."""
-    return _lya("taylor", a, inverse, degree, lya_iters, refine, tf32)
+    return _lya("taylor", a, inverse, degree, lya_iters, refine, tf32, scale)
 
 
-def _mpa_lya(a: torch.Tensor, inverse: bool, degree: tuple[int, int], lya_iters: int, refine: int) -> torch.Tensor:
+def _mpa_lya(a: torch.Tensor, inverse: bool, degree: tuple[int, int], lya_iters: int, refine: int,
+             scale: torch.Tensor | None = None) -> torch.Tensor:
     """Matrix Padé Approximant: √A ≈ √‖A‖ Q(X)⁻¹P(X); the inverse root swaps P and Q. P and Q are
     polynomials of the same symmetric X, so they commute and are symmetric positive definite for
     normalised input: one Cholesky factorisation and a triangular solve, never an explicit inverse. No TF32
     option: rounding the products' operands to TF32 multiplies its error by 7 (README)."""
-    return _lya("pade", a, inverse, degree, lya_iters, refine)
+    return _lya("pade", a, inverse, degree, lya_iters, refine, scale=scale)
 
 
-def _mtp_gram(u: torch.Tensor, degree: int, lya_iters: int, refine: int, tf32: bool) -> torch.Tensor:
-    return _lya_gram("taylor", u, degree, lya_iters, refine, tf32)
+def _mtp_gram(u: torch.Tensor, degree: int, lya_iters: int, refine: int, tf32: bool,
+              scale: torch.Tensor | None = None) -> torch.Tensor:
+    return _lya_gram("taylor", u, degree, lya_iters, refine, tf32, scale)
 
 
-def _mpa_gram(u: torch.Tensor, degree: tuple[int, int], lya_iters: int, refine: int) -> torch.Tensor:
-    return _lya_gram("pade", u, degree, lya_iters, refine)
+def _mpa_gram(u: torch.Tensor, degree: tuple[int, int], lya_iters: int, refine: int,
+              scale: torch.Tensor | None = None) -> torch.Tensor:
+    return _lya_gram("pade", u, degree, lya_iters, refine, scale=scale)
 
 
 def _mpa_degree(key, value):

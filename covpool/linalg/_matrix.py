@@ -20,7 +20,20 @@ from collections.abc import Iterator
 
 import torch
 
+try:  # the ONNX exporter's own flag; see onnx_exporting
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+except ImportError:  # pragma: no cover - a torch without the dynamo exporter
+    _onnx_flags = None
+
 __all__: list[str] = []
+
+
+def onnx_exporting() -> bool:
+    """Whether ``torch.onnx.export`` is capturing the model. ``torch.onnx.is_in_onnx_export()`` says so under
+    its first capture strategy (non-strict ``torch.export``), but dynamo folds that call to False, and the
+    exporter's fallback strategy (strict ``torch.export``, tried when the first raises) runs under dynamo: there
+    the exporter's flag is read directly, so an ONNX-only path (or error) holds under both."""
+    return torch.onnx.is_in_onnx_export() or bool(getattr(_onnx_flags, "_is_onnx_exporting", False))
 
 
 def eye(a: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -93,12 +106,18 @@ def outer(alpha: float, inner: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.baddbmm(eye(g, alpha), g, inner)
 
 
-def lift(alpha: float, inner: torch.Tensor, u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def lift(alpha: float, inner: torch.Tensor, u: torch.Tensor, scale: torch.Tensor,
+         factor: torch.Tensor | None = None) -> torch.Tensor:
     """The d×d matrix scale·(α·I + U W Uᵀ / scale²) = α·scale·I + U W Uᵀ / scale of a Gram-side iterate,
-    from U ``(B, d, M)``: two products (d·M² and d²·M multiply-adds), the second the only one of full size."""
+    from U ``(B, d, M)``: two products (d·M² and d²·M multiply-adds), the second the only one of full size.
+    ``factor`` ``(B, 1, 1)`` multiplies the result, applied to W and α (M×M and a number), not to the d×d matrix."""
+    if factor is not None:
+        inner, scale_i = inner * factor, scale * factor
+    else:
+        scale_i = scale
     out = ((u @ inner) @ u.mT).div_(scale)
     if alpha:
-        out.add_(eye(out) * (alpha * scale))
+        out.add_(eye(out) * (alpha * scale_i))
     return out
 
 

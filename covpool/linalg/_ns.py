@@ -32,34 +32,35 @@ class _NewtonSchulz(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, tf32: bool):
-        out, c, ys, zs, ts = _ns_iterate(a, inverse, num_iters, norm, keep=True)
+    def forward(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, tf32: bool,
+                factor: torch.Tensor | None = None):
+        out, c, ys, zs, ts = _ns_iterate(a, inverse, num_iters, norm, keep=True, factor=factor)
         # Z₁ is T₁: return each tensor once (torch.compile rejects an output listed twice).
         return (out, c, *ys[1:], *zs[2:], *ts)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, inverse, num_iters, norm, tf32 = inputs
+        a, inverse, num_iters, norm, tf32, *factor = inputs
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # the intermediates get no gradient: don't fill zeros for them
-        ctx.save_for_backward(a, *output[1:])
+        ctx.save_for_backward(a, factor[0] if factor else None, *output[1:])
         ctx.inverse, ctx.num_iters, ctx.norm, ctx.tf32 = inverse, num_iters, norm, tf32
 
     @staticmethod
     def backward(ctx, grad, *_):
         if grad is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         with products_in_tf32(grad.device, ctx.tf32):
-            return _NewtonSchulz._backward(ctx, grad), None, None, None, None
+            return _NewtonSchulz._backward(ctx, grad), None, None, None, None, None
 
     @staticmethod
     def _backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        a, c, *rest = ctx.saved_tensors
+        a, factor, c, *rest = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the iteration again, with autograd, from the saved input,
             # so that a second derivative is exact (the fast path below works on constants).
             with torch.enable_grad():
-                root = _ns_iterate(a, ctx.inverse, ctx.num_iters, ctx.norm, keep=False)[0]
+                root = _ns_iterate(a, ctx.inverse, ctx.num_iters, ctx.norm, keep=False, factor=factor)[0]
                 (g_a,) = torch.autograd.grad(root, a, 0.5 * (grad + grad.mT), create_graph=True)
             return g_a
         n_it = ctx.num_iters
@@ -70,7 +71,8 @@ class _NewtonSchulz(torch.autograd.Function):
         # torch's convention for functions of symmetric matrices (and every other backend's): the
         # gradient is the one w.r.t. symmetric perturbations, symmetric for any upstream gradient. The
         # iteration is a polynomial in A, so symmetrising Ḡ symmetrises the result.
-        g_out = torch.add(grad, grad.mT).mul_((c.rsqrt() if ctx.inverse else c.sqrt()) * 0.5)
+        out_scale = c.rsqrt() if ctx.inverse else c.sqrt()
+        g_out = torch.add(grad, grad.mT).mul_((out_scale if factor is None else out_scale * factor) * 0.5)
         # Every adjoint update is a fresh product followed by an in-place baddbmm_: no extra
         # allocation or copy per step.
         if n_it == 1:
@@ -110,9 +112,11 @@ class _NewtonSchulz(torch.autograd.Function):
         return g_a
 
 
-def _ns_iterate(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, keep: bool):
+def _ns_iterate(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, keep: bool,
+                factor: torch.Tensor | None = None):
     """The iteration; with ``keep`` it also returns Y₀…Y_{N−1}, Z₁…Z_{N−1}, T₁…T_N for the backward.
-    Without it intermediates are freed as it goes, so the allocator reuses their memory."""
+    Without it intermediates are freed as it goes, so the allocator reuses their memory. ``factor``
+    ``(B, 1, 1)`` multiplies the output, folded into the √c (or 1/√c) multiplication."""
     c = normaliser(a, norm)
     eye15 = eye(a, 1.5)
     y = a / c
@@ -135,26 +139,32 @@ def _ns_iterate(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, keep:
                 y, z = y @ t, t @ z
         out = t @ z if inverse else y @ t
     scale = c.rsqrt() if inverse else c.sqrt()
+    if factor is not None:
+        scale = scale * factor
     # In place unless the output is an iterate that is kept (one step, inverse root: T₁) or differentiated.
     out = out * scale if (keep and out is t) or torch.is_grad_enabled() else out.mul_(scale)
     return out, c, ys, zs, ts
 
 
-def _ns(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, tf32: bool) -> torch.Tensor:
+def _ns(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, tf32: bool,
+        scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The root of ``scale``²·A (``scale`` ``(B, 1, 1)`` or None): ``scale``^(±1) times that of A."""
+    factor = None if scale is None else (scale.reciprocal() if inverse else scale)
     with products_in_tf32(a.device, tf32):
         if torch.is_grad_enabled() and a.requires_grad:
-            return _NewtonSchulz.apply(a, inverse, num_iters, norm, tf32)[0]
-        return _ns_iterate(a, inverse, num_iters, norm, keep=False)[0]
+            return _NewtonSchulz.apply(a, inverse, num_iters, norm, tf32, factor)[0]
+        return _ns_iterate(a, inverse, num_iters, norm, keep=False, factor=factor)[0]
 
 
-def _ns_gram(u: torch.Tensor, num_iters: int, norm: str, tf32: bool) -> torch.Tensor:
+def _ns_gram(u: torch.Tensor, num_iters: int, norm: str, tf32: bool, scale: torch.Tensor | None = None) -> torch.Tensor:
     """√(U Uᵀ) from the Gram side. The iteration keeps Y_k = (A/c)·Z_k, so its square root is
     √c·(A/c)·Z_N(A/c) = U·Z_N(G/c)·Uᵀ/√c by the push-through identity: the *inverse* root that the same
     iteration gives for G = UᵀU (same trace and Frobenius norm as U Uᵀ), between U and Uᵀ. The same
     polynomial, so the same matrix and, through autograd, the same gradient; the M×M steps keep M×M
-    intermediates for the backward."""
+    intermediates for the backward. With ``scale`` (U divided by it), the root of the unscaled factor's Σ:
+    ``scale`` times the M×M inner matrix."""
     r = _ns(u.mT @ u, True, num_iters, norm, tf32)
-    return (u @ r) @ u.mT
+    return (u @ (r if scale is None else r * scale)) @ u.mT
 
 
 def _ns_products(inverse: bool, num_iters: int, norm: str, tf32: bool) -> tuple[int, int]:

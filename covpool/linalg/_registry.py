@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from ._checks import check_int, check_number, is_int
+from ._checks import check_int, check_number, did_you_mean, is_int
 
 __all__ = ["Backend", "BackendSpec", "Option", "register_backend", "get_backend", "list_backends", "resolve_backend"]
 
@@ -37,7 +38,9 @@ class Backend:
     how many batched ``n×n`` products one call performs: ``(forward, forward + backward)``.
     ``gram_fn(u, **options)``, declared by backends that can work on the Gram side, receives ``(B, d, M)``
     factors U and returns ``sqrtm(U Uᵀ)`` computed from the M×M matrix Uᵀ U, with the same value and
-    gradient (see :func:`covpool.linalg.covariance_sqrtm`).
+    gradient (see :func:`covpool.linalg.covariance_sqrtm`). ``gram_scale`` / ``fn_scale``: ``gram_fn`` / ``fn``
+    also take ``scale=`` (``(B, 1, 1)``, the power of two the features were divided by) and return the root
+    of the unscaled matrix (``fn``: of scale²·A) themselves.
     """
 
     name: str
@@ -47,6 +50,8 @@ class Backend:
     products_fn: ProductsFn | None = None
     gram_fn: BackendFn | None = None
     gram_below: float = 0.0
+    gram_scale: bool = False
+    fn_scale: bool = False
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -57,7 +62,8 @@ class Backend:
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             valid = ", ".join(f"{k}={v.default!r}" for k, v in self.options.items()) or "none"
-            raise TypeError(f"backend {self.name!r} got unknown option(s) {unknown}; its options are: {valid}")
+            hint = "".join(did_you_mean(k, self.options) for k in unknown[:1])
+            raise TypeError(f"backend {self.name!r} got unknown option(s) {unknown}{hint}; its options are: {valid}")
         bound = self.defaults
         for key, value in options.items():
             bound[key] = self.options[key].check(f"{self.name}.{key}", value)
@@ -120,7 +126,11 @@ def register_backend(
     ``gram(u, **options)`` is its square root of a covariance ``U Uᵀ`` computed from the Gram matrix ``Uᵀ U``
     (``u``: ``(B, d, M)``), which :func:`covpool.linalg.covariance_sqrtm` uses on its own when
     M < ``gram_below``·d (measure where your Gram side gets cheaper); without it the backend is always
-    given the d×d matrix.
+    given the d×d matrix. From features (:func:`covpool.linalg.covariance_sqrtm`), both receive the features
+    divided by a power of two per matrix (so that the covariance stays in the dtype's range), and covpool
+    multiplies the root back; a ``fn`` or ``gram`` that takes a keyword ``scale`` (that power of two,
+    ``(B, 1, 1)``) returns the root of the unscaled matrix itself (for ``fn``: of scale²·A), folding the factor
+    into its small tensors instead of a pass over the d×d result (the shipped backends do).
 
     Example::
 
@@ -145,8 +155,10 @@ def register_backend(
     if gram is not None and not callable(gram):
         raise TypeError(f"gram must be a function (u, **options) -> sqrtm(u @ u.mT), got {type(gram).__name__}")
     check_number("gram_below", gram_below, 0.0)
+    gram_scale = gram is not None and "scale" in inspect.signature(gram).parameters
+    fn_scale = callable(fn) and "scale" in inspect.signature(fn).parameters
     backend = Backend(name=name, fn=fn, options=dict(options or {}), doc=doc, products_fn=products, gram_fn=gram,
-                      gram_below=float(gram_below))
+                      gram_below=float(gram_below), gram_scale=gram_scale, fn_scale=fn_scale)
     _REGISTRY[name] = backend
     return backend
 

@@ -19,7 +19,7 @@ import torch
 
 from ._checks import check_number, check_square, work_dtype
 from ._double import guard
-from ._matrix import eye
+from ._matrix import eye, onnx_exporting
 from ._registry import Option, degree_pair, int_at_least, register_backend
 
 __all__ = ["matrix_power"]
@@ -47,6 +47,13 @@ class _Fn:
     kernel: Callable[[torch.Tensor], torch.Tensor]
     eps: float | None
     cut: bool = False
+    power: float = 0.5  # f(t·λ) = t^power·f(λ): what a scale of the features does to f of their covariance
+
+    def homogeneity(self, scale: torch.Tensor | None) -> torch.Tensor | None:
+        """The factor scale^(2·power) that f of the covariance of features multiplied by ``scale`` gains."""
+        if scale is None:
+            return None
+        return scale if self.power == 0.5 else scale.pow(2 * self.power)
 
     def effective(self, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Effective eigenvalues, and the value ``(*, 1)`` of the directions outside the floor."""
@@ -70,10 +77,27 @@ def _root_fn(inverse: bool, eps: float | None, kernel: KernelFn) -> _Fn:
         both = floored.unsqueeze(-1) & floored.unsqueeze(-2)
         return torch.where(both, out.diagonal(dim1=-2, dim2=-1).unsqueeze(-1), out)
 
-    return _Fn(torch.rsqrt if inverse else torch.sqrt, k, eps)
+    return _Fn(torch.rsqrt if inverse else torch.sqrt, k, eps, power=-0.5 if inverse else 0.5)
 
 
-def _eigh_checked(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _no_onnx(name: str) -> None:
+    """Raise at ONNX export time: ONNX has no eigendecomposition operator, so the exporter would fail later,
+    in its translation step, with a message about ``linalg_eigh``."""
+    if not onnx_exporting():
+        return
+    if name == "matrix_power":
+        raise RuntimeError(
+            "ONNX has no eigendecomposition operator, and the matrix power of normalization='power' (the mpn_cov "
+            "head, covpool.matrix_power) has no product-only form: export this model with torch.export "
+            "(AOTInductor, ExecuTorch), or use a square-root head, which exports to ONNX once "
+            "covpool.set_backend(model, \"ns\") has given it a product backend (README, \"Export\")")
+    raise RuntimeError(
+        f"the {name!r} backend needs a symmetric eigendecomposition (torch.linalg.eigh), which ONNX has no operator "
+        f"for: call covpool.set_backend(model, \"ns\") (or \"mtp_lya\", \"mpa_lya\") before torch.onnx.export; "
+        f"torch.export itself (AOTInductor, ExecuTorch) takes {name!r} as it is (README, \"Export\")")
+
+
+def _eigh_checked(a: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh``, redone in float64 for the matrices whose lower-precision decomposition failed.
 
     LAPACK's float32 solver (``ssyevd``) can fail to converge on covariances whose channels are mostly
@@ -83,7 +107,14 @@ def _eigh_checked(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     so a healthy batch costs one finiteness check (a host sync on CUDA, where ``eigh`` itself already
     synchronises). Input that is itself non-finite raises a ``LinAlgError`` that says so (LAPACK itself
     blames the conditioning, or returns NaN).
+
+    Under ``torch.export`` (and so ONNX, AOTInductor, ExecuTorch) the decomposition is ``eigh`` alone: an
+    exported program cannot branch on the data, so a matrix that LAPACK fails on gives NaN there, as a
+    batched ``eigh`` does. ``name`` (the backend, or ``"matrix_power"``) names the caller in the ONNX error.
     """
+    _no_onnx(name)
+    if torch.compiler.is_exporting():
+        return torch.linalg.eigh(a)
     try:
         lam, v = torch.linalg.eigh(a)
         failed = ~torch.isfinite(lam).all(dim=-1)
@@ -112,33 +143,41 @@ def _eigh_checked(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _Spectral(torch.autograd.Function):
     """Exact eigendecomposition forward ``V f(Λ̃) Vᵀ``; backward ``V (K ∘ Vᵀ sym(Ḡ) V) Vᵀ`` with the
-    function's kernel K on the effective eigenvalues Λ̃."""
+    function's kernel K on the effective eigenvalues Λ̃. With ``scale`` ``(B, 1, 1)``, f of scale²·A:
+    ``fn.homogeneity(scale)`` times f(A), folded into f(Λ̃) and K rather than applied to the result."""
 
     @staticmethod
-    def forward(a: torch.Tensor, fn: _Fn, name: str):
-        lam, v = _eigh_checked(a)
+    def forward(a: torch.Tensor, fn: _Fn, name: str, scale: torch.Tensor | None = None):
+        lam, v = _eigh_checked(a, name)
         lam, _ = fn.effective(lam)
-        return (v * fn.f(lam).unsqueeze(-2)) @ v.mT, lam, v
+        f = fn.f(lam)
+        factor = fn.homogeneity(scale)
+        if factor is not None:
+            f = f * factor.squeeze(-1)
+        return (v * f.unsqueeze(-2)) @ v.mT, lam, v
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, fn, name = inputs
+        a, fn, name, *scale = inputs
         _, lam, v = output
         ctx.mark_non_differentiable(lam, v)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(a, lam, v)  # a only anchors the second-derivative guard
+        # a only anchors the second-derivative guard
+        ctx.save_for_backward(a, lam, v, fn.homogeneity(scale[0] if scale else None))
         ctx.fn, ctx.name = fn, name
 
     @staticmethod
     def backward(ctx, grad, _grad_lam, _grad_v):
         if grad is None:
-            return None, None, None
-        a, lam, v = ctx.saved_tensors
+            return None, None, None, None
+        a, lam, v, factor = ctx.saved_tensors
         with torch.no_grad():
             k = ctx.fn.kernel(lam)
+            if factor is not None:
+                k = k * factor
             g = v.mT @ (0.5 * (grad + grad.mT)) @ v
             g_a = v @ (g * k) @ v.mT
-        return guard(g_a, ctx.name, a, grad), None, None
+        return guard(g_a, ctx.name, a, grad), None, None, None
 
 
 class _GramSpectral(torch.autograd.Function):
@@ -162,39 +201,50 @@ class _GramSpectral(torch.autograd.Function):
     through the projector I − Σ_R u_i u_iᵀ) and each direction j; for j itself below the floor, κ_j is
     K's diagonal f'(ν). The pairs of two floored directions vanish on U. One d×d×M product each way, the
     rest d×M×M and M×M.
+
+    ``scale`` ``(B, 1, 1)`` or None: U is the factor divided by ``scale`` (so that Uᵀ U stays in range), and the
+    result is f of the unscaled factor's Σ, which is ``fn.homogeneity(scale)`` times f(Σ): that factor goes into
+    h and f(ν) in the forward and into κ and the M×M correction in the backward, never over a d×d matrix.
     """
 
     @staticmethod
-    def forward(u: torch.Tensor, fn: _Fn, name: str):
-        lam, w = _eigh_checked(u.mT @ u)
+    def forward(u: torch.Tensor, fn: _Fn, name: str, scale: torch.Tensor | None = None):
+        lam, w = _eigh_checked(u.mT @ u, name)
         eff, nu = fn.effective(lam)
         keep = lam > _floor_value(lam, fn.eps)
         ext = torch.cat([nu, eff], dim=-1)  # the floored directions' value, then G's effective spectrum
         f = fn.f(ext)
         h = torch.where(keep, (f[..., 1:] - f[..., :1]) / torch.where(keep, lam, 1.0), 0.0)
+        f0 = f[..., :1, None]
+        factor = fn.homogeneity(scale)
+        if factor is not None:
+            h, f0 = h * factor.squeeze(-1), f0 * factor
         uw = u @ w
         out = (uw * h.unsqueeze(-2)) @ uw.mT
-        return out + eye(out) * f[..., :1, None], lam, w, ext
+        return out + eye(out) * f0, lam, w, ext
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, fn, name = inputs
+        u, fn, name, *rest = inputs
+        factor = fn.homogeneity(rest[0] if rest else None)
         _, lam, w, ext = output
         ctx.mark_non_differentiable(lam, w, ext)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(u, lam, w, ext)
+        ctx.save_for_backward(u, lam, w, ext, factor)
         ctx.fn, ctx.name = fn, name
 
     @staticmethod
     def backward(ctx, grad, *_):
         if grad is None:
-            return None, None, None
-        u, lam, w, ext = ctx.saved_tensors
+            return None, None, None, None
+        u, lam, w, ext, factor = ctx.saved_tensors
         with torch.no_grad():
             keep = lam > _floor_value(lam, ctx.fn.eps)
             # ext[0] is the floored directions' value, ext[1:] G's effective spectrum: one kernel covers
             # K_ij (rows and columns 1:) and κ_j = K(ν, λ̃_j) (row 0; its diagonal entry is f'(ν)).
             k = ctx.fn.kernel(ext)
+            if factor is not None:
+                k = k * factor
             kappa = torch.where(keep, k[..., 0, 1:], k[..., :1, 0])
             uw = u @ w
             a = (0.5 * (grad + grad.mT)) @ uw
@@ -202,7 +252,7 @@ class _GramSpectral(torch.autograd.Function):
             scale = torch.where(keep, lam, torch.ones_like(lam)).unsqueeze(-1)
             d = torch.where(keep.unsqueeze(-1), (k[..., 1:, 1:] - kappa.unsqueeze(-2)) * c / scale, 0.0)
             g_u = torch.baddbmm(a * kappa.unsqueeze(-2), uw, d).matmul(w.mT).mul_(2.0)
-        return guard(g_u, ctx.name, u, grad), None, None
+        return guard(g_u, ctx.name, u, grad), None, None, None
 
 
 def _exact_kernel(root: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -297,7 +347,7 @@ def _power_kernel(alpha: float) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _power_fn(alpha: float, eps: float | None) -> _Fn:
-    return _Fn(lambda lam: lam.pow(alpha), _power_kernel(alpha), eps, cut=True)
+    return _Fn(lambda lam: lam.pow(alpha), _power_kernel(alpha), eps, cut=True, power=alpha)
 
 
 def _check_power(alpha: float, eps: float | None) -> None:
@@ -341,19 +391,25 @@ def matrix_power(a: torch.Tensor, alpha: float = 0.5, *, eps: float | None = Non
     return out.reshape(a.shape).to(a.dtype)
 
 
-def power_gram(u: torch.Tensor, alpha: float, eps: float | None) -> torch.Tensor:
-    """(U Uᵀ)^α from the Gram side (:class:`_GramSpectral`); ``u`` ``(B, d, M)``."""
-    return _GramSpectral.apply(u, _power_fn(float(alpha), eps), "matrix_power")[0]
+def power_matrix(a: torch.Tensor, alpha: float, eps: float | None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(scale²·A)^α of ``a`` ``(B, n, n)`` (float32/float64, autocast off): :func:`matrix_power`'s computation,
+    with the scale folded in (:class:`_Spectral`)."""
+    return _Spectral.apply(a, _power_fn(float(alpha), eps), "matrix_power", scale)[0]
+
+
+def power_gram(u: torch.Tensor, alpha: float, eps: float | None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(U Uᵀ)^α from the Gram side (:class:`_GramSpectral`); ``u`` ``(B, d, M)``, divided by ``scale``."""
+    return _GramSpectral.apply(u, _power_fn(float(alpha), eps), "matrix_power", scale)[0]
 
 
 def _register(name: str, kernel: Callable[..., KernelFn], options: dict[str, Option], doc: str) -> None:
     """Register a spectral backend: exact eigendecomposition forward, ``kernel(**options)`` in the backward,
     on the matrix and on the Gram side."""
-    def fn(a: torch.Tensor, inverse: bool, eps: float | None, **kw) -> torch.Tensor:
-        return _Spectral.apply(a, _root_fn(inverse, eps, kernel(**kw)), name)[0]
+    def fn(a: torch.Tensor, inverse: bool, eps: float | None, scale: torch.Tensor | None = None, **kw) -> torch.Tensor:
+        return _Spectral.apply(a, _root_fn(inverse, eps, kernel(**kw)), name, scale)[0]
 
-    def gram(u: torch.Tensor, eps: float | None, **kw) -> torch.Tensor:
-        return _GramSpectral.apply(u, _root_fn(False, eps, kernel(**kw)), name)[0]
+    def gram(u: torch.Tensor, eps: float | None, scale: torch.Tensor | None = None, **kw) -> torch.Tensor:
+        return _GramSpectral.apply(u, _root_fn(False, eps, kernel(**kw)), name, scale)[0]
 
     # Gram side from M < 0.9·d: measured crossover 0.93–0.97 (B = 32, d = 128 and 256, fwd+bwd, 2-core CPU).
     register_backend(name, fn, {**options, "eps": _EPS}, doc=doc, gram=gram, gram_below=0.9)

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..layers import CovPool, SoViTHead, build_head, get_head, list_heads
 from ..layers.sovit_head import MultiHeadCrossCov
-from ..linalg._checks import check_int, is_int
+from ..linalg._checks import check_bool, check_int, check_keywords, is_int
 from ._common import check_num_classes, check_vector_output, set_last_stride
 from .resnet_isqrt import ISqrtResNet
 
@@ -36,6 +36,7 @@ __all__ = ["swap_pooling", "SecondOrderNet", "TokenCovPool"]
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 _TIMM_HOOKS = ("forward_features", "forward_head", "reset_classifier")
+_TOKEN_OPTIONS = ("use_class_token", "num_prefix_tokens")  # TokenCovPool's own, besides the head's
 _CLASSIFIER_NAMES = ("fc", "classifier", "head")
 _SUPPORTED = (
     "timm models with forward_features/forward_head/reset_classifier whose unpooled features are "
@@ -74,6 +75,7 @@ class TokenCovPool(nn.Module):
                  head: str = "isqrt_cov", **options: Any) -> None:
         super().__init__()
         check_int("num_prefix_tokens", num_prefix_tokens, 0)
+        check_bool("use_class_token", use_class_token)
         if use_class_token and num_prefix_tokens < 1:
             raise ValueError("use_class_token needs a class token: num_prefix_tokens must be >= 1")
         self.pool = build_head(head, embed_dim, **{"layout": "tokens", **options})
@@ -81,7 +83,7 @@ class TokenCovPool(nn.Module):
         self.head = head
         self.embed_dim = embed_dim
         self.num_prefix_tokens = num_prefix_tokens
-        self.use_class_token = bool(use_class_token)
+        self.use_class_token = use_class_token
         self.out_features = self.pool.out_features + (embed_dim if self.use_class_token else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +124,7 @@ def _make_pool(pool_kind: str, in_channels: int, options: dict[str, Any]) -> nn.
     :class:`TokenCovPool`'s)."""
     if pool_kind == "tokens":
         return TokenCovPool(in_channels, **options)
-    if "use_class_token" in options or "num_prefix_tokens" in options:
+    if any(k in options for k in _TOKEN_OPTIONS):
         raise ValueError("use_class_token / num_prefix_tokens are options of token models (ViTs) only")
     return _build_pool(in_channels, options)
 
@@ -327,7 +329,9 @@ def swap_pooling(model: nn.Module, *, head: str = "isqrt_cov", last_stride: int 
     if isinstance(model, (ISqrtResNet, SecondOrderNet)) or any(
             isinstance(m, (CovPool, TokenCovPool, SoViTHead, MultiHeadCrossCov)) for m in model.children()):
         raise ValueError(f"{type(model).__name__} already uses covariance pooling")
-    get_head(head)  # an unknown name lists the valid ones before anything is checked or changed
+    # An unknown head lists the valid ones, and an unknown option names the closest, before anything changes.
+    check_keywords("covpool.swap_pooling", covpool_options,
+                   ["head", "last_stride", *get_head(head).keywords, *_TOKEN_OPTIONS])
     covpool_options = {"head": head, **covpool_options}
     if type(model) is TimmResNet:
         return _swap_timm_resnet(model, last_stride, covpool_options)
