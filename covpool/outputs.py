@@ -8,7 +8,9 @@ line is written.
 Atomic writes: the bytes go to a temporary file ``.<name>.<random>.tmp`` in the destination's folder (same
 file system, so the rename is atomic), are flushed and fsynced, and the file is moved into place with
 :func:`os.replace`. A crash mid-write leaves the previous file whole and no partial file under the real name;
-:func:`covpool.train.checkpoint.remove_stale_temp_files` clears what a killed process left behind.
+:func:`covpool.train.checkpoint.remove_stale_temp_files` clears what a killed process left behind. A new file
+gets the mode any program's new file gets (0666 less the umask, so colleagues can read a run on a shared file
+system where the umask allows it); a replaced file keeps its mode.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import io
 import logging
 import math
 import os
+import secrets
+import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +36,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object],
     """Call ``write(f)`` on a binary file that becomes ``path`` only once it is complete.
 
     On any error the temporary file is removed and the old ``path``, if any, is untouched; the folder is
-    created when missing.
+    created when missing. A new file's mode is 0666 less the umask (as ``open(path, "w")`` gives); a file
+    that is replaced keeps its mode.
 
     Raises:
         OSError: the write failed (full disk, quota, I/O error); the message names ``path``, the cause
@@ -42,7 +46,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object],
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -58,6 +62,34 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object],
         message = f"could not write {path}: {cause.strerror or cause}; {kept}. {advice}"
         raise (OSError(cause.errno, message) if cause.errno is not None else OSError(message)) from err
     return path
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """A new, empty ``.<name>.<random>.tmp`` beside ``path``, opened for writing.
+
+    Not :func:`tempfile.mkstemp`: it creates files with mode 0600 whatever the umask, which left checkpoints
+    and plots unreadable to the colleagues who can read the run's ``config.yaml``. Here the kernel applies the
+    umask (and a folder's default ACL) to 0666, as for any new file; a file being replaced lends its mode."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mode = None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        if mode is not None:
+            try:
+                os.chmod(tmp, mode)
+            except BaseException:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
+        return fd, tmp
+    raise FileExistsError(f"could not create a temporary file beside {path}: 100 random names were taken")
 
 
 def os_error_in(err: BaseException | None) -> OSError | None:
