@@ -1,7 +1,9 @@
 """The ``covpool`` command line: ``covpool train | eval | bench | demo`` (also ``python -m covpool``).
 
 Every command's options are parsed here; the work is done by :mod:`covpool.train` (train, eval),
-:mod:`covpool.bench` and :mod:`covpool.demo`, imported only when their command runs.
+:mod:`covpool.bench` and :mod:`covpool.demo`, imported only when their command runs. The ``covpool``
+console script enters through ``_covpool_cli``, a module beside the package that answers ``--help`` and
+``--version`` without importing torch and hands everything else to :func:`main`.
 
 Every mistake in the input (options, config files, overrides, data-set folders, checkpoints) ends in one
 ``error: ...`` line on stderr and exit status 2; a run that fails (non-finite loss, a full disk, any error
@@ -352,6 +354,8 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
 # Modules of the `train` extra (pyproject.toml): the library works without them, the commands do not.
 _TRAIN_EXTRA = frozenset({"yaml", "tqdm", "matplotlib", "skimage"})
 
+# The one-line helps are also in _covpool_cli.COMMANDS, which answers `covpool --help` without importing the
+# package (a test keeps the two the same).
 _COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (train_main, "fine-tune a model from a YAML config"),
     "eval": (eval_main, "evaluate a checkpoint on a config's validation set"),
@@ -361,8 +365,9 @@ _COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 
 
 def _usage() -> str:
+    width = max(len(name) for name in _COMMANDS)
     lines = ["usage: covpool <command> [options]   (covpool --version: the installed version)", "", "commands:"]
-    lines += [f"  {name:<7} {help_}" for name, (_, help_) in _COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in _COMMANDS.items()]
     lines += ["", "`covpool <command> --help` shows a command's options."]
     return "\n".join(lines)
 

@@ -222,6 +222,46 @@ def test_version_and_help(capsys):
     assert "--resume-from" in out and "optim.lr" in out
 
 
+def _console_script() -> str:
+    """The ``covpool`` console script's target as pyproject.toml declares it (``module:function``)."""
+    text = (REPO / "pyproject.toml").read_text()
+    section = text.split("\n[project.scripts]\n", 1)[1].split("\n[", 1)[0]
+    (line,) = [line for line in section.splitlines() if line.startswith("covpool =")]
+    return line.split("=", 1)[1].strip().strip('"')
+
+
+def test_help_and_version_answer_without_importing_torch():
+    """`covpool --help` / `--version` took 5-16 s because the console script imported the package (torch,
+    timm); its entry point now answers both before any of that is imported."""
+    module, function = _console_script().split(":")
+    code = (f"import sys; from {module} import {function} as main\n"
+            "for argv in ([], ['--help'], ['-h'], ['--version'], ['-V']):\n"
+            "    assert main(argv) == 0\n"
+            "print(sorted(m for m in ('torch', 'timm', 'covpool') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "[]" and f"covpool {covpool.__version__}" in lines and "commands:" in lines
+
+
+def test_the_console_script_and_main_give_the_same_answers(capsys):
+    import _covpool_cli
+    from covpool import cli
+
+    assert {name: help_ for name, (_, help_) in cli._COMMANDS.items()} == _covpool_cli.COMMANDS
+    assert main(["--help"]) == 0
+    assert capsys.readouterr().out == _covpool_cli.usage() + "\n"
+    assert _covpool_cli.version() == covpool.__version__
+    monkeypatched = []
+    real = cli.main
+    try:
+        cli.main = lambda argv: monkeypatched.append(argv) or 7
+        assert _covpool_cli.main(["bench", "--quick"]) == 7 and monkeypatched == [["bench", "--quick"]]
+    finally:
+        cli.main = real
+
+
 def test_eval_overrides_after_flags_and_error_lines(monkeypatch, capsys, tmp_path):
     seen = {}
 
