@@ -17,7 +17,7 @@ __all__ = ["main", "COMMANDS", "usage", "version"]
 COMMANDS = {
     "train": "fine-tune a model from a YAML config",
     "eval": "evaluate a checkpoint on a config's validation set",
-    "bench": "time and check every square-root backend",
+    "bench": "time and check the square-root backends, or (--models) a head's cost in a training step",
     "demo": "the main job of `make demo`",
 }
 

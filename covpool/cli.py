@@ -230,56 +230,153 @@ def eval_main(argv: Sequence[str]) -> int:
 
 # ---- covpool bench -------------------------------------------------------------------------------------
 
+_BENCH_ABOUT = """\
+Time and check the square-root backends, or (--models) what a second-order head costs in a training step.
+
+Backends (the default): every backend at its defaults and with its accuracy options, and two baselines
+(torch.linalg.matrix_sqrth, eigh through autograd), forward and forward+backward at each --dims size. Times
+are medians of torch.utils.benchmark, also in units of one batched matrix product of the same size, so that
+machines compare; errors are against float64 eigendecomposition on well-conditioned, ill-conditioned,
+rank-deficient and repeated-eigenvalue matrices.
+
+Models (--models): training steps (forward, backward, SGD) of each timm backbone with its average pooling,
+with covpool.swap_pooling (Gram side, and forced to the d x d side), and with covpool's <name>_isqrt where it
+exists, as ratios to the average-pooling step of the same run; then each model's second-order pooling alone,
+at the shape and --batch it gets in that model, with the memory it keeps for backward.
+
+Writes into --out: bench.csv, bench.png and backends.md (backends), or models.csv, head.csv, models.png and
+models.md (--models). Each .md page starts with the date, the machine, the torch version and the command.
+"""
+
+# option -> the mode it belongs to; given in the other mode, it is refused rather than ignored
+_BACKEND_ONLY = ("quick", "dims", "inverse", "compile", "backends")
+_MODELS_ONLY = ("img_size", "steps", "classes", "amp")
+
+
+def _bench_parser() -> _Parser:
+    parser = _Parser(prog="covpool bench", description=_BENCH_ABOUT,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="backends: one size (d = 64, batch 16), each backend at its defaults; under a minute")
+    parser.add_argument("--batch", type=int, help="batch size (backends: 64; --models: 8)")
+    parser.add_argument("--dims", type=int, nargs="+", metavar="D",
+                        help="backends: matrix sizes d (default: 32 64 128 256 512)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    parser.add_argument("--inverse", action="store_true", help="backends: measure the inverse square root")
+    parser.add_argument("--compile", action="store_true", help="backends: also torch.compile ns, mtp_lya and mpa_lya")
+    parser.add_argument("--backends", nargs="+", metavar="LABEL", help="backends: only these rows (default: all)")
+    parser.add_argument("--models", nargs="*", metavar="NAME",
+                        help="instead of the backends: training steps of these timm backbones (default resnet50)")
+    parser.add_argument("--img-size", type=int, help="--models: input size (default 224)")
+    parser.add_argument("--steps", type=int, help="--models: timed steps per model, medians (default 5)")
+    parser.add_argument("--classes", type=int, help="--models: classifier size (default 1000)")
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], help="--models: autocast (default none)")
+    parser.add_argument("--out", default="bench_out", help="folder for the CSV files, plots and the .md page "
+                                                           "(default bench_out)")
+    return parser
+
+
+def _bench_device(value: str | None) -> str:
+    """``--device`` checked: a device torch knows and this machine has (default: cuda when available)."""
+    import torch
+
+    from .outputs import first_line
+
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise _UsageError(f"--device {value!r} is not a device torch knows; e.g. cpu, cuda, cuda:1, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _UsageError(f"--device {value}: torch sees no CUDA device on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise _UsageError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, ValueError, AssertionError) as err:  # a backend torch knows but this build or machine lacks
+        raise _UsageError(f"--device {value} cannot be used here: {first_line(err)}") from None
+    return value
+
+
+def _out_folder(value: str) -> Path:
+    return _out_folder_named("--out", value)
+
+
+def _out_folder_named(option: str, value: str) -> Path:
+    """The folder ``value`` of ``option``, created now, so that a folder that cannot be made (under a file,
+    without permission) is a usage error before anything is measured or trained."""
+    out = Path(value)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _UsageError(f"{option} {value}: cannot create that folder ({err.strerror or err})") from None
+    return out
+
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
     """``covpool bench [--quick] [--dims ...] [--inverse] [--compile] [--backends ...] [--out DIR]``, or
     ``covpool bench --models [NAME ...] [--img-size ...] [--steps ...] [--amp ...]``."""
-    import torch
+    prog = "covpool bench"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _bench_parser()
 
     from . import bench
-    from .outputs import write_csv
 
-    parser = argparse.ArgumentParser(prog="covpool bench", description=bench.__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one small size, backends at defaults (under a minute)")
-    parser.add_argument("--batch", type=int, help="batch size (backends: 64; --models: 8)")
-    parser.add_argument("--dims", type=int, nargs="+", default=[32, 64, 128, 256, 512])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--inverse", action="store_true", help="measure the inverse square root")
-    parser.add_argument("--compile", action="store_true", help="also torch.compile ns, mtp_lya and mpa_lya")
-    parser.add_argument("--backends", nargs="+", help="only these variant labels (default: all)")
-    parser.add_argument("--models", nargs="*", metavar="NAME",
-                        help="instead of the backends: training steps of timm backbones (default resnet50) with "
-                             "average pooling, with covpool.swap_pooling, and <name>_isqrt, and the head alone")
-    parser.add_argument("--img-size", type=int, default=224, help="--models: input size")
-    parser.add_argument("--steps", type=int, default=5, help="--models: timed steps per model (medians)")
-    parser.add_argument("--classes", type=int, default=1000, help="--models: classifier size")
-    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="--models: autocast")
-    parser.add_argument("--out", default="bench_out", help="folder for the CSV files and plots")
-    args = parser.parse_args(argv)
-    for name, value, low in (("--batch", args.batch, 1), ("--img-size", args.img_size, 16),
-                             ("--steps", args.steps, 1), ("--classes", args.classes, 1)):
-        if value is not None and value < low:
-            parser.error(f"{name} must be at least {low}, got {value}")
-    if args.models is not None:
-        return _bench_models(parser, args)
-    variants = bench.default_variants(quick=args.quick)
-    if args.backends:
-        unknown = sorted(set(args.backends) - {v.label for v in variants})
-        if unknown:
-            parser.error(f"unknown variant(s) {unknown}; choose from {[v.label for v in variants]}")
-        variants = [v for v in variants if v.label in args.backends]
-    batch, dims, min_time = (16, [64], 0.05) if args.quick else (args.batch or 64, args.dims, 0.2)
-    rows = bench.run_bench(variants, batch, dims, args.device, args.inverse, args.compile, min_time)
-    print(bench.format_table(rows))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "bench.csv")
-    bench.plot(rows, out / "bench.png")
-    print(f"\nwrote {out / 'bench.csv'} and {out / 'bench.png'}")
+    try:
+        args = parser.parse_args(argv)
+        models_mode = args.models is not None
+        wrong = [name for name in (_BACKEND_ONLY if models_mode else _MODELS_ONLY) if getattr(args, name)]
+        if wrong:
+            option = "--" + wrong[0].replace("_", "-")
+            raise _UsageError(f"{option} belongs to the backend benchmark, not to --models (which times the heads "
+                              "as the models build them): drop one of the two" if models_mode else
+                              f"{option} applies to --models only: add --models [NAME ...] or drop {option}")
+        for name, value, low in (("--batch", args.batch, 1), ("--img-size", args.img_size, 16),
+                                 ("--steps", args.steps, 1), ("--classes", args.classes, 1),
+                                 *(("--dims", d, 1) for d in args.dims or ())):
+            if value is not None and value < low:
+                raise _UsageError(f"{name} must be at least {low}, got {value}")
+        device = _bench_device(args.device)
+        command = ["covpool", "bench", *argv]
+        if models_mode:
+            return _bench_models(args, device, command)
+        variants = bench.default_variants(quick=args.quick)
+        if args.backends:
+            unknown = sorted(set(args.backends) - {v.label for v in variants})
+            if unknown:
+                raise _UsageError(f"unknown variant(s) {unknown}; choose from {[v.label for v in variants]}")
+            variants = [v for v in variants if v.label in args.backends]
+        out = _out_folder(args.out)
+        batch, dims, min_time = (args.batch or 16, [64], 0.05) if args.quick else \
+            (args.batch or 64, args.dims or [32, 64, 128, 256, 512], 0.2)
+        rows = bench.run_bench(variants, batch, dims, device, args.inverse, args.compile, min_time)
+        print(bench.format_table(rows))
+        _write_bench(rows, out, command, device)
+    except _UsageError as err:
+        return _usage_error(prog, err)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        status = _report(err, (bench.BenchError,))
+        if status is None:
+            raise
+        return status
     return 0
 
 
-def _bench_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _write_bench(rows: list[dict], out: Path, command: list[str], device: str) -> None:
+    from . import bench
+    from .outputs import write_csv
+
+    write_csv(rows, out / "bench.csv")
+    bench.plot(rows, out / "bench.png")
+    page = bench.write_backends_page(rows, out, bench.machine_stamp(command, device))
+    print(f"\nwrote {out / 'bench.csv'}, {out / 'bench.png'} and {page}")
+
+
+def _bench_models(args: argparse.Namespace, device: str, command: list[str]) -> int:
     import timm
 
     from . import bench
@@ -288,20 +385,23 @@ def _bench_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     names = args.models or ["resnet50"]
     unknown = [n for n in names if not timm.is_model(n)]
     if unknown:
-        parser.error(f"unknown timm model(s) {unknown}; see timm.list_models()")
-    amp = None if args.amp == "none" else args.amp
-    if amp == "fp16" and not str(args.device).startswith("cuda"):
-        parser.error("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
-    model_rows = bench.run_models_bench(bench.default_cases(names), batch=args.batch or 8,
-                                               img_size=args.img_size, num_classes=args.classes, steps=args.steps,
-                                               device=args.device, amp=amp)
-    head_rows = bench.run_head_bench(device=args.device)
+        raise _UsageError(f"unknown timm model(s) {unknown}; see timm.list_models()")
+    amp = None if args.amp in (None, "none") else args.amp
+    if amp == "fp16" and not device.startswith("cuda"):
+        raise _UsageError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+    out = _out_folder(args.out)
+    batch, img_size, classes = args.batch or 8, args.img_size or 224, args.classes or 1000
+    cases = bench.default_cases(names)
+    model_rows = bench.run_models_bench(cases, batch=batch, img_size=img_size, num_classes=classes,
+                                        steps=args.steps or 5, device=device, amp=amp)
+    head_rows = bench.run_head_bench(bench.head_cases(cases, img_size, classes), batch=batch, device=device)
     print(bench.format_models_tables(model_rows, head_rows))
-    out = Path(args.out)
     write_csv(model_rows, out / "models.csv")
-    write_csv(head_rows, out / "head.csv")
+    if head_rows:
+        write_csv(head_rows, out / "head.csv")
     bench.plot_models(model_rows, head_rows, out / "models.png")
-    print(f"\nwrote {out / 'models.csv'}, {out / 'head.csv'} and {out / 'models.png'}")
+    page = bench.write_models_page(model_rows, head_rows, out, bench.machine_stamp(command, device))
+    print(f"\nwrote {out / 'models.csv'}, {out / 'head.csv'}, {out / 'models.png'} and {page}")
     return 0
 
 
@@ -359,7 +459,7 @@ _TRAIN_EXTRA = frozenset({"yaml", "tqdm", "matplotlib", "skimage"})
 _COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (train_main, "fine-tune a model from a YAML config"),
     "eval": (eval_main, "evaluate a checkpoint on a config's validation set"),
-    "bench": (bench_main, "time and check every square-root backend"),
+    "bench": (bench_main, "time and check the square-root backends, or (--models) a head's cost in a training step"),
     "demo": (demo_main, "the main job of `make demo`"),
 }
 

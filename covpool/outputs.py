@@ -11,6 +11,10 @@ file system, so the rename is atomic), are flushed and fsynced, and the file is 
 :func:`covpool.train.checkpoint.remove_stale_temp_files` clears what a killed process left behind. A new file
 gets the mode any program's new file gets (0666 less the umask, so colleagues can read a run on a shared file
 system where the umask allows it); a replaced file keeps its mode.
+
+Benchmark pages: :func:`write_markdown_page` writes a title, a line saying when, where and by which command
+the figures were measured (:func:`covpool.bench.machine_stamp`, with :func:`cpu_description`), tables and
+links to the plots as one Markdown page.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import io
 import logging
 import math
 import os
+import platform
 import secrets
 import stat
 import sys
@@ -28,7 +33,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 __all__ = ["atomic_write", "os_error_in", "first_line", "write_csv", "format_value", "format_table", "new_figure",
-           "save_figure", "console_logging"]
+           "save_figure", "console_logging", "cpu_description", "write_markdown_page"]
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object],
@@ -182,6 +187,30 @@ def new_figure(figsize: tuple[float, float]):
 def save_figure(fig, path: str | Path, dpi: int = 90) -> Path:
     """``fig`` as a PNG file, written atomically."""
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
+def cpu_description() -> str:
+    """The processor's name as the system reports it (``/proc/cpuinfo`` on Linux) and its logical CPUs,
+    e.g. ``"Intel(R) Xeon(R) Processor (2 logical CPUs)"``: what a benchmark page says it was measured on."""
+    name = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.lower().startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} logical CPUs)"
+
+
+def write_markdown_page(path: str | Path, title: str, stamp: str, sections: Sequence[str],
+                        figures: Sequence[str | Path] = ()) -> Path:
+    """A Markdown page (written atomically): ``# title``, the ``stamp`` line, the ``sections`` (Markdown
+    text: tables with a line above each), then the ``figures`` as images linked by their path relative to
+    the page, so that the page and its plots can move together."""
+    path = Path(path)
+    parts = [f"# {title}", stamp, *sections]
+    parts += [f"![{Path(fig).name}]({Path(os.path.relpath(fig, path.parent)).as_posix()})" for fig in figures]
+    text = "\n\n".join(parts) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 class _ConsoleHandler(logging.Handler):

@@ -262,6 +262,61 @@ def test_the_console_script_and_main_give_the_same_answers(capsys):
         cli.main = real
 
 
+_SPHINX = ("``", ":func:", ":mod:", ":class:", ":data:", ":meth:")
+
+
+@pytest.mark.parametrize("argv", [["bench", "--help"], ["--help"]])
+def test_help_texts_are_plain_and_complete(capsys, argv):
+    """No Sphinx markup in what argparse prints, and each paragraph of the description ends a sentence
+    (`bench --help` was the first line of a docstring, cut after "and, with")."""
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert not [mark for mark in _SPHINX if mark in out], out
+    if argv[-1] == "--help" and len(argv) > 1:
+        description = out.split("\n\n", 1)[1].split("\npositional arguments:", 1)[0].split("\noptions:", 1)[0]
+        paragraphs = [p for p in description.split("\n\n") if p.strip()]
+        assert paragraphs and all(p.rstrip()[-1] in ".:)" for p in paragraphs), description
+
+
+# -- covpool bench / covpool demo: every mistake one `error:` line, exit 2, before anything is measured -------
+def _bench_mistakes(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    out = str(tmp_path / "out")
+    return [
+        (["--models", "resnet18", "--device", "tpu"], "--device 'tpu' is not a device torch knows"),
+        (["--quick", "--device", "tpu"], "--device 'tpu' is not a device torch knows"),
+        (["--models", "resnet18", "--device", "cuda"], "torch sees no CUDA device"),
+        (["--quick", "--device", "cuda:1"], "torch sees no CUDA device"),
+        (["--models", "resnet18_isqrt", "--out", out], "resnet18_isqrt is one of covpool's own models"),
+        (["--models", "so_vit_7", "--out", out], "so_vit_7 is one of covpool's own models"),
+        (["--models", "resnet18", "--out", str(a_file / "x")], f"--out {a_file / 'x'}: cannot create that folder"),
+        (["--quick", "--out", str(a_file)], f"--out {a_file}: cannot create that folder"),
+        (["--models", "resnet18", "--img-size", "16", "--batch", "1", "--steps", "1", "--out", out],
+         "resnet18 cannot take a training step on a batch of 1 at 16x16"),
+        (["--models", "resnet18", "--inverse"], "--inverse belongs to the backend benchmark"),
+        (["--models", "resnet18", "--dims", "64"], "--dims belongs to the backend benchmark"),
+        (["--quick", "--amp", "bf16"], "--amp applies to --models only"),
+        (["--models", "resnet5O"], "unknown timm model(s) ['resnet5O']"),
+        (["--quick", "--backends", "nope"], "unknown variant(s) ['nope']"),
+        (["--models", "resnet18", "--batch", "0"], "--batch must be at least 1"),
+    ]
+
+
+def test_bench_mistakes_are_one_error_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    wrong = []
+    for argv, message in _bench_mistakes(tmp_path):
+        rc = main(["bench", *argv])
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        if not (rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+                and "| " not in captured.out):  # nothing measured
+            wrong.append((argv, rc, captured.err[-500:]))
+    assert not wrong, "\n".join(map(str, wrong))
+    assert not (tmp_path / "out" / "models.csv").exists()
+
+
 def test_eval_overrides_after_flags_and_error_lines(monkeypatch, capsys, tmp_path):
     seen = {}
 

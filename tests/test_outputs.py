@@ -148,6 +148,17 @@ def test_curves_have_whole_epoch_ticks_and_the_ema_accuracy(monkeypatch, epochs)
     assert [t.get_text() for t in no_ema.axes[1].get_legend().get_texts()] == ["train", "val"]
 
 
+def test_machine_stamp_and_markdown_page(tmp_path):
+    stamp = bench.machine_stamp(["covpool", "bench", "--out", "a b"])
+    assert stamp.startswith("Measured 20") and f"torch {torch.__version__}" in stamp
+    assert f"({os.cpu_count()} logical CPUs), {torch.get_num_threads()} torch threads," in stamp
+    assert ("GPU: none" in stamp) != torch.cuda.is_available() and stamp.endswith("by `covpool bench --out 'a b'`.")
+    page = outputs.write_markdown_page(tmp_path / "docs" / "page.md", "Title", stamp, ["| a |\n|---|\n| 1 |"],
+                                       [tmp_path / "docs" / "plot.png", tmp_path / "other" / "p.png"])
+    assert page.read_text() == (f"# Title\n\n{stamp}\n\n| a |\n|---|\n| 1 |\n\n![plot.png](plot.png)\n\n"
+                                "![p.png](../other/p.png)\n")
+
+
 def test_one_table_writer_two_styles():
     """covpool bench's Markdown table and a run's aligned table come from the same function."""
     rows = [{"variant": "ns", "d": 64, "ms": 1.23456, "err": float("nan")}, {"variant": "eig", "d": 64, "ms": 12345.0}]
