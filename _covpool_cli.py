@@ -18,7 +18,7 @@ COMMANDS = {
     "train": "fine-tune a model from a YAML config",
     "eval": "evaluate a checkpoint on a config's validation set",
     "bench": "time and check the square-root backends, or (--models) a head's cost in a training step",
-    "demo": "the main job of `make demo`",
+    "demo": "the backend table, then average vs covariance pooling over 3 seeds (`make demo`)",
 }
 
 

@@ -120,14 +120,34 @@ def _interrupted(cfg, err: KeyboardInterrupt) -> int:
     return 130
 
 
+def _config_summary(text: str) -> str:
+    """A config file's first comment paragraph (its comment lines up to an indented command line, an empty
+    comment line or the first key), joined into one line."""
+    words = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[1:]
+        if not body.strip() or body.startswith("  "):
+            break
+        words.append(body.strip())
+    return " ".join(words)
+
+
 def _list_configs() -> str:
+    import shutil
+    import textwrap
+
     from .train.config import shipped_configs
 
+    configs = shipped_configs()
+    width = max(len(name) for name in configs) + 2
+    total = max(shutil.get_terminal_size((100, 24)).columns, width + 40)
     lines = []
-    for name, path in shipped_configs().items():
-        first = path.read_text(encoding="utf-8").splitlines()[:1]
-        about = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
-        lines.append(f"{name:<28} {about}")
+    for name, path in configs.items():
+        about = _config_summary(path.read_text(encoding="utf-8")) or "(no description)"
+        lines.append(textwrap.fill(about, total, initial_indent=f"{name:<{width}}", subsequent_indent=" " * width,
+                                   break_on_hyphens=False))
     return "\n".join(lines + ["", "use one with: covpool train --config <name> [key=value ...]"])
 
 
@@ -408,44 +428,78 @@ def _bench_models(args: argparse.Namespace, device: str, command: list[str]) -> 
 # ---- covpool demo --------------------------------------------------------------------------------------
 
 
-def demo_main(argv: Sequence[str] | None = None) -> int:
-    """``covpool demo [--skip-training] [--output-dir DIR] [--no-progress] [key=value ...]``,
-    ``covpool demo --hybrid [--switch N] [--output-dir DIR] [--no-progress] [key=value ...]`` and
-    ``covpool demo --heads [--output-dir DIR] [--no-progress] [key=value ...]``."""
+def _demo_parser(mode: str) -> _Parser:
+    """The parser of ``covpool demo`` in ``mode`` (``"main"``, ``"hybrid"`` or ``"heads"``): each mode's
+    --help describes that demo and its options."""
     from . import demo
 
-    modes = argparse.ArgumentParser(add_help=False)
-    modes.add_argument("--skip-training", action="store_true", help="only the backend comparison")
-    modes.add_argument("--hybrid", action="store_true",
-                       help="instead: NS only, SVD-Padé only and the hybrid protocol side by side (same budget); "
-                            "`covpool demo --hybrid --help` for its options")
-    modes.add_argument("--heads", action="store_true",
-                       help="instead: average pooling and every second-order head side by side (same budget)")
-    args, _ = modes.parse_known_args(argv)
-    if args.hybrid and args.heads:
-        modes.error("--hybrid and --heads are two demos: choose one")
-    about, output_dir, example = ((demo.HYBRID_ABOUT, "runs/hybrid_demo", "epochs=6") if args.hybrid else
-                                  (demo.HEADS_ABOUT, "runs/heads_demo", "epochs=2") if args.heads else
-                                  (demo.__doc__ + "\n" + demo.TRAINING_ABOUT, "runs/demo", "epochs=2"))
-    parser = argparse.ArgumentParser(prog="covpool demo",
-                                     description=about, parents=[modes],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default=output_dir, help="parent folder of the runs")
-    if args.hybrid:
+    about, output_dir, example = {"hybrid": (demo.HYBRID_ABOUT, "runs/hybrid_demo", "epochs=6"),
+                                  "heads": (demo.HEADS_ABOUT, "runs/heads_demo", "epochs=2"),
+                                  "main": (demo.DEMO_ABOUT, "runs/demo", "epochs=2")}[mode]
+    parser = _Parser(prog="covpool demo", description=about, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="Head options (model.head, model.covpool.*, model.backend_schedule) reach only the "
+                            "second-order runs.\nEvery run's config is checked before anything is trained.")
+    parser.add_argument("--skip-training", action="store_true", help="only the backend table")
+    parser.add_argument("--hybrid", action="store_true",
+                        help="instead: NS only, SVD-Pade only and the hybrid protocol side by side (same budget); "
+                             "`covpool demo --hybrid --help` for its options")
+    parser.add_argument("--heads", action="store_true",
+                        help="instead: average pooling and the second-order heads side by side (same budget); "
+                             "`covpool demo --heads --help` for its options")
+    parser.add_argument("--output-dir", default=output_dir, help=f"parent folder of the runs (default {output_dir})")
+    if mode == "main":
+        parser.add_argument("--seeds", type=int, default=3,
+                            help="seeds per variant, from the config's seed (default 3; 0, 1, 2)")
+    if mode == "hybrid":
         parser.add_argument("--switch", type=int, default=2, help="epochs of NS before the hybrid run switches (2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines only)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help=f"applied to every run, e.g. {example} data.embedded_train_per_class=40")
-    run_args = parser.parse_args(argv)
-    extra = (*run_args.overrides, *(("progress=false",) if run_args.no_progress else ()))
-    if args.hybrid:
-        return demo.run_hybrid_demo(run_args.output_dir, run_args.switch, extra)
-    if args.heads:
-        return demo.run_heads_demo(run_args.output_dir, extra)
-    demo.compare_backends()
-    if args.skip_training:
-        return 0
-    return demo.run_demo(run_args.output_dir, extra)
+                        help=f"config overrides for the runs, e.g. {example} data.embedded_train_per_class=40")
+    return parser
+
+
+def demo_main(argv: Sequence[str] | None = None) -> int:
+    """``covpool demo [--skip-training] [--seeds N] [--output-dir DIR] [--no-progress] [key=value ...]``,
+    ``covpool demo --hybrid [--switch N] [--output-dir DIR] [--no-progress] [key=value ...]`` and
+    ``covpool demo --heads [--output-dir DIR] [--no-progress] [key=value ...]``."""
+    prog = "covpool demo"
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    from . import demo
+    from .train import ConfigError
+
+    try:
+        mode = "hybrid" if "--hybrid" in argv else "heads" if "--heads" in argv else "main"
+        args = _parse(_demo_parser(mode), argv)
+        if args.hybrid and args.heads:
+            raise _UsageError("--hybrid and --heads are two demos: choose one")
+        if args.skip_training and (mode != "main" or args.overrides):
+            raise _UsageError("--skip-training prints only the backend table: it takes no "
+                              + ("--hybrid or --heads" if mode != "main" else "key=value overrides"))
+        if mode == "main" and args.seeds < 1:
+            raise _UsageError(f"--seeds must be at least 1, got {args.seeds}")
+        if mode == "main" and args.skip_training:
+            demo.compare_backends()
+            return 0
+        _out_folder_named("--output-dir", args.output_dir)
+        extra = (*args.overrides, *(("progress=false",) if args.no_progress else ()))
+        if mode == "hybrid":
+            if args.switch < 1:
+                raise _UsageError(f"--switch must be at least 1 epoch, got {args.switch}")
+            return demo.run_hybrid_demo(args.output_dir, args.switch, extra)
+        if mode == "heads":
+            return demo.run_heads_demo(args.output_dir, extra)
+        return demo.run_demo(args.output_dir, extra, seeds=args.seeds)
+    except _UsageError as err:
+        return _usage_error(prog, err)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        status = _report(err, (ConfigError,))
+        if status is None:
+            raise
+        return status
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------
@@ -460,7 +514,7 @@ _COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (train_main, "fine-tune a model from a YAML config"),
     "eval": (eval_main, "evaluate a checkpoint on a config's validation set"),
     "bench": (bench_main, "time and check the square-root backends, or (--models) a head's cost in a training step"),
-    "demo": (demo_main, "the main job of `make demo`"),
+    "demo": (demo_main, "the backend table, then average vs covariance pooling over 3 seeds (`make demo`)"),
 }
 
 
