@@ -268,7 +268,7 @@ Writes into --out: bench.csv, bench.png and backends.md (backends), or models.cs
 models.md (--models). Each .md page starts with the date, the machine, the torch version and the command.
 """
 
-# option -> the mode it belongs to; given in the other mode, it is refused rather than ignored
+# the options (argparse dests) of one mode only: given in the other mode, they are refused rather than ignored
 _BACKEND_ONLY = ("quick", "dims", "inverse", "compile", "backends")
 _MODELS_ONLY = ("img_size", "steps", "classes", "amp")
 
@@ -277,7 +277,8 @@ def _bench_parser() -> _Parser:
     parser = _Parser(prog="covpool bench", description=_BENCH_ABOUT,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="backends: one size (d = 64, batch 16), each backend at its defaults; under a minute")
+                        help="backends: each backend at its defaults, at d = 64 and batch 16 unless --dims or "
+                             "--batch say otherwise; under a minute")
     parser.add_argument("--batch", type=int, help="batch size (backends: 64; --models: 8)")
     parser.add_argument("--dims", type=int, nargs="+", metavar="D",
                         help="backends: matrix sizes d (default: 32 64 128 256 512)")
@@ -319,11 +320,7 @@ def _bench_device(value: str | None) -> str:
     return value
 
 
-def _out_folder(value: str) -> Path:
-    return _out_folder_named("--out", value)
-
-
-def _out_folder_named(option: str, value: str) -> Path:
+def _make_folder(option: str, value: str) -> Path:
     """The folder ``value`` of ``option``, created now, so that a folder that cannot be made (under a file,
     without permission) is a usage error before anything is measured or trained."""
     out = Path(value)
@@ -367,8 +364,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
             if unknown:
                 raise _UsageError(f"unknown variant(s) {unknown}; choose from {[v.label for v in variants]}")
             variants = [v for v in variants if v.label in args.backends]
-        out = _out_folder(args.out)
-        batch, dims, min_time = (args.batch or 16, [64], 0.05) if args.quick else \
+        out = _make_folder("--out", args.out)
+        batch, dims, min_time = (args.batch or 16, args.dims or [64], 0.05) if args.quick else \
             (args.batch or 64, args.dims or [32, 64, 128, 256, 512], 0.2)
         rows = bench.run_bench(variants, batch, dims, device, args.inverse, args.compile, min_time)
         print(bench.format_table(rows))
@@ -409,19 +406,20 @@ def _bench_models(args: argparse.Namespace, device: str, command: list[str]) -> 
     amp = None if args.amp in (None, "none") else args.amp
     if amp == "fp16" and not device.startswith("cuda"):
         raise _UsageError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
-    out = _out_folder(args.out)
+    out = _make_folder("--out", args.out)
     batch, img_size, classes = args.batch or 8, args.img_size or 224, args.classes or 1000
     cases = bench.default_cases(names)
     model_rows = bench.run_models_bench(cases, batch=batch, img_size=img_size, num_classes=classes,
                                         steps=args.steps or 5, device=device, amp=amp)
     head_rows = bench.run_head_bench(bench.head_cases(cases, img_size, classes), batch=batch, device=device)
     print(bench.format_models_tables(model_rows, head_rows))
-    write_csv(model_rows, out / "models.csv")
+    written = [write_csv(model_rows, out / "models.csv")]
     if head_rows:
-        write_csv(head_rows, out / "head.csv")
+        written.append(write_csv(head_rows, out / "head.csv"))
     bench.plot_models(model_rows, head_rows, out / "models.png")
-    page = bench.write_models_page(model_rows, head_rows, out, bench.machine_stamp(command, device))
-    print(f"\nwrote {out / 'models.csv'}, {out / 'head.csv'}, {out / 'models.png'} and {page}")
+    written += [out / "models.png", bench.write_models_page(model_rows, head_rows, out,
+                                                            bench.machine_stamp(command, device))]
+    print(f"\nwrote {', '.join(map(str, written[:-1]))} and {written[-1]}")
     return 0
 
 
@@ -481,7 +479,7 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
         if mode == "main" and args.skip_training:
             demo.compare_backends()
             return 0
-        _out_folder_named("--output-dir", args.output_dir)
+        _make_folder("--output-dir", args.output_dir)
         extra = (*args.overrides, *(("progress=false",) if args.no_progress else ()))
         if mode == "hybrid":
             if args.switch < 1:

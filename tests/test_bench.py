@@ -102,12 +102,16 @@ def test_models_mode_times_steps_and_each_models_head_and_writes_its_outputs(tmp
 
 
 def test_quick_cli_writes_a_markdown_page_with_its_stamp(tmp_path, capsys):
-    assert bench_main(["--quick", "--backends", "eig", "--out", str(tmp_path)]) == 0
+    """backends.md: title, stamp line, what the columns mean, the table, the plot; --quick takes --dims and
+    --batch (it ignored them)."""
+    argv = ["--quick", "--backends", "eig", "--dims", "8", "--batch", "2", "--out", str(tmp_path)]
+    assert bench_main(argv) == 0
     page = (tmp_path / "backends.md").read_text()
     lines = page.splitlines()
     assert lines[0] == "# Square-root backends" and lines[2].startswith("Measured ")
-    assert lines[2].endswith(f"by `covpool bench --quick --backends eig --out {tmp_path}`.")
-    assert "grad err rank-deficient" in page and "| eig | 64 |" in page and lines[-1] == "![bench.png](bench.png)"
+    assert lines[2].endswith(f"by `covpool bench {' '.join(argv)}`.") and "Batch 2, square root" in page
+    assert "grad err rank-deficient: 3/4 of the eigenvalues" in page and "| eig | 8 |" in page
+    assert lines[-1] == "![bench.png](bench.png)"
 
 
 def test_models_mode_refuses_an_unknown_model(capsys):
