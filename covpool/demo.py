@@ -269,11 +269,13 @@ def run_demo(output_dir: str = "runs/demo", extra: Sequence[str] = (), seeds: in
             return result.exit_code
         results[variant].append((result, time.perf_counter() - start))
 
-    plot = plot_curves({f"{v} (mean of {len(runs)} seeds)": _mean_history([r.history for r, _ in runs])
-                        for v, runs in results.items()}, Path(output_dir) / "comparison.png",
+    plot = plot_curves({(f"{v} (mean of {len(runs)} seeds)" if len(runs) > 1 else v):
+                        _mean_history([r.history for r, _ in runs]) for v, runs in results.items()},
+                       Path(output_dir) / "comparison.png",
                        title="ResNet-18 on the embedded texture task: average vs covariance pooling")
     accuracies = {v: [r.final["val_acc1"] for r, _ in runs] for v, runs in results.items()}
-    print(f"\n== result: final validation accuracy over {len(seed_list)} seed(s), {epochs} epochs each ==")
+    print(f"\n== result: final validation accuracy over {len(seed_list)} seed{'s' if len(seed_list) > 1 else ''}, "
+          f"{epochs} epochs each ==")
     for variant, runs in results.items():
         s = seed_summary(accuracies[variant])
         per_seed = " ".join(f"{a:.2f}" for a in accuracies[variant])
