@@ -7,16 +7,23 @@ machines. Accuracy is measured against float64 eigendecomposition on three matri
 
 Models (``--models``): a training step is forward, backward and an SGD step (momentum 0.9) on one random batch;
 the models are built first and then stepped in turn, step by step, so that a drift of the machine's speed
-reaches them all alike; each figure is the median over the steps, and each ratio is taken within the run. The
-iSQRT-COV head alone is timed on both sides of the Gram choice, with the bytes it keeps for its backward.
+reaches them all alike; each figure is the median over the steps, and each ratio is taken within the run. Each
+model's second-order pooling is then timed alone, as that model builds it and at the shape it receives there,
+with the same batch, on both sides of the Gram choice, with the bytes autograd keeps for its backward.
+
+Both modes can write a Markdown page of their tables (``backends.md``, ``models.md``) headed by a
+:func:`machine_stamp` line, which ``covpool bench`` does in its ``--out`` folder.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
+import shlex
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,12 +32,14 @@ from torch import nn
 from torch.utils import benchmark
 
 from . import layers, linalg, models
+from .outputs import cpu_description, first_line, new_figure, save_figure, write_markdown_page
 from .outputs import format_table as _table
-from .outputs import new_figure, save_figure
 from .testing import exact_grad, exact_root, ill_conditioned, rank_deficient, repeated_eigenvalues, well_conditioned
 
-__all__ = ["Variant", "default_variants", "product_count", "run_bench", "format_table", "plot", "ModelCase",
-           "default_cases", "run_models_bench", "run_head_bench", "saved_bytes", "format_models_tables", "plot_models"]
+__all__ = ["Variant", "default_variants", "product_count", "run_bench", "format_table", "plot", "RANK_DEFICIENT_NOTE",
+           "BenchError", "ModelCase", "default_cases", "run_models_bench", "HeadCase", "head_cases", "run_head_bench",
+           "saved_bytes", "format_models_tables", "plot_models", "machine_stamp", "write_backends_page",
+           "write_models_page"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +231,21 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     save_figure(fig, path, dpi=110)
 
 
+#: what the rank-deficient gradient column measures (the demo and the benchmark page print it beside the table)
+RANK_DEFICIENT_NOTE = (
+    "grad err rank-deficient: 3/4 of the eigenvalues sit at a ridge of 1e-3 x the mean one, where the exact "
+    "gradient's term 1/(sqrt(l_i) + sqrt(l_j)) is ~100x its size elsewhere, so >99.9% of the exact gradient's "
+    "norm lies between those eigenvalues. The approximate backends bound that term by design (the SVD family's "
+    "Taylor/Pade series, the iterations' fixed-degree polynomials): at d = 64 they reproduce 4-21% of it "
+    "(svd_pi twice it), hence 0.92-0.98, while on the rest of the gradient they are 0.6-34% off, as on the "
+    "other matrices.")
+
+
+class BenchError(ValueError):
+    """A benchmark that cannot run as asked: a model that cannot be measured, or one that cannot take a training
+    step at the requested batch and image size. The message names the model and what to change."""
+
+
 # ------------------------------------------------------------------------------------------ --models
 @dataclasses.dataclass(frozen=True)
 class ModelCase:
@@ -242,11 +266,28 @@ def _timm(name: str, **kwargs: Any) -> Callable[[int], nn.Module]:
     return build
 
 
+def _second_order_pool(model: nn.Module) -> layers.CovPool | None:
+    """The model's covariance pooling (the first :class:`covpool.CovPool` in it), or None."""
+    return next((m for m in model.modules() if isinstance(m, layers.CovPool)), None)
+
+
 def _swapped(name: str, **options: Any) -> Callable[[int], nn.Module]:
     def build(num_classes: int) -> nn.Module:
-        return models.swap_pooling(_timm(name)(num_classes), **options)
+        model = _timm(name)(num_classes)
+        if _second_order_pool(model) is not None or any(isinstance(m, layers.SoViTHead) for m in model.modules()):
+            base = name.removesuffix("_isqrt")
+            hint = f" (--models {base} measures {name} beside it)" if base != name and _is_timm_model(base) else ""
+            raise BenchError(f"{name} is one of covpool's own models, already with second-order pooling: --models "
+                             f"takes timm backbones with average pooling, e.g. resnet50{hint}")
+        return models.swap_pooling(model, **options)
 
     return build
+
+
+def _is_timm_model(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
 
 
 def default_cases(names: Sequence[str] = ("resnet50",)) -> list[ModelCase]:
@@ -254,8 +295,6 @@ def default_cases(names: Sequence[str] = ("resnet50",)) -> list[ModelCase]:
     :func:`covpool.swap_pooling` (its own stride; the Gram side where it is cheaper, and forced to the d×d
     side for comparison), and covpool's registered ``<name>_isqrt`` if there is one (the published recipe:
     last stage at stride 1)."""
-    import timm
-
     cases = []
     for name in names:
         cases += [
@@ -264,7 +303,7 @@ def default_cases(names: Sequence[str] = ("resnet50",)) -> list[ModelCase]:
             ModelCase(f"swap_pooling({name}, gram=False)", _swapped(name, gram=False), name,
                       "the same on the d×d side (covpool <= 0.1)"),
         ]
-        if timm.is_model(f"{name}_isqrt"):
+        if _is_timm_model(f"{name}_isqrt"):
             cases.append(ModelCase(f"{name}_isqrt", _timm(f"{name}_isqrt"), name, "published recipe, stride 1"))
     return cases
 
@@ -272,6 +311,15 @@ def default_cases(names: Sequence[str] = ("resnet50",)) -> list[ModelCase]:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _build(case: ModelCase, num_classes: int) -> nn.Module:
+    try:
+        return case.build(num_classes)
+    except BenchError:
+        raise
+    except (ValueError, TypeError) as err:  # swap_pooling's and timm's refusals of a model or option
+        raise BenchError(f"cannot build {case.label}: {err}") from err
 
 
 def run_models_bench(
@@ -284,7 +332,13 @@ def run_models_bench(
     amp: str | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Median training-step time of each case and its ratio to its baseline's, measured in one run."""
+    """Median training-step time of each case and its ratio to its baseline's, measured in one run.
+
+    Raises:
+        BenchError: a case cannot be built (e.g. a model that already pools with covariance), or cannot take
+            a training step on ``batch`` images of ``img_size``² (the message quotes the model's own error,
+            e.g. BatchNorm's on a 1×1 map of one image).
+    """
     from tqdm import tqdm
 
     device = torch.device(device)
@@ -295,7 +349,7 @@ def run_models_bench(
     y = torch.randint(num_classes, (batch,), device=device)
     built = []
     for case in cases:
-        model = case.build(num_classes).to(device).train()
+        model = _build(case, num_classes).to(device).train()
         built.append((model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
@@ -311,8 +365,12 @@ def run_models_bench(
         _synchronize(device)
         return time.perf_counter() - start
 
-    for model, optimizer in built:  # warm-up: allocations, kernel choices, lazy initialisation
-        step(model, optimizer)
+    for case, (model, optimizer) in zip(cases, built):  # warm-up: allocations, kernel choices, lazy initialisation
+        try:
+            step(model, optimizer)
+        except (ValueError, RuntimeError) as err:
+            raise BenchError(f"{case.label} cannot take a training step on a batch of {batch} at {img_size}x"
+                             f"{img_size}: {first_line(err)} (change --batch or --img-size)") from err
     times: list[list[float]] = [[] for _ in built]
     for _ in tqdm(range(steps), desc="bench --models", disable=not progress):
         for i, (model, optimizer) in enumerate(built):
@@ -330,7 +388,8 @@ def run_models_bench(
 
 
 def saved_bytes(fn: Callable[[], Any]) -> int:
-    """Bytes of the tensors autograd keeps for the backward of ``fn()``, each storage counted once."""
+    """Bytes of the tensors autograd keeps for the backward of ``fn()`` (its saved tensors), each storage
+    counted once."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -342,27 +401,79 @@ def saved_bytes(fn: Callable[[], Any]) -> int:
     return sum(storages.values())
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadCase:
+    """A model's second-order pooling alone: the model's label, the pooling module (a
+    :class:`covpool.CovPool`) and the shape of one image's input to it (``(C, H, W)`` or ``(N, C)``)."""
+
+    model: str
+    pool: nn.Module
+    shape: tuple[int, ...]
+
+
+def head_cases(cases: Sequence[ModelCase], img_size: int = 224, num_classes: int = 1000) -> list[HeadCase]:
+    """The covariance pooling of each case that has one, with the shape it receives at ``img_size``
+    (one forward pass of one image, on the CPU); a pooling that differs from an earlier one only in its Gram
+    side is left out, as :func:`run_head_bench` times both sides."""
+    found: dict[tuple[str, tuple[int, ...]], HeadCase] = {}
+    x = torch.randn(1, 3, img_size, img_size)
+    for case in cases:
+        model = _build(case, num_classes).eval()
+        pool = _second_order_pool(model)
+        if pool is None:
+            continue
+        shapes = []
+        handle = pool.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape[1:])))
+        try:
+            with torch.no_grad():
+                model(x)
+        except (ValueError, RuntimeError) as err:
+            raise BenchError(f"{case.label} cannot take an image of {img_size}x{img_size}: {first_line(err)} "
+                             "(change --img-size)") from err
+        finally:
+            handle.remove()
+        options = sorted((k, repr(v)) for k, v in vars(pool).items() if not k.startswith("_") and k != "gram")
+        key = (repr(options), shapes[0])
+        found.setdefault(key, HeadCase(case.label, pool, shapes[0]))
+    return list(found.values())
+
+
+def _backend_label(spec: Any) -> str:
+    """``"ns"`` or ``{"name": "ns", "num_iters": 5}`` as ``ns`` / ``ns(num_iters=5)``."""
+    if isinstance(spec, str):
+        return spec
+    options = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name")
+    return f"{spec['name']}({options})" if options else str(spec["name"])
+
+
+def _positions(shape: tuple[int, ...]) -> tuple[str, int]:
+    if len(shape) == 3:
+        return f"{shape[1]}x{shape[2]}", shape[1] * shape[2]
+    return f"{shape[0]} tokens", shape[0]
+
+
 def run_head_bench(
-    sizes: Sequence[int] = (7, 14),
-    batch: int = 32,
-    in_channels: int = 2048,
-    reduced_dim: int = 256,
-    backend: str = "ns",
+    heads: Sequence[HeadCase],
+    batch: int = 8,
     reps: int = 10,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """The iSQRT-COV head alone (1×1 conv to ``reduced_dim``, covariance, ``backend``, upper triangle),
-    forward and backward, on the Gram side where it is cheaper and on the d×d side, interleaved, at each
-    feature-map size; with the bytes each keeps for its backward."""
+    """Each head of ``heads`` alone (as its model builds it: reduction, covariance, backend, vectorisation),
+    forward and backward on ``batch`` random inputs of its shape, on the Gram side where it is cheaper and on
+    the d×d side, interleaved; with the bytes each keeps for its backward. One row per head and side."""
+    import copy
+
     from tqdm import tqdm
 
     device = torch.device(device)
     rows = []
-    for hw in tqdm(sizes, desc="bench --models (head)", disable=not progress):
-        x = torch.randn(batch, in_channels, hw, hw, device=device, requires_grad=True)
-        pools = {side: layers.CovPool(in_channels, reduced_dim, backend, gram=side).to(device)
-                 for side in ("auto", False)}
+    for case in tqdm(heads, desc="bench --models (head)", disable=not progress):
+        x = torch.randn(batch, *case.shape, device=device, requires_grad=True)
+        pools = {}
+        for side in ("auto", False):
+            pools[side] = copy.deepcopy(case.pool).to(device).train()
+            pools[side].gram = side
 
         def run(pool: nn.Module) -> float:
             _synchronize(device)
@@ -378,39 +489,47 @@ def run_head_bench(
             for side, pool in pools.items():
                 times[side].append(run(pool))
         base = statistics.median(times[False])
-        for side, pool in pools.items():
-            gram = linalg.resolve_backend(backend)[0].uses_gram(reduced_dim, hw * hw, side)
+        positions, samples = _positions(case.shape)
+        pool = case.pool
+        head = f"CovPool({pool.in_channels} -> {pool.dim}, {_backend_label(pool.backend)})"
+        for side, module in pools.items():
+            gram = linalg.resolve_backend(pool.backend)[0].uses_gram(pool.dim, samples, side)
             rows.append({
-                "head": f"CovPool({in_channels} -> {reduced_dim}, {backend})", "positions": f"{hw}x{hw}",
-                "side": "Gram" if gram else "d x d",
-                "batch": batch, "device": device.type, "fwd+bwd ms": 1e3 * statistics.median(times[side]),
+                "model": case.model, "head": head,
+                "positions": positions, "side": "Gram" if gram else "d x d", "batch": batch, "device": device.type,
+                "fwd+bwd ms": 1e3 * statistics.median(times[side]),
                 "speed-up vs d x d": base / statistics.median(times[side]),
-                "saved MiB": saved_bytes(lambda pool=pool: pool(x)) / 2**20,
+                "kept for backward MiB": saved_bytes(lambda module=module: module(x)) / 2**20,
             })
     return rows
 
 
 MODEL_COLUMNS = ("model", "note", "step ms", "vs baseline", "params M")
-HEAD_COLUMNS = ("head", "positions", "side", "fwd+bwd ms", "speed-up vs d x d", "saved MiB")
+HEAD_COLUMNS = ("model", "head", "positions", "side", "fwd+bwd ms", "speed-up vs d x d", "kept for backward MiB")
+
+
+def _models_sections(model_rows: Sequence[dict[str, Any]], head_rows: Sequence[dict[str, Any]]) -> list[str]:
+    parts = []
+    if model_rows:
+        r = model_rows[0]
+        parts.append(f"Training step (forward, backward, SGD), batch {r['batch']} at {r['img_size']}x{r['img_size']}, "
+                     f"{r['device']}, amp {r['amp']}; median of the steps, ratio to the baseline in this run:\n\n"
+                     + _table(model_rows, MODEL_COLUMNS, markdown=True))
+    if head_rows:
+        h = head_rows[0]
+        parts.append(f"Each model's second-order pooling alone, forward and backward, batch {h['batch']}, "
+                     f"{h['device']}, on the Gram side where it is cheaper and on the d x d side; the memory is "
+                     "what autograd keeps for the backward:\n\n" + _table(head_rows, HEAD_COLUMNS, markdown=True))
+    return parts
 
 
 def format_models_tables(model_rows: Sequence[dict[str, Any]], head_rows: Sequence[dict[str, Any]]) -> str:
-    """The two Markdown tables: training steps, and the head alone."""
-    first = model_rows[0] if model_rows else head_rows[0]
-    parts = []
-    if model_rows:
-        parts.append(f"Training step (forward, backward, SGD), batch {first['batch']} at {first['img_size']}², "
-                     f"{first['device']}, amp {first['amp']}; median of the steps, ratio to the baseline in "
-                     "this run:\n\n" + _table(model_rows, MODEL_COLUMNS, markdown=True))
-    if head_rows:
-        h = head_rows[0]
-        parts.append(f"The head alone, forward and backward, batch {h['batch']}, {h['device']}:\n\n"
-                     + _table(head_rows, HEAD_COLUMNS, markdown=True))
-    return "\n\n".join(parts)
+    """The two Markdown tables: training steps, and each model's head alone."""
+    return "\n\n".join(_models_sections(model_rows, head_rows))
 
 
 def plot_models(model_rows: Sequence[dict[str, Any]], head_rows: Sequence[dict[str, Any]], path: str) -> None:
-    """Step-time ratios of the models, and the head's time and saved bytes on each side."""
+    """Step-time ratios of the models, and each head's time and the memory it keeps for backward per side."""
     fig = new_figure((12, 4.5))
     ax_m, ax_h = fig.subplots(1, 2)
     labels = [r["model"] for r in model_rows]
@@ -422,11 +541,55 @@ def plot_models(model_rows: Sequence[dict[str, Any]], head_rows: Sequence[dict[s
         r = model_rows[0]
         ax_m.set(xlabel="training step time / baseline's", title=f"batch {r['batch']} at {r['img_size']}², "
                  f"{r['device']}, amp {r['amp']}")
-    names = [f"{r['positions']} {r['side']}" for r in head_rows]
+    names = [f"{r['head']}\n{r['positions']} {r['side']}" for r in head_rows]
     ax_h.bar(range(len(names)), [r["fwd+bwd ms"] for r in head_rows], color="tab:orange")
-    ax_h.set_xticks(range(len(names)), names, fontsize=8)
-    ax_h.set(ylabel="head forward+backward (ms)", title=head_rows[0]["head"] if head_rows else "")
+    ax_h.set_xticks(range(len(names)), names, fontsize=7)
+    ax_h.set(ylabel="head forward+backward (ms)",
+             title=f"the head alone, batch {head_rows[0]['batch']}" if head_rows else "")
     for i, r in enumerate(head_rows):
-        ax_h.annotate(f"{r['saved MiB']:.0f} MiB saved", (i, r["fwd+bwd ms"]), ha="center", va="bottom", fontsize=7)
+        ax_h.annotate(f"{r['kept for backward MiB']:.3g} MiB kept\nfor backward", (i, r["fwd+bwd ms"]), ha="center",
+                      va="bottom", fontsize=7)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
+
+
+# ------------------------------------------------------------------------------------------ Markdown pages
+def machine_stamp(command: Sequence[str], device: str | torch.device | None = None) -> str:
+    """One line saying when, on what and by which command figures were measured: the date, the CPU
+    (:func:`covpool.outputs.cpu_description`) and torch's CPU threads, the GPU (its name, ``none``, or ``not
+    used`` when ``device`` is not a CUDA device), the torch version and ``command`` (the argument list,
+    quoted as a shell needs it), so that re-measuring is re-running the command.
+
+    >>> machine_stamp(["covpool", "bench", "--out", "my bench"]).endswith("by `covpool bench --out 'my bench'`.")
+    True
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(device if device.type == "cuda" else None)
+        gpu += "" if device.type == "cuda" else " (not used)"
+    else:
+        gpu = "none"
+    return (f"Measured {datetime.date.today().isoformat()} on {cpu_description()}, {torch.get_num_threads()} torch "
+            f"threads, GPU: {gpu}, torch {torch.__version__}, by `{shlex.join(command)}`.")
+
+
+def write_backends_page(rows: Sequence[dict[str, Any]], folder: str | os.PathLike, stamp: str) -> Path:
+    """``backends.md`` in ``folder``: ``stamp`` (:func:`machine_stamp`), the table of every
+    column :func:`run_bench` measured, what the columns mean, and the plot ``bench.png`` beside it."""
+    first = rows[0]
+    root = "inverse square root" if first["root"] == "inv" else "square root"
+    about = (f"Batch {first['batch']}, {root}, float32, {first['device']}; times are medians of "
+             "torch.utils.benchmark, prod-eq = time / one batched d x d product measured in the same run, products = "
+             "the batched products the algorithm and its backward perform (- for the eigendecomposition backends). "
+             "Errors are relative Frobenius errors against float64 eigendecomposition, at d = min(d, 128). "
+             + RANK_DEFICIENT_NOTE)
+    columns = [c for c in first if c not in ("batch", "device", "root")]
+    return write_markdown_page(Path(folder) / "backends.md", "Square-root backends", stamp,
+                               [about, _table(rows, columns, markdown=True)], [Path(folder) / "bench.png"])
+
+
+def write_models_page(model_rows: Sequence[dict[str, Any]], head_rows: Sequence[dict[str, Any]],
+                      folder: str | os.PathLike, stamp: str) -> Path:
+    """``models.md`` in ``folder``: ``stamp``, the training-step and head tables, and the plot ``models.png``."""
+    return write_markdown_page(Path(folder) / "models.md", "What a second-order head costs in a training step",
+                               stamp, _models_sections(model_rows, head_rows), [Path(folder) / "models.png"])

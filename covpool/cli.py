@@ -1,7 +1,9 @@
 """The ``covpool`` command line: ``covpool train | eval | bench | demo`` (also ``python -m covpool``).
 
 Every command's options are parsed here; the work is done by :mod:`covpool.train` (train, eval),
-:mod:`covpool.bench` and :mod:`covpool.demo`, imported only when their command runs.
+:mod:`covpool.bench` and :mod:`covpool.demo`, imported only when their command runs. The ``covpool``
+console script enters through ``_covpool_cli``, a module beside the package that answers ``--help`` and
+``--version`` without importing torch and hands everything else to :func:`main`.
 
 Every mistake in the input (options, config files, overrides, data-set folders, checkpoints) ends in one
 ``error: ...`` line on stderr and exit status 2; a run that fails (non-finite loss, a full disk, any error
@@ -15,6 +17,8 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import _covpool_cli as _launcher
 
 __all__ = ["main", "train_main", "eval_main", "predict_main", "bench_main", "demo_main"]
 
@@ -118,14 +122,34 @@ def _interrupted(cfg, err: KeyboardInterrupt) -> int:
     return 130
 
 
+def _config_summary(text: str) -> str:
+    """A config file's first comment paragraph (its comment lines up to an indented command line, an empty
+    comment line or the first key), joined into one line."""
+    words = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[1:]
+        if not body.strip() or body.startswith("  "):
+            break
+        words.append(body.strip())
+    return " ".join(words)
+
+
 def _list_configs() -> str:
+    import shutil
+    import textwrap
+
     from .train.config import shipped_configs
 
+    configs = shipped_configs()
+    width = max(len(name) for name in configs) + 2
+    total = max(shutil.get_terminal_size((100, 24)).columns, width + 40)
     lines = []
-    for name, path in shipped_configs().items():
-        first = path.read_text(encoding="utf-8").splitlines()[:1]
-        about = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
-        lines.append(f"{name:<28} {about}")
+    for name, path in configs.items():
+        about = _config_summary(path.read_text(encoding="utf-8")) or "(no description)"
+        lines.append(textwrap.fill(about, total, initial_indent=f"{name:<{width}}", subsequent_indent=" " * width,
+                                   break_on_hyphens=False))
     return "\n".join(lines + ["", "use one with: covpool train --config <name> [key=value ...]"])
 
 
@@ -316,56 +340,150 @@ def predict_main(argv: Sequence[str]) -> int:
 
 # ---- covpool bench -------------------------------------------------------------------------------------
 
+_BENCH_ABOUT = """\
+Time and check the square-root backends, or (--models) what a second-order head costs in a training step.
+
+Backends (the default): every backend at its defaults and with its accuracy options, and two baselines
+(torch.linalg.matrix_sqrth, eigh through autograd), forward and forward+backward at each --dims size. Times
+are medians of torch.utils.benchmark, also in units of one batched matrix product of the same size, so that
+machines compare; errors are against float64 eigendecomposition on well-conditioned, ill-conditioned,
+rank-deficient and repeated-eigenvalue matrices.
+
+Models (--models): training steps (forward, backward, SGD) of each timm backbone with its average pooling,
+with covpool.swap_pooling (Gram side, and forced to the d x d side), and with covpool's <name>_isqrt where it
+exists, as ratios to the average-pooling step of the same run; then each model's second-order pooling alone,
+at the shape and --batch it gets in that model, with the memory it keeps for backward.
+
+Writes into --out: bench.csv, bench.png and backends.md (backends), or models.csv, head.csv, models.png and
+models.md (--models). Each .md page starts with the date, the machine, the torch version and the command.
+"""
+
+# the options (argparse dests) of one mode only: given in the other mode, they are refused rather than ignored
+_BACKEND_ONLY = ("quick", "dims", "inverse", "compile", "backends")
+_MODELS_ONLY = ("img_size", "steps", "classes", "amp")
+
+
+def _bench_parser() -> _Parser:
+    parser = _Parser(prog="covpool bench", description=_BENCH_ABOUT,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="backends: each backend at its defaults, at d = 64 and batch 16 unless --dims or "
+                             "--batch say otherwise; under a minute")
+    parser.add_argument("--batch", type=int, help="batch size (backends: 64; --models: 8)")
+    parser.add_argument("--dims", type=int, nargs="+", metavar="D",
+                        help="backends: matrix sizes d (default: 32 64 128 256 512)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    parser.add_argument("--inverse", action="store_true", help="backends: measure the inverse square root")
+    parser.add_argument("--compile", action="store_true", help="backends: also torch.compile ns, mtp_lya and mpa_lya")
+    parser.add_argument("--backends", nargs="+", metavar="LABEL", help="backends: only these rows (default: all)")
+    parser.add_argument("--models", nargs="*", metavar="NAME",
+                        help="instead of the backends: training steps of these timm backbones (default resnet50)")
+    parser.add_argument("--img-size", type=int, help="--models: input size (default 224)")
+    parser.add_argument("--steps", type=int, help="--models: timed steps per model, medians (default 5)")
+    parser.add_argument("--classes", type=int, help="--models: classifier size (default 1000)")
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], help="--models: autocast (default none)")
+    parser.add_argument("--out", default="bench_out", help="folder for the CSV files, plots and the .md page "
+                                                           "(default bench_out)")
+    return parser
+
+
+def _bench_device(value: str | None) -> str:
+    """``--device`` checked: a device torch knows and this machine has (default: cuda when available)."""
+    import torch
+
+    from .outputs import first_line
+
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise _UsageError(f"--device {value!r} is not a device torch knows; e.g. cpu, cuda, cuda:1, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _UsageError(f"--device {value}: torch sees no CUDA device on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise _UsageError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, ValueError, AssertionError) as err:  # a backend torch knows but this build or machine lacks
+        raise _UsageError(f"--device {value} cannot be used here: {first_line(err)}") from None
+    return value
+
+
+def _make_folder(option: str, value: str) -> Path:
+    """The folder ``value`` of ``option``, created now, so that a folder that cannot be made (under a file,
+    without permission) is a usage error before anything is measured or trained."""
+    out = Path(value)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _UsageError(f"{option} {value}: cannot create that folder ({err.strerror or err})") from None
+    return out
+
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
     """``covpool bench [--quick] [--dims ...] [--inverse] [--compile] [--backends ...] [--out DIR]``, or
     ``covpool bench --models [NAME ...] [--img-size ...] [--steps ...] [--amp ...]``."""
-    import torch
+    prog = "covpool bench"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _bench_parser()
 
     from . import bench
-    from .outputs import write_csv
 
-    parser = argparse.ArgumentParser(prog="covpool bench", description=bench.__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one small size, backends at defaults (under a minute)")
-    parser.add_argument("--batch", type=int, help="batch size (backends: 64; --models: 8)")
-    parser.add_argument("--dims", type=int, nargs="+", default=[32, 64, 128, 256, 512])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--inverse", action="store_true", help="measure the inverse square root")
-    parser.add_argument("--compile", action="store_true", help="also torch.compile ns, mtp_lya and mpa_lya")
-    parser.add_argument("--backends", nargs="+", help="only these variant labels (default: all)")
-    parser.add_argument("--models", nargs="*", metavar="NAME",
-                        help="instead of the backends: training steps of timm backbones (default resnet50) with "
-                             "average pooling, with covpool.swap_pooling, and <name>_isqrt, and the head alone")
-    parser.add_argument("--img-size", type=int, default=224, help="--models: input size")
-    parser.add_argument("--steps", type=int, default=5, help="--models: timed steps per model (medians)")
-    parser.add_argument("--classes", type=int, default=1000, help="--models: classifier size")
-    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="--models: autocast")
-    parser.add_argument("--out", default="bench_out", help="folder for the CSV files and plots")
-    args = parser.parse_args(argv)
-    for name, value, low in (("--batch", args.batch, 1), ("--img-size", args.img_size, 16),
-                             ("--steps", args.steps, 1), ("--classes", args.classes, 1)):
-        if value is not None and value < low:
-            parser.error(f"{name} must be at least {low}, got {value}")
-    if args.models is not None:
-        return _bench_models(parser, args)
-    variants = bench.default_variants(quick=args.quick)
-    if args.backends:
-        unknown = sorted(set(args.backends) - {v.label for v in variants})
-        if unknown:
-            parser.error(f"unknown variant(s) {unknown}; choose from {[v.label for v in variants]}")
-        variants = [v for v in variants if v.label in args.backends]
-    batch, dims, min_time = (16, [64], 0.05) if args.quick else (args.batch or 64, args.dims, 0.2)
-    rows = bench.run_bench(variants, batch, dims, args.device, args.inverse, args.compile, min_time)
-    print(bench.format_table(rows))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "bench.csv")
-    bench.plot(rows, out / "bench.png")
-    print(f"\nwrote {out / 'bench.csv'} and {out / 'bench.png'}")
+    try:
+        args = parser.parse_args(argv)
+        models_mode = args.models is not None
+        wrong = [name for name in (_BACKEND_ONLY if models_mode else _MODELS_ONLY) if getattr(args, name)]
+        if wrong:
+            option = "--" + wrong[0].replace("_", "-")
+            raise _UsageError(f"{option} belongs to the backend benchmark, not to --models (which times the heads "
+                              "as the models build them): drop one of the two" if models_mode else
+                              f"{option} applies to --models only: add --models [NAME ...] or drop {option}")
+        for name, value, low in (("--batch", args.batch, 1), ("--img-size", args.img_size, 16),
+                                 ("--steps", args.steps, 1), ("--classes", args.classes, 1),
+                                 *(("--dims", d, 1) for d in args.dims or ())):
+            if value is not None and value < low:
+                raise _UsageError(f"{name} must be at least {low}, got {value}")
+        device = _bench_device(args.device)
+        command = ["covpool", "bench", *argv]
+        if models_mode:
+            return _bench_models(args, device, command)
+        variants = bench.default_variants(quick=args.quick)
+        if args.backends:
+            unknown = sorted(set(args.backends) - {v.label for v in variants})
+            if unknown:
+                raise _UsageError(f"unknown variant(s) {unknown}; choose from {[v.label for v in variants]}")
+            variants = [v for v in variants if v.label in args.backends]
+        out = _make_folder("--out", args.out)
+        batch, dims, min_time = (args.batch or 16, args.dims or [64], 0.05) if args.quick else \
+            (args.batch or 64, args.dims or [32, 64, 128, 256, 512], 0.2)
+        rows = bench.run_bench(variants, batch, dims, device, args.inverse, args.compile, min_time)
+        print(bench.format_table(rows))
+        _write_bench(rows, out, command, device)
+    except _UsageError as err:
+        return _usage_error(prog, err)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        status = _report(err, (bench.BenchError,))
+        if status is None:
+            raise
+        return status
     return 0
 
 
-def _bench_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _write_bench(rows: list[dict], out: Path, command: list[str], device: str) -> None:
+    from . import bench
+    from .outputs import write_csv
+
+    write_csv(rows, out / "bench.csv")
+    bench.plot(rows, out / "bench.png")
+    page = bench.write_backends_page(rows, out, bench.machine_stamp(command, device))
+    print(f"\nwrote {out / 'bench.csv'}, {out / 'bench.png'} and {page}")
+
+
+def _bench_models(args: argparse.Namespace, device: str, command: list[str]) -> int:
     import timm
 
     from . import bench
@@ -374,64 +492,102 @@ def _bench_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     names = args.models or ["resnet50"]
     unknown = [n for n in names if not timm.is_model(n)]
     if unknown:
-        parser.error(f"unknown timm model(s) {unknown}; see timm.list_models()")
-    amp = None if args.amp == "none" else args.amp
-    if amp == "fp16" and not str(args.device).startswith("cuda"):
-        parser.error("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
-    model_rows = bench.run_models_bench(bench.default_cases(names), batch=args.batch or 8,
-                                               img_size=args.img_size, num_classes=args.classes, steps=args.steps,
-                                               device=args.device, amp=amp)
-    head_rows = bench.run_head_bench(device=args.device)
+        raise _UsageError(f"unknown timm model(s) {unknown}; see timm.list_models()")
+    amp = None if args.amp in (None, "none") else args.amp
+    if amp == "fp16" and not device.startswith("cuda"):
+        raise _UsageError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+    out = _make_folder("--out", args.out)
+    batch, img_size, classes = args.batch or 8, args.img_size or 224, args.classes or 1000
+    cases = bench.default_cases(names)
+    model_rows = bench.run_models_bench(cases, batch=batch, img_size=img_size, num_classes=classes,
+                                        steps=args.steps or 5, device=device, amp=amp)
+    head_rows = bench.run_head_bench(bench.head_cases(cases, img_size, classes), batch=batch, device=device)
     print(bench.format_models_tables(model_rows, head_rows))
-    out = Path(args.out)
-    write_csv(model_rows, out / "models.csv")
-    write_csv(head_rows, out / "head.csv")
+    written = [write_csv(model_rows, out / "models.csv")]
+    if head_rows:
+        written.append(write_csv(head_rows, out / "head.csv"))
     bench.plot_models(model_rows, head_rows, out / "models.png")
-    print(f"\nwrote {out / 'models.csv'}, {out / 'head.csv'} and {out / 'models.png'}")
+    written += [out / "models.png", bench.write_models_page(model_rows, head_rows, out,
+                                                            bench.machine_stamp(command, device))]
+    print(f"\nwrote {', '.join(map(str, written[:-1]))} and {written[-1]}")
     return 0
 
 
 # ---- covpool demo --------------------------------------------------------------------------------------
 
 
-def demo_main(argv: Sequence[str] | None = None) -> int:
-    """``covpool demo [--skip-training] [--output-dir DIR] [--no-progress] [key=value ...]``,
-    ``covpool demo --hybrid [--switch N] [--output-dir DIR] [--no-progress] [key=value ...]`` and
-    ``covpool demo --heads [--output-dir DIR] [--no-progress] [key=value ...]``."""
+def _demo_parser(mode: str) -> _Parser:
+    """The parser of ``covpool demo`` in ``mode`` (``"main"``, ``"hybrid"`` or ``"heads"``): each mode's
+    --help describes that demo and its options."""
     from . import demo
 
-    modes = argparse.ArgumentParser(add_help=False)
-    modes.add_argument("--skip-training", action="store_true", help="only the backend comparison")
-    modes.add_argument("--hybrid", action="store_true",
-                       help="instead: NS only, SVD-Padé only and the hybrid protocol side by side (same budget); "
-                            "`covpool demo --hybrid --help` for its options")
-    modes.add_argument("--heads", action="store_true",
-                       help="instead: average pooling and every second-order head side by side (same budget)")
-    args, _ = modes.parse_known_args(argv)
-    if args.hybrid and args.heads:
-        modes.error("--hybrid and --heads are two demos: choose one")
-    about, output_dir, example = ((demo.HYBRID_ABOUT, "runs/hybrid_demo", "epochs=6") if args.hybrid else
-                                  (demo.HEADS_ABOUT, "runs/heads_demo", "epochs=2") if args.heads else
-                                  (demo.__doc__ + "\n" + demo.TRAINING_ABOUT, "runs/demo", "epochs=2"))
-    parser = argparse.ArgumentParser(prog="covpool demo",
-                                     description=about, parents=[modes],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default=output_dir, help="parent folder of the runs")
-    if args.hybrid:
+    about, output_dir, example = {"hybrid": (demo.HYBRID_ABOUT, "runs/hybrid_demo", "epochs=6"),
+                                  "heads": (demo.HEADS_ABOUT, "runs/heads_demo", "epochs=2"),
+                                  "main": (demo.DEMO_ABOUT, "runs/demo", "epochs=2")}[mode]
+    parser = _Parser(prog="covpool demo", description=about, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="Head options (model.head, model.covpool.*, model.backend_schedule) reach only the "
+                            "second-order runs.\nEvery run's config is checked before anything is trained.")
+    parser.add_argument("--skip-training", action="store_true", help="only the backend table")
+    parser.add_argument("--hybrid", action="store_true",
+                        help="instead: NS only, SVD-Pade only and the hybrid protocol side by side (same budget); "
+                             "`covpool demo --hybrid --help` for its options")
+    parser.add_argument("--heads", action="store_true",
+                        help="instead: average pooling and the second-order heads side by side (same budget); "
+                             "`covpool demo --heads --help` for its options")
+    parser.add_argument("--output-dir", default=output_dir, help=f"parent folder of the runs (default {output_dir})")
+    if mode == "main":
+        parser.add_argument("--seeds", type=int, default=3,
+                            help="seeds per variant, from the config's seed (default 3; 0, 1, 2)")
+    if mode == "hybrid":
         parser.add_argument("--switch", type=int, default=2, help="epochs of NS before the hybrid run switches (2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines only)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help=f"applied to every run, e.g. {example} data.embedded_train_per_class=40")
-    run_args = parser.parse_args(argv)
-    extra = (*run_args.overrides, *(("progress=false",) if run_args.no_progress else ()))
-    if args.hybrid:
-        return demo.run_hybrid_demo(run_args.output_dir, run_args.switch, extra)
-    if args.heads:
-        return demo.run_heads_demo(run_args.output_dir, extra)
-    demo.compare_backends()
-    if args.skip_training:
-        return 0
-    return demo.run_demo(run_args.output_dir, extra)
+                        help=f"config overrides for the runs, e.g. {example} data.embedded_train_per_class=40")
+    return parser
+
+
+def demo_main(argv: Sequence[str] | None = None) -> int:
+    """``covpool demo [--skip-training] [--seeds N] [--output-dir DIR] [--no-progress] [key=value ...]``,
+    ``covpool demo --hybrid [--switch N] [--output-dir DIR] [--no-progress] [key=value ...]`` and
+    ``covpool demo --heads [--output-dir DIR] [--no-progress] [key=value ...]``."""
+    prog = "covpool demo"
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    from . import demo
+    from .train import ConfigError
+
+    try:
+        mode = "hybrid" if "--hybrid" in argv else "heads" if "--heads" in argv else "main"
+        args = _parse(_demo_parser(mode), argv)
+        if args.hybrid and args.heads:
+            raise _UsageError("--hybrid and --heads are two demos: choose one")
+        if args.skip_training and (mode != "main" or args.overrides):
+            raise _UsageError("--skip-training prints only the backend table: it takes no "
+                              + ("--hybrid or --heads" if mode != "main" else "key=value overrides"))
+        if mode == "main" and args.seeds < 1:
+            raise _UsageError(f"--seeds must be at least 1, got {args.seeds}")
+        if mode == "main" and args.skip_training:
+            demo.compare_backends()
+            return 0
+        _make_folder("--output-dir", args.output_dir)
+        extra = (*args.overrides, *(("progress=false",) if args.no_progress else ()))
+        if mode == "hybrid":
+            if args.switch < 1:
+                raise _UsageError(f"--switch must be at least 1 epoch, got {args.switch}")
+            return demo.run_hybrid_demo(args.output_dir, args.switch, extra)
+        if mode == "heads":
+            return demo.run_heads_demo(args.output_dir, extra)
+        return demo.run_demo(args.output_dir, extra, seeds=args.seeds)
+    except _UsageError as err:
+        return _usage_error(prog, err)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        status = _report(err, (ConfigError,))
+        if status is None:
+            raise
+        return status
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------
@@ -440,20 +596,17 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
 # Modules of the `train` extra (pyproject.toml): the library works without them, the commands do not.
 _TRAIN_EXTRA = frozenset({"yaml", "tqdm", "matplotlib", "skimage"})
 
+# The one-line helps live in _covpool_cli.COMMANDS, which answers `covpool --help` without importing the package.
+_RUNNERS: dict[str, Callable[[list[str]], int]] = {
+    "train": train_main, "eval": eval_main, "predict": predict_main, "bench": bench_main, "demo": demo_main,
+}
 _COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "train": (train_main, "fine-tune a model from a YAML config"),
-    "eval": (eval_main, "evaluate a checkpoint: accuracy, per-class accuracy, confusion matrix, predictions"),
-    "predict": (predict_main, "the top-k classes of image files by a trained checkpoint"),
-    "bench": (bench_main, "time and check every square-root backend"),
-    "demo": (demo_main, "the main job of `make demo`"),
+    name: (_RUNNERS[name], help_) for name, help_ in _launcher.COMMANDS.items()
 }
 
 
 def _usage() -> str:
-    lines = ["usage: covpool <command> [options]   (covpool --version: the installed version)", "", "commands:"]
-    lines += [f"  {name:<7} {help_}" for name, (_, help_) in _COMMANDS.items()]
-    lines += ["", "`covpool <command> --help` shows a command's options."]
-    return "\n".join(lines)
+    return _launcher.usage()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

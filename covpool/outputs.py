@@ -8,7 +8,13 @@ line is written.
 Atomic writes: the bytes go to a temporary file ``.<name>.<random>.tmp`` in the destination's folder (same
 file system, so the rename is atomic), are flushed and fsynced, and the file is moved into place with
 :func:`os.replace`. A crash mid-write leaves the previous file whole and no partial file under the real name;
-:func:`covpool.train.checkpoint.remove_stale_temp_files` clears what a killed process left behind.
+:func:`covpool.train.checkpoint.remove_stale_temp_files` clears what a killed process left behind. A new file
+gets the mode any program's new file gets (0666 less the umask, so colleagues can read a run on a shared file
+system where the umask allows it); a replaced file keeps its mode.
+
+Benchmark pages: :func:`write_markdown_page` writes a title, a line saying when, where and by which command
+the figures were measured (:func:`covpool.bench.machine_stamp`, with :func:`cpu_description`), tables and
+links to the plots as one Markdown page.
 """
 from __future__ import annotations
 
@@ -17,15 +23,17 @@ import io
 import logging
 import math
 import os
+import platform
+import secrets
+import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
 __all__ = ["atomic_write", "os_error_in", "first_line", "write_csv", "format_value", "format_table", "new_figure",
-           "save_figure", "console_logging"]
+           "save_figure", "console_logging", "cpu_description", "write_markdown_page"]
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object],
@@ -33,7 +41,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object],
     """Call ``write(f)`` on a binary file that becomes ``path`` only once it is complete.
 
     On any error the temporary file is removed and the old ``path``, if any, is untouched; the folder is
-    created when missing.
+    created when missing. A new file's mode is 0666 less the umask (as ``open(path, "w")`` gives); a file
+    that is replaced keeps its mode.
 
     Raises:
         OSError: the write failed (full disk, quota, I/O error); the message names ``path``, the cause
@@ -42,7 +51,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object],
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -58,6 +67,34 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object],
         message = f"could not write {path}: {cause.strerror or cause}; {kept}. {advice}"
         raise (OSError(cause.errno, message) if cause.errno is not None else OSError(message)) from err
     return path
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """A new, empty ``.<name>.<random>.tmp`` beside ``path``, opened for writing.
+
+    Not :func:`tempfile.mkstemp`: it creates files with mode 0600 whatever the umask, which left checkpoints
+    and plots unreadable to the colleagues who can read the run's ``config.yaml``. Here the kernel applies the
+    umask (and a folder's default ACL) to 0666, as for any new file; a file being replaced lends its mode."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mode = None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        if mode is not None:
+            try:
+                os.chmod(tmp, mode)
+            except BaseException:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
+        return fd, tmp
+    raise FileExistsError(f"could not create a temporary file beside {path}: 100 random names were taken")
 
 
 def os_error_in(err: BaseException | None) -> OSError | None:
@@ -150,6 +187,30 @@ def new_figure(figsize: tuple[float, float]):
 def save_figure(fig, path: str | Path, dpi: int = 90) -> Path:
     """``fig`` as a PNG file, written atomically."""
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
+def cpu_description() -> str:
+    """The processor's name as the system reports it (``/proc/cpuinfo`` on Linux) and its logical CPUs,
+    e.g. ``"Intel(R) Xeon(R) Processor (2 logical CPUs)"``: what a benchmark page says it was measured on."""
+    name = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.lower().startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} logical CPUs)"
+
+
+def write_markdown_page(path: str | Path, title: str, stamp: str, sections: Sequence[str],
+                        figures: Sequence[str | Path] = ()) -> Path:
+    """A Markdown page (written atomically): ``# title``, the ``stamp`` line, the ``sections`` (Markdown
+    text: tables with a line above each), then the ``figures`` as images linked by their path relative to
+    the page, so that the page and its plots can move together."""
+    path = Path(path)
+    parts = [f"# {title}", stamp, *sections]
+    parts += [f"![{Path(fig).name}]({Path(os.path.relpath(fig, path.parent)).as_posix()})" for fig in figures]
+    text = "\n\n".join(parts) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 class _ConsoleHandler(logging.Handler):

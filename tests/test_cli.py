@@ -222,6 +222,219 @@ def test_version_and_help(capsys):
     assert "--resume-from" in out and "optim.lr" in out
 
 
+def _console_script() -> str:
+    """The ``covpool`` console script's target as pyproject.toml declares it (``module:function``)."""
+    text = (REPO / "pyproject.toml").read_text()
+    section = text.split("\n[project.scripts]\n", 1)[1].split("\n[", 1)[0]
+    (line,) = [line for line in section.splitlines() if line.startswith("covpool =")]
+    return line.split("=", 1)[1].strip().strip('"')
+
+
+def test_help_and_version_answer_without_importing_torch():
+    """`covpool --help` / `--version` took 5-16 s because the console script imported the package (torch,
+    timm); its entry point now answers both before any of that is imported."""
+    module, function = _console_script().split(":")
+    code = (f"import sys; from {module} import {function} as main\n"
+            "for argv in ([], ['--help'], ['-h'], ['--version'], ['-V']):\n"
+            "    assert main(argv) == 0\n"
+            "print(sorted(m for m in ('torch', 'timm', 'covpool') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "[]" and f"covpool {covpool.__version__}" in lines and "commands:" in lines
+
+
+def test_the_console_script_and_main_give_the_same_answers(capsys):
+    import _covpool_cli
+    from covpool import cli
+
+    assert {name: help_ for name, (_, help_) in cli._COMMANDS.items()} == _covpool_cli.COMMANDS
+    assert main(["--help"]) == 0
+    assert capsys.readouterr().out == _covpool_cli.usage() + "\n"
+    assert _covpool_cli.version() == covpool.__version__
+    monkeypatched = []
+    real = cli.main
+    try:
+        cli.main = lambda argv: monkeypatched.append(argv) or 7
+        assert _covpool_cli.main(["bench", "--quick"]) == 7 and monkeypatched == [["bench", "--quick"]]
+    finally:
+        cli.main = real
+
+
+_SPHINX = ("``", ":func:", ":mod:", ":class:", ":data:", ":meth:")
+
+
+@pytest.mark.parametrize("argv", [["bench", "--help"], ["demo", "--help"], ["demo", "--heads", "--help"],
+                                  ["demo", "--hybrid", "--help"], ["--help"]])
+def test_help_texts_are_plain_and_complete(capsys, argv):
+    """No Sphinx markup in what argparse prints, and each paragraph of the description ends a sentence
+    (`bench --help` was the first line of a docstring, cut after "and, with")."""
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert not [mark for mark in _SPHINX if mark in out], out
+    if argv[-1] == "--help" and len(argv) > 1:
+        description = out.split("\n\n", 1)[1].split("\npositional arguments:", 1)[0].split("\noptions:", 1)[0]
+        paragraphs = [p for p in description.split("\n\n") if p.strip()]
+        assert paragraphs and all(p.rstrip()[-1] in ".:)" for p in paragraphs), description
+
+
+def test_list_configs_shows_each_configs_whole_first_paragraph(capsys):
+    from covpool.cli import _config_summary
+    from covpool.train.config import shipped_configs
+
+    text = "# A config whose description\n# runs over two lines.\n#   covpool train --config x\nname: x\n"
+    assert _config_summary(text) == "A config whose description runs over two lines."
+    assert main(["train", "--list-configs"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for name, path in shipped_configs().items():
+        about = _config_summary(path.read_text())
+        assert about.endswith((".", ")")) and f"{name} {about}" in out  # cifar10_resnet18_zca was cut mid-sentence
+
+
+# -- covpool bench / covpool demo: every mistake one `error:` line, exit 2, before anything is measured -------
+def _bench_mistakes(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    out = str(tmp_path / "out")
+    return [
+        (["--models", "resnet18", "--device", "tpu"], "--device 'tpu' is not a device torch knows"),
+        (["--quick", "--device", "tpu"], "--device 'tpu' is not a device torch knows"),
+        (["--models", "resnet18", "--device", "cuda"], "torch sees no CUDA device"),
+        (["--quick", "--device", "cuda:1"], "torch sees no CUDA device"),
+        (["--models", "resnet18_isqrt", "--out", out], "resnet18_isqrt is one of covpool's own models"),
+        (["--models", "so_vit_7", "--out", out], "so_vit_7 is one of covpool's own models"),
+        (["--models", "resnet18", "--out", str(a_file / "x")], f"--out {a_file / 'x'}: cannot create that folder"),
+        (["--quick", "--out", str(a_file)], f"--out {a_file}: cannot create that folder"),
+        (["--models", "resnet18", "--img-size", "16", "--batch", "1", "--steps", "1", "--out", out],
+         "resnet18 cannot take a training step on a batch of 1 at 16x16"),
+        (["--models", "resnet18", "--inverse"], "--inverse belongs to the backend benchmark"),
+        (["--models", "resnet18", "--dims", "64"], "--dims belongs to the backend benchmark"),
+        (["--quick", "--amp", "bf16"], "--amp applies to --models only"),
+        (["--models", "resnet5O"], "unknown timm model(s) ['resnet5O']"),
+        (["--quick", "--backends", "nope"], "unknown variant(s) ['nope']"),
+        (["--models", "resnet18", "--batch", "0"], "--batch must be at least 1"),
+    ]
+
+
+def test_bench_mistakes_are_one_error_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    wrong = []
+    for argv, message in _bench_mistakes(tmp_path):
+        rc = main(["bench", *argv])
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        if not (rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+                and "| " not in captured.out):  # nothing measured
+            wrong.append((argv, rc, captured.err[-500:]))
+    assert not wrong, "\n".join(map(str, wrong))
+    assert not (tmp_path / "out" / "models.csv").exists()
+
+
+@pytest.fixture
+def demo_runs(monkeypatch):
+    """Calls of ``covpool.train.train`` made by the demo, recorded instead of trained: each returns a result
+    whose final validation accuracy is ``accuracy[(name, seed)]`` (default 50), or an interrupted one."""
+    import covpool.train
+    from covpool import demo
+
+    calls, accuracy, interrupt = [], {}, set()
+
+    def fake_train(cfg, resume=None, overwrite=False, **kwargs):
+        calls.append(cfg)
+        key = (cfg.name.split("_seed")[0], cfg.seed)
+        acc = accuracy.get(key, 50.0)
+        row = {"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "train_acc": acc, "val_acc1": acc,
+               "train_img_per_s": 10.0}
+        stopped = key in interrupt
+        return SimpleNamespace(history=[] if stopped else [row], final={} if stopped else row, best_acc1=acc,
+                               best_epoch=1, interrupted=stopped, exit_code=143 if stopped else 0,
+                               run_dir=Path(cfg.output_dir) / cfg.name,
+                               model=SimpleNamespace(head_hidden_size=8, num_features=8))
+
+    monkeypatch.setattr(covpool.train, "train", fake_train)
+    monkeypatch.setattr(demo, "compare_backends", lambda: print("(backend table)"))
+    return SimpleNamespace(calls=calls, accuracy=accuracy, interrupt=interrupt)
+
+
+def test_demo_mistakes_are_one_error_line_before_anything_runs(capsys, demo_runs, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    out = ["--output-dir", str(tmp_path / "runs")]
+    table = [
+        ([*out, "optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
+        ([*out, "epochs=0"], "config key 'epochs' must be >= 1, got 0"),
+        (["--output-dir", str(a_file / "runs")], f"--output-dir {a_file / 'runs'}: cannot create that folder"),
+        (["--heads", *out, "model.head=sot"], "model.head=sot pools transformer tokens"),
+        (["--heads", *out, "model.head=bcnnn"], "bcnn"),
+        ([*out, "model.covpool.backend=eigg"], "eig"),
+        (["--hybrid", *out, "epochs=0"], "config key 'epochs' must be >= 1"),
+        (["--hybrid", "--switch", "0", *out], "--switch must be at least 1"),
+        (["--seeds", "0", *out], "--seeds must be at least 1"),
+        (["--skip-training", "epochs=1"], "--skip-training prints only the backend table"),
+        (["--hybrid", "--heads"], "--hybrid and --heads are two demos"),
+        ([*out, "stray"], "unexpected argument 'stray'"),
+    ]
+    wrong = []
+    for argv, message in table:
+        rc = main(["demo", *argv])
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        if not (rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+                and "backend table" not in captured.out):
+            wrong.append((argv, rc, captured.err[-500:]))
+    assert not wrong, "\n".join(map(str, wrong))
+    assert demo_runs.calls == []
+
+
+def test_demo_trains_each_variant_over_seeds_and_says_whether_the_difference_exceeds_the_spread(
+        capsys, demo_runs, tmp_path):
+    demo_runs.accuracy.update({("avgpool", 0): 80.0, ("avgpool", 1): 82.0, ("avgpool", 2): 84.0,
+                               ("covpool", 0): 81.0, ("covpool", 1): 83.0, ("covpool", 2): 82.0})
+    assert main(["demo", "--output-dir", str(tmp_path), "--no-progress", "epochs=1",
+                 "model.covpool.backend=eig"]) == 0
+    seen = [(c.output_dir, c.name, c.seed, c.model.swap_pooling, c.model.covpool.get("backend"))
+            for c in demo_runs.calls]
+    assert seen == [(str(tmp_path), "avgpool_seed0", 0, False, None), (str(tmp_path), "covpool_seed0", 0, True, "eig"),
+                    (str(tmp_path), "avgpool_seed1", 1, False, None), (str(tmp_path), "covpool_seed1", 1, True, "eig"),
+                    (str(tmp_path), "avgpool_seed2", 2, False, None), (str(tmp_path), "covpool_seed2", 2, True, "eig")]
+    assert all(c.epochs == 1 and c.progress is False for c in demo_runs.calls)
+    out = capsys.readouterr().out
+    assert out.index("(backend table)") < out.index("== avgpool, seed 0")
+    assert "mean  82.00%  sd  2.00  range 80.00-84.00" in out and "mean  82.00%  sd  1.00  range 81.00-83.00" in out
+    assert ("verdict: covpool - avgpool = +0.00 points (means of 3 seeds), within the seed-to-seed spread (sd 2.00 "
+            "and 1.00)") in out and "covpool was ahead in 2 of 3 seeds" in out
+    assert (tmp_path / "comparison.png").stat().st_size > 1000
+
+    demo_runs.calls.clear()
+    demo_runs.accuracy.update({("avgpool", 3): 83.0, ("covpool", 1): 90.0, ("covpool", 2): 91.0, ("covpool", 3): 92.0})
+    assert main(["demo", "--output-dir", str(tmp_path), "--seeds", "3", "seed=1"]) == 0
+    assert [c.seed for c in demo_runs.calls] == [1, 1, 2, 2, 3, 3]  # from the config's seed on
+    out = capsys.readouterr().out
+    assert "larger than the seed-to-seed spread" in out and "covpool is ahead at this budget" in out
+
+
+def test_demo_stops_at_an_interrupted_run(capsys, demo_runs, tmp_path):
+    """A run stopped by a signal ends the demo with its status (it went on to the next run, then crashed on
+    the empty history with a KeyError)."""
+    demo_runs.interrupt.add(("avgpool", 0))
+    assert main(["demo", "--output-dir", str(tmp_path), "--seeds", "2"]) == 143
+    assert len(demo_runs.calls) == 1 and "the demo stops here" in capsys.readouterr().out
+
+
+def test_head_options_reach_the_heads_demo(capsys, demo_runs, tmp_path):
+    """`covpool demo --heads model.head=bcnn` trains average pooling and that head (it stopped with "only used
+    with model.swap_pooling=true"); model.covpool.* options reach every head run and not the average pooling."""
+    assert main(["demo", "--heads", "--output-dir", str(tmp_path), "model.head=bcnn",
+                 "model.covpool.reduced_dim=32"]) == 0
+    assert [(c.name, c.model.swap_pooling, c.model.head, c.model.covpool.get("reduced_dim"))
+            for c in demo_runs.calls] == [("avgpool", False, "isqrt_cov", None), ("bcnn", True, "bcnn", 32)]
+    demo_runs.calls.clear()
+    assert main(["demo", "--heads", "--output-dir", str(tmp_path), "model.head=[mpn_cov, dropcov]"]) == 0
+    assert [c.name for c in demo_runs.calls] == ["avgpool", "mpn_cov", "dropcov"]
+    assert "| dropcov |" in capsys.readouterr().out
+
+
 def test_eval_overrides_after_flags_and_error_lines(monkeypatch, capsys, tmp_path):
     seen = {}
 

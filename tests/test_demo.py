@@ -25,20 +25,32 @@ def test_demo_runs_are_the_shipped_demo_config_and_their_variant(tmp_path, monke
     assert cov.model.covpool == {"reduced_dim": 64, "backend": "ns", "last_stride": 1} and cov.epochs == 2
 
 
-def test_run_demo_tiny(tmp_path, capsys):
+def test_run_demo_tiny(tmp_path, capsys, monkeypatch):
+    from covpool.train import _run_folder
+
+    titles = []
+    real_plot = _run_folder.plot_curves
+    monkeypatch.setattr(_run_folder, "plot_curves", lambda runs, path, title="": titles.append(title) or
+                        real_plot(runs, path, title=title))
     rc = run_demo(str(tmp_path), ["progress=false", "epochs=1", "model.name=test_resnet",
                                   "data.img_size=32", "data.batch_size=8",
-                                  "data.embedded_train_per_class=2", "data.embedded_val_per_class=1"])
+                                  "data.embedded_train_per_class=2", "data.embedded_val_per_class=1"],
+                  seeds=2, backends=False)
     assert rc == 0
     out = capsys.readouterr().out
-    lines = [line for line in out.splitlines() if "val acc" in line and " s" in line and "best" in line]
-    assert [line.split()[0] for line in lines] == ["avgpool", "covpool"]
+    lines = [line.split() for line in out.splitlines() if " mean " in line and " sd " in line]
+    assert [line[0] for line in lines] == ["avgpool", "covpool"]
     for line in lines:
-        assert 0.0 <= float(line.split("val acc")[1].split("%")[0]) <= 100.0
+        assert 0.0 <= float(line[2].rstrip("%")) <= 100.0 and line[-3] == "s"
+    assert "verdict: covpool - avgpool = " in out and "(means of 2 seeds)" in out
     assert (tmp_path / "comparison.png").stat().st_size > 1000
-    assert read_rows(tmp_path / "avgpool" / "metrics.csv")[0]["epoch"] == "1"
-    state = torch.load(tmp_path / "covpool" / "last.pt", weights_only=True)
+    assert read_rows(tmp_path / "avgpool_seed1" / "metrics.csv")[0]["epoch"] == "1"
+    state = torch.load(tmp_path / "covpool_seed0" / "last.pt", weights_only=True)
     assert any(k.startswith("global_pool.") for k in state["state_dict"])  # covariance pooling really in place
+    assert state["config"]["seed"] == 0 and torch.load(tmp_path / "covpool_seed1" / "last.pt",
+                                                       weights_only=True)["config"]["seed"] == 1
+    # curves.png's title names the head and the backend (it named the model only)
+    assert titles[:2] == ["avgpool_seed0: test_resnet", "covpool_seed0: test_resnet, head isqrt_cov, backend ns"]
 
 
 def test_run_heads_demo_tiny(tmp_path, capsys):

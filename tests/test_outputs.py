@@ -84,6 +84,81 @@ def test_every_output_is_written_one_atomic_way(tmp_path, monkeypatch, writer):
     assert os.listdir(path.parent) == [writer] and path.read_bytes() == before
 
 
+@pytest.fixture
+def umask():
+    """Sets the process's umask for one test (and restores it)."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("writer", ["checkpoint", "metrics.csv", "curves.png", "bench.csv", "bench.png"])
+def test_outputs_get_the_umasks_mode_like_any_new_file(tmp_path, umask, writer):
+    """best.pt, last.pt, metrics.csv and the plots were written 0600 (mkstemp's mode) while config.yaml got
+    the umask's 0644: colleagues on a shared file system could read a run's config but not its checkpoint. A
+    new file now gets 0666 less the umask; a replaced file keeps the mode its owner gave it."""
+    write = {"checkpoint": lambda p: ckpt_mod.atomic_save({"w": torch.ones(3)}, p),
+             "metrics.csv": lambda p: write_metrics(_history_rows(), p),
+             "curves.png": lambda p: plot_curves({"": _history_rows()}, p),
+             "bench.csv": lambda p: outputs.write_csv(_bench_rows(), p),
+             "bench.png": lambda p: bench.plot(_bench_rows(), p)}[writer]
+    for mask, mode in ((0o022, 0o644), (0o027, 0o640), (0o002, 0o664)):
+        umask(mask)
+        path = tmp_path / f"{mask:o}" / writer
+        write(path)
+        config = path.parent / "config.yaml"
+        config.write_text("name: x\n")  # as the run folder writes its config
+        assert oct(path.stat().st_mode & 0o777) == oct(mode) == oct(config.stat().st_mode & 0o777)
+    os.chmod(path, 0o600)  # its owner's choice survives the next write
+    write(path)
+    assert path.stat().st_mode & 0o777 == 0o600 and sorted(os.listdir(path.parent)) == sorted([writer, "config.yaml"])
+
+
+def _drawn(monkeypatch, runs, **kwargs):
+    """The figure plot_curves draws for ``runs`` (drawn, not saved)."""
+    from covpool.train import summary
+
+    figures = []
+    monkeypatch.setattr(summary, "save_figure", lambda fig, path, dpi=90: figures.append(fig) or path)
+    summary.plot_curves(runs, "unused.png", **kwargs)
+    (fig,) = figures
+    fig.canvas.draw()
+    return fig
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 5])
+def test_curves_have_whole_epoch_ticks_and_the_ema_accuracy(monkeypatch, epochs):
+    """A 1-epoch plot had ticks at 0.96, 0.98, ...; a run with an EMA did not show its EMA accuracy."""
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "train_acc": 40.0 + e, "val_acc1": 35.0 + e,
+             "ema_val_acc1": 36.0 + e} for e in range(1, epochs + 1)]
+    fig = _drawn(monkeypatch, {"": rows}, title="run: resnet18, head isqrt_cov, backend ns")
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert ticks == list(range(1, epochs + 1)), ticks
+    acc = fig.axes[1]
+    labels = [t.get_text() for t in acc.get_legend().get_texts()]
+    assert labels == ["train", "val", "EMA val"]
+    (ema,) = [line for line in acc.get_lines() if line.get_label() == "EMA val"]
+    assert list(ema.get_ydata()) == [r["ema_val_acc1"] for r in rows]
+    assert fig._suptitle.get_text() == "run: resnet18, head isqrt_cov, backend ns"
+    no_ema = _drawn(monkeypatch, {"": [dict(r, ema_val_acc1=float("nan")) for r in rows]})
+    assert [t.get_text() for t in no_ema.axes[1].get_legend().get_texts()] == ["train", "val"]
+
+
+def test_machine_stamp_and_markdown_page(tmp_path):
+    stamp = bench.machine_stamp(["covpool", "bench", "--out", "a b"])
+    assert stamp.startswith("Measured 20") and f"torch {torch.__version__}" in stamp
+    assert f"({os.cpu_count()} logical CPUs), {torch.get_num_threads()} torch threads," in stamp
+    assert ("GPU: none" in stamp) != torch.cuda.is_available() and stamp.endswith("by `covpool bench --out 'a b'`.")
+    page = outputs.write_markdown_page(tmp_path / "docs" / "page.md", "Title", stamp, ["| a |\n|---|\n| 1 |"],
+                                       [tmp_path / "docs" / "plot.png", tmp_path / "other" / "p.png"])
+    assert page.read_text() == (f"# Title\n\n{stamp}\n\n| a |\n|---|\n| 1 |\n\n![plot.png](plot.png)\n\n"
+                                "![p.png](../other/p.png)\n")
+
+
 def test_one_table_writer_two_styles():
     """covpool bench's Markdown table and a run's aligned table come from the same function."""
     rows = [{"variant": "ns", "d": 64, "ms": 1.23456, "err": float("nan")}, {"variant": "eig", "d": 64, "ms": 12345.0}]

@@ -438,7 +438,13 @@ class _Trainer:
             _log.info(epoch_line(row, cfg.epochs, is_best, ema=self.ema is not None))
 
     def _title(self) -> str:
-        return f"{self.cfg.name}: {self.cfg.model.name}"
+        """The curves' title: run, model, and the head and backend(s) the history records."""
+        model = self.cfg.model
+        parts = [model.name] + ([f"head {model.head}"] if model.swap_pooling else [])
+        backends = list(dict.fromkeys(r["backend"] for r in self.progress.history if r.get("backend")))
+        if backends:
+            parts.append("backend " + " -> ".join(backends))
+        return f"{self.cfg.name}: {', '.join(parts)}"
 
     def _save(self, best: bool) -> None:
         # every process contributes its RNG state, so all of them resume their own augmentation stream

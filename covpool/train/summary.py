@@ -50,10 +50,12 @@ def epoch_line(row: Mapping, epochs: int, is_best: bool, ema: bool) -> str:
 
 
 def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str | Path, title: str = "") -> Path:
-    """One figure, two panels (loss, accuracy %), a train (dashed) and val (solid) line per run.
+    """One figure, two panels (loss, accuracy %), a train (dashed) and val (solid) line per run, and the EMA
+    weights' validation accuracy (dotted) for runs that keep an EMA; the epoch axis has whole-epoch ticks.
 
     ``runs`` maps a label to its per-epoch rows (``epoch``, ``train_loss``, ``val_loss``, ``train_acc``,
-    ``val_acc1``), as in ``metrics.csv``; one run needs no label (``{"": history}``)."""
+    ``val_acc1``, optionally ``ema_val_acc1``), as in ``metrics.csv``; one run needs no label
+    (``{"": history}``)."""
     from matplotlib.ticker import MaxNLocator
 
     fig = new_figure((10, 4))
@@ -66,10 +68,16 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str | Path, title: 
         ax_loss.plot(epochs, [r["val_loss"] for r in rows], "-o", color=color, label=f"{prefix}val")
         ax_acc.plot(epochs, [r["train_acc"] for r in rows], "--", color=color, label=f"{prefix}train")
         ax_acc.plot(epochs, [r["val_acc1"] for r in rows], "-o", color=color, label=f"{prefix}val")
+        if _has_ema(rows):
+            ax_acc.plot(epochs, [r.get("ema_val_acc1", math.nan) for r in rows], ":s", color=color,
+                        label=f"{prefix}EMA val")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
+    last = max((r["epoch"] for rows in runs.values() for r in rows), default=1)
     for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # min_n_ticks=1: with fewer than two whole epochs in view, MaxNLocator would fall back to fractions
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(0.5, last + 0.5)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
