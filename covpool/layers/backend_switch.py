@@ -106,7 +106,12 @@ def set_backend(
             raise ValueError(f"{type(root).__name__}'s covariance pooling has no matrix square root whose backend "
                              "could be set (its head normalises by a matrix power, a sketch or not at all); only "
                              "normalization='sqrt' heads (isqrt_cov, improved_bcnn) take a backend")
-        if any(isinstance(m, SoViTHead) and m.backend is None for m in root.modules()):
+        kinds = {m.kind for m in root.modules() if isinstance(m, SoViTHead) and m.backend is None}
+        if "sot" in kinds:
+            raise ValueError(f"{type(root).__name__} has no covpool layer ({which}) whose backend could be set: "
+                             "its SoT / DropCov head (multi-headed cross-covariance, svPN or none) has no matrix "
+                             "square root")
+        if kinds:
             raise ValueError(f"{type(root).__name__} has no covpool layer ({which}) whose backend could be set: "
                              "its So-ViT head normalises by svPN, which has no matrix square root; build the "
                              "model with head='mpa' (the MPA-Lya So-ViT) to choose a backend")
