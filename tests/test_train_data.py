@@ -96,7 +96,7 @@ def _prepare(path: Path, tmp_path: Path) -> tuple[list[str], bool]:
     over = ["model.pretrained=false", "data.workers=0", "data.batch_size=2", f"output_dir={tmp_path}"]
     if dataset != "embedded":
         over.append("data.img_size=64")
-    if data["model"]["name"].startswith("so_vit"):
+    if data["model"]["name"].startswith(("so_vit", "sot_")):  # built for one input size
         over.append("model.kwargs.img_size=64")
     if dataset == "imagefolder":
         make_imagefolder(tmp_path / "data", classes=3, per_class=2)
