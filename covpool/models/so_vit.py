@@ -94,6 +94,8 @@ class VisualTokenEmbed(nn.Module):
         stem_width: channels of the first convolution.
     """
 
+    backbone_channels = _STEM_CHANNELS  # the width of what _build_backbone returns
+
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 16,
                  in_chans: int = 3, embed_dim: int = 384, bias: bool = True, dynamic_img_pad: bool = False,
                  strict_img_size: bool = True, output_fmt: str | None = None, stem_width: int = 64,
@@ -112,8 +114,6 @@ class VisualTokenEmbed(nn.Module):
         self.set_input_size(img_size)
         self.backbone = self._build_backbone(in_chans, stem_width, dd)
         self.proj = nn.Conv2d(self.backbone_channels, embed_dim, kernel_size=1, bias=bias, **dd)
-
-    backbone_channels = _STEM_CHANNELS  # the width of what _build_backbone returns
 
     def _build_backbone(self, in_chans: int, stem_width: int, dd: dict[str, Any]) -> nn.Sequential:
         """The convolutions before ``proj`` (SoT's DenseNet tokens replace them in a subclass)."""
