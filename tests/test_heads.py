@@ -228,6 +228,43 @@ def test_sot_multi_head_cross_covariance_with_svpn(centering):
     assert rel(out, ref) < 1e-12
 
 
+def test_dropcov_transformer_head_drops_tokens_as_their_code_draws_them():
+    # DropCov's transformers (mingzeG/DropCov, Transformers/src): SoT's projection and scalar centring, no svPN,
+    # and in training their mask Dropout2d(0.2) of ones (B·h, N, d_r) on both queries and keys: whole tokens
+    # of one head, the same draw under the same seed.
+    b, n, heads, width = 2, 11, 3, 4
+    tokens = torch.randn(b, n, 10, dtype=F64, generator=torch.Generator().manual_seed(8))
+    pool = MultiHeadCrossCov(10, (heads, width), centering="scalar", normalization="none", token_drop=0.2, dtype=F64)
+    assert pool.v0 is None and "v0" not in pool.state_dict() and pool.out_features == heads * width ** 2
+    assert MultiHeadCrossCov(10, **pool.options).options == pool.options
+
+    def reference(mask=None):
+        qk = (tokens @ pool.proj.weight.mT).reshape(b, n, 2, heads, width).permute(2, 0, 3, 1, 4)
+        q, k = qk[0].reshape(b * heads, n, width), qk[1].reshape(b * heads, n, width)
+        if mask is not None:
+            q, k = q * mask, k * mask
+        q, k = q - q.mean((1, 2), keepdim=True), k - k.mean((1, 2), keepdim=True)
+        return (q.mT @ k / n).reshape(b, -1)
+
+    assert rel(pool.eval()(tokens), reference()) < 1e-12
+    torch.manual_seed(4)
+    out = pool.train()(tokens)
+    torch.manual_seed(4)
+    with pytest.warns(UserWarning, match="dropout2d"):
+        mask = torch.nn.functional.dropout2d(torch.ones(b * heads, n, width, dtype=F64), 0.2, True)
+    assert 0 < int((mask[..., 0] == 0).sum()) < b * heads * n and torch.equal(mask, mask[..., :1].expand_as(mask))
+    assert rel(out, reference(mask)) < 1e-12
+    assert torch.autograd.gradcheck(pool.eval(), (tokens[:1, :6].clone().requires_grad_(),))
+
+    head = covpool.SoViTHead(10, 3, reduced_dim=(heads, width), kind="sot",
+                             pool_options={"normalization": "none", "centering": "scalar"})
+    assert head.pool.normalization == "none" and head.pool.centering == "scalar" and head.pool.v0 is None
+    with pytest.raises(ValueError, match="normalization must be one of \\('svpn', 'none'\\), got 'sqrt'"):
+        MultiHeadCrossCov(10, normalization="sqrt")
+    with pytest.raises(ValueError, match="token_drop"):
+        MultiHeadCrossCov(10, token_drop=1.0)
+
+
 # ------------------------------------------------------------------------------------------ gradients
 GRAD_OPTIONS = {"cbp_ts": {"sketch_dim": 8}, "cbp_rm": {"sketch_dim": 8}}
 

@@ -359,7 +359,7 @@ def test_released_so_vit_head_has_no_backend_and_says_so():
 def test_a_sot_head_has_no_backend_and_the_message_does_not_send_back_to_swap_pooling():
     model = covpool.swap_pooling(timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32), head="sot",
                                  reduced_dim=(2, 4))
-    with pytest.raises(ValueError, match=r"its SoT head \(head='sot'\) normalises by svPN") as err:
+    with pytest.raises(ValueError, match=r"its SoT / DropCov head \(head='sot'\) normalises by svPN") as err:
         covpool.set_backend(model, "ns")
     assert "swap_pooling(model)" not in str(err.value)
     mpa = timm.create_model("so_vit_7", num_classes=5, img_size=32, head="mpa")

@@ -28,10 +28,14 @@ HEAVY = {"resnet101_isqrt", "so_vit_14", "so_vit_19", "resnet101_dropcov", "resn
 # Construction options for these checks. vgg16_isqrt's head is narrowed (the contract is the same at any width):
 # its first classifier layer, 32 896 × 4096, would otherwise be built and drawn in every test.
 CONTRACT_KWARGS = {"vgg16_isqrt": {"reduced_dim": 16, "hidden_dim": 64}}
+# SoT and DropCov's transformers are one class: the tiny variants run by default, the larger ones are slow.
+HEAVY |= {"sot_small", "sot_base", "deit_small_dropcov", "deit_base_dropcov", "t2t_vit_14_dropcov"}
 # The name patterns timm's tests/test_models.py treats as "non-standard" (token outputs, no spatial API),
 # as far as they can match a covpool name.
-# So-ViT is a ViT (token outputs) whose name timm's list does not know: covpool files it with them.
-NON_STD_FILTERS = ("vit_*", "deit*", "cait_*", "eva_*", "beit*", "tiny_vit_*", "test_vit*", "so_vit*")
+# So-ViT, SoT and DropCov's T2T-ViT-14 are ViTs (token outputs) whose names timm's list does not know: covpool
+# files them with them (DropCov's deit_*_dropcov match timm's "deit*").
+NON_STD_FILTERS = ("vit_*", "deit*", "cait_*", "eva_*", "beit*", "tiny_vit_*", "test_vit*", "so_vit*", "sot_*",
+                   "t2t_vit*")
 IMG = 64
 NUM_CLASSES = 5
 

@@ -108,12 +108,14 @@ def set_backend(
                              "normalization='sqrt' heads (isqrt_cov, improved_bcnn) take a backend")
         svpn = [m for m in root.modules() if isinstance(m, (SvPNCrossCov, MultiHeadCrossCov))]
         if svpn:
-            head = "SoT head (head='sot')" if isinstance(svpn[0], MultiHeadCrossCov) else "So-ViT svPN head"
+            head = ("SoT / DropCov head (head='sot') normalises by svPN (singular-value power normalisation) or not "
+                    "at all, and" if isinstance(svpn[0], MultiHeadCrossCov) else
+                    "So-ViT svPN head normalises by svPN (singular-value power normalisation), which")
             raise ValueError(f"{type(root).__name__} has no covpool layer ({which}) whose backend could be set: "
-                             f"its {head} normalises by svPN (singular-value power normalisation), which has no "
-                             "matrix square root, so there is no backend to choose. Backends belong to the square-"
-                             "root heads: a model built with one takes them (swap_pooling on the original backbone "
-                             "with head='isqrt_cov' or 'improved_bcnn'; head='mpa' for so_vit_* models)")
+                             f"its {head} has no matrix square root, so there is no backend to choose. Backends "
+                             "belong to the square-root heads: a model built with one takes them (swap_pooling on the "
+                             "original backbone with head='isqrt_cov' or 'improved_bcnn'; head='mpa' for so_vit_* "
+                             "models)")
         raise ValueError(f"{type(root).__name__} has no covpool layer ({which}) whose backend could be set; "
                          "build it with one (e.g. covpool.swap_pooling(model) or a *_isqrt / so_vit_* model)")
     previous: dict[str, BackendSpec] = {}

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ _CENTERINGS = ("feature", "scalar")
 # The released SoT centres a head's queries and keys by one mean over its tokens and channels: the `sot` preset
 # and SoViTHead(kind="sot") use it by default, so that they compute SoT; "feature" is the cross-covariance.
 SOT_CENTERING = "scalar"
+_TOKEN_NORMALIZATIONS = ("svpn", "none")
 
 
 def cross_covariance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -149,6 +151,10 @@ class MultiHeadCrossCov(nn.Module):
     ``norm.weight``; SoT iterates from the right, P·v0, which is :func:`svpn` of Pᵀ, transposed), and the
     h matrices are flattened row-major: h·d_r² features.
 
+    The transformers of DropCov (Wang, Gao, Zhang, Xie, Li, Hu, NeurIPS 2022; mingzeG/DropCov,
+    ``Transformers/src``) use this pooling with ``normalization="none"`` and ``token_drop=0.2``: no svPN, and
+    in training a token's query and key rows of one head are zeroed together.
+
     Args:
         in_channels: C, the token width.
         reduced_dim: (h, d_r): 6 heads of 14, 24 and 38 in SoT-Tiny, -Small and -Base.
@@ -158,6 +164,12 @@ class MultiHeadCrossCov(nn.Module):
             is what the released code computes (``adaptive_avg_pool2d`` on a 3-D tensor), and what the ``sot``
             preset and ``SoViTHead(kind="sot")`` use. With tokens that have per-channel means the two are ~100%
             apart (README, "Second-order heads").
+        normalization: ``"svpn"`` (default, SoT) or ``"none"`` (the plain matrices, DropCov's transformers;
+            no ``v0`` then).
+        token_drop: in training, each (image, head, token) has its query and key rows zeroed with this
+            probability before the centring, the kept ones scaled by 1/(1 − p) (0.2 in DropCov's
+            transformers). The mask is drawn as their ``Dropout2d`` on a ``(B·h, N, ·)`` tensor draws it (one
+            Bernoulli per row, in that order), so a seeded run draws the same tokens. 0 (default): none.
         layout: ``"tokens"`` (default) or ``"auto"`` (also ``(B, C, H, W)`` maps, as positions).
         device, dtype: factory kwargs.
 
@@ -165,8 +177,9 @@ class MultiHeadCrossCov(nn.Module):
     """
 
     def __init__(self, in_channels: int, reduced_dim: tuple[int, int] = (6, 24), alpha: float = 0.5,
-                 iters: int = 1, eps: float = 1e-5, *, centering: str = "feature", layout: str = "tokens",
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 iters: int = 1, eps: float = 1e-5, *, centering: str = "feature", normalization: str = "svpn",
+                 token_drop: float = 0.0, layout: str = "tokens", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         check_int("in_channels", in_channels)
         if not isinstance(reduced_dim, (tuple, list)) or len(reduced_dim) != 2:
@@ -179,27 +192,33 @@ class MultiHeadCrossCov(nn.Module):
         check_number("eps", eps, 0.0)
         if centering not in _CENTERINGS:
             raise ValueError(f"centering must be one of {_CENTERINGS}, got {centering!r}")
+        if normalization not in _TOKEN_NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {_TOKEN_NORMALIZATIONS}, got {normalization!r}")
+        check_number("token_drop", token_drop, 0.0, 1.0, open_high=True)
         check_layout(layout, ("tokens", "auto"))
         factory = {"device": device, "dtype": dtype}
         self.in_channels = in_channels
         self.reduced_dim = (heads, width)
         self.alpha, self.iters, self.eps = float(alpha), iters, float(eps)
         self.centering, self.layout = centering, layout
+        self.normalization, self.token_drop = normalization, float(token_drop)
         self.out_features = heads * width * width
         self.proj = nn.Linear(in_channels, 2 * heads * width, bias=False, **factory)
-        self.v0 = nn.Parameter(torch.empty(width, **factory))
+        self.v0 = nn.Parameter(torch.empty(width, **factory)) if normalization == "svpn" else None
         self.reset_parameters()
 
     @property
     def options(self) -> dict[str, Any]:
         """The keyword arguments that build this pooling again (fresh parameters)."""
         return {"reduced_dim": self.reduced_dim, "alpha": self.alpha, "iters": self.iters, "eps": self.eps,
-                "centering": self.centering, "layout": self.layout}
+                "centering": self.centering, "normalization": self.normalization, "token_drop": self.token_drop,
+                "layout": self.layout}
 
     def reset_parameters(self) -> None:
         """The release's initialisation: trunc-normal (std 0.02) projection, standard-normal start vector."""
         nn.init.trunc_normal_(self.proj.weight, std=0.02, a=-2.0, b=2.0)
-        nn.init.normal_(self.v0)
+        if self.v0 is not None:
+            nn.init.normal_(self.v0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = as_maps(x, self.in_channels, "MultiHeadCrossCov", self.layout).flatten(2).mT  # (B, N, C)
@@ -208,15 +227,23 @@ class MultiHeadCrossCov(nn.Module):
         dtype = work_dtype(x.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             q, k = qk.to(dtype)
+            if self.training and self.token_drop > 0:
+                # Channel dropout of a (B·h, N, 1) tensor: one Bernoulli per (image, head, token), drawn in the
+                # order of DropCov's Dropout2d on its (B·h, N, d_r) mask, so a seeded run drops their tokens.
+                ones = q.new_ones(q.shape[0] * heads, q.shape[-2], 1)
+                mask = F.dropout1d(ones, self.token_drop, training=True).view(*q.shape[:-1], 1)
+                q, k = q * mask, k * mask
             dims = (-2,) if self.centering == "feature" else (-2, -1)
             q, k = q - q.mean(dims, keepdim=True), k - k.mean(dims, keepdim=True)
             p = q.mT @ k / q.shape[-2]
-            out = svpn(p.mT, self.v0, self.alpha, self.iters, self.eps).mT
+            out = p if self.v0 is None else svpn(p.mT, self.v0, self.alpha, self.iters, self.eps).mT
         return out.flatten(1).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, reduced_dim={self.reduced_dim}, alpha={self.alpha}, iters={self.iters}, "
-                f"centering={self.centering!r}, out_features={self.out_features}")
+        drop = f", token_drop={self.token_drop}" if self.token_drop else ""
+        return (f"{self.in_channels}, reduced_dim={self.reduced_dim}, normalization={self.normalization!r}, "
+                f"alpha={self.alpha}, iters={self.iters}, centering={self.centering!r}{drop}, "
+                f"out_features={self.out_features}")
 
 
 class SoViTHead(nn.Module):
@@ -249,6 +276,8 @@ class SoViTHead(nn.Module):
         centering: ``"sot"`` only: ``"scalar"`` (None, the default: the release's one mean per head over its
             tokens and channels) or ``"feature"`` (each channel's mean, the cross-covariance); with tokens that
             have per-channel means, as real ones do, the two are ~100% apart (README, "Second-order heads").
+        pool_options: further keyword options of the pooling module (e.g. ``{"centering": "scalar"}`` for
+            ``"sot"``; ``{"normalization": "none", "token_drop": 0.2}`` makes DropCov's transformer head).
         device, dtype: factory kwargs of the parameters.
 
     Attributes:
@@ -284,6 +313,7 @@ class SoViTHead(nn.Module):
         *,
         kind: str = "mpa",
         centering: str | None = None,
+        pool_options: Mapping[str, Any] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -299,6 +329,7 @@ class SoViTHead(nn.Module):
             raise ValueError(f"centering={centering!r} applies to kind='sot' (SoT's multi-head cross-covariance); "
                              f"kind={kind!r} centres each channel")
         factory = {"device": device, "dtype": dtype}
+        extra = dict(pool_options or {})
         self.embed_dim = embed_dim
         self.kind = kind
         self.reduced_dim = reduced_dim
@@ -306,16 +337,18 @@ class SoViTHead(nn.Module):
             if isinstance(reduced_dim, (tuple, list)):
                 raise ValueError(f"kind='mpa' reduces to one width d (an int or None), got {reduced_dim!r}")
             self.pool: nn.Module = CovPool(embed_dim, reduced_dim=reduced_dim,
-                                           backend="mpa_lya" if backend is None else backend, layout="tokens",
-                                           **factory)
+                                           backend="mpa_lya" if backend is None else backend,
+                                           **{"layout": "tokens", **extra}, **factory)
         elif not isinstance(reduced_dim, (tuple, list)):
             what = "(d1, d2), the widths of its two branches" if kind == "svpn" else "(heads, head width)"
             raise ValueError(f"kind={kind!r} needs reduced_dim={what}, got {reduced_dim!r}")
         elif kind == "svpn":
-            self.pool = SvPNCrossCov(embed_dim, tuple(reduced_dim), layout="tokens", **factory)
+            self.pool = SvPNCrossCov(embed_dim, tuple(reduced_dim), **{"layout": "tokens", **extra}, **factory)
         else:
-            self.pool = MultiHeadCrossCov(embed_dim, tuple(reduced_dim), centering=centering or SOT_CENTERING,
-                                          **factory)
+            if centering is not None and "centering" in extra:
+                raise ValueError("centering is given twice: as centering= and in pool_options; give one")
+            extra.setdefault("centering", centering or SOT_CENTERING)
+            self.pool = MultiHeadCrossCov(embed_dim, tuple(reduced_dim), **extra, **factory)
         self.cov_dim = self.pool.out_features
         self.num_features = embed_dim + self.cov_dim
         self.head_drop = nn.Dropout(drop_rate)

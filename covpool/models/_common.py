@@ -2,6 +2,7 @@
 in place (used by the iSQRT-COV ResNets and :func:`covpool.swap_pooling`)."""
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -143,10 +144,12 @@ def _file_classifier_rows(path: str, names: tuple[str, ...],
             keys = {rename(k): v for k, v in keys.items()} if rename is not None else keys
             return [f.get_slice(keys[f"{n}.weight"]).get_shape()[0] if f"{n}.weight" in keys else None
                     for n in names]
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, ValueError, OSError):  # legacy (non-zip) files cannot be memory-mapped
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    # Training checkpoints (timm's train.py, the authors' main.py) also pickle the run's argparse Namespace.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, ValueError, OSError):  # legacy (non-zip) files cannot be memory-mapped
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     weights = unwrap_checkpoint(ckpt) if isinstance(ckpt, Mapping) else {}
     weights = {rename(k): v for k, v in weights.items()} if rename is not None else weights
     rows = []

@@ -51,7 +51,7 @@ from ..layers import SoViTHead
 from ..linalg._checks import check_int, is_int
 from ._common import check_num_classes, keep_fitting_classifier, unwrap_checkpoint
 
-__all__ = ["SoViT", "VisualTokenEmbed", "sinusoid_pos_embed", "checkpoint_filter_fn"]
+__all__ = ["SoViT", "VisualTokenEmbed", "sinusoid_pos_embed", "fit_pos_embed", "checkpoint_filter_fn"]
 
 _GLOBAL_POOLS = ("cov", "")
 _HEADS = ("svpn", "mpa")
@@ -94,13 +94,15 @@ class VisualTokenEmbed(nn.Module):
         stem_width: channels of the first convolution.
     """
 
+    backbone_channels = _STEM_CHANNELS  # the width of what _build_backbone returns
+
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 16,
                  in_chans: int = 3, embed_dim: int = 384, bias: bool = True, dynamic_img_pad: bool = False,
                  strict_img_size: bool = True, output_fmt: str | None = None, stem_width: int = 64,
                  device: Any = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if tuple(to_2tuple(patch_size)) != (16, 16):
-            raise ValueError(f"So-ViT's token stem downsamples by 16; patch_size={patch_size!r} is not supported")
+            raise ValueError(f"the visual-token stem downsamples by 16; patch_size={patch_size!r} is not supported")
         if dynamic_img_pad:
             raise ValueError("dynamic_img_pad is not supported: the stem takes any image size as it is")
         if output_fmt not in (None, "NHWC", "NLC"):
@@ -110,6 +112,11 @@ class VisualTokenEmbed(nn.Module):
         self.strict_img_size = strict_img_size
         self.output_fmt = output_fmt or "NLC"
         self.set_input_size(img_size)
+        self.backbone = self._build_backbone(in_chans, stem_width, dd)
+        self.proj = nn.Conv2d(self.backbone_channels, embed_dim, kernel_size=1, bias=bias, **dd)
+
+    def _build_backbone(self, in_chans: int, stem_width: int, dd: dict[str, Any]) -> nn.Sequential:
+        """The convolutions before ``proj`` (SoT's DenseNet tokens replace them in a subclass)."""
         block_norm = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)
         blocks = []
         in_chs = stem_width
@@ -119,16 +126,15 @@ class VisualTokenEmbed(nn.Module):
             blocks.append(Bottleneck(in_chs, _STEM_CHANNELS // 4, stride=2, downsample=shortcut,
                                      norm_layer=block_norm, **dd))
             in_chs = _STEM_CHANNELS
-        self.backbone = nn.Sequential(OrderedDict(
+        return nn.Sequential(OrderedDict(
             conv=nn.Conv2d(in_chans, stem_width, kernel_size=3, padding=1, bias=True, **dd),
             pool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
             stage=nn.Sequential(*blocks),
         ))
-        self.proj = nn.Conv2d(_STEM_CHANNELS, embed_dim, kernel_size=1, bias=bias, **dd)
 
     def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: Any = None) -> None:
         if patch_size is not None and tuple(to_2tuple(patch_size)) != (16, 16):
-            raise ValueError(f"So-ViT's token stem downsamples by 16; patch_size={patch_size!r} is not supported")
+            raise ValueError(f"the visual-token stem downsamples by 16; patch_size={patch_size!r} is not supported")
         if img_size is None:
             return
         size = tuple(to_2tuple(img_size))
@@ -193,11 +199,17 @@ class SoViT(VisionTransformer):
         pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: as timm's ViT.
         dynamic_img_size: resample the position embedding to each input's token grid.
         device, dtype: factory kwargs.
+        head_options: further options of the head's pooling (:class:`covpool.SoViTHead`'s ``pool_options``,
+            e.g. ``{"iters": 3}`` for more svPN power iterations).
 
     Attributes:
         num_features: ``embed_dim``, the width of :meth:`forward_features` ``(B, 1 + N, embed_dim)``.
         head_hidden_size: the pre-logits width, ``embed_dim + head.cov_dim`` (``embed_dim`` without head).
     """
+
+    # What a subclass changes (covpool.models.sot.SoT): the visual-token stem and the head kinds it builds.
+    _token_embed: type[VisualTokenEmbed] = VisualTokenEmbed
+    _head_kinds: tuple[str, ...] = _HEADS
 
     def __init__(
             self,
@@ -224,6 +236,7 @@ class SoViT(VisionTransformer):
             dynamic_img_size: bool = False,
             device: Any = None,
             dtype: torch.dtype | None = None,
+            head_options: Mapping[str, Any] | None = None,
     ) -> None:
         check_num_classes(num_classes)
         if global_pool not in _GLOBAL_POOLS:
@@ -232,7 +245,7 @@ class SoViT(VisionTransformer):
         if global_pool == "" and num_classes:
             raise ValueError("global_pool='' (unpooled tokens) needs num_classes=0: So-ViT's classifiers act on "
                              "the pooled class token and covariance")
-        if head not in _HEADS:
+        if head not in self._head_kinds:
             raise ValueError(f"head must be one of {_HEADS} ('svpn': So-ViT release, 'mpa': MPA-Lya So-ViT), "
                              f"got {head!r}")
         if pos_embed not in _POS_EMBEDS:
@@ -248,7 +261,7 @@ class SoViT(VisionTransformer):
             class_token=True, pos_embed="learn", fc_norm=False, dynamic_img_size=dynamic_img_size,
             pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate,
             drop_path_rate=drop_path_rate, weight_init="skip",
-            embed_layer=partial(VisualTokenEmbed, stem_width=stem_width),
+            embed_layer=partial(self._token_embed, stem_width=stem_width),
             norm_layer=nn.LayerNorm, act_layer=nn.GELU, device=device, dtype=dtype,
         )
         self.num_classes = num_classes
@@ -262,7 +275,8 @@ class SoViT(VisionTransformer):
             table = self.pos_embed.detach()
             del self.pos_embed
             self.register_buffer("pos_embed", torch.empty_like(table))
-        self._head_kwargs = dict(reduced_dim=reduced_dim, backend=backend, drop_rate=drop_rate, kind=head)
+        self._head_kwargs = dict(reduced_dim=reduced_dim, backend=backend, drop_rate=drop_rate, kind=head,
+                                 pool_options=dict(head_options or {}))
         if global_pool:
             self.head = SoViTHead(embed_dim, num_classes, **self._head_kwargs, device=device, dtype=dtype)
         self._sync_head_width()
@@ -410,19 +424,25 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: SoViT) -> dict[st
             f"the checkpoint has a {'/'.join(sorted(kinds))} So-ViT head but the model was built with "
             f"head={model.head.kind!r}; build it with head={sorted(kinds)[0]!r}"
         )
-    pos_embed = out.get("pos_embed")
+    return fit_pos_embed(out, model)
+
+
+def fit_pos_embed(state_dict: dict[str, torch.Tensor], model: SoViT) -> dict[str, torch.Tensor]:
+    """A checkpoint's position embedding of another token grid, made to fit ``model`` in place: the model's
+    own table if fixed (sinusoid), resampled (bicubic, class token kept) if learned."""
+    pos_embed = state_dict.get("pos_embed")
     if pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
         if model.pos_embed_type == "sincos":
-            out["pos_embed"] = model.pos_embed.detach().clone()
+            state_dict["pos_embed"] = model.pos_embed.detach().clone()
         else:
             num_old = pos_embed.shape[1] - model.num_prefix_tokens
             side = math.isqrt(num_old)
             if side * side != num_old:
                 raise ValueError(f"cannot resample a pos_embed of {num_old} tokens: not a square grid")
-            out["pos_embed"] = resample_abs_pos_embed(pos_embed, new_size=model.patch_embed.grid_size,
-                                                      old_size=(side, side),
-                                                      num_prefix_tokens=model.num_prefix_tokens)
-    return out
+            state_dict["pos_embed"] = resample_abs_pos_embed(pos_embed, new_size=model.patch_embed.grid_size,
+                                                             old_size=(side, side),
+                                                             num_prefix_tokens=model.num_prefix_tokens)
+    return state_dict
 
 
 def _create_so_vit(variant: str, pretrained: bool = False, *, svpn_dims: tuple[int, int], mpa_dim: int,
