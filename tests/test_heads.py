@@ -415,7 +415,8 @@ def test_option_typos_name_the_public_function_and_the_closest_option():
                                         r"argument 'centred' \(did you mean 'centered'\?\)"):
         covpool.build_head("bcnn", 8, centred=False)
     with pytest.raises(TypeError, match=r"arguments 'centring' \(did you mean 'centering'\?\), 'zzz'; valid: "
-                                        r"reduced_dim, alpha, iters, eps, centering, layout, device, dtype$"):
+                                        r"reduced_dim, alpha, iters, eps, centering, normalization, token_drop, "
+                                        r"layout, device, dtype$"):
         covpool.build_head("sot", 8, centring="scalar", zzz=1)
     with pytest.raises(TypeError, match=r"^covpool\.swap_pooling got an unexpected keyword argument 'bakend' "
                                         r"\(did you mean 'backend'\?\); valid: head, last_stride, reduced_dim, "):
