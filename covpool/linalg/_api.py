@@ -1,4 +1,5 @@
-"""Public functions: ``sqrtm``, ``inv_sqrtm``, ``covariance`` and ``triu_vectorize``."""
+"""The public functions on matrices and features: :func:`sqrtm`, :func:`inv_sqrtm`, :func:`covariance`,
+:func:`covariance_sqrtm`, :func:`covariance_power` and :func:`triu_vectorize`."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from . import _spectral
-from ._checks import check_square, work_dtype
+from ._checks import check_square, full_precision, work_dtype
 from ._registry import BackendSpec, get_backend, resolve_backend
 
 __all__ = ["sqrtm", "inv_sqrtm", "covariance", "covariance_sqrtm", "covariance_power", "triu_vectorize"]
@@ -72,11 +73,8 @@ def _root(
     if n == 0:
         # The root of a 0×0 matrix is 0×0 (as in torch.linalg); every backend agrees, none is called.
         return a.clone()
-    work = a.to(work_dtype(a.dtype))
     # Autocast would run the products in half precision, where the iterations lose convergence.
-    with torch.autocast(device_type=a.device.type, enabled=False):
-        out = entry.fn(work.reshape(-1, n, n), inverse, **bound)
-    return out.reshape(a.shape).to(a.dtype)
+    return full_precision(lambda w: entry.fn(w.reshape(-1, n, n), inverse, **bound).reshape(a.shape), a)
 
 
 def sqrtm(
@@ -254,11 +252,11 @@ def _on_side(x: torch.Tensor, centered: bool, use_gram: bool, gram_fn: Callable,
     the factors U = X/(s√N) ``(B, d, N)`` or ``matrix_fn(Σ/s², s)`` on the ``(B, d, d)`` matrix, each returning
     the function of the unscaled Σ."""
     channels, samples = x.shape[-2], x.shape[-1]
-    out_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     if channels == 0:
+        out_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
         return (x @ x.mT).to(out_dtype)  # (*, 0, 0), on the graph as sqrtm's empty result is
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        x = x.to(work_dtype(out_dtype))
+
+    def side(x: torch.Tensor) -> torch.Tensor:
         s = _power_of_two_scale(x)
         # s is a power of two, so every value below is the unscaled one divided by s exactly. On the d×d side
         # the division rides on the centring pass (x/s − x̄/s, exact); on the Gram side U = (x − x̄)/(s·√N) is
@@ -274,7 +272,9 @@ def _on_side(x: torch.Tensor, centered: bool, use_gram: bool, gram_fn: Callable,
             out = gram_fn(xs.reshape(-1, channels, samples), s)
         else:
             out = matrix_fn((xs @ xs.mT / samples).reshape(-1, channels, channels), s)
-    return out.reshape(*x.shape[:-1], channels).to(out_dtype)
+        return out.reshape(*x.shape[:-1], channels)
+
+    return full_precision(side, x)
 @lru_cache(maxsize=64)
 def _triu_flat_index(n: int, device: torch.device) -> torch.Tensor:
     rows, cols = torch.triu_indices(n, n, device=device)

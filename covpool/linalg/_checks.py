@@ -1,5 +1,5 @@
 """The argument rules every layer of covpool shares (internal): integer and number guards, and the
-dtype the square roots and covariances are computed in.
+dtype the square roots and covariances are computed in (:func:`work_dtype`, :func:`full_precision`).
 
 Backend options, the meta-layers and the models all call these, so a rule and its error message are
 written once. ``bool`` is an ``int`` in Python; no count or size accepts ``True``.
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 __all__ = ["is_int", "is_number", "check_int", "check_number", "check_bool", "check_keywords", "did_you_mean",
-           "check_square", "WORK_DTYPES", "work_dtype"]
+           "check_square", "WORK_DTYPES", "work_dtype", "full_precision"]
 
 WORK_DTYPES = (torch.float32, torch.float64)
 
@@ -100,6 +100,23 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     (float16, bfloat16, integers) in float32: half precision loses most of a covariance's digits and
     the iterations their convergence."""
     return dtype if dtype in WORK_DTYPES else torch.float32
+
+
+def full_precision(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``fn(*tensors)`` with autocast off and every tensor in the work dtype (:func:`work_dtype`), its result
+    cast back to ``dtype``: by default the first tensor's, or the default float dtype for integer and bool
+    tensors (a covariance of integers is not an integer, so it is never truncated back).
+
+    The one home of covpool's precision rule: every square root, covariance and normalisation of the
+    backends and the meta-layers runs through it, so float16/bfloat16 input and autocast regions compute in
+    float32 and return the input dtype.
+    """
+    first = tensors[0]
+    out_dtype = dtype or (first.dtype if first.is_floating_point() else torch.get_default_dtype())
+    work = work_dtype(out_dtype)
+    with torch.autocast(device_type=first.device.type, enabled=False):
+        return fn(*(t.to(work) for t in tensors)).to(out_dtype)
 
 
 def check_square(a: Any, what: str = "a") -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._checks import check_number, check_square, work_dtype
+from ._checks import check_number, check_square, full_precision
 from ._double import guard
 from ._matrix import eye, onnx_exporting
 from ._registry import Option, degree_pair, int_at_least, register_backend
@@ -385,10 +385,8 @@ def matrix_power(a: torch.Tensor, alpha: float = 0.5, *, eps: float | None = Non
     n = a.shape[-1]
     if n == 0:
         return a.clone()
-    with torch.autocast(device_type=a.device.type, enabled=False):
-        out = _Spectral.apply(a.to(work_dtype(a.dtype)).reshape(-1, n, n), _power_fn(float(alpha), eps),
-                              "matrix_power")[0]
-    return out.reshape(a.shape).to(a.dtype)
+    fn = _power_fn(float(alpha), eps)
+    return full_precision(lambda w: _Spectral.apply(w.reshape(-1, n, n), fn, "matrix_power")[0].reshape(a.shape), a)
 
 
 def power_matrix(a: torch.Tensor, alpha: float, eps: float | None, scale: torch.Tensor | None = None) -> torch.Tensor:
