@@ -1,5 +1,6 @@
 """The public surface: names, registries and the timm registration that `import covpool` promises."""
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ PUBLIC = {
     "triu_vectorize",
     "CovPool", "ZCABatchNorm1d", "ZCABatchNorm2d", "convert_sync_zca", "SoViTHead", "cov_pool", "zca_batch_norm",
     "swap_pooling", "keep_fitting_classifier", "set_backend", "convert_zca", "cifar_stem", "list_heads", "get_head",
-    "build_head", "matrix_power", "covariance_power",
+    "build_head", "register_head", "matrix_power", "covariance_power",
     "Head", "AdaptiveChannelDrop", "MultiHeadCrossCov", "SvPNCrossCov", "SecondOrderNet", "TokenCovPool",
 }
 
@@ -23,6 +24,84 @@ def test_public_names_snapshot():
     assert set(covpool.__all__) == PUBLIC
     for name in PUBLIC:
         assert getattr(covpool, name) is not None
+
+
+# The public names of each library subpackage: adding one is a decision, renaming one a deprecation.
+LIBRARY_PUBLIC = {
+    "covpool.linalg": {"sqrtm", "inv_sqrtm", "list_backends", "register_backend", "get_backend", "resolve_backend",
+                       "Backend", "BackendSpec", "Option", "covariance", "covariance_sqrtm", "covariance_power",
+                       "matrix_power", "triu_vectorize", "lyapunov_sign"},
+    "covpool.layers": {"CovPool", "ZCABatchNorm1d", "ZCABatchNorm2d", "convert_zca", "convert_sync_zca", "SoViTHead",
+                       "cov_pool", "zca_batch_norm", "set_backend", "register_head", "list_heads", "get_head",
+                       "build_head", "Head", "AdaptiveChannelDrop", "MultiHeadCrossCov", "SvPNCrossCov"},
+    "covpool.layers.functional": {"cov_pool", "second_moment", "signed_sqrt", "l2_normalize", "tensor_sketch",
+                                  "random_maclaurin", "compact_bilinear", "cross_covariance", "svpn",
+                                  "multi_head_cross_covariance", "adaptive_channel_drop", "zca_batch_norm"},
+    "covpool.models": {"swap_pooling", "keep_fitting_classifier", "cifar_stem", "SecondOrderNet", "TokenCovPool"},
+    "covpool.testing": {"well_conditioned", "well_separated", "ill_conditioned", "rank_deficient",
+                        "repeated_eigenvalues", "exact_root", "exact_grad", "rel", "round_products",
+                        "assert_compiles_like_eager"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(LIBRARY_PUBLIC))
+def test_library_subpackage_names_snapshot(module):
+    assert set(importlib.import_module(module).__all__) == LIBRARY_PUBLIC[module]
+
+
+# Library paths that moved, each name's new home: the old path imports for one release, with a FutureWarning.
+MOVED_LIBRARY_PATHS = [
+    ("covpool.layers.covpool_layer", "CovPool", "covpool.layers.pooling"),
+    ("covpool.layers.covpool_layer", "AdaptiveChannelDrop", "covpool.layers.pooling"),
+    ("covpool.layers.sovit_head", "SvPNCrossCov", "covpool.layers.pooling"),
+    ("covpool.layers.sovit_head", "MultiHeadCrossCov", "covpool.layers.pooling"),
+    ("covpool.layers.sovit_head", "svpn", "covpool.layers.functional"),
+    ("covpool.layers.sovit_head", "cross_covariance", "covpool.layers.functional"),
+    ("covpool.models.swap", "SecondOrderNet", "covpool.models.second_order"),
+    ("covpool.models.swap", "TokenCovPool", "covpool.models.second_order"),
+]
+
+
+@pytest.mark.parametrize("old, name, new", MOVED_LIBRARY_PATHS, ids=[f"{o}.{n}" for o, n, _ in MOVED_LIBRARY_PATHS])
+def test_moved_library_paths_import_with_a_future_warning(old, name, new):
+    namespace: dict = {}
+    with pytest.warns(FutureWarning, match=f"import (it|{name}) from covpool"):
+        exec(f"from {old} import {name}", namespace)
+    assert namespace[name] is getattr(importlib.import_module(new), name)
+    with pytest.raises(ImportError):
+        exec(f"from {old} import no_such_name", {})
+
+
+def test_old_head_spellings_warn_and_build_the_same_head():
+    import timm
+
+    with pytest.warns(FutureWarning, match=r"SoViTHead\(kind='mpa'\) is now SoViTHead\(head='mpa_cov'\)"):
+        old = covpool.SoViTHead(16, 3, reduced_dim=4, kind="mpa")
+    assert old.head_name == "mpa_cov" and old.pool.backend == "mpa_lya"
+    with pytest.warns(FutureWarning, match="SoViTHead.kind is now SoViTHead.head_name"):
+        assert old.kind == "mpa"
+    with pytest.warns(FutureWarning, match="kind="):
+        assert covpool.SoViTHead(16, 3, reduced_dim=(4, 2), kind="svpn").head_name == "svpn"
+    with pytest.warns(FutureWarning, match="head='mpa' is now head='mpa_cov'"):
+        model = timm.create_model("so_vit_7", img_size=32, num_classes=3, head="mpa")
+    assert model.head.head_name == "mpa_cov" and model.head.pool.dim == 48
+    with pytest.warns(FutureWarning, match=r"SvPNCrossCov\(dims=\.\.\.\) is now SvPNCrossCov\(reduced_dim=\.\.\.\)"):
+        pool = covpool.layers.SvPNCrossCov(8, dims=(3, 2))
+    assert pool.reduced_dim == pool.dims == (3, 2) and pool.out_features == 6
+
+
+# The only library files allowed past 500 lines: one model family each (timm's layout, blocks to registered
+# variants in one file). Each entry must still need it, so the list only shrinks.
+_LONG_MODEL_FAMILIES = {"covpool/models/so_vit.py"}
+
+
+def test_no_library_file_over_500_lines_but_a_model_family():
+    lengths = {str(p.relative_to(REPO)): len(p.read_text(encoding="utf-8").splitlines())
+               for p in _sources("linalg", "layers", "models", "testing", "__init__")}
+    long = {path for path, n in lengths.items() if n > 500}
+    assert long <= _LONG_MODEL_FAMILIES, f"over 500 lines: {sorted(long - _LONG_MODEL_FAMILIES)}"
+    assert _LONG_MODEL_FAMILIES <= long, f"no longer over 500 lines: {sorted(_LONG_MODEL_FAMILIES - long)}"
+    assert all(path.startswith("covpool/models/") for path in _LONG_MODEL_FAMILIES)
 
 
 @pytest.mark.parametrize("module", ["covpool.linalg", "covpool.layers", "covpool.models", "covpool.bench",

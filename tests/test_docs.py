@@ -163,6 +163,7 @@ def test_head_table_follows_the_registry():
         head = covpool.get_head(name)
         row = text.split(f"* - ``{name}``\n", 1)[1].split("* -", 1)[0]
         assert " ".join(head.paper.split()) in row and " ".join(head.doc.split()) in row
+        assert f"``{head.module.__name__}``" in row and ("tokens only" in row) == head.tokens_only
         for key, value in head.options.items():
             assert f"``{key}={value!r}``" in row
 

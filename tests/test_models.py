@@ -443,12 +443,12 @@ def _save_training_checkpoint(sd, path):
                 "version": 2}, path)
 
 
-@pytest.mark.parametrize("head", ["svpn", "mpa"])
+@pytest.mark.parametrize("head", ["svpn", "mpa_cov"])
 def test_so_vit_release_checkpoint_loads_and_gives_official_logits(tmp_path, head):
     sd = _release_state_dict("so_vit_7", head=head)
     path = tmp_path / "So-ViT-7.pth.tar"
     _save_training_checkpoint(sd, path)
-    extra = {"backend": "eig"} if head == "mpa" else {}  # the exact root, to compare with eigh in float64
+    extra = {"backend": "eig"} if head == "mpa_cov" else {}  # the exact root, to compare with eigh in float64
     # as a user writes it: the file's 5-way classifiers are kept because they fit num_classes=5
     model = timm.create_model("so_vit_7", pretrained=True, img_size=IMG, num_classes=5, head=head,
                               pretrained_cfg_overlay=dict(file=str(path)), **extra).eval()
@@ -495,7 +495,7 @@ def test_so_vit_release_head_for_other_classes_and_wrong_kind(tmp_path, caplog):
     assert tokens_only(_images()).shape == (2, 17, 256)
 
     with pytest.raises(ValueError, match="head='svpn'"):
-        timm.create_model("so_vit_7", pretrained=True, img_size=IMG, head="mpa",
+        timm.create_model("so_vit_7", pretrained=True, img_size=IMG, head="mpa_cov",
                           pretrained_cfg_overlay=dict(file=str(path)))
 
     # The release at 224² (197 positions) into a 64² model: the fixed table is the model's own.
@@ -510,7 +510,7 @@ def test_so_vit_release_head_for_other_classes_and_wrong_kind(tmp_path, caplog):
 
 
 def test_svpn_matches_svd_when_the_power_iteration_has_converged(device):
-    from covpool.layers.sovit_head import svpn
+    from covpool.layers.functional import svpn
 
     gen = torch.Generator().manual_seed(0)
     c = torch.randn(3, 6, 4, generator=gen, dtype=torch.float64)
@@ -535,7 +535,7 @@ def test_sinusoid_table():
 def test_so_vit_official_init():
     torch.manual_seed(0)
     model = timm.create_model("so_vit_14", img_size=IMG)
-    assert model.head.head_drop.p == 0.5 and model.head.pool.dims == (64, 48)
+    assert model.head.head_drop.p == 0.5 and model.head.pool.reduced_dim == (64, 48)
     assert "pos_embed" in dict(model.named_buffers()) and "pos_embed" in model.state_dict()
     assert torch.equal(model.pos_embed, covpool.models.so_vit.sinusoid_pos_embed(17, 384))
     for fc in (model.head.fc_cls, model.head.fc_cov, model.blocks[0].mlp.fc1):
@@ -556,18 +556,18 @@ def test_so_vit_official_init():
 
 
 def test_so_vit_mpa_head_and_so_vit_head_api():
-    model = timm.create_model("so_vit_14", img_size=IMG, num_classes=3, head="mpa")
-    assert model.head.kind == "mpa" and model.head.pool.backend == "mpa_lya" and model.head.pool.dim == 64
+    model = timm.create_model("so_vit_14", img_size=IMG, num_classes=3, head="mpa_cov")
+    assert model.head.head_name == "mpa_cov" and model.head.pool.backend == "mpa_lya" and model.head.pool.dim == 64
     assert model.head.head_drop.p == 0.0 and model.head_hidden_size == 384 + 64 * 65 // 2
-    assert timm.create_model("so_vit_7", img_size=IMG, head="mpa", backend="ns").head.pool.backend == "ns"
+    assert timm.create_model("so_vit_7", img_size=IMG, head="mpa_cov", backend="ns").head.pool.backend == "ns"
 
     head = covpool.SoViTHead(32, num_classes=4, backend="ns")
-    assert head.kind == "mpa" and head(torch.randn(2, 10, 32)).shape == (2, 4)
-    with pytest.raises(ValueError, match="kind"):
+    assert head.head_name == "mpa_cov" and head(torch.randn(2, 10, 32)).shape == (2, 4)
+    with pytest.raises(ValueError, match="kind must be one of \\('svpn', 'mpa', 'sot'\\), got 'bilinear'"):
         covpool.SoViTHead(32, kind="bilinear")
-    with pytest.raises(ValueError, match=r"\(d1, d2\)"):
-        covpool.SoViTHead(32, kind="svpn", reduced_dim=8)
-    with pytest.raises(ValueError, match="head"):
+    with pytest.raises(ValueError, match=r"reduced_dim must be a pair \(d1, d2\)"):
+        covpool.SoViTHead(32, head="svpn", reduced_dim=8)
+    with pytest.raises(ValueError, match="unknown head 'cross'; valid heads are: isqrt_cov"):
         timm.create_model("so_vit_7", head="cross")
 
 
@@ -837,7 +837,7 @@ def test_so_vit_with_one_word_token_has_finite_gradients(name):
     model(x).square().sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    head = covpool.SoViTHead(8, num_classes=2, reduced_dim=(4, 3), kind="svpn")
+    head = covpool.SoViTHead(8, num_classes=2, reduced_dim=(4, 3), head="svpn")
     tokens = torch.randn(2, 1 + 1, 8, requires_grad=True)
     head(tokens).sum().backward()
     assert torch.isfinite(tokens.grad).all()
@@ -845,8 +845,9 @@ def test_so_vit_with_one_word_token_has_finite_gradients(name):
 
 def test_so_vit_checks_the_backend_its_head_would_ignore():
     with pytest.raises(ValueError, match="unknown backend 'foo'"):
-        timm.create_model("so_vit_7", head="mpa", backend="foo")
-    with pytest.raises(ValueError, match="kind='svpn' normalises by svPN.*backend='foo' does not apply"):
+        timm.create_model("so_vit_7", head="mpa_cov", backend="foo")
+    with pytest.raises(ValueError, match="head 'svpn' has no matrix square root: backend='foo' does not apply; the "
+                                         "token heads that take it: isqrt_cov, improved_bcnn, mpa_cov"):
         timm.create_model("so_vit_7", backend="foo")
     with pytest.raises(ValueError, match="backend='eig' does not apply"):
-        covpool.SoViTHead(8, 2, reduced_dim=(4, 3), kind="svpn", backend="eig")
+        covpool.SoViTHead(8, 2, reduced_dim=(4, 3), head="svpn", backend="eig")

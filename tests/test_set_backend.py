@@ -44,7 +44,7 @@ MODELS = {
     "resnet18_isqrt": (lambda b: timm.create_model("resnet18_isqrt", num_classes=5, reduced_dim=16, backend=b),
                        32, NS, "svd_pade"),
     "resnet50_isqrt": (lambda b: timm.create_model("resnet50_isqrt", num_classes=5, backend=b), 64, NS, "svd_pade"),
-    "so_vit_7": (lambda b: timm.create_model("so_vit_7", num_classes=5, img_size=32, head="mpa", backend=b), 32,
+    "so_vit_7": (lambda b: timm.create_model("so_vit_7", num_classes=5, img_size=32, head="mpa_cov", backend=b), 32,
                  "mpa_lya",
                  {"name": "ns", "num_iters": 3}),
     "torchvision_swapped": (lambda b: covpool.swap_pooling(torchvision.models.resnet18(num_classes=5), reduced_dim=16,
@@ -352,7 +352,7 @@ def test_released_so_vit_head_has_no_backend_and_says_so():
     model = timm.create_model("so_vit_7", num_classes=5, img_size=32)  # head="svpn", the release
     assert model.head.backend is None
     with pytest.raises(ValueError, match=r"So-ViT svPN head normalises by svPN .* no matrix square root, so there "
-                                         r"is no backend to choose.*head='mpa' for so_vit_\* models"):
+                                         r"is no backend to choose.*head='mpa_cov' for so_vit_\* models"):
         covpool.set_backend(model, "ns")
 
 
@@ -362,5 +362,5 @@ def test_a_sot_head_has_no_backend_and_the_message_does_not_send_back_to_swap_po
     with pytest.raises(ValueError, match=r"its SoT / DropCov head \(head='sot'\) normalises by svPN") as err:
         covpool.set_backend(model, "ns")
     assert "swap_pooling(model)" not in str(err.value)
-    mpa = timm.create_model("so_vit_7", num_classes=5, img_size=32, head="mpa")
+    mpa = timm.create_model("so_vit_7", num_classes=5, img_size=32, head="mpa_cov")
     assert covpool.set_backend(mpa, "ns") == {"head.pool": "mpa_lya"} and mpa.head.backend == "ns"

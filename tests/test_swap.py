@@ -20,8 +20,8 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import covpool
 from covpool.layers import CovPool
+from covpool.models import SecondOrderNet, TokenCovPool
 from covpool.models.resnet_isqrt import ISqrtResNet
-from covpool.models.swap import SecondOrderNet, TokenCovPool
 
 IMG = 64
 NUM_CLASSES = 200

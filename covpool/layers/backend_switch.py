@@ -9,14 +9,14 @@ from torch import nn
 
 from covpool.linalg import BackendSpec, resolve_backend
 
-from .covpool_layer import CovPool
-from .sovit_head import MultiHeadCrossCov, SvPNCrossCov
+from .heads import get_head, list_heads
+from .pooling import CovPool, MultiHeadCrossCov, SvPNCrossCov
 from .zca import _ZCABatchNorm
 
 __all__ = ["set_backend"]
 
-# The layers whose ``backend`` attribute selects the square-root backend of their forward pass (a So-ViT
-# "mpa" head and what swap_pooling makes hold a CovPool).
+# The layers whose ``backend`` attribute selects the square-root backend of their forward pass (a SoViTHead's
+# "mpa_cov" head and what swap_pooling makes hold a CovPool).
 _BACKEND_LAYERS: tuple[type[nn.Module], ...] = (CovPool, _ZCABatchNorm)
 _PUBLIC_NAMES = "CovPool, ZCABatchNorm1d, ZCABatchNorm2d"
 
@@ -53,7 +53,7 @@ def set_backend(
     """Set the square-root backend of every covpool layer in ``model``, in place, and return the old ones.
 
     Changes the ``backend`` of each :class:`CovPool` that takes a square root (also the one inside a
-    ``head="mpa"`` :class:`SoViTHead` and what :func:`covpool.swap_pooling` makes), :class:`ZCABatchNorm1d` and
+    ``head="mpa_cov"`` :class:`SoViTHead` and what :func:`covpool.swap_pooling` makes), :class:`ZCABatchNorm1d` and
     :class:`ZCABatchNorm2d` in the model (``layers=`` restricts it to those of the given classes), e.g. for the
     hybrid protocol of Song, Sebe and Wang, "Why Approximate Matrix Square Root Outperforms Accurate SVD in
     Global Covariance Pooling?", ICCV 2021: Newton–Schulz (``"ns"``) early in training, where its smooth
@@ -105,7 +105,7 @@ def set_backend(
         if chosen:
             raise ValueError(f"{type(root).__name__}'s covariance pooling has no matrix square root whose backend "
                              "could be set (its head normalises by a matrix power, a sketch or not at all); only "
-                             "normalization='sqrt' heads (isqrt_cov, improved_bcnn) take a backend")
+                             f"normalization='sqrt' heads ({', '.join(_rooted_heads())}) take a backend")
         svpn = [m for m in root.modules() if isinstance(m, (SvPNCrossCov, MultiHeadCrossCov))]
         if svpn:
             head = ("SoT / DropCov head (head='sot') normalises by svPN (singular-value power normalisation) or not "
@@ -114,8 +114,8 @@ def set_backend(
             raise ValueError(f"{type(root).__name__} has no covpool layer ({which}) whose backend could be set: "
                              f"its {head} has no matrix square root, so there is no backend to choose. Backends "
                              "belong to the square-root heads: a model built with one takes them (swap_pooling on the "
-                             "original backbone with head='isqrt_cov' or 'improved_bcnn'; head='mpa' for so_vit_* "
-                             "models)")
+                             f"original backbone with head={' or '.join(map(repr, _rooted_heads()))}; "
+                             "head='mpa_cov' for so_vit_* models)")
         raise ValueError(f"{type(root).__name__} has no covpool layer ({which}) whose backend could be set; "
                          "build it with one (e.g. covpool.swap_pooling(model) or a *_isqrt / so_vit_* model)")
     previous: dict[str, BackendSpec] = {}
@@ -124,3 +124,7 @@ def set_backend(
         layer.backend = copy.deepcopy(dict(backend)) if isinstance(backend, Mapping) else backend
     return previous
 
+
+def _rooted_heads() -> list[str]:
+    """The registered heads with a square root whose backend can be chosen."""
+    return [h for h in list_heads() if get_head(h).uses_backend]

@@ -1,14 +1,17 @@
-"""The maths of the meta-layers as functions: covariance pooling and grouped ZCA whitening.
+"""The maths of the meta-layers as functions: covariance pooling and its element normalisations, the compact
+(sketch) bilinear pooling, So-ViT's and SoT's cross-covariances with svPN, DropCov's adaptive channel dropout and
+grouped ZCA whitening.
 
-The modules in :mod:`covpool.layers` are thin wrappers that own the parameters and buffers and call
-these.
+The modules in :mod:`covpool.layers` are thin wrappers that own the parameters and buffers and call these.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 from covpool.linalg import (
@@ -19,102 +22,13 @@ from covpool.linalg import (
     inv_sqrtm,
     triu_vectorize,
 )
-from covpool.linalg._checks import check_number, is_int, work_dtype
+from covpool.linalg._checks import check_int, check_number, full_precision, is_int
+
+from ._options import check_option, check_used, normalization_mode, vectorize_mode
 
 __all__ = ["cov_pool", "second_moment", "signed_sqrt", "l2_normalize", "tensor_sketch", "random_maclaurin",
+           "compact_bilinear", "cross_covariance", "svpn", "multi_head_cross_covariance", "adaptive_channel_drop",
            "zca_batch_norm"]
-
-
-LAYOUTS = ("auto", "maps", "tokens")
-
-
-def check_layout(layout: Any, allowed: tuple[str, ...] = LAYOUTS) -> None:
-    """The ``layout`` option of the pooling layers: one of ``allowed``, else a ValueError listing them."""
-    if layout not in allowed:
-        raise ValueError(f"layout must be one of {', '.join(map(repr, allowed))}, got {layout!r}")
-
-
-def as_maps(x: torch.Tensor, channels: int, name: str, layout: str = "auto") -> torch.Tensor:
-    """Feature maps ``(B, C, H, W)`` as they are, tokens ``(B, N, C)`` as ``(B, C, N, 1)`` maps (internal:
-    what the pooling layers accept). ``layout`` ``"auto"`` tells them apart by ``ndim``, and refuses a 3-D
-    ``(B, C, C)`` input, which could be tokens or channels-first features; ``"maps"`` / ``"tokens"`` accept
-    only that layout. Anything else, and input without a position, is an error naming the layer ``name``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} expects a tensor, got {type(x).__name__}")
-    maps = x.dim() == 4 and x.shape[1] == channels and layout in ("auto", "maps")
-    tokens = x.dim() == 3 and x.shape[2] == channels and layout in ("auto", "tokens")
-    if tokens and layout == "auto" and x.shape[1] == channels:
-        raise ValueError(f"{name}: input of shape {tuple(x.shape)} is ambiguous: tokens (B, N, {channels}) or "
-                         f"channels-first features (B, {channels}, N)? Build the layer with layout='tokens' "
-                         f"for tokens, or pass channels-first features as maps x.unsqueeze(-1)")
-    if not (maps or tokens):
-        expected = {"auto": f"feature maps (B, {channels}, H, W) or tokens (B, N, {channels})",
-                    "maps": f"feature maps (B, {channels}, H, W) (layout='maps')",
-                    "tokens": f"tokens (B, N, {channels}) (layout='tokens')"}[layout]
-        raise ValueError(f"{name} expects {expected}, got shape {tuple(x.shape)}")
-    if x.shape[2:].numel() == 0 if maps else x.shape[1] == 0:
-        raise ValueError(f"{name} needs at least one position to pool, got shape {tuple(x.shape)} (an empty "
-                         f"{'feature map' if maps else 'token sequence'})")
-    return x if maps else rearrange(x, "b n c -> b c n 1")
-
-
-NORMALIZATIONS = ("sqrt", "power", "none")
-VECTORIZE = ("triu", "full", "matrix")
-
-
-def vectorize_mode(vectorize: Any) -> str:
-    """``vectorize`` as one of :data:`VECTORIZE`: True is ``"triu"`` and False ``"matrix"`` (covpool ≤ 0.1)."""
-    mode = {True: "triu", False: "matrix"}.get(vectorize, vectorize) if isinstance(vectorize, bool) else vectorize
-    if mode not in VECTORIZE:
-        raise ValueError(f"vectorize must be one of {', '.join(map(repr, VECTORIZE))} (or True/False), "
-                         f"got {vectorize!r}")
-    return mode
-
-
-def normalization_mode(normalization: Any) -> str:
-    mode = "none" if normalization is None else normalization
-    if mode not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {', '.join(map(repr, NORMALIZATIONS))} (None is 'none'), "
-                         f"got {normalization!r}")
-    return mode
-
-
-# The options that only some heads read, the value that means "not given", and when a head reads them.
-_CONDITIONAL_OPTIONS = {
-    "backend": ("ns", lambda norm, sketch, signed: norm == "sqrt" and sketch is None),
-    "alpha": (0.5, lambda norm, sketch, signed: norm == "power" and sketch is None),
-    "sketch_dim": (8192, lambda norm, sketch, signed: sketch is not None),
-    "sketch_seed": (0, lambda norm, sketch, signed: sketch is not None),
-    "sqrt_smoothing": (0.0, lambda norm, sketch, signed: signed),
-}
-
-
-def check_used(normalization: str, sketch: str | None, signed_sqrt: bool = False, **options: Any) -> None:
-    """The one rule of :class:`covpool.CovPool` and :func:`cov_pool`: an option given a value other than its
-    default that the chosen head never reads (``backend`` without ``normalization="sqrt"``, ``alpha`` without
-    ``"power"``, ``sketch_dim`` / ``sketch_seed`` without a sketch, ``sqrt_smoothing`` without ``signed_sqrt``)
-    is a mistake to report, not to ignore."""
-    unused = [f"{name}={value!r}" for name, value in options.items()
-              if value != _CONDITIONAL_OPTIONS[name][0]
-              and not _CONDITIONAL_OPTIONS[name][1](normalization, sketch, signed_sqrt)]
-    if unused:
-        raise ValueError(f"{', '.join(unused)} would have no effect: backend needs normalization='sqrt', alpha "
-                         f"normalization='power', sketch_dim and sketch_seed a sketch, sqrt_smoothing signed_sqrt "
-                         f"(this head: normalization={normalization!r}, sketch={sketch!r}, "
-                         f"signed_sqrt={signed_sqrt!r})")
-
-
-def element_norm(out: torch.Tensor, signed: bool, l2: bool, smoothing: float = 0.0) -> torch.Tensor:
-    """The element normalisations of the bilinear heads, in their order: signed square root (its backward
-    smoothed by ``smoothing``, :func:`signed_sqrt`), then ℓ2."""
-    if signed:
-        out = signed_sqrt(out, smoothing=smoothing)
-    return l2_normalize(out) if l2 else out
-
-
-def check_smoothing(sqrt_smoothing: Any) -> float:
-    return check_number("sqrt_smoothing", sqrt_smoothing, 0.0,
-                        note="added to √|z| in the signed square root's backward, z summed over the positions")
 
 
 def cov_pool(
@@ -142,8 +56,9 @@ def cov_pool(
     Args:
         x: ``(*, d, N)`` features: d channels at N positions (pixels or tokens). N < d is fine (the
             covariance is then rank-deficient; every backend returns a finite square root).
-        backend: a name from :func:`covpool.list_backends` or a dict ``{"name": ..., **options}``,
-            passed to :func:`covpool.linalg.sqrtm` untouched (``normalization="sqrt"``).
+        backend: a name from :func:`covpool.list_backends` or a dict ``{"name": ..., **options}``, passed
+            untouched to :func:`covpool.linalg.covariance_sqrtm`, which takes the root on the cheaper side
+            (``normalization="sqrt"``).
         vectorize: ``"triu"`` (or True) the upper triangle (``(*, d(d+1)/2)``, ``torch.triu_indices``
             order); ``"full"`` the whole matrix row by row (``(*, d²)``, bilinear pooling's); ``"matrix"``
             (or False) the ``(*, d, d)`` matrix.
@@ -158,10 +73,10 @@ def cov_pool(
         sqrt_smoothing: δ > 0 makes the signed square root's backward ½/(√|z| + δ), z the statistic *summed* over
             the N positions, as the compact bilinear pooling code computes it (Gao et al.: 0.1 in their MatConvNet
             layers, 0.03 in Caffe's, whose Tensor Sketch is also D times larger: 0.03/√D here); covpool averages,
-            so it applies δ/√N to the average. 0 (default): the bilinear-CNN package's ½/√(|z| + 1e-8).
+            so it applies δ/√N to the average. 0 (default): the bilinear-CNN package's ``½/√(|z| + 1e-8)``.
 
     A ``backend`` other than the default without ``normalization="sqrt"``, or an ``alpha`` other than 0.5 without
-    ``"power"``, would have no effect: a ValueError, as in :class:`covpool.CovPool` (one rule, :func:`check_used`).
+    ``"power"``, would have no effect: a ValueError, as in :class:`covpool.CovPool` (one rule for both).
 
     Returns:
         ``(*, features)`` or ``(*, d, d)`` in the dtype of ``x``. float16/bfloat16 input (and autocast
@@ -185,8 +100,9 @@ def cov_pool(
     if x.is_complex():
         raise TypeError(f"cov_pool expects real features, got dtype {x.dtype}")
     mode, norm = vectorize_mode(vectorize), normalization_mode(normalization)
-    check_used(norm, None, signed_sqrt, backend=backend, alpha=alpha, sqrt_smoothing=sqrt_smoothing)
-    smoothing = check_smoothing(sqrt_smoothing) / math.sqrt(x.shape[-1])
+    check_used({"normalization": norm, "signed_sqrt": signed_sqrt, "backend": backend, "alpha": alpha,
+                "sqrt_smoothing": sqrt_smoothing})
+    smoothing = check_option("sqrt_smoothing", sqrt_smoothing) / math.sqrt(x.shape[-1])
     if mode == "matrix" and (signed_sqrt or l2):
         raise ValueError("signed_sqrt and l2 normalise a vector: use vectorize='triu' or 'full'")
     # Integer features are promoted, not truncated back: the pooled covariance root is not an integer.
@@ -201,18 +117,14 @@ def cov_pool(
     out = triu_vectorize(stat) if mode == "triu" else stat.flatten(-2)
     if not (signed_sqrt or l2):
         return out
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return element_norm(out.to(work_dtype(out.dtype)), signed_sqrt, l2, smoothing).to(out.dtype)
+    return full_precision(lambda o: _element_norm(o, signed_sqrt, l2, smoothing), out)
 
 
 def second_moment(x: torch.Tensor, centered: bool = True) -> torch.Tensor:
     """(1/N)·X_c X_cᵀ (the covariance, :func:`covpool.covariance`) or, with ``centered=False``, the
     uncentred (1/N)·X Xᵀ of ``x`` ``(*, d, N)``, in float32 for half-precision input (autocast off) and
     returned in the input dtype (integers promoted to the default dtype)."""
-    out_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        stat = covariance(x.to(work_dtype(out_dtype)), centered=centered)
-    return stat.to(out_dtype)
+    return full_precision(lambda f: covariance(f, centered=centered), x)
 
 
 # ----------------------------------------------------------------------------- element normalisation
@@ -233,13 +145,14 @@ class _SignedSqrt(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
+
+        def bound(magnitude: torch.Tensor) -> torch.Tensor:
+            if ctx.smoothing:
+                return 0.5 / magnitude.sqrt().add_(ctx.smoothing)
+            return magnitude.add(ctx.eps).rsqrt_().mul_(0.5)
+
         # In float32 at least: eps = 1e-8 vanishes in half precision and the bound with it.
-        magnitude = x.abs().to(work_dtype(x.dtype))
-        if ctx.smoothing:
-            bound = 0.5 / magnitude.sqrt_().add_(ctx.smoothing)
-        else:
-            bound = magnitude.add_(ctx.eps).rsqrt_().mul_(0.5)
-        return grad * bound.to(grad.dtype), None, None
+        return grad * full_precision(bound, x.abs(), dtype=grad.dtype), None, None
 
 
 def signed_sqrt(x: torch.Tensor, eps: float = 1e-8, smoothing: float = 0.0) -> torch.Tensor:
@@ -249,6 +162,14 @@ def signed_sqrt(x: torch.Tensor, eps: float = 1e-8, smoothing: float = 0.0) -> t
     bilinear code's (0.1 in its MatConvNet layer, 0.03 in Caffe's, on sums over positions: :func:`cov_pool`'s
     ``sqrt_smoothing``)."""
     return _SignedSqrt.apply(x, float(eps), float(smoothing))
+
+
+def _element_norm(out: torch.Tensor, signed: bool, l2: bool, smoothing: float = 0.0) -> torch.Tensor:
+    """The element normalisations of the bilinear heads, in their order: signed square root (its backward
+    smoothed by ``smoothing``, :func:`signed_sqrt`), then ℓ2."""
+    if signed:
+        out = signed_sqrt(out, smoothing=smoothing)
+    return l2_normalize(out) if l2 else out
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -279,9 +200,131 @@ def random_maclaurin(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tor
     """Random Maclaurin projection of the second moment (Gao et al., CVPR 2016; Kar and Karnick, AISTATS
     2012): z_k = (1/N)·Σ_n (w1_kᵀ x_n)(w2_kᵀ x_n) = w1_kᵀ M w2_k, for features ``x`` ``(B, d, N)`` and
     projections ``w1``, ``w2`` ``(d, D)``. Returns ``(B, D)``."""
-    return ((w1.mT @ x) * (w2.mT @ x)).mean(-1)
+    return ((w1.to(x.dtype).mT @ x) * (w2.to(x.dtype).mT @ x)).mean(-1)
 
 
+_SKETCHES = {
+    "tensor": lambda f, projection, dim: tensor_sketch(f, *projection, dim),
+    "maclaurin": lambda f, projection, dim: random_maclaurin(f, *projection),
+}
+
+
+def compact_bilinear(x: torch.Tensor, sketch: str, projection: Sequence[torch.Tensor], dim: int, *,
+                     centered: bool = True, signed_sqrt: bool = False, l2: bool = False,
+                     sqrt_smoothing: float = 0.0) -> torch.Tensor:
+    """Compact bilinear pooling (Gao, Beijbom, Zhang, Darrell, CVPR 2016) of features ``x`` ``(B, d, N)``: the
+    second moment (centred first with ``centered``) projected to ``dim`` features by ``sketch``, then the
+    element normalisations, as :func:`cov_pool`'s.
+
+    Args:
+        x: ``(B, d, N)`` features: d channels at N positions.
+        sketch: ``"tensor"`` (:func:`tensor_sketch`, ``projection`` = (h₁, s₁, h₂, s₂)) or ``"maclaurin"``
+            (:func:`random_maclaurin`, ``projection`` = (W₁, W₂) of shape ``(d, dim)``).
+        dim: D, the sketch's width.
+        centered, signed_sqrt, l2, sqrt_smoothing: as :func:`cov_pool`'s (δ on the sum over positions: δ/√N
+            on the average).
+
+    Returns:
+        ``(B, dim)`` in the dtype of ``x``, computed in float32 for half-precision input and autocast regions.
+    """
+    try:
+        project = _SKETCHES[sketch]
+    except KeyError:
+        raise ValueError(f"sketch must be one of {', '.join(map(repr, _SKETCHES))}, got {sketch!r}") from None
+
+    def pool(f: torch.Tensor) -> torch.Tensor:
+        if centered:
+            f = f - f.mean(-1, keepdim=True)
+        return _element_norm(project(f, projection, dim), signed_sqrt, l2, sqrt_smoothing / math.sqrt(f.shape[-1]))
+
+    return full_precision(pool, x)
+
+
+# ------------------------------------------------------------------------ cross-covariances and svPN
+def cross_covariance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-covariance (1/N) X_c Y_cᵀ of ``x`` ``(*, d1, N)`` and ``y`` ``(*, d2, N)``, each centred over its
+    N samples: ``(*, d1, d2)``."""
+    if x.dim() < 2 or x.shape[:-2] != y.shape[:-2] or x.shape[-1] != y.shape[-1] or x.shape[-1] < 1:
+        raise ValueError(f"cross_covariance expects (*, d1, N) and (*, d2, N) with the same * and N >= 1, "
+                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
+    xc = x - x.mean(dim=-1, keepdim=True)
+    yc = y - y.mean(dim=-1, keepdim=True)
+    return xc @ yc.mT / x.shape[-1]
+
+
+def svpn(c: torch.Tensor, v0: torch.Tensor, alpha: float = 0.5, iters: int = 1, eps: float = 1e-5) -> torch.Tensor:
+    """Singular-value power normalisation of ``c`` ``(*, d1, d2)`` as So-ViT's release computes it.
+
+    The top singular triplet (s, v, u) of ``c`` is estimated by ``iters`` power iterations started from
+    ``v0`` ``(d1,)`` (u = normalise(cᵀv), v = normalise(c u), s = vᵀ c u ≥ 0); the top singular value is
+    raised to ``alpha`` and the remainder divided by s^(1−alpha) + eps:
+
+        svPN(C) = s^alpha v uᵀ + (C − s v uᵀ) / (s^(1−alpha) + eps).
+
+    Returns ``(*, d1, d2)``. Caveats: the gradient of s^alpha grows without bound as s → 0; for the zero
+    matrix (the cross-covariance of a single token) it is 0, the derivative of a constant. One power
+    iteration is only an estimate of the top singular pair, which is what the published models used.
+    """
+    if c.dim() < 2 or v0.shape != c.shape[-2:-1]:
+        raise ValueError(f"svpn expects c (*, d1, d2) and v0 (d1,), got {tuple(c.shape)} and {tuple(v0.shape)}")
+    check_int("iters", iters)
+    v = v0.to(c.dtype).expand(*c.shape[:-1]).unsqueeze(-1)
+    u = v
+    for _ in range(iters):
+        u = F.normalize(c.mT @ v, dim=-2)
+        v = F.normalize(c @ u, dim=-2)
+    # s = ‖c u‖ ≥ 0; it is 0 for a zero matrix (one token: its centred cross-covariance), where s^alpha has an
+    # infinite derivative. Below the smallest normal number the clamp passes no gradient, and the forward is
+    # unchanged there (the rank-one term is zero with c).
+    s = (v.mT @ c @ u).clamp_min(torch.finfo(c.dtype).tiny)
+    rank1 = v @ u.mT
+    return s.pow(alpha) * rank1 + (c - s * rank1) / (s.pow(1.0 - alpha) + eps)
+
+
+def multi_head_cross_covariance(q: torch.Tensor, k: torch.Tensor, v0: torch.Tensor | None = None, *,
+                                centering: str = "feature", alpha: float = 0.5, iters: int = 1, eps: float = 1e-5,
+                                token_drop: float = 0.0) -> torch.Tensor:
+    """SoT's multi-headed cross-covariance (Xie, Zeng, Wang, Zhou, Li, 2021) of queries ``q`` and keys ``k``
+    ``(B, h, N, d)``: per head P = Q_cᵀ K_c / N ``(d, d)``, normalised by svPN from ``v0`` ``(d,)`` when it is
+    given (SoT iterates from the right, P·v0: :func:`svpn` of Pᵀ, transposed), flattened: ``(B, h·d²)``.
+
+    ``centering``: ``"feature"`` subtracts each channel's mean over the tokens (the cross-covariance);
+    ``"scalar"`` one mean over all of a head's tokens and channels (the released code's). ``token_drop`` > 0
+    zeroes each (image, head, token)'s query and key rows together with that probability and scales the kept
+    ones by 1/(1 − p), drawn as DropCov's ``Dropout2d`` on a ``(B·h, N, ·)`` tensor draws it (one Bernoulli per
+    row, in that order; pass 0 outside training)."""
+    if token_drop > 0:
+        b, heads, n, _ = q.shape
+        mask = F.dropout1d(q.new_ones(b * heads, n, 1), token_drop, training=True).view(b, heads, n, 1)
+        q, k = q * mask, k * mask
+    dims = (-2,) if centering == "feature" else (-2, -1)
+    q, k = q - q.mean(dims, keepdim=True), k - k.mean(dims, keepdim=True)
+    p = q.mT @ k / q.shape[-2]
+    out = p if v0 is None else svpn(p.mT, v0, alpha, iters, eps).mT
+    return out.flatten(1)
+
+
+# ------------------------------------------------------------------------------------------ DropCov
+def adaptive_channel_drop(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """DropCov's adaptive channel dropout of features ``x`` ``(B, d, N)`` in training (Wang et al., NeurIPS
+    2022; :class:`covpool.layers.AdaptiveChannelDrop`); ``weight`` ``(1, 1, 3)`` is the channel-weight
+    convolution's.
+
+    Channel weights a = softmax over the channels of a 3-tap 1-D convolution of the channels' means,
+    x' = x·(1 + a); one drop rate for the batch, p = clamp(1 − (10/log₂ d)·mean_b cos(a_b, r_b), 0, 1), r_b the
+    row sums of image b's covariance of x'; whole channels of x' zeroed with probability p, the kept ones scaled
+    by 1/(1 − p). p stays a tensor (no host synchronisation), and the row sums are two matrix–vector products
+    instead of the d×d covariance."""
+    a = torch.softmax(F.conv1d(x.mean(-1).unsqueeze(1), weight, padding=1).squeeze(1), dim=-1)
+    x = x * (1 + a).unsqueeze(-1)
+    with torch.no_grad():
+        xc = x - x.mean(-1, keepdim=True)
+        rows = (xc @ xc.sum(1, keepdim=True).mT).squeeze(-1) / x.shape[-1]  # Σ_j Cov(x')_ij
+        cosine = F.cosine_similarity(a, rows, dim=-1, eps=1e-8)
+        p = (1 - 10 / math.log2(x.shape[-2]) * cosine.mean()).clamp(0.0, 1.0)
+        keep = torch.rand(x.shape[:2], device=x.device) >= p
+        mask = keep.to(x.dtype) * torch.where(p < 1, 1 / (1 - p), 0.0).to(x.dtype)
+    return x * mask.unsqueeze(-1)
 
 
 # ----------------------------------------------------------------------------------------- ZCA
@@ -383,11 +426,11 @@ def zca_batch_norm(
                          f"for input shape {tuple(x.shape)} and group_size={group_size}, got "
                          f"{tuple(running_mean.shape)} and {tuple(running_cov.shape)}")
     use_batch = training or running_mean is None
-    dtype = work_dtype(x.dtype)
 
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    def whiten(x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
         # A group's channels as rows, every batch and spatial position as a column.
-        xg = rearrange(x.to(dtype), "b (g m) ... -> g m (b ...)", m=group_size)
+        xg = rearrange(x, "b (g m) ... -> g m (b ...)", m=group_size)
         if use_batch:
             if process_group is None and xg.shape[-1] < 2:
                 raise ValueError(f"whitening with batch statistics needs more than one value per channel, got "
@@ -407,5 +450,6 @@ def zca_batch_norm(
             y = y * weight.to(dtype).view(groups, group_size, 1)
         if bias is not None:
             y = y + bias.to(dtype).view(groups, group_size, 1)
-        out = rearrange(y, "g m (b s) -> b (g m) s", b=x.shape[0]).reshape(x.shape)
-    return out.to(x.dtype).contiguous()
+        return rearrange(y, "g m (b s) -> b (g m) s", b=x.shape[0]).reshape(x.shape)
+
+    return full_precision(whiten, x).contiguous()

@@ -159,7 +159,7 @@ def covariance(x: torch.Tensor, *, centered: bool = True) -> torch.Tensor:
 
     Integer or bool features are promoted to ``torch.get_default_dtype()`` (the covariance of integers
     is not an integer); floating-point features keep their dtype. The products are formed from the features
-    divided by a power of two (:func:`unit_scale`), so float32 features of ~1e-20 keep their digits (the
+    divided by a power of two (``unit_scale``, internal), so float32 features of ~1e-20 keep their digits (the
     unscaled products would be subnormal); an entry beyond the dtype's range (float32 features beyond ~1e19)
     is inf, as it must be, never NaN. :func:`covariance_sqrtm` stays finite there: it carries the scale through
     the root instead."""

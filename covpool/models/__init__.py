@@ -10,11 +10,12 @@ Importing this package registers ``resnet{18,50,101}_isqrt`` and ``so_vit_{7,10,
 :func:`swap_pooling` (a second-order head on any timm or torchvision backbone),
 :func:`keep_fitting_classifier` (a local checkpoint keeps its classifier when the class count fits) and
 :func:`cifar_stem` (a ResNet stem for 32×32 images), and the modules :func:`swap_pooling` builds
-(:class:`SecondOrderNet`, :class:`TokenCovPool`).
+(:class:`SecondOrderNet`, :class:`TokenCovPool`, in :mod:`covpool.models.second_order`).
 """
 from . import resnet_dropcov, resnet_isqrt, so_vit, sot, stem, swap, vgg_isqrt  # noqa: F401  (registers the models)
 from ._common import keep_fitting_classifier
+from .second_order import SecondOrderNet, TokenCovPool
 from .stem import cifar_stem
-from .swap import SecondOrderNet, TokenCovPool, swap_pooling
+from .swap import swap_pooling
 
 __all__ = ["swap_pooling", "keep_fitting_classifier", "cifar_stem", "SecondOrderNet", "TokenCovPool"]

@@ -8,7 +8,7 @@ NeurIPS 2022. Reproduces the authors' ``resnet{18,34,50,101,152}_ACD`` (github.c
   last stage at stride 1 as theirs, so the covariance comes from 14×14 positions at 224²;
 - the ``dropcov`` head of :func:`covpool.build_head`: 1×1 conv → BatchNorm → ReLU to ``reduced_dim``
   channels; in training only, the adaptive channel dropout
-  (:class:`~covpool.layers.covpool_layer.AdaptiveChannelDrop`: their ``eca_layer`` and ``balance_rate``);
+  (:class:`~covpool.layers.AdaptiveChannelDrop`: their ``eca_layer`` and ``balance_rate``);
   the covariance, not normalised, as its upper triangle; a linear classifier on that vector. At inference the
   dropout is the identity and the network is a plain covariance-pooling ResNet.
 
@@ -41,7 +41,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
-from ..layers import CovPool, build_head
+from ..layers import CovPool
 from ._common import keep_fitting_classifier, require_weights, unwrap_checkpoint
 from .resnet_isqrt import ISqrtResNet
 
@@ -80,6 +80,8 @@ class DropCovResNet(ISqrtResNet):
     ``forward`` → ``(B, num_classes)``.
     """
 
+    covpool_head = "dropcov"
+
     def __init__(
             self,
             block: type[nn.Module],
@@ -90,16 +92,7 @@ class DropCovResNet(ISqrtResNet):
             backend: str | Mapping[str, Any] | None = None,
             **kwargs: Any,
     ) -> None:
-        if backend is not None:
-            raise ValueError(
-                f"backend={backend!r} would have no effect: DropCov's covariance has no matrix square root (as the "
-                "authors' code); build resnet*_isqrt, or swap_pooling(model, head='dropcov', normalization='sqrt'), "
-                "for a head with one"
-            )
-        super().__init__(block, layers, num_classes, reduced_dim=reduced_dim, backend=None, **kwargs)
-
-    def _new_covpool(self, reduced_dim: int | None, backend: str | Mapping[str, Any] | None) -> CovPool:
-        return build_head("dropcov", self.num_features, reduced_dim=reduced_dim)
+        super().__init__(block, layers, num_classes, reduced_dim=reduced_dim, backend=backend, **kwargs)
 
 
 def _rename_authors_key(key: str) -> str:

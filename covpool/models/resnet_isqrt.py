@@ -40,12 +40,12 @@ from ..layers import CovPool
 from ..linalg._checks import is_int
 from ._common import (
     check_num_classes,
-    check_vector_output,
     keep_fitting_classifier,
     require_weights,
     set_last_stride,
     unwrap_checkpoint,
 )
+from .second_order import _build_pool, _head_spec
 
 __all__ = ["ISqrtResNet", "checkpoint_filter_fn"]
 
@@ -99,9 +99,12 @@ class ISqrtResNet(ResNet):
         last_stride: stride of the last stage, 1 (iSQRT-COV, default) or 2 (the plain ResNet's).
         global_pool: ``None`` or ``"cov"`` (covariance pooling), or ``""`` (no pooling and no classifier:
             ``num_classes`` must be 0 and ``forward`` returns the feature map).
-        **kwargs: the rest go to timm's ResNet; :class:`covpool.CovPool` options are ``reduced_dim``
-            (default 256, ``None`` keeps the backbone width) and ``backend`` (a name or a dict such as
-            ``{"name": "ns", "num_iters": 5}``, passed down untouched).
+        reduced_dim: channels of the head's 1×1 reduction (default 256; ``None`` keeps the backbone width).
+        backend: the square root's backend, a name or a dict such as ``{"name": "ns", "num_iters": 5}``, passed
+            down untouched; None: the head's (``ns``). A head without a square root refuses one.
+        **kwargs: the rest go to timm's ResNet.
+
+    The head is the registered head :attr:`covpool_head` (``"isqrt_cov"``; a subclass names another).
 
     Shapes: input ``(B, in_chans, H, W)``; ``forward_features`` → ``(B, num_features, H/16, W/16)`` at
     ``last_stride=1`` (``H/32`` at 2); ``forward`` → ``(B, num_classes)``.
@@ -116,36 +119,34 @@ class ISqrtResNet(ResNet):
             last_stride: int = 1,
             global_pool: str | None = None,
             reduced_dim: int | None = 256,
-            backend: str | Mapping[str, Any] = "ns",
+            backend: str | Mapping[str, Any] | None = None,
             **kwargs: Any,
     ) -> None:
         check_num_classes(num_classes)
         _check_global_pool(global_pool)
         if not is_int(last_stride) or last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}")
+        spec = _head_spec(self.covpool_head, reduced_dim, backend)
         super().__init__(block, layers, num_classes=num_classes, **kwargs)
         set_last_stride(self, last_stride)
-        self._install_covpool(self._new_covpool(reduced_dim=reduced_dim, backend=backend))
+        self._install_covpool(_build_pool("maps", self.num_features, spec), spec)
         if global_pool == "":
             self.reset_classifier(num_classes, "")
 
-    def _new_covpool(self, reduced_dim: int | None, backend: str | Mapping[str, Any] | None) -> CovPool:
-        """The pooling this class builds at construction: iSQRT-COV's (a subclass with another head preset,
-        such as DropCov's ResNets, overrides it)."""
-        return CovPool(self.num_features, reduced_dim=reduced_dim, backend=backend)
+    #: the registered head this class builds (:func:`covpool.list_heads`)
+    covpool_head: str = "isqrt_cov"
 
-    def _install_covpool(self, pool: CovPool) -> None:
+    def _install_covpool(self, pool: nn.Module, spec: Mapping[str, Any]) -> None:
         """Make ``pool`` the global pooling and size a fresh ``fc`` to its output (used at construction and
-        by :func:`covpool.swap_pooling` on a timm ResNet)."""
-        check_vector_output(pool)
-        # What a later reset_classifier(n, 'cov') rebuilds the pooling from once '' has dropped it.
-        self.covpool_options = pool.options
+        by :func:`covpool.swap_pooling` on a timm ResNet); ``spec``, the head's name and options, is what a later
+        ``reset_classifier(n, 'cov')`` rebuilds it from once ``''`` has dropped it."""
+        self.covpool_options = copy.deepcopy(dict(spec))
         self._set_head(pool, self.num_classes)
 
     def _set_head(self, pool: nn.Module, num_classes: int) -> None:
         ref = next(self.parameters())
         self.global_pool = pool.to(device=ref.device, dtype=ref.dtype).train(self.training)
-        self.head_hidden_size = pool.out_features if isinstance(pool, CovPool) else self.num_features
+        self.head_hidden_size = getattr(pool, "out_features", self.num_features)
         self.num_classes = num_classes
         self.fc = (
             nn.Linear(self.head_hidden_size, num_classes, device=ref.device, dtype=ref.dtype)
@@ -163,7 +164,7 @@ class ISqrtResNet(ResNet):
         """
         check_num_classes(num_classes)
         _check_global_pool(global_pool)
-        pooled = isinstance(self.global_pool, CovPool)
+        pooled = not isinstance(self.global_pool, nn.Identity)
         pool_type = ("cov" if pooled or num_classes > 0 else "") if global_pool is None else global_pool
         if pool_type == "" and num_classes > 0:
             raise ValueError(
@@ -175,7 +176,7 @@ class ISqrtResNet(ResNet):
         elif pooled:
             pool = self.global_pool
         else:
-            pool = CovPool(self.num_features, **copy.deepcopy(self.covpool_options))
+            pool = _build_pool("maps", self.num_features, self.covpool_options)
         self._set_head(pool, num_classes)
 
 

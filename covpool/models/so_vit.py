@@ -12,13 +12,15 @@ SoT), whose ImageNet weights load through :func:`checkpoint_filter_fn`:
   a buffer kept in the state dict as the release keeps it; ``"learn"`` makes it learned) and pre-norm blocks
   (timm's ``Block``: no qkv bias, scale head_dim^-1/2, LayerNorm eps 1e-5, GELU);
 - :class:`covpool.SoViTHead`: a classifier on the class token plus one on the second-order features of
-  the word tokens, summed. ``head="svpn"`` (default) is the release's cross-covariance of two 1×1 conv →
-  BN → ReLU branches (48×24 for So-ViT-7/10, 64×48 for 14, 96×48 for 19) normalised by svPN, the full
-  matrix as features, dropout 0.5 on them for 14/19. ``head="mpa"`` is the So-ViT of "Fast Differentiable
+  the word tokens, summed. ``head`` names any registered head that pools tokens (:func:`covpool.list_heads`).
+  ``head="svpn"`` (default) is the release's cross-covariance of two 1×1 conv → BN → ReLU branches (48×24 for
+  So-ViT-7/10, 64×48 for 14, 96×48 for 19) normalised by svPN, the full matrix as features, dropout 0.5 on
+  them for 14/19. ``head="mpa_cov"`` (``"mpa"`` before covpool 0.2) is the So-ViT of "Fast Differentiable
   Matrix Square Root" (Song et al., ICLR 2022; github.com/KingJamesSong/FastDifferentiableMatSqrt): one
   branch of 48 (7/10) or 64 (14) channels, the covariance's square root by ``backend`` (``mpa_lya``) and
   its upper triangle. Its release has no working So-ViT-19 (the builder's classifier width does not match
-  its covariance); here the 19 uses 96 channels, the first branch width of the svPN variant.
+  its covariance); here the 19 uses 96 channels, the first branch width of the svPN variant. Any other
+  head takes the one-branch width too.
 
 Built on timm's :class:`~timm.models.vision_transformer.VisionTransformer` (the token stem is its
 ``patch_embed``), so ``forward_intermediates``, ``features_only`` and layer-wise LR decay work as for
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from functools import partial
@@ -42,21 +45,31 @@ from einops import rearrange
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_module, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._input import update_model_input_size
 from timm.models.resnet import Bottleneck
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..layers import SoViTHead
+from ..layers import CovPool, SoViTHead, SvPNCrossCov, get_head
 from ..linalg._checks import check_int, is_int
 from ._common import check_num_classes, keep_fitting_classifier, unwrap_checkpoint
 
 __all__ = ["SoViT", "VisualTokenEmbed", "sinusoid_pos_embed", "fit_pos_embed", "checkpoint_filter_fn"]
 
 _GLOBAL_POOLS = ("cov", "")
-_HEADS = ("svpn", "mpa")
+# head="mpa" before covpool 0.2: the registered head it is now.
+_OLD_HEADS = {"mpa": "mpa_cov"}
 _POS_EMBEDS = ("sincos", "learn")
 _STEM_CHANNELS = 256  # 64 planes × bottleneck expansion 4
+
+
+def _head_name(head: str) -> str:
+    """``head`` as a registered head's name: an old spelling (``"mpa"``) warns and gives its new name."""
+    if head in _OLD_HEADS:
+        warnings.warn(f"head={head!r} is now head={_OLD_HEADS[head]!r} (a name of covpool.list_heads()); "
+                      f"{head!r} goes in the next release", FutureWarning, stacklevel=3)
+        return _OLD_HEADS[head]
+    get_head(head)  # an unknown name lists the valid ones
+    return head
 
 
 def _tokens_per_side(size: int, num_halvings: int = 4) -> int:
@@ -184,10 +197,12 @@ class SoViT(VisionTransformer):
         global_pool: ``"cov"`` (the So-ViT head) or ``""`` (no head: :meth:`forward_head` returns the
             unpooled tokens; only with ``num_classes=0``).
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the transformer (no qkv bias in the paper).
-        head: ``"svpn"`` (the So-ViT release) or ``"mpa"`` (Song et al.'s MPA-Lya So-ViT); see the module doc.
-        reduced_dim: the head's reduction: (d1, d2) for ``"svpn"``, d for ``"mpa"``.
-        backend: square root of the ``"mpa"`` head, a name or ``{"name": ..., **options}`` (None: ``mpa_lya``);
-            the svPN head has none and refuses one.
+        head: a registered head that pools tokens (:func:`covpool.list_heads`): ``"svpn"`` (the So-ViT release)
+            or ``"mpa_cov"`` (Song et al.'s MPA-Lya So-ViT; ``"mpa"`` before covpool 0.2, still accepted with a
+            FutureWarning for one release); see the module doc.
+        reduced_dim: the head's reduction: (d1, d2) for ``"svpn"``, d for ``"mpa_cov"``.
+        backend: square root of a head with one, a name or ``{"name": ..., **options}`` (None: the head's,
+            ``mpa_lya`` for ``"mpa_cov"``); the svPN head has none and refuses one.
         pos_embed: ``"sincos"`` (fixed 1-D sinusoid, the paper's) or ``"learn"`` (trunc-normal, trained).
         official_init: initialise as the release (default): trunc-normal(0.02) Linear weights and zero biases,
             class token trunc-normal(0.02), PyTorch-default stem convolutions, no zero-init of the last
@@ -207,9 +222,8 @@ class SoViT(VisionTransformer):
         head_hidden_size: the pre-logits width, ``embed_dim + head.cov_dim`` (``embed_dim`` without head).
     """
 
-    # What a subclass changes (covpool.models.sot.SoT): the visual-token stem and the head kinds it builds.
+    # What a subclass changes (covpool.models.sot.SoT): the visual-token stem.
     _token_embed: type[VisualTokenEmbed] = VisualTokenEmbed
-    _head_kinds: tuple[str, ...] = _HEADS
 
     def __init__(
             self,
@@ -245,9 +259,7 @@ class SoViT(VisionTransformer):
         if global_pool == "" and num_classes:
             raise ValueError("global_pool='' (unpooled tokens) needs num_classes=0: So-ViT's classifiers act on "
                              "the pooled class token and covariance")
-        if head not in self._head_kinds:
-            raise ValueError(f"head must be one of {_HEADS} ('svpn': So-ViT release, 'mpa': MPA-Lya So-ViT), "
-                             f"got {head!r}")
+        head = _head_name(head)
         if pos_embed not in _POS_EMBEDS:
             raise ValueError(f"pos_embed must be one of {_POS_EMBEDS}, got {pos_embed!r}")
         for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("depth", depth),
@@ -275,7 +287,7 @@ class SoViT(VisionTransformer):
             table = self.pos_embed.detach()
             del self.pos_embed
             self.register_buffer("pos_embed", torch.empty_like(table))
-        self._head_kwargs = dict(reduced_dim=reduced_dim, backend=backend, drop_rate=drop_rate, kind=head,
+        self._head_kwargs = dict(reduced_dim=reduced_dim, backend=backend, drop_rate=drop_rate, head=head,
                                  pool_options=dict(head_options or {}))
         if global_pool:
             self.head = SoViTHead(embed_dim, num_classes, **self._head_kwargs, device=device, dtype=dtype)
@@ -328,7 +340,8 @@ class SoViT(VisionTransformer):
         self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
         table = sinusoid_pos_embed(self.patch_embed.num_patches + self.num_prefix_tokens, self.embed_dim)
         self.pos_embed = table.to(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
-        update_model_input_size(self, self.patch_embed.img_size, patch_size=patch_size)
+        # timm's own method with nothing left to resample: it records the new input size in the model's args.
+        super().set_input_size()
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -379,6 +392,10 @@ _RELEASE_SVPN_BRANCH = re.compile(r"^classifier\.representation\.conv_dr_block\.
 _RELEASE_MPA_REDUCE = re.compile(r"^classifier\.representation\.conv_dr_block\.([01])\.(.+)$")
 _RELEASE_SVPN_V0 = "classifier.normalization.weight"
 _LAYER_NAMES = ("conv", "bn")
+# The head layout of each release (as _release_key tells them apart) and the head that loads it.
+_RELEASE_HEADS = {"svpn": ("svpn", SvPNCrossCov), "mpa": ("mpa_cov", CovPool)}
+
+
 def _release_key(key: str) -> tuple[str, str | None]:
     """Map one release key; also say which head layout it belongs to ("svpn", "mpa" or None)."""
     for old, new in _RELEASE_PREFIXES:
@@ -403,8 +420,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: SoViT) -> dict[st
     Accepts covpool's layout and the authors' releases (So-ViT, ``visual_tokens.tokens.*`` /
     ``classifier.*``; MPA-Lya So-ViT, the same with a one-branch ``conv_dr_block``), raw or as a training
     checkpoint (``state_dict_ema`` / ``model_ema`` / ``state_dict`` / ``model`` entry, as timm picks it) with
-    DataParallel ``module.`` prefixes. A checkpoint whose head is of the other kind than ``model.head``
-    raises (build the model with the other ``head=``). The position embedding of another token grid is
+    DataParallel ``module.`` prefixes. A checkpoint whose head is of another layout than ``model.head``'s
+    pooling raises (build the model with the ``head=`` it names). The position embedding of another token grid is
     replaced by the model's own table if fixed (sinusoid), resampled (bicubic, class token kept) if learned;
     a model without head (``global_pool=''``) drops the checkpoint's head.
     """
@@ -417,12 +434,14 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: SoViT) -> dict[st
         out[new_key] = value
     if not isinstance(model.head, SoViTHead):
         return {k: v for k, v in out.items() if not k.startswith("head.")}
-    if not kinds and any(k.startswith("head.pool.") for k in out):
-        kinds.add("svpn" if "head.pool.v0" in out else "mpa")
-    if kinds and kinds != {model.head.kind}:
+    if not kinds:  # covpool's layout: the two releases' heads told apart by their reduction's keys
+        kinds.update(k for k, key in (("svpn", "head.pool.reduce.0.conv.weight"),
+                                      ("mpa", "head.pool.reduce.conv.weight")) if key in out)
+    wrong = sorted(k for k in kinds if not isinstance(model.head.pool, _RELEASE_HEADS[k][1]))
+    if wrong:
         raise ValueError(
-            f"the checkpoint has a {'/'.join(sorted(kinds))} So-ViT head but the model was built with "
-            f"head={model.head.kind!r}; build it with head={sorted(kinds)[0]!r}"
+            f"the checkpoint has a {'/'.join(_RELEASE_HEADS[k][0] for k in sorted(kinds))} So-ViT head but the "
+            f"model was built with head={model.head.head_name!r}; build it with head={_RELEASE_HEADS[wrong[0]][0]!r}"
         )
     return fit_pos_embed(out, model)
 
@@ -447,12 +466,11 @@ def fit_pos_embed(state_dict: dict[str, torch.Tensor], model: SoViT) -> dict[str
 
 def _create_so_vit(variant: str, pretrained: bool = False, *, svpn_dims: tuple[int, int], mpa_dim: int,
                    svpn_drop: float, **kwargs: Any) -> SoViT:
-    head = kwargs.get("head", "svpn")
-    if head not in _HEADS:
-        raise ValueError(f"head must be one of {_HEADS} ('svpn': So-ViT release, 'mpa': MPA-Lya So-ViT), "
-                         f"got {head!r}")
-    kwargs.setdefault("reduced_dim", svpn_dims if head == "svpn" else mpa_dim)
-    kwargs.setdefault("drop_rate", svpn_drop if head == "svpn" else 0.0)
+    head = kwargs["head"] = _head_name(kwargs.get("head", "svpn"))
+    # The release's svPN widths and dropout; every other head the MPA-Lya release's one width, no dropout.
+    reduced_dim, drop_rate = (svpn_dims, svpn_drop) if head == "svpn" else (mpa_dim, 0.0)
+    kwargs.setdefault("reduced_dim", reduced_dim)
+    kwargs.setdefault("drop_rate", drop_rate)
     out_indices = kwargs.pop("out_indices", 3)
     # The released .pth.tar files are timm training checkpoints that also pickle the argparse Namespace of
     # the run; allow that one plain class when timm loads them with weights_only=True.

@@ -20,8 +20,8 @@ The network, as both releases build it:
 - a class token, a fixed 1-D sinusoid position embedding over the 1 + N positions and pre-norm blocks (timm's
   ``Block``: no qkv bias, scale head_dim^-1/2, LayerNorm eps 1e-5, GELU), as So-ViT
   (:class:`covpool.models.so_vit.SoViT`, which this class extends);
-- :class:`covpool.SoViTHead` with ``kind="sot"``: a classifier on the class token plus one on the multi-headed
-  cross-covariance of the word tokens (:class:`covpool.layers.sovit_head.MultiHeadCrossCov`), summed. SoT
+- :class:`covpool.SoViTHead` with the ``sot`` head: a classifier on the class token plus one on the multi-headed
+  cross-covariance of the word tokens (:class:`covpool.layers.MultiHeadCrossCov`), summed. SoT
   normalises each head's matrix by svPN (dropout on the features 0 / 0.5 / 0.7 for Tiny / Small / Base);
   DropCov's transformers do not normalise it, zero a token's query and key rows together with probability
   0.2 in training (per image and head) and drop the features with probability 0.5. Both centre each head's
@@ -145,7 +145,6 @@ class SoT(SoViT):
     """
 
     _token_embed = DenseTokenEmbed
-    _head_kinds = ("sot",)
 
     def __init__(
             self,

@@ -32,7 +32,6 @@ linear layers with zero bias).
 """
 from __future__ import annotations
 
-import copy
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -49,7 +48,8 @@ from torch.nn.utils import skip_init
 
 from ..layers import CovPool
 from ..linalg._checks import check_int
-from ._common import check_num_classes, check_vector_output, keep_fitting_classifier, require_weights, unwrap_checkpoint
+from ._common import check_num_classes, keep_fitting_classifier, require_weights, unwrap_checkpoint
+from .second_order import _build_pool, _head_spec
 
 __all__ = ["ISqrtVGG", "checkpoint_filter_fn"]
 
@@ -165,10 +165,9 @@ class ISqrtVGG(VGG):
         self.features = self.features[:-1]
         del self.feature_info[-1], self.feature_ends[-1]
         self.hidden_dim = hidden_dim
-        pool = CovPool(self.num_features, reduced_dim=reduced_dim, backend=backend, device=device, dtype=dtype)
-        check_vector_output(pool)
         # What a later reset_classifier(n, 'cov') rebuilds the pooling from once '' has dropped it.
-        self.covpool_options = pool.options
+        self.covpool_options = _head_spec("isqrt_cov", reduced_dim, backend)
+        pool = _build_pool("maps", self.num_features, {**self.covpool_options, "device": device, "dtype": dtype})
         self._set_head(pool, num_classes)
         if global_pool == "":
             self.reset_classifier(0, "")
@@ -177,7 +176,7 @@ class ISqrtVGG(VGG):
         ref = next(self.parameters())
         factory = {"device": ref.device, "dtype": ref.dtype}
         self.global_pool = pool.to(**factory).train(self.training)
-        if isinstance(pool, CovPool):
+        if not isinstance(pool, nn.Identity):
             width = pool.out_features
             if self.hidden_dim:
                 self.pre_logits = _mlp(width, self.hidden_dim, self.drop_rate, factory).train(self.training)
@@ -221,7 +220,7 @@ class ISqrtVGG(VGG):
         """
         check_num_classes(num_classes)
         _check_global_pool(global_pool)
-        pooled = isinstance(self.global_pool, CovPool)
+        pooled = not isinstance(self.global_pool, nn.Identity)
         pool_type = ("cov" if pooled or num_classes > 0 else "") if global_pool is None else global_pool
         if pool_type == "" and num_classes > 0:
             raise ValueError(
@@ -234,7 +233,7 @@ class ISqrtVGG(VGG):
             self.head.reset(num_classes)
             self.num_classes = num_classes
         else:
-            self._set_head(CovPool(self.num_features, **copy.deepcopy(self.covpool_options)), num_classes)
+            self._set_head(_build_pool("maps", self.num_features, self.covpool_options), num_classes)
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:

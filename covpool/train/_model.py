@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 import covpool
-from covpool.layers.sovit_head import MultiHeadCrossCov, SvPNCrossCov
-from covpool.models.swap import TokenCovPool
+from covpool.layers import MultiHeadCrossCov, SvPNCrossCov
+from covpool.models import TokenCovPool
 
 from ..outputs import first_line
 from ._resume import model_changes

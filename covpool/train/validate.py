@@ -215,7 +215,7 @@ def _check_input_size(model: torch.nn.Module, cfg: TrainConfig) -> None:
     :class:`ConfigError`, as is a centred covariance of one position (a 1x1 final map: the covariance of one
     sample is 0 for every image, so the head would train on constant features; the uncentred heads, bcnn and
     the sketches, see x xᵀ and still learn)."""
-    from covpool.layers.sovit_head import MultiHeadCrossCov, SvPNCrossCov
+    from covpool.layers import MultiHeadCrossCov, SvPNCrossCov
 
     size = cfg.data.img_size
     seen: list[tuple[torch.nn.Module, int]] = []

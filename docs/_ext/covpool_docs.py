@@ -330,7 +330,7 @@ def head_table() -> str:
     for name in covpool.list_heads():
         h = covpool.get_head(name)
         options = ", ".join(f"``{k}={v!r}``" for k, v in h.options.items()) or "iSQRT-COV's defaults"
-        module = "``MultiHeadCrossCov`` (tokens only)" if h.tokens_only else "``CovPool``"
+        module = f"``{getattr(h.module, '__name__', h.module)}``" + (" (tokens only)" if h.tokens_only else "")
         rows.append([f"``{name}``", _cell(h.paper), _cell(h.doc), module, options])
     return _list_table(["name", "paper", "what it computes", "module", "options"], rows, widths="10 20 35 10 25")
 
