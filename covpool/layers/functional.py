@@ -295,7 +295,8 @@ def multi_head_cross_covariance(q: torch.Tensor, k: torch.Tensor, v0: torch.Tens
     row, in that order; pass 0 outside training)."""
     if token_drop > 0:
         b, heads, n, _ = q.shape
-        mask = F.dropout1d(q.new_ones(b * heads, n, 1), token_drop, training=True).view(b, heads, n, 1)
+        mask = F.dropout1d(q.new_ones(b * heads, n, 1), token_drop, training=True)
+        mask = rearrange(mask, "(b h) n 1 -> b h n 1", b=b)
         q, k = q * mask, k * mask
     dims = (-2,) if centering == "feature" else (-2, -1)
     q, k = q - q.mean(dims, keepdim=True), k - k.mean(dims, keepdim=True)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from einops import rearrange
 from timm.layers import register_notrace_module
 from torch import nn
 
@@ -256,7 +257,7 @@ class SecondOrderNet(nn.Module):
         if isinstance(self.global_pool, nn.Identity):
             return x
         if self.channels_last:
-            x = x.permute(0, 3, 1, 2)
+            x = rearrange(x, "b h w c -> b c h w")
         x = self.global_pool(x)
         return x if pre_logits else self.fc(x)
 
