@@ -188,7 +188,7 @@ def flops(fn):
 def test_automatic_choice_takes_the_side_with_fewer_products(backend):
     # Below the crossover the Gram side costs fewer multiply-adds, forward and backward; at M = d more (the
     # eigendecomposition backends' eigh is not counted by the flop counter; their crossover is measured:
-    # README, "Second order at first-order cost").
+    # docs/guides/backends.md, "Second order at first-order cost: the Gram side").
     d = 64
     entry = covpool.get_backend(backend)
     for m, gram_cheaper in ((d // 4, True), (d, False), (2 * d, False)):
@@ -336,7 +336,8 @@ def test_product_backends_never_synchronise_with_the_host(backend):
 
 
 def test_eigendecomposition_backends_synchronise():
-    # eigh itself synchronises on CUDA, and covpool checks its result for LAPACK's non-convergence (README).
+    # eigh itself synchronises on CUDA, and covpool checks its result for LAPACK's non-convergence
+    # (docs/guides/backends.md, "Numerical caveats").
     from torch._subclasses.fake_tensor import DataDependentOutputException
 
     with FakeTensorMode(), pytest.raises(DataDependentOutputException):
@@ -400,9 +401,9 @@ def errors(backend, a64, g64, rounding=None, **options):
 
 @pytest.mark.parametrize("backend, offered", [("ns", True), ("mtp_lya", True), ("mpa_lya", False)])
 def test_tf32_products_stay_within_the_backends_own_error(backend, offered):
-    # Why ns and mtp_lya offer tf32=True and mpa_lya does not (README, "TF32 and bf16 products"): with TF32
-    # operands their error against the exact root and gradient moves by less than 1% of what their own
-    # approximation already costs; mpa_lya's Padé solve amplifies the rounding ~7×.
+    # Why ns and mtp_lya offer tf32=True and mpa_lya does not (docs/guides/backends.md, "TF32 and bf16
+    # products"): with TF32 operands their error against the exact root and gradient moves by less than 1% of
+    # what their own approximation already costs; mpa_lya's Padé solve amplifies the rounding ~7×.
     a = covpool.testing.well_conditioned(4, 64, seed=0)
     g = torch.randn(4, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     full, tf32 = errors(backend, a, g), errors(backend, a, g, "tf32")

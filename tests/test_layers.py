@@ -533,7 +533,7 @@ def test_convert_zca_modes_options_and_errors():
 
 
 def test_so_vit_head_new_classifiers_follow_the_head_without_reduction():
-    # kind="mpa", reduced_dim=None: the pooling has no parameters, the classifiers still follow the head's dtype
+    # head="mpa_cov", reduced_dim=None: the pooling has no parameters, the classifiers still follow the head's dtype
     head = covpool.SoViTHead(8, num_classes=3, reduced_dim=None, dtype=torch.float64)
     head.reset_classifier(5)
     assert head.fc_cls.weight.dtype == head.fc_cov.weight.dtype == torch.float64
@@ -574,9 +574,10 @@ def test_cov_pool_refuses_the_options_its_head_never_reads_as_covpool_does(optio
 
 
 def test_rank_deficient_pooling_gradient_of_eig_is_close_to_exact_and_ns_is_below_it():
-    """What the CovPool docstring and README say about 49 positions of 256 channels: the eig gradient with
-    respect to the features is the exact one to float32 accuracy (not "large"), ns's is smaller than the exact
-    one (its iteration stops short of convergence on the null space: 0.84 of its norm, 22% off)."""
+    """What the CovPool docstring and docs/guides/backends.md ("Numerical caveats") say about 49 positions of 256
+    channels: the eig gradient with respect to the features is the exact one to float32 accuracy (not
+    "large"), ns's is smaller than the exact one (its iteration stops short of convergence on the null space:
+    0.84 of its norm, 22% off)."""
     x = torch.randn(2, 256, 49, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     up = torch.randn(2, 256 * 257 // 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 

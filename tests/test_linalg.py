@@ -812,10 +812,10 @@ def test_empty_covariance_root_stays_on_the_graph():
 
 
 def test_the_quick_start_figures():
-    """README's quick start: the distance of each backend's root of its rank-deficient covariance to the float64
-    root, and of the whitening line's inverse roots, as the paragraph under it quotes them (the SVD family's
-    forward is eig's, by construction). One float64 eigendecomposition gives every reference: adding eps·I
-    keeps the eigenvectors."""
+    """The quick start (README, docs/guides/install.md): the distance of each backend's root of its rank-deficient
+    covariance to the float64 root, and of the whitening line's inverse roots, as its comments and
+    docs/guides/backends.md ("On a rank-deficient covariance") quote them (the SVD family's forward is eig's, by
+    construction). One float64 eigendecomposition gives every reference: adding eps·I keeps the eigenvectors."""
     torch.manual_seed(0)
     x = torch.randn(8, 256, 49)
     cov = covpool.covariance(x)

@@ -60,7 +60,7 @@ class AdaptiveChannelDrop(nn.Module):
 
     Differences from the authors' code: p stays a tensor (theirs is read to the host with ``.item()``, a
     synchronisation per step), and the row sums are two matrix–vector products instead of the d×d covariance;
-    the numbers are the same (README, "Second-order heads"). The maths:
+    the numbers are the same (:doc:`second-order heads </guides/heads>`). The maths:
     :func:`covpool.layers.functional.adaptive_channel_drop`.
     """
 
@@ -124,7 +124,7 @@ class CovPool(nn.Module):
         sqrt_smoothing: δ > 0 makes the signed square root's backward ½/(√|z| + δ), z the statistic summed
             over the positions, as the compact bilinear code has it (0.1 in its MatConvNet layers, 0.03 in
             Caffe's, whose Tensor Sketch is also D times larger: 0.03/√D here); 0 (default) is the bilinear-CNN
-            package's ``½/√(|z| + 1e-8)`` (:func:`covpool.cov_pool`; README, "Second-order heads").
+            package's ``½/√(|z| + 1e-8)`` (:func:`covpool.cov_pool`; :doc:`/guides/heads`).
         sketch: ``"tensor"`` or ``"maclaurin"``: a compact random projection of the second moment to
             ``sketch_dim`` features instead of the matrix (compact bilinear pooling; needs
             ``normalization="none"``); its random hashes, signs or projections are buffers drawn once from
@@ -151,8 +151,8 @@ class CovPool(nn.Module):
     computes finitely. ``eig``'s gradient with respect to the features stays close to the exact one there (0.17%
     in float32 on 49 positions of 256 channels; its large kernel between two null directions never reaches
     the features), the SVD family's within 1.5–5%; the iterative backends stop short of convergence on the
-    null space, 20–35% below the exact gradient and 18–130% off the exact root (README, "Square-root
-    backends"). ``ns`` is the paper's choice. Half-precision input is pooled in float32 and cast back; integer
+    null space, 20–35% below the exact gradient and 18–130% off the exact root (:doc:`choosing a backend
+    </guides/backends>`). ``ns`` is the paper's choice. Half-precision input is pooled in float32 and cast back; integer
     features (``reduced_dim=None``) are promoted to the default float dtype, and so is the output.
 
     Example::
@@ -362,7 +362,7 @@ class MultiHeadCrossCov(nn.Module):
             cross-covariance; ``"scalar"`` subtracts one mean over all of a head's tokens and channels, which
             is what the released code computes (``adaptive_avg_pool2d`` on a 3-D tensor), and what the ``sot``
             head uses. With tokens that have per-channel means the two are ~100%
-            apart (README, "Second-order heads").
+            apart (:doc:`second-order heads </guides/heads>`).
         normalization: ``"svpn"`` (default, SoT) or ``"none"`` (the plain matrices, DropCov's transformers;
             no ``v0`` then).
         token_drop: in training, each (image, head, token) has its query and key rows zeroed with this

@@ -82,8 +82,8 @@ class SoViTHead(nn.Module):
         head: a name of :func:`covpool.list_heads` whose head pools tokens.
         centering: for a head that takes it (``"sot"``): ``"scalar"`` (None, the default: the release's one mean
             per head over its tokens and channels) or ``"feature"`` (each channel's mean, the cross-covariance);
-            with tokens that have per-channel means, as real ones do, the two are ~100% apart (README,
-            "Second-order heads").
+            with tokens that have per-channel means, as real ones do, the two are ~100% apart
+            (:doc:`/guides/heads`).
         pool_options: further keyword options of the head (e.g. ``{"iters": 3}`` for ``"svpn"``;
             ``{"normalization": "none", "token_drop": 0.2}`` makes DropCov's transformer head of ``"sot"``).
         device, dtype: factory kwargs of the parameters.

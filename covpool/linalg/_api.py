@@ -91,8 +91,9 @@ def sqrtm(
             and positive semi-definite (smallest eigenvalue >= −10·n·ε·max|λ|). Off by default: it costs
             an ``eigvalsh`` and a host sync. Unchecked, a negative eigenvalue is clipped to the floor by
             ``eig`` and the SVD family and gives a finite but meaningless result with ``ns``,
-            ``mtp_lya`` and ``mpa_lya`` (README, "Square-root backends").
-        **options: backend options (see the README's backend table), e.g. ``num_iters=5`` for ``ns``.
+            ``mtp_lya`` and ``mpa_lya`` (:doc:`choosing a backend </guides/backends>`).
+        **options: backend options (:doc:`the backend reference </reference/backends>`), e.g. ``num_iters=5``
+            for ``ns``.
 
     Returns:
         ``(*, n, n)`` tensor of the input dtype. Every matrix is treated on its own: its result and

@@ -90,11 +90,11 @@ def _no_onnx(name: str) -> None:
             "ONNX has no eigendecomposition operator, and the matrix power of normalization='power' (the mpn_cov "
             "head, covpool.matrix_power) has no product-only form: export this model with torch.export "
             "(AOTInductor, ExecuTorch), or use a square-root head, which exports to ONNX once "
-            "covpool.set_backend(model, \"ns\") has given it a product backend (README, \"Export\")")
+            "covpool.set_backend(model, \"ns\") has given it a product backend (docs/guides/export.md)")
     raise RuntimeError(
         f"the {name!r} backend needs a symmetric eigendecomposition (torch.linalg.eigh), which ONNX has no operator "
         f"for: call covpool.set_backend(model, \"ns\") (or \"mtp_lya\", \"mpa_lya\") before torch.onnx.export; "
-        f"torch.export itself (AOTInductor, ExecuTorch) takes {name!r} as it is (README, \"Export\")")
+        f"torch.export itself (AOTInductor, ExecuTorch) takes {name!r} as it is (docs/guides/export.md)")
 
 
 def _eigh_checked(a: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,8 +369,8 @@ def matrix_power(a: torch.Tensor, alpha: float = 0.5, *, eps: float | None = Non
 
     Returns:
         ``(*, n, n)`` in the input dtype. The gradient is the exact Daleckii–Krein one of this function
-        (MPN-COV's own backward drops the coupling between kept and zeroed eigenvalues instead; README,
-        "Second-order heads"), and for a symmetric input it is symmetric. For ``alpha`` = 0.5 this differs
+        (MPN-COV's own backward drops the coupling between kept and zeroed eigenvalues instead;
+        :doc:`/guides/heads`), and for a symmetric input it is symmetric. For ``alpha`` = 0.5 this differs
         from ``sqrtm(a, "eig")`` only on the null space, which ``eig`` raises to its floor.
 
     Example::
