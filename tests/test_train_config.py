@@ -95,6 +95,29 @@ def test_registry_values_come_from_the_registries_now(monkeypatch, capsys):
                                     "model.covpool.reduced_dim=8", "model.covpool.backend=config_probe"]))
 
 
+def test_the_mixed_precision_modes_are_spelled_once():
+    """The config's amp values, its check, covpool bench --amp and the autocast of training and evaluation all
+    read covpool.precision.AMP_MODES."""
+    import torch
+
+    from covpool.cli._bench import _bench_parser
+    from covpool.precision import AMP_MODES, amp_mode
+    from covpool.train.config import config_schema
+
+    amp = next(k for k in config_schema() if k.key == "amp")
+    assert amp.values == " | ".join(AMP_MODES) == "none | bf16 | fp16"
+    assert next(a for a in _bench_parser()._actions if a.dest == "amp").choices == list(AMP_MODES)
+    with pytest.raises(ConfigError, match="amp='bf61' is not a mixed-precision mode .*did you mean 'bf16'"):
+        amp.choices.check("amp", "bf61")
+    with pytest.raises(ValueError, match="unknown mixed-precision mode 'fp8'"):
+        amp_mode("fp8")
+    with amp_mode("bf16").autocast(torch.device("cpu")):
+        assert torch.ones(2, 2).mm(torch.ones(2, 2)).dtype == torch.bfloat16
+    with amp_mode("none").autocast("cpu"):
+        assert torch.ones(2, 2).mm(torch.ones(2, 2)).dtype == torch.float32
+    assert [m.name for m in AMP_MODES.values() if m.scaled] == ["fp16"] and amp_mode("fp16").refusal("cuda") is None
+
+
 def test_a_runs_folder_is_named_in_one_place(tmp_path):
     from pathlib import Path
 

@@ -344,7 +344,7 @@ def test_eval_writes_per_class_accuracy_confusion_and_predictions_for_a_test_spl
     assert main(["eval", "--checkpoint", str(last), "--split", "tset"]) == 2
     assert "has no 'tset' split; its splits: train, val, test" in one_error_line(capsys)
     assert main(["eval", "--checkpoint", str(last), "--out", str(folder / "confusion.png" / "x")]) == 2
-    assert "--out: cannot create the folder" in one_error_line(capsys)
+    assert f"--out {folder / 'confusion.png' / 'x'}: cannot create that folder" in one_error_line(capsys)
 
 
 def test_predict_mistakes_are_one_error_line(tmp_path, capsys):
@@ -360,8 +360,8 @@ def test_predict_mistakes_are_one_error_line(tmp_path, capsys):
                           ([str(tmp_path), "--device", "cuda:7"] if torch.cuda.device_count() < 8 else [], "cuda"),
                           ([str(tmp_path), "--device", "tpu"], "--device 'tpu' is not a device"),
                           ([str(tmp_path), "--device", "meta"], "--device meta: covpool predict runs on cpu or cuda"),
-                          ([str(tmp_path), "--out", str(tmp_path / "bad.jpg" / "p.csv")], "--out: cannot create the "
-                                                                                           "folder")):
+                          ([str(tmp_path), "--out", str(tmp_path / "bad.jpg" / "p.csv")],
+                           f"--out {tmp_path / 'bad.jpg'}: cannot create that folder")):
         if not argv:
             continue
         assert main(["predict", "--checkpoint", str(ckpt), *argv]) == 2, argv
