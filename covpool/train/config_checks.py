@@ -35,32 +35,27 @@ from .config import (
     OptimConfig,
     TrainConfig,
     config_schema,
-    config_to_dict,
     format_config_diff,
 )
 
 __all__ = ["check_config", "check_same_model"]
 
-_MISSING = object()
 
-
-def _dotted(config: Mapping[str, Any], key: str) -> Any:
-    node: Any = config
+def _value(cfg: TrainConfig, key: str) -> Any:
+    """The value of dotted ``key`` in ``cfg``."""
+    node: Any = cfg
     for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return _MISSING
-        node = node[part]
+        node = getattr(node, part)
     return node
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Raise :class:`ConfigError` for any mistake in ``cfg`` that the config schema cannot see: a name no
-    registry holds (with the closest one), an invalid backend spec, ``device`` / ``amp`` this machine cannot
+    """Raise :class:`ConfigError` for any mistake in ``cfg`` that reading it could not see: a name no
+    registry holds now (with the closest one), an invalid backend spec, ``device`` / ``amp`` this machine cannot
     run, an invalid ``COVPOOL_DIST_TIMEOUT``, or model options the model's and covpool's layers refuse (a dry
     run of :func:`covpool.train.build_model` on torch's meta device: no memory, no weights, no download)."""
-    config = config_to_dict(cfg)
     for key in config_schema():
-        value = _dotted(config, key.key)
+        value = _value(cfg, key.key)
         if key.choices is not None and isinstance(value, str):
             key.choices.check(key.key, value)
         for entry in key.backends if isinstance(value, Mapping) else ():
