@@ -185,7 +185,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, h
                  formats: Mapping[str, str] | None = None, markdown: bool = False) -> str:
     """``rows`` as a table of ``columns`` (keys of the rows): aligned text (right-justified under a dashed
     rule, what a run prints at its end) or, with ``markdown``, a Markdown table (what ``covpool bench`` prints
-    and the README quotes). ``headers`` renames columns; a cell is ``formats[key].format(value)`` where a
+    and the benchmark pages show). ``headers`` renames columns; a cell is ``formats[key].format(value)`` where a
     format is given, else :func:`format_value`; a missing value is ``–``.
 
     >>> print(format_table([{"d": 8, "ms": 1.25}], ["d", "ms"], headers={"ms": "time ms"}))

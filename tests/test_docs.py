@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
+import re
 import sys
 import typing
 
@@ -235,7 +236,6 @@ def test_gallery_examples_are_plot_scripts_with_a_title():
         assert len(head) >= 2 and set(head[1]) == {"="}, f"{script.name}: the docstring needs a title"
 
 
-
 def test_the_generator_reads_only_public_names_of_covpool():
     """It read cli._COMMANDS, config._hints, config._is_section, config._range_text and validate._NAMED: a
     rename inside the application broke the site. It now reads config_schema() and the launcher's COMMANDS."""
@@ -254,3 +254,76 @@ def test_the_generator_reads_only_public_names_of_covpool():
                       and isinstance(node.value, ast.Name) and node.value.id in modules
                       and node.attr.startswith("_") and not node.attr.startswith("__")})
     assert not private, f"the docs generator reads private names: {private}"
+
+
+# ------------------------------------------------------------------------------ the README and the guides
+README = REPO / "README.md"
+GUIDES = sorted((DOCS / "guides").glob("*.md"))
+MARKDOWN_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub and MyST (``myst_heading_anchors``) give a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def _anchors(path) -> set[str]:
+    lines, in_code = [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            lines.append(_slug(line.lstrip("#")))
+    return set(lines)
+
+
+def _local_links(path) -> list[str]:
+    """The relative targets of a Markdown file's links and images, outside code blocks."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+    return [t for t in MARKDOWN_LINK.findall(text) if not re.match(r"[a-z]+:|#", t)]
+
+
+def _broken(path) -> list[str]:
+    problems = []
+    for target in _local_links(path):
+        file, _, anchor = target.partition("#")
+        where = (path.parent / file).resolve()
+        if not where.is_file():
+            problems.append(f"{path.name}: {target}: no such file")
+        elif anchor and where.suffix == ".md" and anchor not in _anchors(where):
+            problems.append(f"{path.name}: {target}: {file} has no heading with that anchor")
+    return problems
+
+
+def test_the_readme_is_a_landing_page():
+    """Under 200 lines (issue 25): what covpool is, the two commands, install, a quick start, a picture."""
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) < 200
+    assert "make demo" in text and "make test" in text and "```python" in text
+    assert re.search(r"!\[[^\]]*\]\(docs/[^)]+\.png\)", text), "the README's picture, a figure a command drew"
+
+
+def test_the_readme_links_into_every_guide_and_its_links_resolve():
+    links = {(README.parent / t.partition("#")[0]).resolve() for t in _local_links(README)}
+    assert GUIDES, "the guides are the Markdown pages of docs/guides/"
+    assert not [g.name for g in GUIDES if g.resolve() not in links], "a guide the README does not link to"
+    assert not _broken(README)
+
+
+@pytest.mark.parametrize("page", GUIDES + sorted((DOCS / "benchmarks").glob("*.md")), ids=lambda p: p.name)
+def test_the_links_of_a_guide_resolve(page):
+    """On GitHub too: a relative link names a file of the repository, and an anchor a heading of it."""
+    assert not _broken(page)
+
+
+@pytest.mark.parametrize("page", [README, *GUIDES], ids=lambda p: p.name)
+def test_prose_lines_are_at_most_120_characters(page):
+    """Tables and code blocks aside, where a long line cannot be split."""
+    long, in_code = [], False
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and not line.startswith("|") and len(line) > 120:
+            long.append(number)
+    assert not long, f"{page.name}: lines {long} are over 120 characters"

@@ -1,5 +1,5 @@
 """Export: every backend and head through ``torch.export`` and ONNX (dynamo exporter, run with onnxruntime),
-against eager, and the README's "Export" table checked against what happens.
+against eager, and the table of the export guide (docs/guides/export.md) checked against what happens.
 
 The poolings of every registered backend (square root on the d×d and the Gram side, inverse root) and every
 registered head are exported together, as one module with one output each: one ``torch.export`` and one
@@ -17,7 +17,7 @@ import torch
 import covpool
 from covpool.testing import ill_conditioned, rank_deficient, well_conditioned
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guides" / "export.md"
 NAMES = [("backend", b) for b in covpool.list_backends()] + [("head", h) for h in covpool.list_heads()]
 ONNX_ADVICE = 'covpool.set_backend(model, "ns")'
 
@@ -142,25 +142,24 @@ def outcome():
     return result
 
 
-def readme_table():
-    """The rows of README's "Export" table: ``{(kind, name): (torch.export cell, ONNX cell)}``."""
-    section = README.read_text().split("\n## Export\n", 1)[1].split("\n## ", 1)[0]
+def guide_table():
+    """The rows of the export guide's table: ``{(kind, name): (torch.export cell, ONNX cell)}``."""
     rows = {}
-    for line in section.splitlines():
+    for line in GUIDE.read_text().splitlines():
         match = re.match(r"\| (backend|head) `([a-z0-9_]+)` \| ([^|]+) \| ([^|]+) \|$", line)
         if match:
             rows[(match[1], match[2])] = (match[3].strip(), match[4].strip())
     return rows
 
 
-def test_the_readme_export_table_has_a_row_per_backend_and_head():
-    assert sorted(readme_table()) == sorted(NAMES)
+def test_the_export_guide_table_has_a_row_per_backend_and_head():
+    assert sorted(guide_table()) == sorted(NAMES)
 
 
 @pytest.mark.parametrize("kind, name", NAMES, ids=[f"{k}-{n}" for k, n in NAMES])
-def test_export_as_the_readme_says(outcome, kind, name):
+def test_export_as_the_guide_says(outcome, kind, name):
     exports, onnx = outcome[(kind, name)]
-    export_cell, onnx_cell = readme_table()[(kind, name)]
+    export_cell, onnx_cell = guide_table()[(kind, name)]
     assert exports is True, f"{kind} {name}: torch.export differs from eager"
     assert export_cell == "yes"
     if onnx is None:

@@ -62,7 +62,7 @@ class AdaptiveChannelDrop(nn.Module):
 
     Differences from the authors' code: p stays a tensor (theirs is read to the host with ``.item()``, a
     synchronisation per step), and the row sums are two matrix–vector products instead of the d×d covariance;
-    the numbers are the same (README, "Second-order heads").
+    the numbers are the same (:doc:`second-order heads </guides/heads>`).
     """
 
     def __init__(self, channels: int, *, device: Any = None, dtype: torch.dtype | None = None) -> None:
@@ -134,10 +134,10 @@ class CovPool(nn.Module):
             MPN-COV) or ``"none"``.
         alpha: the power of ``normalization="power"`` (0.5).
         signed_sqrt, l2: sign(x)·√|x| per feature, then ℓ2 normalisation of the vector (bilinear heads).
-        sqrt_smoothing: δ > 0 makes the signed square root's backward ½/(√|z| + δ), z the statistic summed
+        sqrt_smoothing: δ > 0 makes the signed square root's backward ``½/(√|z| + δ)``, z the statistic summed
             over the positions, as the compact bilinear code has it (0.1 in its MatConvNet layers, 0.03 in
             Caffe's, whose Tensor Sketch is also D times larger: 0.03/√D here); 0 (default) is the bilinear-CNN
-            package's ½/√(|z| + 1e-8) (:func:`covpool.cov_pool`; README, "Second-order heads").
+            package's ``½/√(|z| + 1e-8)`` (:func:`covpool.cov_pool`; :doc:`/guides/heads`).
         sketch: ``"tensor"`` or ``"maclaurin"``: a compact random projection of the second moment to
             ``sketch_dim`` features instead of the matrix (compact bilinear pooling; needs
             ``normalization="none"``); its random hashes, signs or projections are buffers drawn once from
@@ -164,8 +164,8 @@ class CovPool(nn.Module):
     computes finitely. ``eig``'s gradient with respect to the features stays close to the exact one there (0.17%
     in float32 on 49 positions of 256 channels; its large kernel between two null directions never reaches
     the features), the SVD family's within 1.5–5%; the iterative backends stop short of convergence on the
-    null space, 20–35% below the exact gradient and 18–130% off the exact root (README, "Square-root
-    backends"). ``ns`` is the paper's choice. Half-precision input is pooled in float32 and cast back; integer
+    null space, 20–35% below the exact gradient and 18–130% off the exact root (:doc:`choosing a backend
+    </guides/backends>`). ``ns`` is the paper's choice. Half-precision input is pooled in float32 and cast back; integer
     features (``reduced_dim=None``) are promoted to the default float dtype, and so is the output.
 
     Example::

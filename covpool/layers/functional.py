@@ -155,13 +155,13 @@ def cov_pool(
             eigendecomposition (:func:`covpool.linalg.matrix_power`, MPN-COV); ``"none"`` (or None).
         alpha: the power of ``normalization="power"``.
         signed_sqrt, l2: then sign(x)·√|x| per entry (:func:`signed_sqrt`) and ℓ2 normalisation of the vector.
-        sqrt_smoothing: δ > 0 makes the signed square root's backward ½/(√|z| + δ), z the statistic *summed* over
+        sqrt_smoothing: δ > 0 makes the signed square root's backward ``½/(√|z| + δ)``, z the statistic *summed* over
             the N positions, as the compact bilinear pooling code computes it (Gao et al.: 0.1 in their MatConvNet
             layers, 0.03 in Caffe's, whose Tensor Sketch is also D times larger: 0.03/√D here); covpool averages,
-            so it applies δ/√N to the average. 0 (default): the bilinear-CNN package's ½/√(|z| + 1e-8).
+            so it applies δ/√N to the average. 0 (default): the bilinear-CNN package's ``½/√(|z| + 1e-8)``.
 
     A ``backend`` other than the default without ``normalization="sqrt"``, or an ``alpha`` other than 0.5 without
-    ``"power"``, would have no effect: a ValueError, as in :class:`covpool.CovPool` (one rule, :func:`check_used`).
+    ``"power"``, would have no effect: a ValueError, as in :class:`covpool.CovPool` (one rule, ``check_used``).
 
     Returns:
         ``(*, features)`` or ``(*, d, d)`` in the dtype of ``x``. float16/bfloat16 input (and autocast

@@ -47,8 +47,8 @@ class Head:
 
     @property
     def module(self) -> type[nn.Module]:
-        """The pooling class :func:`build_head` builds: :class:`covpool.CovPool`, or
-        :class:`covpool.layers.sovit_head.MultiHeadCrossCov` for a token head."""
+        """The pooling class that :func:`build_head` builds (:class:`covpool.CovPool`, or
+        :class:`covpool.layers.sovit_head.MultiHeadCrossCov` for a token head)."""
         return MultiHeadCrossCov if self.tokens_only else CovPool
 
     @property

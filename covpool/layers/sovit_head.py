@@ -163,7 +163,7 @@ class MultiHeadCrossCov(nn.Module):
             cross-covariance; ``"scalar"`` subtracts one mean over all of a head's tokens and channels, which
             is what the released code computes (``adaptive_avg_pool2d`` on a 3-D tensor), and what the ``sot``
             preset and ``SoViTHead(kind="sot")`` use. With tokens that have per-channel means the two are ~100%
-            apart (README, "Second-order heads").
+            apart (:doc:`second-order heads </guides/heads>`).
         normalization: ``"svpn"`` (default, SoT) or ``"none"`` (the plain matrices, DropCov's transformers;
             no ``v0`` then).
         token_drop: in training, each (image, head, token) has its query and key rows zeroed with this
@@ -275,7 +275,7 @@ class SoViTHead(nn.Module):
         kind: ``"mpa"`` (default), ``"svpn"`` or ``"sot"``.
         centering: ``"sot"`` only: ``"scalar"`` (None, the default: the release's one mean per head over its
             tokens and channels) or ``"feature"`` (each channel's mean, the cross-covariance); with tokens that
-            have per-channel means, as real ones do, the two are ~100% apart (README, "Second-order heads").
+            have per-channel means, as real ones do, the two are ~100% apart (:doc:`/guides/heads`).
         pool_options: further keyword options of the pooling module (e.g. ``{"centering": "scalar"}`` for
             ``"sot"``; ``{"normalization": "none", "token_drop": 0.2}`` makes DropCov's transformer head).
         device, dtype: factory kwargs of the parameters.

@@ -165,7 +165,7 @@ class ZCABatchNorm2d(_ZCABatchNorm):
     sample counts.
 
     Args:
-        num_features: C.
+        num_features: C, the number of channels.
         group_size: channels per whitening group.
         backend: inverse-square-root backend, a name or ``{"name": ..., **options}``.
         eps: added to the covariance diagonal; bounds the gain along null directions by eps^{-1/2}.

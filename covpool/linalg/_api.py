@@ -93,8 +93,9 @@ def sqrtm(
             and positive semi-definite (smallest eigenvalue >= −10·n·ε·max|λ|). Off by default: it costs
             an ``eigvalsh`` and a host sync. Unchecked, a negative eigenvalue is clipped to the floor by
             ``eig`` and the SVD family and gives a finite but meaningless result with ``ns``,
-            ``mtp_lya`` and ``mpa_lya`` (README, "Square-root backends").
-        **options: backend options (see the README's backend table), e.g. ``num_iters=5`` for ``ns``.
+            ``mtp_lya`` and ``mpa_lya`` (:doc:`choosing a backend </guides/backends>`).
+        **options: backend options (:doc:`the backend reference </reference/backends>`), e.g. ``num_iters=5``
+            for ``ns``.
 
     Returns:
         ``(*, n, n)`` tensor of the input dtype. Every matrix is treated on its own: its result and
@@ -161,7 +162,7 @@ def covariance(x: torch.Tensor, *, centered: bool = True) -> torch.Tensor:
 
     Integer or bool features are promoted to ``torch.get_default_dtype()`` (the covariance of integers
     is not an integer); floating-point features keep their dtype. The products are formed from the features
-    divided by a power of two (:func:`unit_scale`), so float32 features of ~1e-20 keep their digits (the
+    divided by a power of two (``unit_scale``), so float32 features of ~1e-20 keep their digits (the
     unscaled products would be subnormal); an entry beyond the dtype's range (float32 features beyond ~1e19)
     is inf, as it must be, never NaN. :func:`covariance_sqrtm` stays finite there: it carries the scale through
     the root instead."""

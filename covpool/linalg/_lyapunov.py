@@ -291,7 +291,7 @@ def _mpa_lya(a: torch.Tensor, inverse: bool, degree: tuple[int, int], lya_iters:
     """Matrix Padé Approximant: √A ≈ √‖A‖ Q(X)⁻¹P(X); the inverse root swaps P and Q. P and Q are
     polynomials of the same symmetric X, so they commute and are symmetric positive definite for
     normalised input: one Cholesky factorisation and a triangular solve, never an explicit inverse. No TF32
-    option: rounding the products' operands to TF32 multiplies its error by 7 (README)."""
+    option: rounding the products' operands to TF32 multiplies its error by 7 (docs/guides/backends.md)."""
     return _lya("pade", a, inverse, degree, lya_iters, refine, scale=scale)
 
 
@@ -344,7 +344,7 @@ register_backend(
     _mtp_lya,
     {"degree": Option(10, int_at_least(1), "degree of the Taylor polynomial"), "lya_iters": _LYA, "refine": _REFINE,
      "tf32": Option(False, bool_option, "CUDA: the products in TF32 (within the Taylor polynomial's own error: "
-                    "README, 'TF32 and bf16 products')")},
+                    "docs/guides/backends.md, 'TF32 and bf16 products')")},
     doc="Matrix Taylor Polynomial forward, Lyapunov backward (Song et al., ICLR 2022)",
     products=_mtp_products,
     gram=_mtp_gram,

@@ -182,7 +182,7 @@ register_backend(
         "norm": Option("trace", one_of("trace", "fro"), "pre-normalisation: 'trace' (iSQRT-COV) or 'fro' "
                        "(Frobenius norm: larger eigenvalues after scaling, so faster convergence)"),
         "tf32": Option(False, bool_option, "CUDA: the iteration's products in TF32 (within the iteration's own "
-                       "error: README, 'TF32 and bf16 products')"),
+                       "error: docs/guides/backends.md, 'TF32 and bf16 products')"),
     },
     doc="coupled Newton–Schulz iteration (Li et al., CVPR 2018); exact (symmetric) gradient of the iteration",
     products=_ns_products,

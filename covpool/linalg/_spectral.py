@@ -369,8 +369,8 @@ def matrix_power(a: torch.Tensor, alpha: float = 0.5, *, eps: float | None = Non
 
     Returns:
         ``(*, n, n)`` in the input dtype. The gradient is the exact Daleckii–Krein one of this function
-        (MPN-COV's own backward drops the coupling between kept and zeroed eigenvalues instead; README,
-        "Second-order heads"), and for a symmetric input it is symmetric. For ``alpha`` = 0.5 this differs
+        (MPN-COV's own backward drops the coupling between kept and zeroed eigenvalues instead;
+        :doc:`/guides/heads`), and for a symmetric input it is symmetric. For ``alpha`` = 0.5 this differs
         from ``sqrtm(a, "eig")`` only on the null space, which ``eig`` raises to its floor.
 
     Example::

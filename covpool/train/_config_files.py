@@ -75,7 +75,7 @@ def shipped_configs() -> dict[str, Path]:
 
 def resolve_config(name_or_path: str | Path) -> Path:
     """The config file meant by ``name_or_path``: an existing file first (a local path always wins), else
-    the shipped config of that name, with or without ``.yaml`` (``configs/<name>.yaml`` too, so the README's
+    the shipped config of that name, with or without ``.yaml`` (``configs/<name>.yaml`` too, so the documented
     commands work from any folder once covpool is installed). Raises :class:`ConfigNotFoundError` listing
     the shipped names otherwise."""
     path = Path(name_or_path)
