@@ -349,7 +349,7 @@ def demo_runs(monkeypatch):
         stopped = key in interrupt
         return SimpleNamespace(history=[] if stopped else [row], final={} if stopped else row, best_acc1=acc,
                                best_epoch=1, interrupted=stopped, exit_code=143 if stopped else 0,
-                               run_dir=Path(cfg.output_dir) / cfg.name,
+                               run_dir=cfg.run_dir,
                                model=SimpleNamespace(head_hidden_size=8, num_features=8))
 
     monkeypatch.setattr(covpool.train, "train", fake_train)
@@ -466,7 +466,7 @@ def test_shipped_configs_are_one_copy_inside_the_package():
     shipped = shipped_configs()
     package_dir = Path(covpool.__file__).parent / "configs"
     assert set(shipped) == {p.stem for p in package_dir.glob("*.yaml")} and "cub200_resnet50_isqrt" in shipped
-    # the repository's configs/ (what the README's commands use) is the package's folder, not a copy
+    # the repository's configs/ (what the documented commands use) is the package's folder, not a copy
     assert (REPO / "configs").resolve() == (REPO / "covpool" / "configs").resolve()
     for path in shipped.values():
         load_config(path)  # every shipped config is valid
