@@ -141,11 +141,12 @@ def compare_backends() -> None:
     the rank-deficient gradient column measures (:data:`covpool.bench.RANK_DEFICIENT_NOTE`)."""
     import textwrap
 
-    from .bench import RANK_DEFICIENT_NOTE, default_variants, format_table, run_bench
+    from .bench import RANK_DEFICIENT_NOTE, default_variants, run_bench
+    from .outputs import format_table
 
     print("== 1. Square-root backends: batch 16 of 64×64 covariance matrices, float32, this CPU ==")
     rows = run_bench(default_variants(quick=True), batch=16, dims=[64], min_run_time=0.05, progress=False)
-    print(format_table(rows, _COLUMNS))
+    print(format_table(rows, _COLUMNS, markdown=True))
     print("errors are relative Frobenius errors against float64 eigendecomposition; prod-eq = time / one "
           "batched 64×64 product")
     print(textwrap.fill(RANK_DEFICIENT_NOTE, width=118) + "\n")

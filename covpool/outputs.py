@@ -8,9 +8,13 @@ line is written.
 Atomic writes: the bytes go to a temporary file ``.<name>.<random>.tmp`` in the destination's folder (same
 file system, so the rename is atomic), are flushed and fsynced, and the file is moved into place with
 :func:`os.replace`. A crash mid-write leaves the previous file whole and no partial file under the real name;
-:func:`covpool.train.checkpoint.remove_stale_temp_files` clears what a killed process left behind. A new file
+:func:`remove_leftover_temporaries` clears what a killed process left behind (the two spell the temporary
+name in one place, so they cannot drift apart). A new file
 gets the mode any program's new file gets (0666 less the umask, so colleagues can read a run on a shared file
 system where the umask allows it); a replaced file keeps its mode.
+
+Names that moved: :func:`moved_names` gives a module the ``__getattr__`` that keeps an old import path working
+for one release, with a :class:`FutureWarning` naming the new one.
 
 Benchmark pages: :func:`write_markdown_page` writes a title, a line saying when, where and by which command
 the figures were measured (:func:`covpool.bench.machine_stamp`, with :func:`cpu_description`), tables and
@@ -19,21 +23,25 @@ links to the plots as one Markdown page.
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import logging
 import math
 import os
+import pkgutil
 import platform
 import secrets
 import stat
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_write", "os_error_in", "first_line", "write_csv", "format_value", "format_table", "new_figure",
-           "save_figure", "console_logging", "cpu_description", "write_markdown_page"]
+__all__ = ["atomic_write", "remove_leftover_temporaries", "os_error_in", "first_line", "write_csv", "format_value",
+           "format_table", "new_figure", "save_figure", "console_logging", "cpu_description", "write_markdown_page",
+           "moved_names"]
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object],
@@ -69,6 +77,39 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object],
     return path
 
 
+# The temporary file of `path` is `.<name>.<tag>.tmp` beside it: `tag` random while writing, `*` to find leftovers.
+_TEMPORARY = ".{name}.{tag}.tmp"
+# What covpool <= 0.1.0 left: a fixed `.<name>.tmp`, and `.<name>.<random><suffix>` for figures.
+_OLD_TEMPORARIES = (".{name}.tmp", ".{name}.*{suffix}")
+
+
+def remove_leftover_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporary files that a killed :func:`atomic_write` of ``path`` left in its folder (and those
+    covpool 0.1.0 left), nothing else; returns what was removed. Call it only while no other process writes
+    ``path`` (e.g. while holding the lock of a run folder), or a live writer's file is taken.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> for name in (".last.pt.3f2a9c1e.tmp", ".last.pt.tmp", "last.pt", ".notes.tmp"):
+    ...     _ = (folder / name).write_bytes(b"")
+    >>> [p.name for p in remove_leftover_temporaries(folder / "last.pt")]
+    ['.last.pt.3f2a9c1e.tmp', '.last.pt.tmp']
+    >>> sorted(p.name for p in folder.iterdir())
+    ['.notes.tmp', 'last.pt']
+    """
+    path = Path(path)
+    name = glob.escape(path.name)
+    patterns = [_TEMPORARY.format(name=name, tag="*")]
+    patterns += [p.format(name=name, suffix=glob.escape(path.suffix)) for p in _OLD_TEMPORARIES]
+    removed = []
+    for pattern in patterns:
+        for tmp in sorted(path.parent.glob(pattern)):
+            if tmp.is_file() and tmp not in removed:
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
 def _create_temporary(path: Path) -> tuple[int, Path]:
     """A new, empty ``.<name>.<random>.tmp`` beside ``path``, opened for writing.
 
@@ -81,7 +122,7 @@ def _create_temporary(path: Path) -> tuple[int, Path]:
         mode = None
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
     for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        tmp = path.parent / _TEMPORARY.format(name=path.name, tag=secrets.token_hex(4))
         try:
             fd = os.open(tmp, flags, 0o666)
         except FileExistsError:
@@ -261,3 +302,31 @@ def console_logging(name: str = "covpool") -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
+
+
+def moved_names(module: str, moved: Mapping[str, str | tuple[str, str]]) -> Callable[[str], Any]:
+    """The module-level ``__getattr__`` of ``module`` for its names that moved, kept for one release.
+
+    ``moved`` maps an old name to where it lives now, ``"package.module:name"``, or to ``(that, advice)`` when
+    the new spelling differs from a plain import (the advice is what the warning tells the reader to write).
+    Reading an old name warns with a :class:`FutureWarning` and returns the object; any other unknown name is an
+    :class:`AttributeError`, as without the hook.
+
+    >>> __getattr__ = moved_names("old.place", {"dumps": "json:dumps"})
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     dumps = __getattr__("dumps")
+    >>> dumps([1]), str(caught[0].message)
+    ('[1]', 'old.place.dumps is deprecated and goes in the next release; use json.dumps')
+    """
+    def __getattr__(name: str) -> Any:
+        if name not in moved:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        entry = moved[name]
+        target, advice = (entry, entry.replace(":", ".")) if isinstance(entry, str) else entry
+        warnings.warn(f"{module}.{name} is deprecated and goes in the next release; use {advice}", FutureWarning,
+                      stacklevel=2)
+        return pkgutil.resolve_name(target)
+
+    return __getattr__

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import covpool.testing  # noqa: F401  (used in the compile test)
-from covpool.bench import Variant, default_variants, format_table, product_count, run_bench
+from covpool.bench import TABLE_COLUMNS, Variant, default_variants, product_count, run_bench
 from covpool.cli import bench_main
+from covpool.outputs import format_table
 
 
 def test_product_counts_follow_the_algorithms():
@@ -32,7 +33,7 @@ def test_run_bench_rows_are_consistent():
     assert eig["fwd err well-conditioned"] < 1e-5 and native["fwd err well-conditioned"] < 1e-5
     assert eig["grad err well-conditioned"] < 1e-4
     assert ns["fwd err well-conditioned"] > 1e-3  # 5 trace-normalised steps are visibly approximate
-    assert "| eig | 16 |" in format_table(rows)
+    assert "| eig | 16 |" in format_table(rows, TABLE_COLUMNS, markdown=True)
 
 
 def test_gradient_error_compares_like_with_like():

@@ -249,7 +249,7 @@ def test_the_console_script_and_main_give_the_same_answers(capsys):
     import _covpool_cli
     from covpool import cli
 
-    assert {name: help_ for name, (_, help_) in cli._COMMANDS.items()} == _covpool_cli.COMMANDS
+    assert list(cli.RUNNERS) == list(_covpool_cli.COMMANDS)  # every command has a runner and a help, in one order
     assert main(["--help"]) == 0
     assert capsys.readouterr().out == _covpool_cli.usage() + "\n"
     assert _covpool_cli.version() == covpool.__version__
@@ -280,7 +280,7 @@ def test_help_texts_are_plain_and_complete(capsys, argv):
 
 
 def test_list_configs_shows_each_configs_whole_first_paragraph(capsys):
-    from covpool.cli import _config_summary
+    from covpool.cli._train import _config_summary
     from covpool.train.config import shipped_configs
 
     text = "# A config whose description\n# runs over two lines.\n#   covpool train --config x\nname: x\n"
@@ -349,7 +349,7 @@ def demo_runs(monkeypatch):
         stopped = key in interrupt
         return SimpleNamespace(history=[] if stopped else [row], final={} if stopped else row, best_acc1=acc,
                                best_epoch=1, interrupted=stopped, exit_code=143 if stopped else 0,
-                               run_dir=Path(cfg.output_dir) / cfg.name,
+                               run_dir=cfg.run_dir,
                                model=SimpleNamespace(head_hidden_size=8, num_features=8))
 
     monkeypatch.setattr(covpool.train, "train", fake_train)
@@ -466,7 +466,7 @@ def test_shipped_configs_are_one_copy_inside_the_package():
     shipped = shipped_configs()
     package_dir = Path(covpool.__file__).parent / "configs"
     assert set(shipped) == {p.stem for p in package_dir.glob("*.yaml")} and "cub200_resnet50_isqrt" in shipped
-    # the repository's configs/ (what the README's commands use) is the package's folder, not a copy
+    # the repository's configs/ (what the documented commands use) is the package's folder, not a copy
     assert (REPO / "configs").resolve() == (REPO / "covpool" / "configs").resolve()
     for path in shipped.values():
         load_config(path)  # every shipped config is valid

@@ -127,10 +127,11 @@ def test_config_reference_lists_every_key_with_its_type_default_and_range():
 
 
 def test_cli_reference_shows_every_commands_help():
-    from covpool import cli
+    import _covpool_cli
 
     text = gen.cli_reference()
-    for command in cli._COMMANDS:
+    assert gen.commands() == list(_covpool_cli.COMMANDS)
+    for command in _covpool_cli.COMMANDS:
         assert f"``covpool {command}``" in text and f"usage: covpool {command}" in text
     for command, extras in gen.EXTRA_HELP.items():
         for extra in extras:
@@ -235,6 +236,25 @@ def test_gallery_examples_are_plot_scripts_with_a_title():
         head = script.read_text(encoding="utf-8").split('"""')[1].strip().splitlines()
         assert len(head) >= 2 and set(head[1]) == {"="}, f"{script.name}: the docstring needs a title"
 
+
+def test_the_generator_reads_only_public_names_of_covpool():
+    """It read cli._COMMANDS, config._hints, config._is_section, config._range_text and validate._NAMED: a
+    rename inside the application broke the site. It now reads config_schema() and the launcher's COMMANDS."""
+    import ast
+
+    tree = ast.parse((DOCS / "_ext" / "covpool_docs.py").read_text(encoding="utf-8"))
+    modules = set()  # the names the generator binds to covpool's modules and objects
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("covpool", "_covpool_cli"):
+            modules.update(a.asname or a.name for a in node.names)
+            assert not any(a.name.startswith("_") for a in node.names), ast.unparse(node)
+        elif isinstance(node, ast.Import):
+            modules.update(a.asname or a.name for a in node.names if a.name.split(".")[0] in ("covpool",
+                                                                                                "_covpool_cli"))
+    private = sorted({ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                      and isinstance(node.value, ast.Name) and node.value.id in modules
+                      and node.attr.startswith("_") and not node.attr.startswith("__")})
+    assert not private, f"the docs generator reads private names: {private}"
 
 
 # ------------------------------------------------------------------------------ the README and the guides

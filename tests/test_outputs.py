@@ -160,14 +160,14 @@ def test_machine_stamp_and_markdown_page(tmp_path):
 
 
 def test_one_table_writer_two_styles():
-    """covpool bench's Markdown table and a run's aligned table come from the same function."""
+    """covpool bench's Markdown table and a run's aligned table come from the same function, the only one."""
     rows = [{"variant": "ns", "d": 64, "ms": 1.23456, "err": float("nan")}, {"variant": "eig", "d": 64, "ms": 12345.0}]
     assert outputs.format_table(rows, ["variant", "ms", "err"], markdown=True).splitlines() == [
         "| variant | ms | err |", "|---|---|---|", "| ns | 1.23 | nan |", "| eig | 1.23e+04 | – |"]
     assert outputs.format_table(rows, ["variant", "ms"], headers={"ms": "time"}, formats={"ms": "{:.1f}"}
                                 ).splitlines() == ["variant     time", "-------  -------", "     ns      1.2",
                                                    "    eig  12345.0"]
-    assert bench.format_table(rows, ["variant", "d"]) == outputs.format_table(rows, ["variant", "d"], markdown=True)
+    assert "format_table" not in bench.__all__  # its old Markdown wrapper is deprecated (tests/test_api.py)
     history = [{"epoch": 1, "train_loss": 2.0, "train_acc": 25.0, "val_loss": 1.5, "val_acc1": 50.0, "val_acc5": 75.0,
                 "ema_val_acc1": float("nan"), "epoch_time_s": 0.5, "train_img_per_s": 100.0}]
     table = format_history(history).splitlines()
@@ -226,3 +226,22 @@ def test_log_lines_go_to_the_console_unless_the_program_routes_or_silences_them(
     assert routed == ["epoch 1/1  routed"] and capsys.readouterr().out == ""
     assert not logging.getLogger("covpool").handlers and logging.getLogger("covpool").level == logging.NOTSET
 
+
+
+def test_what_a_killed_write_leaves_is_what_the_clean_up_removes(tmp_path):
+    """The temporary name is spelled once, beside atomic_write: the clean-up finds exactly what a write killed
+    mid-way (SIGKILL: no handler runs) left, whatever the random part, and nothing of anyone else's."""
+    path = tmp_path / "last.pt"
+    outputs.atomic_write(path, lambda f: f.write(b"the previous checkpoint"))
+    pid = os.fork()
+    if pid == 0:  # the writer, killed in the middle of its write
+        outputs.atomic_write(path, lambda f: (f.write(b"half"), f.flush(), os._exit(0)))
+    os.waitpid(pid, 0)
+    others = [".notes.tmp", "last.pt.tmp", ".other.pt.x.tmp", ".last.ptx.ab.tmp"]
+    for name in others:
+        (tmp_path / name).write_bytes(b"")
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".last.pt."))
+    assert len(left) == 1 and left[0].endswith(".tmp")  # `.last.pt.<random>.tmp`
+    assert [p.name for p in outputs.remove_leftover_temporaries(path)] == left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.pt", *others])
+    assert path.read_bytes() == b"the previous checkpoint"

@@ -59,7 +59,7 @@ def test_a_command_without_the_train_extra_says_what_to_install(monkeypatch, cap
     def needs_skimage(argv):
         raise ModuleNotFoundError("No module named 'skimage'", name="skimage")
 
-    monkeypatch.setitem(cli._COMMANDS, "demo", (needs_skimage, "the demo"))
+    monkeypatch.setitem(cli.RUNNERS, "demo", needs_skimage)
     assert cli.main(["demo"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: `covpool demo` needs the training extra (skimage is not installed): "
@@ -68,7 +68,7 @@ def test_a_command_without_the_train_extra_says_what_to_install(monkeypatch, cap
     def needs_something_else(argv):
         raise ModuleNotFoundError("No module named 'nope'", name="nope")
 
-    monkeypatch.setitem(cli._COMMANDS, "demo", (needs_something_else, "the demo"))
+    monkeypatch.setitem(cli.RUNNERS, "demo", needs_something_else)
     with pytest.raises(ModuleNotFoundError):  # not the extra's: a bug, with its traceback
         cli.main(["demo"])
 

@@ -14,9 +14,9 @@ from covpool.cli import train_main
 from covpool.train import engine
 from covpool.train._model import build_model, param_groups
 from covpool.train.config import ConfigError, load_config
+from covpool.train.config_checks import check_config
 from covpool.train.data import DatasetNotFoundError, build_datasets, build_loaders, dataset_names, num_classes_of
 from covpool.train.embedded import EMBEDDED_CLASSES, EmbeddedTextures, _patch_boxes
-from covpool.train.validate import check_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second OpenMP thread only slows them down
 

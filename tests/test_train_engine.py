@@ -14,8 +14,8 @@ import torch
 from _train_helpers import REPO, one_step, read_rows, rel_diff, tiny_overrides, weight_update
 
 from covpool.cli import eval_main, train_main
+from covpool.train import _datasets, engine
 from covpool.train import checkpoint as ckpt_mod
-from covpool.train import data, engine
 from covpool.train._model import build_model, param_groups, set_grad_checkpointing
 from covpool.train._stop import StopFlag
 from covpool.train.config import ConfigError, ModelConfig, load_config
@@ -290,10 +290,11 @@ def test_each_command_reads_its_checkpoint_once_and_eval_builds_only_the_validat
     engine.train(load_config(None, tiny_overrides(tmp_path, max_steps_per_epoch=1)))
     last = tmp_path / "tiny" / "last.pt"
     reads, splits = [], []
-    real_load, real_textures = ckpt_mod.load_checkpoint, data.EmbeddedTextures
+    real_load, real_textures = ckpt_mod.load_checkpoint, _datasets.EmbeddedTextures
     monkeypatch.setattr(ckpt_mod, "load_checkpoint", lambda path, *a, **k: reads.append(Path(path)) or
                         real_load(path, *a, **k))
-    monkeypatch.setattr(data, "EmbeddedTextures", lambda split, **k: splits.append(split) or real_textures(split, **k))
+    monkeypatch.setattr(_datasets, "EmbeddedTextures",
+                        lambda split, **k: splits.append(split) or real_textures(split, **k))
     assert eval_main(["--checkpoint", str(last)]) == 0
     assert reads == [last] and splits == ["val"]
     reads.clear()
@@ -302,16 +303,3 @@ def test_each_command_reads_its_checkpoint_once_and_eval_builds_only_the_validat
     reads.clear()
     assert train_main(["--config", "demo", *tiny_overrides(tmp_path, epochs=3, max_steps_per_epoch=1), "--resume"]) == 0
     assert reads == [last] and torch.load(last, weights_only=True)["epoch"] == 3
-
-
-def test_names_that_left_the_engine_still_work_for_one_release_with_a_warning():
-    from covpool import train
-    from covpool.train import summary
-
-    for name, expected in (("evaluate", evaluate), ("format_table", summary.format_history),
-                           ("RunExistsError", train.RunExistsError), ("RunLockedError", train.RunLockedError),
-                           ("DistributedFailure", train.DistributedFailure)):
-        with pytest.warns(DeprecationWarning, match=rf"covpool.train.engine.{name} is deprecated"):
-            assert getattr(engine, name) is expected
-    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
-        engine.nope  # noqa: B018

@@ -17,9 +17,9 @@ from covpool.train import engine
 from covpool.train._model import build_model, make_model, param_groups
 from covpool.train.checkpoint import Checkpoint, with_checksums
 from covpool.train.config import ConfigError, config_to_dict, load_config
+from covpool.train.config_checks import check_config
 from covpool.train.data import ClassListError, open_datasets
 from covpool.train.embedded import EMBEDDED_CLASSES
-from covpool.train.validate import check_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second OpenMP thread only slows them down
 
@@ -180,7 +180,7 @@ def test_every_data_set_kind_checks_its_splits_class_lists(tmp_path, monkeypatch
     labels.write_text(labels.read_text().replace(" 3\n", " 4\n"))
     with pytest.raises(ClassListError, match="label 3 but only 3 classes are named"):
         open_datasets(cfg.data)
-    from covpool.train import data
+    from covpool.train import _datasets
 
     class Fake(torch.utils.data.Dataset):
         def __init__(self, train):
@@ -190,8 +190,8 @@ def test_every_data_set_kind_checks_its_splits_class_lists(tmp_path, monkeypatch
         def __len__(self):
             return 2
 
-    specs = data._specs()
-    monkeypatch.setattr(data, "_specs", lambda: {**specs, "cifar10": data._Spec(
+    specs = _datasets.specs()
+    monkeypatch.setattr(_datasets, "specs", lambda: {**specs, "cifar10": _datasets.Spec(
         lambda c, split, tf, seed: Fake(split == "train"), 10, val_is_test=True)})
     with pytest.raises(ClassListError, match="cifar10 val against train .*missing 'b'; extra 'c'"):
         open_datasets(load_config(None, ["data.dataset=cifar10", f"data.root={tmp_path}"]).data)
@@ -344,7 +344,7 @@ def test_eval_writes_per_class_accuracy_confusion_and_predictions_for_a_test_spl
     assert main(["eval", "--checkpoint", str(last), "--split", "tset"]) == 2
     assert "has no 'tset' split; its splits: train, val, test" in one_error_line(capsys)
     assert main(["eval", "--checkpoint", str(last), "--out", str(folder / "confusion.png" / "x")]) == 2
-    assert "--out: cannot create the folder" in one_error_line(capsys)
+    assert f"--out {folder / 'confusion.png' / 'x'}: cannot create that folder" in one_error_line(capsys)
 
 
 def test_predict_mistakes_are_one_error_line(tmp_path, capsys):
@@ -360,8 +360,8 @@ def test_predict_mistakes_are_one_error_line(tmp_path, capsys):
                           ([str(tmp_path), "--device", "cuda:7"] if torch.cuda.device_count() < 8 else [], "cuda"),
                           ([str(tmp_path), "--device", "tpu"], "--device 'tpu' is not a device"),
                           ([str(tmp_path), "--device", "meta"], "--device meta: covpool predict runs on cpu or cuda"),
-                          ([str(tmp_path), "--out", str(tmp_path / "bad.jpg" / "p.csv")], "--out: cannot create the "
-                                                                                           "folder")):
+                          ([str(tmp_path), "--out", str(tmp_path / "bad.jpg" / "p.csv")],
+                           f"--out {tmp_path / 'bad.jpg'}: cannot create that folder")):
         if not argv:
             continue
         assert main(["predict", "--checkpoint", str(ckpt), *argv]) == 2, argv

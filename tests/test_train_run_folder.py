@@ -87,3 +87,43 @@ def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monk
         assert lock.acquire() is None
     lock.release()
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_config_yaml_is_written_atomically(tmp_path, monkeypatch):
+    """config.yaml was the one file of a run folder written in place: a failed write (here fsync's ENOSPC)
+    now names the file and leaves the previous one whole."""
+    import errno
+
+    import yaml
+
+    from covpool.train._dist import DistContext
+
+    folder = _run_folder.RunFolder(tmp_path / "run", DistContext(0, 1, 0, torch.device("cpu")))
+    folder.path.mkdir()
+    folder.write_config({"name": "run", "epochs": 1})
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match=r"could not write .*config\.yaml: No space left on device"):
+        folder.write_config({"name": "run", "epochs": 2})
+    assert yaml.safe_load((folder.path / "config.yaml").read_text()) == {"name": "run", "epochs": 1}
+    assert sorted(p.name for p in folder.path.iterdir()) == ["config.yaml"]
+
+
+def test_the_abort_message_maps_last_pt_rather_than_reading_its_weights(tmp_path, monkeypatch):
+    """saved_work (the message of an abort or a failed collective) reads three counters: it maps the
+    checkpoint (torch.load(mmap=True)), so only the pages of the small entries are read, not every weight."""
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"epoch": 2, "step_in_epoch": 3, "global_step": 11, "state_dict": {"w": torch.zeros(1000)}},
+               run / "last.pt")
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: calls.append(kwargs) or real_load(*args, **kwargs))
+    assert _run_folder.saved_work(run) == f"{run / 'last.pt'} holds epoch 2, step 3 (global step 11); continue " \
+                                          "with --resume"
+    assert calls == [{"map_location": "cpu", "weights_only": True, "mmap": True}]
+    (run / "last.pt").write_bytes(b"not a checkpoint")
+    assert _run_folder.saved_work(run).endswith("holds the last saved state; continue with --resume")

@@ -13,12 +13,12 @@ from ._run_folder import RunExistsError, RunLockedError
 from ._stop import TrainingAborted
 from .checkpoint import Checkpoint, CheckpointError, atomic_save, load_checkpoint
 from .config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
+from .config_checks import check_config
 from .data import CUB200, ClassListError, DatasetNotFoundError, build_datasets, dataset_names, open_datasets
 from .embedded import EmbeddedTextures
 from .engine import NonFiniteLossError, TrainResult, train
 from .evaluation import EvalResult, evaluate
 from .inference import ImageReadError, Prediction, load_model, predict
-from .validate import check_config
 
 __all__ = [
     "TrainConfig",

@@ -20,25 +20,21 @@ import torch
 from torch import nn
 
 import covpool
-from covpool.layers import MultiHeadCrossCov, SvPNCrossCov
-from covpool.models import TokenCovPool
 
 from ..outputs import first_line
 from ._resume import model_changes
-from .config import ConfigError, ModelConfig, format_config_diff
+from .config import TORCHVISION_PREFIX, ConfigError, ModelConfig, format_config_diff
 
-__all__ = ["TORCHVISION_PREFIX", "PretrainedWeightsError", "BuiltModel", "build_model", "make_model",
-           "set_grad_checkpointing", "classifier_names", "head_modules", "head_parameter_names", "param_groups",
-           "torchvision_models", "fixed_input_size", "load_fitting"]
-
-#: ``model.name`` prefix of a torchvision classification model (``torchvision:resnet50``)
-TORCHVISION_PREFIX = "torchvision:"
+__all__ = ["PretrainedWeightsError", "BuiltModel", "build_model", "make_model", "set_grad_checkpointing",
+           "classifier_names", "head_modules", "head_parameter_names", "param_groups", "fixed_input_size",
+           "load_fitting"]
 
 # The second-order pooling modules of covpool's heads. With the classifier they are "the head" of a model, which
 # optim.head_lr_mult scales and the start-up header lists: whatever the head (the iSQRT-COV family's CovPool,
 # a token model's TokenCovPool around it or around SoT's cross-covariance, So-ViT's own head), every parameter
 # of these modules is as new as the classifier when a pretrained backbone is fine-tuned.
-_POOLING_TYPES = (covpool.CovPool, covpool.SoViTHead, TokenCovPool, MultiHeadCrossCov, SvPNCrossCov)
+_POOLING_TYPES = (covpool.CovPool, covpool.SoViTHead, covpool.TokenCovPool, covpool.MultiHeadCrossCov,
+                  covpool.SvPNCrossCov)
 _CLASSIFIER_ATTRS = ("fc", "classifier", "head")
 
 
@@ -129,13 +125,6 @@ def make_model(cfg: ModelConfig, num_classes: int, for_checkpoint: bool = False,
 
 
 # ---- creation ------------------------------------------------------------------------------------------------
-def torchvision_models() -> list[str]:
-    """The torchvision classification models ``model.name=torchvision:<name>`` takes."""
-    import torchvision.models as tvm
-
-    return tvm.list_models(module=tvm)
-
-
 def _create(cfg: ModelConfig, num_classes: int, img_size: int | None) -> nn.Module:
     if cfg.name.startswith(TORCHVISION_PREFIX):
         return _create_torchvision(cfg, num_classes)

@@ -1,7 +1,7 @@
 """A run's folder, ``<output_dir>/<name>/``: who holds it, which checkpoint a run continues, and what it writes.
 
-Rank 0 locks the folder (``.lock``, :class:`RunLock`) and writes every file: ``config.yaml``, ``best.pt`` then
-``last.pt`` (atomically, in that order, so ``best.pt`` is never older than what ``last.pt`` records),
+Rank 0 locks the folder (``.lock``, :class:`RunLock`) and writes every file, each atomically: ``config.yaml``,
+``best.pt`` then ``last.pt`` (in that order, so ``best.pt`` is never older than what ``last.pt`` records),
 ``metrics.csv`` and ``curves.png``. The other processes only read the checkpoint they continue.
 """
 from __future__ import annotations
@@ -17,16 +17,16 @@ from typing import Any
 import torch
 import yaml
 
+from ..outputs import atomic_write, remove_leftover_temporaries
 from ._dist import DistContext, all_gather_objects
-from .checkpoint import Checkpoint, atomic_save, remove_stale_temp_files
+from .checkpoint import BEST, LAST, Checkpoint, atomic_save
 from .summary import plot_curves, write_metrics
 
 __all__ = ["RunExistsError", "RunLockedError", "RunLock", "RunFolder", "saved_work"]
 
 _log = logging.getLogger(__name__)
 
-# the files a run writes atomically: what a killed write of one of them leaves behind is removed
-_OUTPUTS = ("last.pt", "best.pt", "metrics.csv", "curves.png")
+_CONFIG, _METRICS, _CURVES = "config.yaml", "metrics.csv", "curves.png"
 
 
 class RunExistsError(FileExistsError):
@@ -97,13 +97,16 @@ class RunLock:
 
 
 def saved_work(run_dir: Path) -> str:
-    """Which checkpoint holds a stopped run's work, for the message of an abort or a failure (it reads
-    ``last.pt`` as it is now; whatever is there, this does not fail)."""
-    last = run_dir / "last.pt"
+    """Which checkpoint holds a stopped run's work, for the message of an abort or a failure (it reads the
+    counters of ``last.pt`` as it is now; whatever is there, this does not fail).
+
+    The file is mapped (``mmap=True``), not read: unpickling it touches the pages of the small entries, not
+    those of every weight, which a full read of a large model's checkpoint (model, EMA, optimizer) would."""
+    last = run_dir / LAST
     if not last.is_file():
         return "no checkpoint was written"
     try:
-        state = torch.load(last, map_location="cpu", weights_only=True)
+        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
         return (f"{last} holds epoch {state['epoch']}, step {state['step_in_epoch']} (global step "
                 f"{state['global_step']}); continue with --resume")
     except Exception:  # whatever is there, the abort message must not fail
@@ -123,6 +126,16 @@ class RunFolder:
         self.ctx = ctx
         self.lock = RunLock(path)
 
+    @property
+    def last(self) -> Path:
+        """The checkpoint of the run's latest state, which ``--resume`` continues."""
+        return self.path / LAST
+
+    @property
+    def best(self) -> Path:
+        """The checkpoint of the run's best epoch."""
+        return self.path / BEST
+
     def open(self) -> None:
         """Lock the folder (rank 0) and remove the temporary files of a killed write; every process
         raises :class:`RunLockedError` when another live run holds it."""
@@ -140,9 +153,8 @@ class RunFolder:
             raise RunLockedError(error)
         if self.ctx.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
-            # what a killed atomic write left behind (covpool's own temporary names only)
-            remove_stale_temp_files(self.path, _OUTPUTS)
-            remove_stale_temp_files(self.path, ("curves.png",), suffix=".png")  # covpool <= 0.1.0's name
+            for name in (_CONFIG, LAST, BEST, _METRICS, _CURVES):  # what a killed write of one left behind
+                remove_leftover_temporaries(self.path / name)
 
     def release(self) -> None:
         self.lock.release()
@@ -152,13 +164,12 @@ class RunFolder:
         """The checkpoint a run continues, read once: ``True`` is the folder's ``last.pt``, a path or a
         :class:`Checkpoint` another one; None starts afresh, which a folder holding ``last.pt`` refuses
         (:class:`RunExistsError`) unless ``overwrite``."""
-        last = self.path / "last.pt"
         if isinstance(resume, Checkpoint):
             return resume
         if resume:
-            return Checkpoint.read(last if resume is True else resume)
-        if last.exists() and not overwrite:
-            raise RunExistsError(f"{last} exists: continue it with --resume, start again with --overwrite, "
+            return Checkpoint.read(self.last if resume is True else resume)
+        if self.last.exists() and not overwrite:
+            raise RunExistsError(f"{self.last} exists: continue it with --resume, start again with --overwrite, "
                                  "or pick another name=<run name>")
         return None
 
@@ -167,16 +178,18 @@ class RunFolder:
         epoch behind, which resume redoes identically; the other order could leave ``best.pt`` older than
         what ``last.pt`` records as the best."""
         if best:
-            atomic_save(state, self.path / "best.pt")
-        atomic_save(state, self.path / "last.pt")
+            atomic_save(state, self.best)
+        atomic_save(state, self.last)
 
     def write_config(self, config: Mapping[str, Any]) -> None:
-        (self.path / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        """``config.yaml``: the run's config as YAML, keys in schema order."""
+        text = yaml.safe_dump(dict(config), sort_keys=False)
+        atomic_write(self.path / _CONFIG, lambda f: f.write(text.encode("utf-8")))
 
     def write_summary(self, history: Sequence[Mapping], title: str, only_if_stale: bool = False) -> None:
         """``metrics.csv`` and ``curves.png`` from the history. ``only_if_stale``: only when a kill left
         ``metrics.csv`` behind the checkpoint it belongs to, or ``curves.png`` missing."""
-        csv_path, png_path = self.path / "metrics.csv", self.path / "curves.png"
+        csv_path, png_path = self.path / _METRICS, self.path / _CURVES
         if only_if_stale and csv_path.is_file() and png_path.is_file():
             with open(csv_path, newline="") as f:
                 if sum(1 for _ in csv.DictReader(f)) == len(history):
@@ -184,5 +197,3 @@ class RunFolder:
         write_metrics(history, csv_path)
         plot_curves({"": history}, png_path, title=title)
 
-    def saved_work(self) -> str:
-        return saved_work(self.path)

@@ -11,7 +11,8 @@ numpy, python ``random``), counters, the metrics history and ``checksum``, a BLA
 
 Files are written atomically (:func:`covpool.outputs.atomic_write`): a temporary file ``.<name>.<random>.tmp`` in the
 same folder moved into place with :func:`os.replace`, so a crash mid-write leaves the previous file whole and
-no partial file under the real name; :func:`remove_stale_temp_files` clears what a killed process left behind.
+no partial file under the real name; :func:`covpool.outputs.remove_leftover_temporaries` clears what a killed
+process left behind. A run folder keeps two checkpoints, :data:`LAST` and :data:`BEST`.
 A command reads a checkpoint once (:meth:`Checkpoint.read`) and hands the result on.
 """
 from __future__ import annotations
@@ -27,10 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..outputs import atomic_write, first_line
+from ..outputs import atomic_write, first_line, moved_names, remove_leftover_temporaries
 
 __all__ = ["CheckpointError", "Checkpoint", "atomic_save", "load_checkpoint", "weights_checksum", "with_checksums",
-           "remove_stale_temp_files", "rng_state", "set_rng_state"]
+           "rng_state", "set_rng_state", "LAST", "BEST"]
+
+#: the file name of the checkpoint a run folder keeps of its latest state (what ``--resume`` continues)
+LAST = "last.pt"
+#: the file name of the checkpoint a run folder keeps of its best epoch (highest validation top-1)
+BEST = "best.pt"
 
 #: the keys under which a checkpoint stores weights (timm's names)
 WEIGHT_KEYS = ("state_dict", "state_dict_ema")
@@ -55,18 +61,14 @@ def atomic_save(obj: dict[str, Any], path: str | Path) -> Path:
                         advice="Free space in (or choose another) output_dir, then continue with --resume")
 
 
-def remove_stale_temp_files(folder: str | Path, names: tuple[str, ...], suffix: str = ".tmp") -> list[Path]:
-    """Delete the temporary files that a killed :func:`atomic_save` of ``folder/<name>`` left behind
-    (``.<name>.*<suffix>``, and the fixed ``.<name><suffix>``), for the given names only; returns what was
-    removed. Call it only while holding the run folder, so no live writer's file is taken."""
-    folder = Path(folder)
-    removed = []
-    for name in names:
-        for tmp in (*folder.glob(f".{name}.*{suffix}"), folder / f".{name}{suffix}"):
-            if tmp.is_file():
-                tmp.unlink(missing_ok=True)
-                removed.append(tmp)
-    return removed
+def _remove_stale_temp_files(folder: str | Path, names: tuple[str, ...], suffix: str = ".tmp") -> list[Path]:
+    """What ``remove_stale_temp_files`` was: :func:`covpool.outputs.remove_leftover_temporaries` of each name."""
+    return [tmp for name in names for tmp in remove_leftover_temporaries(Path(folder) / name)]
+
+
+__getattr__ = moved_names(__name__, {"remove_stale_temp_files": (
+    f"{__name__}:_remove_stale_temp_files",
+    "covpool.outputs.remove_leftover_temporaries(folder / name) for each name")})
 
 
 def weights_checksum(state_dict: Mapping[str, Any]) -> str:
@@ -90,7 +92,7 @@ def with_checksums(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _advice(path: Path) -> str:
-    other = "last.pt" if path.name == "best.pt" else "best.pt"
+    other = LAST if path.name == BEST else BEST
     return (f"Resume from another checkpoint instead (e.g. {path.parent / other}: --resume-from <file>), or start "
             "the run again with --overwrite.")
 
@@ -123,8 +125,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} not found; runs keep last.pt and best.pt in "
-                                "runs/<name>/")
+        raise FileNotFoundError(f"checkpoint {str(path)!r} not found; runs keep {LAST} and {BEST} in "
+                                "<output_dir>/<name>/")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes): a copy or a write that did not "
                               f"finish (full disk?). {_advice(path)}")

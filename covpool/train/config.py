@@ -1,23 +1,48 @@
-"""The training configuration: one dataclass schema that lists every key with its default and help.
+"""The training configuration: one dataclass schema that declares every key with its default, help and rules.
 
 A YAML file fills it (a path, or the name of a config shipped inside the package, see
 :func:`shipped_configs`); ``key=value`` overrides on the command line use dotted keys for nested sections
 (``optim.lr=0.01``) and YAML scalars for values. An unknown key raises :class:`ConfigError` listing the
 valid keys of its section. ``model.kwargs`` and ``model.covpool`` are free-form dicts passed on untouched.
+
+Each key declares its rules on its field (how: ``_schema``): the interval of a number, and the values a name
+takes, fixed (``amp``, ``device``) or taken from the registry that will receive it (timm's models and
+optimizers, covpool's heads and backends, the data sets). :func:`config_schema` lists them; the checks on
+reading, :func:`covpool.train.check_config`, ``covpool train --help`` (:func:`describe_config`) and the
+config reference of the documentation all read them there.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
 import typing
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+
+import covpool
+
+from ..precision import AMP_MODES
+from ._config_files import ConfigNotFoundError, read_config_file, resolve_config, shipped_configs, yaml_problem
+from ._datasets import dataset_names
+from ._dist import DEVICES
+from ._schema import (
+    Choices,
+    ConfigError,
+    _Section,
+    check_field,
+    choices_text,
+    coerce,
+    did_you_mean,
+    is_section,
+    key,
+    range_text,
+    type_hints,
+    unknown_key,
+)
 
 __all__ = [
     "ConfigError",
@@ -33,93 +58,67 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "describe_config",
+    "config_schema",
+    "ConfigKey",
+    "Choices",
     "config_diff",
     "format_config_diff",
     "MISSING",
     "did_you_mean",
+    "SCHEDULERS",
+    "TORCHVISION_PREFIX",
+    "torchvision_models",
 ]
 
 
-class ConfigError(ValueError):
-    """A config file or override is unreadable, names an unknown key or holds a value of the wrong type."""
+# ---- the registries whose names the keys take -----------------------------------------------------------------
+#: ``model.name`` prefix of a torchvision classification model (``torchvision:resnet50``)
+TORCHVISION_PREFIX = "torchvision:"
+
+#: the names timm's ``create_scheduler_v2`` takes that work with covpool's per-step schedule (timm keeps no
+#: list of them; ``plateau`` steps once per epoch on a validation metric, which a per-step schedule cannot)
+SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "poly", "wsd", "rsqrt", "none")
 
 
-class ConfigNotFoundError(ConfigError, FileNotFoundError):
-    """The config file given does not exist (a :class:`ConfigError` and a :class:`FileNotFoundError`)."""
+def torchvision_models() -> list[str]:
+    """The torchvision classification models ``model.name=torchvision:<name>`` takes."""
+    import torchvision.models as tvm
+
+    return tvm.list_models(module=tvm)
 
 
-@dataclass(frozen=True)
-class _Interval:
-    """A key's allowed values, written as in maths: ``[0, 1)``, ``(0, inf)``; numbers must also be finite."""
+def _model_names() -> list[str]:
+    import timm
 
-    text: str
-    low: float
-    high: float
-    low_closed: bool
-    high_closed: bool
-
-    @classmethod
-    def parse(cls, text: str) -> _Interval:
-        low, high = (float(x) for x in text[1:-1].split(","))
-        return cls(text, low, high, text[0] == "[", text[-1] == "]")
-
-    def __contains__(self, x: float) -> bool:
-        return (math.isfinite(x) and (self.low <= x if self.low_closed else self.low < x)
-                and (x <= self.high if self.high_closed else x < self.high))
-
-    def __str__(self) -> str:
-        if math.isinf(self.high):
-            low = self.text[1:].split(",")[0].strip()
-            return f"{'>=' if self.low_closed else '>'} {low}"
-        return f"in {self.text}"
+    return [*timm.list_models(), *(TORCHVISION_PREFIX + n for n in torchvision_models())]
 
 
-def _opt(default: Any, help_: str, interval: str | None = None, *, length: int | None = None,
-         ascending: bool = False, check: Callable[[str, Any, str], None] | None = None) -> Any:
-    """A config key: default, help and, for a number (or each number of a list), the interval it must lie in;
-    ``length`` and ``ascending`` further constrain a list; ``check(key, value, where)`` raises :class:`ConfigError`
-    for any other rule of the key."""
-    meta: dict[str, Any] = {"help": help_}
-    if check is not None:
-        meta["check"] = check
-    if interval is not None:
-        meta["interval"] = _Interval.parse(interval)
-    if length is not None:
-        meta["length"] = length
-    if ascending:
-        meta["ascending"] = True
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+def _is_model(name: str) -> bool:
+    import timm
+    from timm.models import parse_model_name
+
+    if name.startswith(TORCHVISION_PREFIX):
+        return name[len(TORCHVISION_PREFIX):] in torchvision_models()
+    try:
+        source, _ = parse_model_name(name)
+    except ValueError:
+        return False
+    return source is not None or timm.is_model(name)  # hf-hub: / local-dir: names are checked when loaded
 
 
-def _range_text(f: dataclasses.Field) -> str:
-    """The constraint of a key in words, for ``--help`` and errors ('' when it has none)."""
-    meta = f.metadata
-    if "interval" not in meta:
-        return ""
-    words = str(meta["interval"])
-    if "length" in meta or "ascending" in meta:
-        shape = " ".join(x for x in (f"{meta['length']}" if "length" in meta else "",
-                                     "ascending" if meta.get("ascending") else "") if x)
-        words = f"{shape} numbers, each {words}"
-    return words + (" or null" if f.default is None else "")
+def _optimizers() -> list[str]:
+    from timm.optim import list_optimizers
+
+    return list_optimizers()
 
 
-def _check_field(f: dataclasses.Field, value: Any, key: str, where: str = "") -> None:
-    """Raise :class:`ConfigError` when ``value`` lies outside the range that key ``f`` declares, or breaks
-    its other rule."""
-    if "check" in f.metadata and value is not None:
-        f.metadata["check"](key, value, where)
-    interval = f.metadata.get("interval")
-    if interval is None or value is None:
-        return
-    numbers = list(value) if isinstance(value, (list, tuple)) else [value]
-    ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) and x in interval for x in numbers)
-    ok = ok and len(numbers) == f.metadata.get("length", len(numbers))
-    ok = ok and (not f.metadata.get("ascending") or numbers == sorted(numbers))
-    if not ok:
-        raise ConfigError(f"config key {key!r} must be {_range_text(f)}, got {value!r}{where}")
+def _is_optimizer(name: str) -> bool:
+    *prefix, base = name.lower().split("_")  # timm's own parsing: lookahead_<name> wraps <name> in Lookahead
+    return prefix in ([], ["lookahead"]) and base in _optimizers()
+
+
+def _compile_backends() -> list[str]:
+    return torch.compiler.list_backends(exclude_tags=())
 
 
 def _folder_name(key: str, value: Any, where: str = "") -> None:
@@ -129,95 +128,95 @@ def _folder_name(key: str, value: Any, where: str = "") -> None:
                           f"{value!r}{where}: the run's outputs go to <output_dir>/<name>/; put the path in output_dir")
 
 
-def did_you_mean(value: Any, valid: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` with the valid name closest to ``value``, or ``""`` when none is close."""
-    close = difflib.get_close_matches(str(value), list(valid), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+_AMP_HELP = "; ".join(f"{mode.name}: {mode.about}" for mode in AMP_MODES.values())
 
 
-class _Section:
-    """Checks every key's range when a section is built directly in Python, as files and overrides are."""
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            _check_field(f, getattr(self, f.name), f.name)
-
-
+# ---- the schema ---------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig(_Section):
     """The ``model`` section of a training config: the timm model, its second-order head and ZCA layers."""
 
-    name: str = _opt("resnet18", "any timm model name, covpool's included (resnet50_isqrt, so_vit_7, ...), or "
-                     "torchvision:<name> for a torchvision classification model")
-    pretrained: bool | str = _opt(
+    name: str = key("resnet18", "any timm model name, covpool's included (resnet50_isqrt, so_vit_7, ...), or "
+                    "torchvision:<name> for a torchvision classification model",
+                    choices=Choices("a timm model", _model_names, _is_model,
+                                    "see timm.list_models() (covpool's models included), or torchvision:<name> for "
+                                    "torchvision.models.list_models()"))
+    pretrained: bool | str = key(
         False, "true: the hub's weights (timm's; torchvision's for torchvision: names; needs the network once); "
         "a path: a local weights file, or a covpool checkpoint (last.pt/best.pt, loaded after the surgery; another "
         "class count re-initialises the classifier); false: random init"
     )
-    num_classes: int | None = _opt(None, "classifier size; null takes it from the data set", "[1, inf)")
-    swap_pooling: bool = _opt(False, "replace the model's pooling + classifier by a second-order head "
-                              "(covpool.swap_pooling: covariance pooling for CNNs, on the patch tokens for ViTs)")
-    head: str = _opt("isqrt_cov", "the second-order head of model.swap_pooling, a name of covpool.list_heads(): "
-                     "isqrt_cov | bcnn | improved_bcnn | mpn_cov | cbp_ts | cbp_rm | dropcov | sot (ViTs)")
-    covpool: dict = _opt({}, "keyword options for covpool.swap_pooling and the head, e.g. {reduced_dim: 256, "
-                         "backend: ns, last_stride: 1}")
-    zca: str = _opt("none", "ZCA whitening batch norm (covpool.ZCABatchNorm2d) in place of BatchNorm2d: none | stem "
-                    "(the first one) | all; synchronised across processes under DDP")
-    zca_options: dict = _opt({}, "keyword options for covpool.ZCABatchNorm2d, e.g. {group_size: 16, backend: ns}")
-    backend_schedule: list | None = _opt(None, "square-root backend of the covariance pooling per epoch: "
-                                         "[[start_epoch, backend], ...] from 0, e.g. [[0, ns], [10, svd_pade]]")
-    cifar_stem: bool = _opt(False, "ResNet stem for 32x32 input: 3x3 stride-1 first conv, no max-pool")
-    grad_checkpointing: bool = _opt(False, "recompute activations in the backward instead of storing them (timm's "
-                                    "set_grad_checkpointing): less memory, more time (ResNet-18 on a CPU: +30 %)")
-    kwargs: dict = _opt({}, "extra keyword arguments for timm.create_model (drop_rate, output_stride, img_size, ...)")
+    num_classes: int | None = key(None, "classifier size; null takes it from the data set", "[1, inf)")
+    swap_pooling: bool = key(False, "replace the model's pooling + classifier by a second-order head "
+                             "(covpool.swap_pooling: covariance pooling for CNNs, on the patch tokens for ViTs)")
+    head: str = key("isqrt_cov", "the second-order head of model.swap_pooling, a name of covpool.list_heads() "
+                    "(a token head, such as sot, for ViTs only)",
+                    choices=Choices("a second-order head", covpool.list_heads))
+    covpool: dict = key({}, "keyword options for covpool.swap_pooling and the head, e.g. {reduced_dim: 256, "
+                        "backend: ns, last_stride: 1}", backends=("backend",))
+    zca: str = key("none", "ZCA whitening batch norm (covpool.ZCABatchNorm2d) in place of BatchNorm2d: stem replaces "
+                   "the first one, all every one; synchronised across processes under DDP",
+                   choices=Choices.of("a ZCA mode", "none", "stem", "all"))
+    zca_options: dict = key({}, "keyword options for covpool.ZCABatchNorm2d, e.g. {group_size: 16, backend: ns}",
+                            backends=("backend",))
+    backend_schedule: list | None = key(None, "square-root backend of the covariance pooling per epoch: "
+                                        "[[start_epoch, backend], ...] from 0, e.g. [[0, ns], [10, svd_pade]]")
+    cifar_stem: bool = key(False, "ResNet stem for 32x32 input: 3x3 stride-1 first conv, no max-pool")
+    grad_checkpointing: bool = key(False, "recompute activations in the backward instead of storing them (timm's "
+                                   "set_grad_checkpointing): less memory, more time (ResNet-18 on a CPU: +30 %)")
+    kwargs: dict = key({}, "extra keyword arguments for timm.create_model (drop_rate, output_stride, img_size, ...)",
+                       backends=("backend",))
 
 
 @dataclass
 class DataConfig(_Section):
     """The ``data`` section of a training config: the data set, its transforms and loaders."""
 
-    dataset: str = _opt("embedded", "embedded | imagefolder | cub200 | stanford_cars | fgvc_aircraft | flowers102 | "
-                        "oxford_pet | cifar10 | cifar100")
-    root: str | None = _opt(None, "data-set folder (not needed for 'embedded')")
-    download: bool = _opt(False, "let torchvision download the data set into root (where torchvision can)")
-    img_size: int = _opt(224, "input resolution (square); also the img_size of models built for one input size "
-                         "(ViTs, Swin, So-ViT) unless model.kwargs.img_size is set", "[1, inf)")
-    batch_size: int = _opt(32, "batch size per process", "[1, inf)")
-    val_batch_size: int | None = _opt(None, "evaluation batch size; null uses 2 x batch_size", "[1, inf)")
-    workers: int = _opt(2, "data-loader worker processes per process", "[0, inf)")
-    scale: list | None = _opt(None, "RandomResizedCrop area range [low, high]; null is timm's [0.08, 1.0]", "(0, 1]",
-                               length=2, ascending=True)
-    hflip: float = _opt(0.5, "horizontal flip probability", "[0, 1]")
-    color_jitter: float = _opt(0.0, "colour jitter strength", "[0, inf)")
-    auto_augment: str | None = _opt(None, "timm auto-augment string, e.g. rand-m9-mstd0.5-inc1")
-    re_prob: float = _opt(0.0, "random-erasing probability", "[0, 1]")
-    crop_pct: float | None = _opt(None, "evaluation centre-crop fraction; null is the model's", "(0, 1]")
-    interpolation: str | None = _opt(None, "resize interpolation; null is the model's")
-    embedded_train_per_class: int = _opt(160, "embedded data set: training patches per class", "[1, inf)")
-    embedded_val_per_class: int = _opt(60, "embedded data set: validation patches per class", "[1, inf)")
-    embedded_grayscale: bool = _opt(True, "embedded data set: grey patches, so texture (not colour) tells classes "
-                                    "apart")
+    dataset: str = key("embedded", "the data set (embedded: the texture task that ships with covpool, no download; "
+                       "imagefolder: train/ and val/ folders of class folders)",
+                       choices=Choices("a data set of covpool train", dataset_names))
+    root: str | None = key(None, "data-set folder (not needed for 'embedded')")
+    download: bool = key(False, "let torchvision download the data set into root (where torchvision can)")
+    img_size: int = key(224, "input resolution (square); also the img_size of models built for one input size "
+                        "(ViTs, Swin, So-ViT) unless model.kwargs.img_size is set", "[1, inf)")
+    batch_size: int = key(32, "batch size per process", "[1, inf)")
+    val_batch_size: int | None = key(None, "evaluation batch size; null uses 2 x batch_size", "[1, inf)")
+    workers: int = key(2, "data-loader worker processes per process", "[0, inf)")
+    scale: list | None = key(None, "RandomResizedCrop area range [low, high]; null is timm's [0.08, 1.0]", "(0, 1]",
+                             length=2, ascending=True)
+    hflip: float = key(0.5, "horizontal flip probability", "[0, 1]")
+    color_jitter: float = key(0.0, "colour jitter strength", "[0, inf)")
+    auto_augment: str | None = key(None, "timm auto-augment string, e.g. rand-m9-mstd0.5-inc1")
+    re_prob: float = key(0.0, "random-erasing probability", "[0, 1]")
+    crop_pct: float | None = key(None, "evaluation centre-crop fraction; null is the model's", "(0, 1]")
+    interpolation: str | None = key(None, "resize interpolation; null is the model's")
+    embedded_train_per_class: int = key(160, "embedded data set: training patches per class", "[1, inf)")
+    embedded_val_per_class: int = key(60, "embedded data set: validation patches per class", "[1, inf)")
+    embedded_grayscale: bool = key(True, "embedded data set: grey patches, so texture (not colour) tells classes "
+                                   "apart")
 
 
 @dataclass
 class OptimConfig(_Section):
     """The ``optim`` section of a training config: the optimizer and the learning-rate schedule."""
 
-    opt: str = _opt("sgd", "timm optimizer name (sgd, adamw, ...)")
-    lr: float = _opt(0.01, "learning rate of the backbone (per batch_size x processes as given)", "[0, inf)")
-    head_lr_mult: float = _opt(1.0, "learning-rate multiplier of the new head (classifier + covariance pooling)",
+    opt: str = key("sgd", "timm optimizer name (sgd, adamw, ...; lookahead_<name> wraps one in Lookahead)",
+                   choices=Choices("a timm optimizer", _optimizers, _is_optimizer, "see timm.optim.list_optimizers()"))
+    lr: float = key(0.01, "learning rate of the backbone (per batch_size x processes as given)", "[0, inf)")
+    head_lr_mult: float = key(1.0, "learning-rate multiplier of the new head (classifier + covariance pooling)",
                               "[0, inf)")
-    momentum: float = _opt(0.9, "momentum (SGD)", "[0, 1)")
-    weight_decay: float = _opt(1e-4, "weight decay (not applied to biases and norm parameters)", "[0, inf)")
-    sched: str = _opt("cosine", "timm scheduler: cosine | step | multistep | constant | poly | ...")
-    warmup_epochs: float = _opt(0, "linear warm-up epochs", "[0, inf)")
-    warmup_lr: float = _opt(1e-5, "learning rate at the start of the warm-up", "[0, inf)")
-    min_lr: float = _opt(0.0, "floor of the decaying schedules", "[0, inf)")
-    decay_epochs: float = _opt(30, "step schedule: epochs between decays", "(0, inf)")
-    decay_milestones: list = _opt([30, 60, 90], "multistep schedule: epochs to decay at", "[0, inf)", ascending=True)
-    decay_rate: float = _opt(0.1, "step/multistep decay factor", "(0, 1]")
-    layer_decay: float | None = _opt(None, "timm's layer-wise learning-rate decay per block from the top (e.g. 0.75 "
-                                     "for a pretrained ViT), combined with head_lr_mult; null: off", "(0, 1]")
+    momentum: float = key(0.9, "momentum (SGD)", "[0, 1)")
+    weight_decay: float = key(1e-4, "weight decay (not applied to biases and norm parameters)", "[0, inf)")
+    sched: str = key("cosine", "timm scheduler, stepped after every optimizer step",
+                     choices=Choices.of("a timm scheduler covpool can step", *SCHEDULERS))
+    warmup_epochs: float = key(0, "linear warm-up epochs", "[0, inf)")
+    warmup_lr: float = key(1e-5, "learning rate at the start of the warm-up", "[0, inf)")
+    min_lr: float = key(0.0, "floor of the decaying schedules", "[0, inf)")
+    decay_epochs: float = key(30, "step schedule: epochs between decays", "(0, inf)")
+    decay_milestones: list = key([30, 60, 90], "multistep schedule: epochs to decay at", "[0, inf)", ascending=True)
+    decay_rate: float = key(0.1, "step/multistep decay factor", "(0, 1]")
+    layer_decay: float | None = key(None, "timm's layer-wise learning-rate decay per block from the top (e.g. 0.75 "
+                                    "for a pretrained ViT), combined with head_lr_mult; null: off", "(0, 1]")
 
 
 @dataclass
@@ -225,90 +224,99 @@ class TrainConfig(_Section):
     """A training config: the top-level keys and the ``model``, ``data`` and ``optim`` sections (every
     key, its default, help and range: ``covpool train --help``)."""
 
-    name: str = _opt("run", "run name, a folder name; outputs go to <output_dir>/<name>/", check=_folder_name)
-    output_dir: str = _opt("runs", "parent folder of the run folders")
-    seed: int = _opt(0, "seed of every random number generator (data order, init, augmentation)",
-                     "[0, 4294967295]")
-    epochs: int = _opt(10, "number of epochs", "[1, inf)")
-    device: str = _opt("auto", "auto | cpu | cuda (auto: cuda when available)")
-    amp: str = _opt("none", "mixed precision: none | bf16 | fp16 (fp16 only on CUDA, with a GradScaler)")
-    grad_accum_steps: int = _opt(1, "batches whose gradients add up to one optimizer step: the effective batch is "
-                                 "data.batch_size x grad_accum_steps x processes", "[1, inf)")
-    channels_last: bool = _opt(False, "NHWC memory layout for the model and its inputs (faster convolutions on "
-                               "recent GPUs)")
-    compile: bool | str = _opt(False, "torch.compile the training forward: true (inductor), a torch.compile backend "
-                               "name, or false")
-    clip_grad: float | None = _opt(None, "clip the gradients to this value (see clip_mode); null: no clipping",
-                                   "(0, inf)")
-    clip_mode: str = _opt("norm", "how clip_grad clips (timm's dispatch_clip_grad): norm (the global norm) | value "
-                          "(each element) | agc (adaptive, per unit, relative to the weight norm)")
-    ema: bool = _opt(False, "keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it too")
-    ema_decay: float = _opt(0.9998, "EMA decay (weight of the old average per step)", "[0, 1)")
-    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", "[0, 1)")
-    mixup: float = _opt(0.0, "mixup alpha (0: off)", "[0, inf)")
-    cutmix: float = _opt(0.0, "cutmix alpha (0: off)", "[0, inf)")
-    max_steps_per_epoch: int | None = _opt(None, "cap on training steps per epoch (smoke tests); null: whole epoch",
-                                            "[1, inf)")
-    max_val_steps: int | None = _opt(None, "cap on evaluation batches; null: whole validation set", "[1, inf)")
-    progress: bool = _opt(True, "show tqdm progress bars")
-    log_interval: int = _opt(50, "steps between plain progress lines when the output is not a terminal (a log "
-                             "file)", "[1, inf)")
-    dist_timeout: float | None = _opt(None, "seconds a process waits for the others in a collective before the "
-                                      "job stops naming the missing rank; null: $COVPOOL_DIST_TIMEOUT or 600",
-                                      "(0, inf)")
+    name: str = key("run", "run name, a folder name; outputs go to <output_dir>/<name>/", check=_folder_name)
+    output_dir: str = key("runs", "parent folder of the run folders")
+    seed: int = key(0, "seed of every random number generator (data order, init, augmentation)", "[0, 4294967295]")
+    epochs: int = key(10, "number of epochs", "[1, inf)")
+    device: str = key("auto", "where to train (auto: cuda when available)", choices=Choices.of("a device", *DEVICES))
+    amp: str = key("none", f"mixed precision ({_AMP_HELP})", choices=Choices.of("a mixed-precision mode", *AMP_MODES))
+    grad_accum_steps: int = key(1, "batches whose gradients add up to one optimizer step: the effective batch is "
+                                "data.batch_size x grad_accum_steps x processes", "[1, inf)")
+    channels_last: bool = key(False, "NHWC memory layout for the model and its inputs (faster convolutions on "
+                              "recent GPUs)")
+    compile: bool | str = key(False, "torch.compile the training forward: true (inductor), a torch.compile backend "
+                              "name, or false",
+                              choices=Choices("a torch.compile backend (true: inductor)", _compile_backends))
+    clip_grad: float | None = key(None, "clip the gradients to this value (see clip_mode); null: no clipping",
+                                  "(0, inf)")
+    clip_mode: str = key("norm", "how clip_grad clips (timm's dispatch_clip_grad): norm the global norm, value each "
+                         "element, agc adaptively per unit relative to the weight norm",
+                         choices=Choices.of("a clipping mode of timm's dispatch_clip_grad", "norm", "value", "agc"))
+    ema: bool = key(False, "keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it too")
+    ema_decay: float = key(0.9998, "EMA decay (weight of the old average per step)", "[0, 1)")
+    label_smoothing: float = key(0.0, "label smoothing of the cross-entropy loss", "[0, 1)")
+    mixup: float = key(0.0, "mixup alpha (0: off)", "[0, inf)")
+    cutmix: float = key(0.0, "cutmix alpha (0: off)", "[0, inf)")
+    max_steps_per_epoch: int | None = key(None, "cap on training steps per epoch (smoke tests); null: whole epoch",
+                                          "[1, inf)")
+    max_val_steps: int | None = key(None, "cap on evaluation batches; null: whole validation set", "[1, inf)")
+    progress: bool = key(True, "show tqdm progress bars")
+    log_interval: int = key(50, "steps between plain progress lines when the output is not a terminal (a log "
+                            "file)", "[1, inf)")
+    dist_timeout: float | None = key(None, "seconds a process waits for the others in a collective before the "
+                                     "job stops naming the missing rank; null: $COVPOOL_DIST_TIMEOUT or 600",
+                                     "(0, inf)")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model section"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data section"})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer and schedule section"})
 
-
-def _is_section(cls: Any) -> bool:
-    return isinstance(cls, type) and dataclasses.is_dataclass(cls)
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    @property
+    def run_dir(self) -> Path:
+        """The run's folder, ``<output_dir>/<name>``: its checkpoints, ``config.yaml``, ``metrics.csv`` and
+        ``curves.png``."""
+        return Path(self.output_dir) / self.name
 
 
-def _valid_keys(cls: type, prefix: str) -> list[str]:
-    return [f"{prefix}{f.name}" for f in dataclasses.fields(cls)]
+@dataclass(frozen=True)
+class ConfigKey:
+    """One key of the training config, as :func:`config_schema` lists it.
+
+    Attributes:
+        key: the dotted key (``optim.lr``).
+        section: ``""`` for a top-level key, else ``model``, ``data`` or ``optim``.
+        type: its type as written in the schema (``float | None``).
+        default: its default value.
+        help: what it does.
+        range: the interval a number must lie in, in words (``in [0, 1)``, ``>= 1 or null``), or ``""``.
+        values: the values it takes, in words (``none | bf16 | fp16``, or where a registry lists them), or ``""``.
+        choices: the :class:`Choices` behind ``values`` (None for a free-form section's backends).
+        backends: the entries of a free-form section that are backend specs (``("backend",)``).
+    """
+
+    key: str
+    section: str
+    type: str
+    default: Any
+    help: str
+    range: str
+    values: str
+    choices: Choices | None
+    backends: tuple[str, ...]
 
 
-def _unknown(key: str, cls: type, prefix: str, where: str) -> ConfigError:
-    valid = _valid_keys(cls, prefix)
-    return ConfigError(f"unknown config key {prefix + key!r}{where}{did_you_mean(prefix + key, valid)}; valid keys: "
-                       f"{', '.join(valid)}")
+def config_schema() -> list[ConfigKey]:
+    """Every key of the training config, in schema order, with its type, default, help, range and values
+    (the values of a registry's key are the names it holds now: a head you registered is among them).
 
+    >>> amp = next(k for k in config_schema() if k.key == "amp")
+    >>> amp.default, amp.values
+    ('none', 'none | bf16 | fp16')
+    """
+    keys: list[ConfigKey] = []
 
-def _coerce(value: Any, hint: Any, key: str, where: str = "") -> Any:
-    """Check ``value`` against a field's type; ints become floats and numeric strings (PyYAML reads
-    ``1e-4`` as a string) become numbers where the field is a float."""
-    origin = typing.get_origin(hint)
-    options = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ConfigError(f"config key {key!r} cannot be null{where}")
-    for opt in options:
-        base = typing.get_origin(opt) or opt
-        if base is bool and isinstance(value, bool):
-            return value
-        if base is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if base is str and isinstance(value, str):
-            return value
-        if base in (list, dict) and isinstance(value, base):
-            return value
-        if base is list and isinstance(value, tuple):
-            return list(value)
-    if float in options and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
-    raise ConfigError(f"config key {key!r} must be {names}, got {value!r} ({type(value).__name__}){where}")
+    def walk(cls: type, prefix: str) -> None:
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            hint = type_hints(cls)[f.name]
+            if is_section(hint):
+                walk(hint, f"{prefix}{f.name}.")
+                continue
+            keys.append(ConfigKey(prefix + f.name, prefix.rstrip("."), str(f.type), getattr(defaults, f.name),
+                                  f.metadata["help"], range_text(f), choices_text(f), f.metadata.get("choices"),
+                                  f.metadata.get("backends", ())))
+
+    walk(TrainConfig, "")
+    return keys
 
 
 def _build(cls: type, data: Any, prefix: str, where: Callable[[str], str]) -> Any:
@@ -316,18 +324,18 @@ def _build(cls: type, data: Any, prefix: str, where: Callable[[str], str]) -> An
     if not isinstance(data, dict):
         section = prefix.rstrip(".")
         raise ConfigError(f"config section {section or '<top>'!r}{where(section)} must be a mapping, got {data!r}")
-    hints = _hints(cls)
+    hints = type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise _unknown(str(key), cls, prefix, where(prefix + str(key)))
-        hint = hints[key]
-        if _is_section(hint):
-            kwargs[key] = _build(hint, value if value is not None else {}, f"{prefix}{key}.", where)
+    for name, value in data.items():
+        if name not in fields:
+            raise unknown_key(str(name), cls, prefix, where(prefix + str(name)))
+        hint = hints[name]
+        if is_section(hint):
+            kwargs[name] = _build(hint, value if value is not None else {}, f"{prefix}{name}.", where)
         else:
-            kwargs[key] = _coerce(value, hint, prefix + key, where(prefix + key))
-            _check_field(fields[key], kwargs[key], prefix + key, where(prefix + key))
+            kwargs[name] = coerce(value, hint, prefix + name, where(prefix + name))
+            check_field(fields[name], kwargs[name], prefix + name, where(prefix + name))
     return cls(**kwargs)
 
 
@@ -361,9 +369,9 @@ def _set_dotted(data: dict, cls: type, dotted: str, value: Any) -> None:
         if section is not None:
             names = {f.name for f in dataclasses.fields(section)}
             if part not in names:
-                raise _unknown(part, section, prefix, " (command-line override)")
-            hint = _hints(section)[part]
-            section = hint if _is_section(hint) else None
+                raise unknown_key(part, section, prefix, " (command-line override)")
+            hint = type_hints(section)[part]
+            section = hint if is_section(hint) else None
             free_dict = section is None and (typing.get_origin(hint) or hint) is dict
             if not last and section is None and not free_dict:
                 raise ConfigError(f"config key {prefix + part!r} is not a section; cannot set {dotted!r}")
@@ -388,86 +396,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_problem(err)})") from None
         _set_dotted(out, TrainConfig, key.strip(), value)
     return out
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not "the last wins"."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):
-                continue  # the base class reports unhashable keys
-            if key in seen:
-                raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark,
-                                                        f"found the key {key!r} twice", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _read_config_file(path: str | Path) -> dict:
-    """The plain dict a YAML config file holds; every way it can be unusable is a :class:`ConfigError`
-    that names the file (missing: :class:`ConfigNotFoundError`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigNotFoundError(f"config file {str(path)!r} not found")
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except OSError as err:
-        raise ConfigError(f"config file {str(path)!r} cannot be read: {err.strerror or err}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values (key: value lines), "
-                          f"but its top level is a {type(data).__name__}")
-    return data
-
-
-def _shipped_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "configs"
-
-
-def shipped_configs() -> dict[str, Path]:
-    """The configs shipped inside the package, name (file name without ``.yaml``) -> file, sorted by name.
-    ``covpool train --config <name>`` and :func:`load_config` accept these names."""
-    return {p.stem: p for p in sorted(_shipped_dir().glob("*.yaml"))}
-
-
-def resolve_config(name_or_path: str | Path) -> Path:
-    """The config file meant by ``name_or_path``: an existing file first (a local path always wins), else
-    the shipped config of that name, with or without ``.yaml`` (``configs/<name>.yaml`` too, so the documented
-    commands work from any folder once covpool is installed). Raises :class:`ConfigNotFoundError` listing
-    the shipped names otherwise."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        yamls = sorted(p.name for p in path.glob("*.y*ml"))
-        inside = f" (it holds {', '.join(yamls)})" if yamls else " (it holds no .yaml file)"
-        raise ConfigError(f"config {str(name_or_path)!r} is a folder, not a config file{inside}; give a YAML file "
-                          "or the name of a shipped config")
-    shipped = shipped_configs()
-    bare = len(path.parts) == 1 or (len(path.parts) == 2 and path.parts[0] == "configs")
-    if bare and path.suffix in ("", ".yaml", ".yml"):
-        stem = path.stem if path.suffix else path.name
-        if stem in shipped:
-            return shipped[stem]
-    raise ConfigNotFoundError(f"config {str(name_or_path)!r} not found: no such file, and no shipped config of "
-                              f"that name; shipped configs: {', '.join(shipped) or '(none)'}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -477,7 +408,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     where = ""
     if path is not None:
         path = resolve_config(path)
-        data = _read_config_file(path)
+        data = read_config_file(path)
         where = f" in {path}"
     return config_from_dict(data, where, overrides)
 
@@ -541,19 +472,10 @@ def format_config_diff(diff: list[tuple[str, Any, Any]]) -> str:
 
 
 def describe_config() -> str:
-    """Every key with its default, help and range, for ``covpool train --help``."""
+    """Every key with its default, help, range and values, for ``covpool train --help``."""
     lines = []
-
-    def walk(cls: type, prefix: str) -> None:
-        defaults = cls()
-        for f in dataclasses.fields(cls):
-            hint = _hints(cls)[f.name]
-            if _is_section(hint):
-                walk(hint, f"{prefix}{f.name}.")
-            else:
-                limits = _range_text(f)
-                help_ = f.metadata["help"] + (f"; {limits}" if limits else "")
-                lines.append(f"  {prefix + f.name:<32} {getattr(defaults, f.name)!r:<12} {help_}")
-
-    walk(TrainConfig, "")
+    for k in config_schema():
+        values = f"values: {k.values}" if k.choices is not None else k.values
+        help_ = "; ".join(filter(None, [k.help, k.range, values]))
+        lines.append(f"  {k.key:<32} {k.default!r:<12} {help_}")
     return "\n".join(lines)

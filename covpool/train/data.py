@@ -1,6 +1,7 @@
 """Data sets, transforms and loaders for ``covpool train``, ``eval`` and ``predict``.
 
-Data sets are looked up by name in :func:`dataset_names`: the embedded texture task (no download), an
+Data sets are looked up by name in :func:`dataset_names` (their registry: ``_datasets``): the embedded texture
+task (no download), an
 ImageFolder tree, CUB-200-2011 in its native layout, and torchvision's StanfordCars, FGVCAircraft,
 Flowers102, OxfordIIITPet, CIFAR-10/100. Downloads are off unless ``data.download: true``; a missing root
 raises :class:`DatasetNotFoundError` naming the layout that is expected.
@@ -14,16 +15,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..outputs import first_line
+from ._datasets import (
+    CUB200,
+    LAYOUTS,
+    DatasetNotFoundError,
+    check_root,
+    dataset_layout,
+    dataset_names,
+    dataset_splits,
+    not_found,
+    num_classes_of,
+    spec,
+)
 from .config import ConfigError, DataConfig
-from .embedded import EMBEDDED_CLASSES, EmbeddedTextures
 
 __all__ = [
     "DatasetNotFoundError",
@@ -49,77 +58,9 @@ __all__ = [
 ]
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """The data-set root is missing or does not hold the expected files."""
-
-
 class ClassListError(ValueError):
     """Two class lists that must be the same differ: a data set's splits, or a data set and the checkpoint a
     model was trained into (labels would silently mean other classes)."""
-
-
-def _missing(name: str, root: Any, layout: str, why: str) -> DatasetNotFoundError:
-    return DatasetNotFoundError(
-        f"data set {name!r}: {why}. Expected layout under data.root:\n{layout}\n"
-        f"Point data.root=<folder> at it (e.g. `covpool train --config ... data.root=/data/{name}`)"
-        + ("" if name in ("imagefolder", "cub200") else ", or set data.download=true where torchvision can fetch it")
-        + "."
-    )
-
-
-class CUB200(Dataset):
-    """Caltech-UCSD Birds-200-2011 read from its native layout (``root`` is the ``CUB_200_2011`` folder
-    or its parent): ``images.txt``, ``train_test_split.txt``, ``image_class_labels.txt``, ``classes.txt``
-    and ``images/``. Labels are 0-based; 5994 training and 5794 test images in the official split."""
-
-    FILES = ("images.txt", "train_test_split.txt", "image_class_labels.txt", "classes.txt")
-
-    def __init__(self, root: str | Path, train: bool = True, transform: Callable | None = None) -> None:
-        root = Path(root)
-        if not (root / "images.txt").is_file() and (root / "CUB_200_2011" / "images.txt").is_file():
-            root = root / "CUB_200_2011"
-        missing = [f for f in (*self.FILES, "images") if not (root / f).exists()]
-        if missing:
-            raise _missing("cub200", root, _LAYOUTS["cub200"], f"{str(root)!r} lacks {', '.join(missing)}")
-        self.root, self.transform = root, transform
-
-        def table(name: str) -> dict[int, str]:
-            rows = (line.split(maxsplit=1) for line in (root / name).read_text().splitlines() if line.strip())
-            return {int(key): value.strip() for key, value in rows}
-
-        paths, split, labels = table("images.txt"), table("train_test_split.txt"), table("image_class_labels.txt")
-        self.classes = [name for _, name in sorted(table("classes.txt").items())]
-        self.samples = [(root / "images" / paths[i], int(labels[i]) - 1) for i in sorted(paths)
-                        if (split[i] == "1") == train]
-        self.targets = [label for _, label in self.samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        from PIL import Image
-
-        path, label = self.samples[index]
-        with Image.open(path) as img:
-            image = img.convert("RGB")
-        return (self.transform(image) if self.transform else image), label
-
-
-_LAYOUTS = MappingProxyType({
-    "embedded": "  (none: built from scikit-image's bundled photos)",
-    "imagefolder": "  train/<class>/<image>.jpg ...\n  val/<class>/<image>.jpg ...   (same class folder names)\n"
-                   "  test/<class>/<image>.jpg ...  (optional: covpool eval --split test)",
-    "cub200": "  CUB_200_2011/images.txt\n  CUB_200_2011/train_test_split.txt\n  CUB_200_2011/image_class_labels.txt\n"
-              "  CUB_200_2011/classes.txt\n  CUB_200_2011/images/<class>/<image>.jpg\n"
-              "  (root may also be the CUB_200_2011 folder itself)",
-    "stanford_cars": "  stanford_cars/  as torchvision.datasets.StanfordCars expects (devkit/, cars_train/, "
-                     "cars_test/, cars_test_annos_withlabels.mat); torchvision cannot download it any more",
-    "fgvc_aircraft": "  fgvc-aircraft-2013b/data/...  (torchvision.datasets.FGVCAircraft)",
-    "flowers102": "  flowers-102/jpg/, imagelabels.mat, setid.mat  (torchvision.datasets.Flowers102)",
-    "oxford_pet": "  oxford-iiit-pet/images/, annotations/  (torchvision.datasets.OxfordIIITPet)",
-    "cifar10": "  cifar-10-batches-py/  (torchvision.datasets.CIFAR10)",
-    "cifar100": "  cifar-100-python/  (torchvision.datasets.CIFAR100)",
-})
 
 
 class _Later:
@@ -134,118 +75,6 @@ class _Later:
         if self.transform is None:
             raise RuntimeError("the data set's transform is not set yet: call Splits.set_transforms(model) first")
         return self.transform(x)
-
-
-@dataclass(frozen=True)
-class _Spec:
-    build: Callable[[DataConfig, str, Callable | None, int], Dataset]  # (cfg, split, transform, seed)
-    num_classes: int | None  # None: read from the data (ImageFolder)
-    needs_root: bool = True
-    # "test" is another name of "val": the validation split of these data sets is their official test split
-    val_is_test: bool = False
-    test: bool = False  # a test split of its own (an ImageFolder's optional test/ folder)
-
-
-def _embedded(cfg: DataConfig, split: str, transform: Callable | None, seed: int) -> Dataset:
-    if cfg.img_size < 8:
-        raise ConfigError(f"data.img_size={cfg.img_size}: the embedded data set cuts patches of at least 8x8 "
-                          "pixels; use data.img_size >= 8")
-    return EmbeddedTextures(split, img_size=cfg.img_size, seed=seed,
-                            per_class=cfg.embedded_train_per_class if split == "train" else cfg.embedded_val_per_class,
-                            grayscale=cfg.embedded_grayscale, transform=transform)
-
-
-def _imagefolder(cfg: DataConfig, split: str, transform: Callable | None, seed: int) -> Dataset:
-    from torchvision.datasets import ImageFolder
-
-    folder = Path(cfg.root) / split
-    if not folder.is_dir():
-        raise _missing("imagefolder", cfg.root, _LAYOUTS["imagefolder"], f"{str(folder)!r} does not exist")
-    try:
-        return ImageFolder(str(folder), transform=transform)
-    except FileNotFoundError as err:  # no class folder, or a class folder without images
-        raise _missing("imagefolder", cfg.root, _LAYOUTS["imagefolder"], f"{str(folder)!r}: {first_line(err)}"
-                       ) from None
-
-
-def _torchvision(cls_name: str, train_kw: dict, val_kw: dict, train_extra: tuple[dict, ...] = ()):
-    def build(cfg: DataConfig, split: str, transform: Callable | None, seed: int) -> Dataset:
-        import torchvision.datasets as tvd
-
-        cls = getattr(tvd, cls_name)
-        parts = [train_kw, *train_extra] if split == "train" else [val_kw]
-        made = [cls(root=cfg.root, download=cfg.download, transform=transform, **kw) for kw in parts]
-        return made[0] if len(made) == 1 else ConcatDataset(made)
-
-    return build
-
-
-def _specs() -> dict[str, _Spec]:
-    return {
-        "embedded": _Spec(_embedded, len(EMBEDDED_CLASSES), needs_root=False),
-        "imagefolder": _Spec(_imagefolder, None, test=True),
-        "cub200": _Spec(lambda c, s, tf, seed: CUB200(c.root, train=s == "train", transform=tf), 200,
-                        val_is_test=True),
-        "stanford_cars": _Spec(_torchvision("StanfordCars", {"split": "train"}, {"split": "test"}), 196,
-                               val_is_test=True),
-        "fgvc_aircraft": _Spec(_torchvision("FGVCAircraft", {"split": "trainval"}, {"split": "test"}), 100,
-                               val_is_test=True),
-        # the usual fine-grained protocol trains on train+val (2040 images) and reports the test split
-        "flowers102": _Spec(_torchvision("Flowers102", {"split": "train"}, {"split": "test"}, ({"split": "val"},)),
-                            102, val_is_test=True),
-        "oxford_pet": _Spec(_torchvision("OxfordIIITPet", {"split": "trainval"}, {"split": "test"}), 37,
-                            val_is_test=True),
-        "cifar10": _Spec(_torchvision("CIFAR10", {"train": True}, {"train": False}), 10, val_is_test=True),
-        "cifar100": _Spec(_torchvision("CIFAR100", {"train": True}, {"train": False}), 100, val_is_test=True),
-    }
-
-
-def dataset_names() -> list[str]:
-    """The names ``data.dataset`` takes."""
-    return list(_specs())
-
-
-def dataset_layout(name: str) -> str:
-    """The folder layout ``data.root`` must have for data set ``name``."""
-    _spec(name)
-    return _LAYOUTS[name]
-
-
-def dataset_splits(name: str) -> tuple[str, ...]:
-    """The splits ``covpool eval --split`` takes for data set ``name``: ``train`` and ``val`` always; ``test``
-    where the data set has one (an ImageFolder's ``test/`` folder) or where ``val`` already is the official
-    test split (CUB-200, the torchvision data sets: ``test`` and ``val`` are the same images)."""
-    spec = _spec(name)
-    return ("train", "val", "test") if spec.test or spec.val_is_test else ("train", "val")
-
-
-def _spec(name: str) -> _Spec:
-    specs = _specs()
-    if name not in specs:
-        raise ValueError(f"unknown data set {name!r}; valid: {', '.join(specs)}")
-    return specs[name]
-
-
-def _check_root(cfg: DataConfig) -> None:
-    spec = _spec(cfg.dataset)
-    if not spec.needs_root:
-        return
-    if cfg.root is None:
-        raise _missing(cfg.dataset, None, _LAYOUTS[cfg.dataset], "data.root is not set")
-    if not Path(cfg.root).is_dir() and not cfg.download:
-        raise _missing(cfg.dataset, cfg.root, _LAYOUTS[cfg.dataset], f"root {cfg.root!r} does not exist")
-
-
-def num_classes_of(cfg: DataConfig) -> int:
-    """Number of classes of the configured data set, without reading the images."""
-    _check_root(cfg)
-    spec = _spec(cfg.dataset)
-    if spec.num_classes is not None:
-        return spec.num_classes
-    train = Path(cfg.root) / "train"
-    if not train.is_dir():
-        raise _missing(cfg.dataset, cfg.root, _LAYOUTS[cfg.dataset], f"{str(train)!r} does not exist")
-    return sum(1 for p in train.iterdir() if p.is_dir())
 
 
 def _transform(cfg: DataConfig, model: torch.nn.Module | None, train: bool) -> Callable:
@@ -399,8 +228,8 @@ def open_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), s
             label lies outside the class list.
         ConfigError: a split the data set does not have, or an ``img_size`` the data set cannot give.
     """
-    _check_root(cfg)
-    spec = _spec(cfg.dataset)
+    check_root(cfg)
+    known = spec(cfg.dataset)
     valid = dataset_splits(cfg.dataset)
     for split in splits:
         if split not in valid:
@@ -408,19 +237,19 @@ def open_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), s
     datasets, later = {}, {}
     for split in splits:
         later[split] = _Later()
-        which = "val" if split == "test" and spec.val_is_test else split
+        which = "val" if split == "test" and known.val_is_test else split
         try:
-            datasets[split] = spec.build(cfg, which, later[split], seed)
+            datasets[split] = known.build(cfg, which, later[split], seed)
         except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
             if "not found" not in str(err).lower():
                 raise
-            raise _missing(cfg.dataset, cfg.root, _LAYOUTS[cfg.dataset], f"torchvision found nothing under "
-                           f"{cfg.root!r} ({err})") from err
+            raise not_found(cfg.dataset, cfg.root, LAYOUTS[cfg.dataset], f"torchvision found nothing under "
+                            f"{cfg.root!r} ({err})") from err
     classes = None
     for split, ds in datasets.items():
         names = class_names_of(ds)
         if names is None:
-            names = [str(i) for i in range(spec.num_classes or 0)]
+            names = [str(i) for i in range(known.num_classes or 0)]
         if classes is None:
             classes, first = names, split
         else:

@@ -2,11 +2,11 @@
 
 One process or many under ``torchrun`` (DistributedDataParallel, gloo on CPU, nccl on CUDA); only rank 0
 writes files and logs. What surrounds the loop lives in rooms of its own, each taking only what it needs:
-the config checks made before anything is built (:mod:`covpool.train.validate`), the run folder (lock,
+the config checks made before anything is built (:mod:`covpool.train.config_checks`), the run folder (lock,
 the checkpoint to continue, best before last, the summary files: ``_run_folder``), the resume policy with
 the run's :class:`~covpool.train._resume.Progress` (``_resume``), the stop protocol (``_stop``), the seeds
-(``_seed``), evaluation (:mod:`covpool.train.evaluation`) and what a run reports
-(:mod:`covpool.train.summary`).
+(``_seed``), the optimizer, schedule and loss (``_optim``), evaluation (:mod:`covpool.train.evaluation`) and
+what a run reports, from its start-up header to its final table (:mod:`covpool.train.summary`).
 
 Resuming restores the model, EMA, optimizer, GradScaler, the RNG states of every process and the position
 in the epoch, so a resumed run computes what the uninterrupted one would have (same data order, same
@@ -30,7 +30,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..outputs import console_logging, first_line
+from ..outputs import console_logging, first_line, moved_names
+from ..precision import amp_mode
+from . import summary
 from ._dist import (
     all_gather_objects,
     all_reduce_sum,
@@ -40,20 +42,20 @@ from ._dist import (
     is_collective_failure,
     shutdown_distributed,
 )
-from ._model import BuiltModel, head_modules, make_model, param_groups, set_grad_checkpointing
+from ._model import BuiltModel, make_model, set_grad_checkpointing
+from ._optim import make_loss, make_optimizer, make_scheduler
 from ._resume import Progress, check_resume_config, describe_resume, restore_weights, resume_progress, training_state
 from ._run_folder import RunFolder, saved_work
 from ._schedule import BackendSchedule
 from ._seed import loader_seed, process_seed, seed_everything
 from ._stop import StopFlag, TrainingAborted, agree_to_stop, stopped_during_set_up
 from .checkpoint import Checkpoint, rng_state, set_rng_state, with_checksums
-from .config import ConfigError, OptimConfig, TrainConfig, config_to_dict
+from .config import ConfigError, TrainConfig, config_to_dict
+from .config_checks import check_config
 from .data import Splits, build_train_loader, build_val_loader, check_class_lists, open_datasets
-from .evaluation import autocast, evaluate_model, interactive, to_device
-from .summary import epoch_line, format_history
-from .validate import check_config
+from .evaluation import evaluate_model, interactive, to_device
 
-__all__ = ["NonFiniteLossError", "TrainResult", "train", "start_up_header"]
+__all__ = ["NonFiniteLossError", "TrainResult", "train"]
 
 _log = logging.getLogger(__name__)
 # the start-up header has a logger of its own, so a program that runs many short trainings (covpool demo) can
@@ -91,42 +93,6 @@ class TrainResult:
         return 128 + (self.stop_signal or int(signal.SIGINT))
 
 
-def _optimizer(model: nn.Module, o: OptimConfig):
-    from timm.optim import create_optimizer_v2
-
-    optimizer = create_optimizer_v2(
-        model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
-        param_group_fn=lambda m: param_groups(m, o.weight_decay, o.head_lr_mult, o.layer_decay))
-    for group in optimizer.param_groups:
-        # timm's schedulers multiply lr_scale into the scheduled value of initial_lr, so initial_lr is the
-        # unscaled rate (it defaulted to the scaled lr: the head trained at head_lr_mult squared)
-        group["initial_lr"] = o.lr
-        group["lr"] = o.lr * group["lr_scale"]
-    return optimizer
-
-
-def _scheduler(optimizer, o: OptimConfig, epochs: int, steps_per_epoch: int):
-    from timm.scheduler import create_scheduler_v2
-
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=o.sched, num_epochs=epochs, decay_epochs=o.decay_epochs,
-        decay_milestones=list(o.decay_milestones), decay_rate=o.decay_rate, min_lr=o.min_lr,
-        warmup_lr=o.warmup_lr, warmup_epochs=o.warmup_epochs, step_on_epochs=False,
-        updates_per_epoch=steps_per_epoch)
-    return scheduler
-
-
-def _loss(mixup: float, cutmix: float, label_smoothing: float, num_classes: int):
-    """timm's mixup/cutmix and its soft-target loss, or plain cross-entropy; (mixup or None, criterion)."""
-    if mixup > 0 or cutmix > 0:
-        from timm.data import Mixup
-        from timm.loss import SoftTargetCrossEntropy
-
-        return (Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes),
-                SoftTargetCrossEntropy())
-    return None, nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-
-
 def _num_classes(cfg: TrainConfig, data: Splits) -> int:
     """The classifier's size: ``model.num_classes``, or the data set's class count; fewer outputs than the data
     set has classes would fail at the first loss, after everything is set up."""
@@ -139,69 +105,13 @@ def _num_classes(cfg: TrainConfig, data: Splits) -> int:
     return cfg.model.num_classes
 
 
-def _plural(n: int, one: str, many: str | None = None) -> str:
-    return f"{n} {one if n == 1 else many or one + 's'}"
-
-
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
-
-
-def _lr_per_group(groups: list[dict]) -> str:
-    """``backbone 0.01, backbone, no decay 0.01, head 0.05, ...``; with layer-wise decay (many groups) the
-    range of each kind instead."""
-    named = [(g.get("name", f"group {i}"), g["lr"]) for i, g in enumerate(groups)]
-    if len(named) <= 6:
-        return ", ".join(f"{name} {lr:.3g}" for name, lr in named)
-    kinds: dict[str, list[float]] = {}
-    for name, lr in named:
-        kinds.setdefault(name, []).append(lr)
-    return ", ".join(f"{name} {min(lrs):.3g}" + (f" to {max(lrs):.3g} ({len(lrs)} groups)" if len(lrs) > 1 else "")
-                     for name, lrs in kinds.items())
-
-
-def start_up_header(cfg: TrainConfig, model: nn.Module, built: BuiltModel, data: Splits, checkpoint: Checkpoint | None,
-                    optimizer, steps_per_epoch: int, backend: str, device: torch.device, world_size: int) -> list[str]:
-    """The lines a run logs before its first step (rank 0), as timm's train.py does: the model, its parameter
-    counts and head, where its weights come from and which modules are new, the data, the device and the
-    schedule, and the learning rate of each parameter group."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    pooling = [n for n, m in head_modules(model).items() if not isinstance(m, nn.Linear)]
-    if cfg.model.swap_pooling:
-        head = f"second-order head {cfg.model.head!r} (model.swap_pooling)"
-    elif pooling:
-        head = f"covpool's second-order head ({', '.join(pooling)})"
-    else:
-        head = "the model's own head"
-    head += f", square-root backend {backend}" if backend else ""
-    weights = f"resumed from {checkpoint.path}" if checkpoint is not None else built.weights
-    if checkpoint is None and built.new:
-        weights += f"; new (re-initialised): {', '.join(built.new)}"
-    where = f" at {cfg.data.root}" if cfg.data.root else ""
-    per_step = cfg.data.batch_size * world_size * cfg.grad_accum_steps
-    how = f"batch {cfg.data.batch_size} x {_plural(world_size, 'process', 'processes')}" + (
-        f" x {cfg.grad_accum_steps} accumulated" if cfg.grad_accum_steps > 1 else "")
-    groups = _lr_per_group(optimizer.param_groups)
-    return [
-        f"model: {cfg.model.name} ({type(model).__name__}), {_millions(total)} parameters "
-        f"({_millions(trainable)} trainable); {head}",
-        f"weights: {weights}",
-        f"data: {cfg.data.dataset}{where}: {data.describe()}; input {cfg.data.img_size}x{cfg.data.img_size}",
-        f"device: {device}, amp {cfg.amp}; {_plural(cfg.epochs, 'epoch')} of {_plural(steps_per_epoch, 'step')}, "
-        f"{per_step} images per step ({how})",
-        f"optimizer: {cfg.optim.opt}, {cfg.optim.sched} schedule, weight decay {cfg.optim.weight_decay:g}; lr per "
-        f"parameter group: {groups}",
-    ]
-
-
 class _Trainer:
     """One run: set up from the config and the checkpoint it continues, then :meth:`run`."""
 
     def __init__(self, cfg: TrainConfig, resume: str | Path | bool | Checkpoint | None, overwrite: bool) -> None:
         self.cfg = cfg
         self.ctx = init_distributed(cfg.device, cfg.dist_timeout)
-        self.folder = RunFolder(Path(cfg.output_dir) / cfg.name, self.ctx)
+        self.folder = RunFolder(cfg.run_dir, self.ctx)
         self.folder.open()
         try:
             self._set_up(resume, overwrite)
@@ -242,21 +152,25 @@ class _Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum_steps)
         if cfg.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
-        self.optimizer = _optimizer(model, cfg.optim)
-        self.scheduler = _scheduler(self.optimizer, cfg.optim, cfg.epochs, self.steps_per_epoch)
+        self.optimizer = make_optimizer(model, cfg.optim)
+        self.scheduler = make_scheduler(self.optimizer, cfg.optim, cfg.epochs, self.steps_per_epoch)
         from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 
-        self.scaler = NativeScaler("cuda") if cfg.amp == "fp16" else None
+        self.amp = amp_mode(cfg.amp)
+        self.scaler = NativeScaler("cuda") if self.amp.scaled else None
         self.clip = dispatch_clip_grad
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
-        self.mixup, self.criterion = _loss(cfg.mixup, cfg.cutmix, cfg.label_smoothing, num_classes)
-        self.ddp = model
+        self.mixup, self.criterion = make_loss(cfg.mixup, cfg.cutmix, cfg.label_smoothing, num_classes)
+        # what the training step calls: the model, wrapped by DDP under torchrun and compiled with `compile`;
+        # checkpoints, evaluation and the EMA use the bare model
+        self.training_module: nn.Module = model
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp = DistributedDataParallel(model, device_ids=[ctx.device.index] if pin else None)
-        if cfg.compile is not False:  # the training forward only: checkpoints and eval use the model
-            self.ddp = torch.compile(self.ddp, backend="inductor" if cfg.compile is True else cfg.compile)
+            self.training_module = DistributedDataParallel(model, device_ids=[ctx.device.index] if pin else None)
+        if cfg.compile is not False:
+            self.training_module = torch.compile(self.training_module,
+                                                 backend="inductor" if cfg.compile is True else cfg.compile)
         self.backends = BackendSchedule(cfg.model.backend_schedule, cfg.epochs)
         self.progress = Progress()
         if ctx.rank > 0:
@@ -275,8 +189,9 @@ class _Trainer:
         """What timm's train.py logs before the first step: the model, its size and head, where its weights
         come from, the data, the device and the learning rate of each parameter group."""
         cfg, ctx, model = self.cfg, self.ctx, self.model
-        for line in start_up_header(cfg, model, built, data, checkpoint, self.optimizer, self.steps_per_epoch,
-                                    self.backends.describe(model), ctx.device, ctx.world_size):
+        for line in summary.start_up_header(cfg, model, built, data, checkpoint, self.optimizer,
+                                            self.steps_per_epoch, self.backends.describe(model), ctx.device,
+                                            ctx.world_size):
             _header_log.info(line)
 
     def _resume(self, checkpoint: Checkpoint, changes: dict) -> None:
@@ -308,8 +223,8 @@ class _Trainer:
         if self.mixup is not None:
             images, target = self.mixup(images, target)
         try:
-            with autocast(self.cfg.amp, ctx.device):
-                logits = self.ddp(images)
+            with self.amp.autocast(ctx.device):
+                logits = self.training_module(images)
                 loss = self.criterion(logits, target)
             return loss, (logits.detach().argmax(dim=-1) == hard_target).sum(), None
         except torch.linalg.LinAlgError as err:
@@ -322,7 +237,7 @@ class _Trainer:
             loss.backward()
 
     def _non_finite(self, loss_value: float, failure: BaseException | None) -> NonFiniteLossError:
-        p, last = self.progress, self.folder.path / "last.pt"
+        p, last = self.progress, self.folder.last
         what = f"non-finite loss ({loss_value})"
         if failure is not None:
             what = (f"non-finite or degenerate features reached the matrix decomposition "
@@ -342,7 +257,7 @@ class _Trainer:
         loss_sum, correct, failure = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device), None
         for i, (images_i, target_i) in enumerate(zip(images, target)):
             # the gradients of all but the last batch stay local; DDP all-reduces once, in the last backward
-            sync = nullcontext() if i == n - 1 or not ctx.distributed else self.ddp.no_sync()
+            sync = nullcontext() if i == n - 1 or not ctx.distributed else self.training_module.no_sync()
             with sync:
                 loss, hits, err = self._forward(images_i, target_i)
                 failure = failure or err
@@ -385,7 +300,7 @@ class _Trainer:
         sampler.skip = p.step_in_epoch * cfg.data.batch_size * cfg.grad_accum_steps
         # workers draw their augmentation seeds from this generator: a function of (seed, epoch, rank) only
         self.train_loader.generator.manual_seed(loader_seed(cfg.seed, p.epoch, ctx.rank))
-        self.ddp.train()
+        self.training_module.train()
         per_batch = cfg.data.batch_size * ctx.world_size
         show = cfg.progress and ctx.is_main
         bar = tqdm(total=self.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
@@ -435,7 +350,7 @@ class _Trainer:
         self._save(best=is_best)
         if ctx.is_main:
             self.folder.write_summary(p.history, self._title())
-            _log.info(epoch_line(row, cfg.epochs, is_best, ema=self.ema is not None))
+            _log.info(summary.epoch_line(row, cfg.epochs, is_best, ema=self.ema is not None))
 
     def _title(self) -> str:
         """The curves' title: run, model, and the head and backend(s) the history records."""
@@ -471,14 +386,14 @@ class _Trainer:
                 self._save(best=False)
                 if ctx.is_main:
                     _log.info(f"stopped by {signal.Signals(stop.signum).name} at epoch {p.epoch + 1}, step "
-                              f"{p.step_in_epoch}: saved {self.folder.path / 'last.pt'}; continue with --resume")
+                              f"{p.step_in_epoch}: saved {self.folder.last}; continue with --resume")
                 break
             self._end_epoch()
         elapsed = time.perf_counter() - start
         if ctx.is_main and not interrupted and p.history:
-            _log.info(format_history(p.history))
+            _log.info(summary.format_history(p.history))
             _log.info(f"best val acc {p.best_acc1:.2f}% at epoch {p.best_epoch}; outputs in {self.folder.path}/ "
-                      "(last.pt, best.pt, metrics.csv, curves.png)")
+                      f"({self.folder.last.name}, {self.folder.best.name}, metrics.csv, curves.png)")
         return TrainResult(self.folder.path, p.history, p.best_acc1, p.best_epoch, elapsed, interrupted,
                            self.model, stop.signum if interrupted else None)
 
@@ -488,8 +403,8 @@ def train(cfg: TrainConfig, resume: str | Path | bool | Checkpoint | None = None
     """Train ``cfg`` (see :class:`~covpool.train.config.TrainConfig`) and return its history.
 
     Args:
-        cfg: the run's configuration; checked first (:func:`covpool.train.validate.check_config`).
-        resume: ``True`` continues ``<output_dir>/<name>/last.pt``; a path, or a
+        cfg: the run's configuration; checked first (:func:`covpool.train.check_config`).
+        resume: ``True`` continues ``<output_dir>/<name>/last.pt`` (in ``cfg.run_dir``); a path, or a
             :class:`~covpool.train.checkpoint.Checkpoint` already read, continues that checkpoint.
         overwrite: start afresh even if the run folder already holds a checkpoint.
 
@@ -506,7 +421,7 @@ def train(cfg: TrainConfig, resume: str | Path | bool | Checkpoint | None = None
         DatasetNotFoundError: the data set's root is missing (the message shows the expected layout).
     """
     check_config(cfg)
-    run_dir = Path(cfg.output_dir) / cfg.name
+    run_dir = cfg.run_dir
 
     def failure(err: RuntimeError) -> BaseException:
         return collective_failure(err, dist_timeout_s(cfg.dist_timeout), saved_work(run_dir))
@@ -536,24 +451,13 @@ def train(cfg: TrainConfig, resume: str | Path | bool | Checkpoint | None = None
             shutdown_distributed(trainer.ctx, clean)
 
 
-
-# Names that moved out of this module, kept for one release: old name -> (module, name, where to import it).
-# (evaluate_model and TrainingAborted, which the loop uses, are still imported here.)
-_MOVED = {
-    "evaluate": ("covpool.train.evaluation", "evaluate", "covpool.train.evaluate"),
-    "format_table": ("covpool.train.summary", "format_history", "covpool.train.summary.format_history"),
-    "RunExistsError": ("covpool.train._run_folder", "RunExistsError", "covpool.train.RunExistsError"),
-    "RunLockedError": ("covpool.train._run_folder", "RunLockedError", "covpool.train.RunLockedError"),
-    "DistributedFailure": ("covpool.train._dist", "DistributedFailure", "covpool.train.DistributedFailure"),
-}
-
-
-def __getattr__(name: str):
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    module, new, where = _MOVED[name]
-    warnings.warn(f"covpool.train.engine.{name} is deprecated and goes in the next release; use {where}",
-                  DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module(module), new)
+# Names that moved out of this module, kept for one release (evaluate_model and TrainingAborted, which the loop
+# uses, are still imported here).
+__getattr__ = moved_names(__name__, {
+    "evaluate": ("covpool.train.evaluation:evaluate", "covpool.train.evaluate"),
+    "format_table": ("covpool.train.summary:format_history", "covpool.train.summary.format_history"),
+    "RunExistsError": ("covpool.train._run_folder:RunExistsError", "covpool.train.RunExistsError"),
+    "RunLockedError": ("covpool.train._run_folder:RunLockedError", "covpool.train.RunLockedError"),
+    "DistributedFailure": ("covpool.train._dist:DistributedFailure", "covpool.train.DistributedFailure"),
+    "start_up_header": "covpool.train.summary:start_up_header",
+})

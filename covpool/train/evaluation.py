@@ -4,10 +4,9 @@ per-class accuracy, the confusion matrix and each image's prediction (:class:`Ev
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -15,25 +14,28 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..outputs import console_logging, first_line, new_figure, save_figure, write_csv
+from ..outputs import console_logging, first_line, moved_names, new_figure, save_figure, write_csv
+from ..precision import amp_mode
 from ._dist import DistContext, all_gather_objects, all_reduce_sum, init_distributed, shutdown_distributed
 from ._model import build_model, classifier_names
 from ._schedule import BackendSchedule, checkpoint_epoch
 from .checkpoint import Checkpoint, CheckpointError
 from .config import TrainConfig, config_from_dict
+from .config_checks import check_config, check_same_model
 from .data import ClassListError, build_val_loader, check_class_lists, open_datasets, sample_names
-from .validate import check_config, check_same_model
 
-__all__ = ["autocast", "to_device", "interactive", "evaluate_model", "predict_loader", "evaluate", "EvalResult",
+__all__ = ["to_device", "interactive", "evaluate_model", "predict_loader", "evaluate", "EvalResult",
            "plot_confusion", "check_checkpoint_classes", "load_weights"]
 
-_AMP_DTYPES = MappingProxyType({"none": None, "bf16": torch.bfloat16, "fp16": torch.float16})
+
+def _autocast(amp: str, device: torch.device):
+    """What ``evaluation.autocast`` was, a name that hid ``torch.autocast``: the autocast region of config
+    ``amp`` on ``device``."""
+    return amp_mode(amp).autocast(device)
 
 
-def autocast(amp: str, device: torch.device):
-    """The autocast region of config ``amp`` (``none``, ``bf16``, ``fp16``) on ``device``."""
-    dtype = _AMP_DTYPES[amp]
-    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+__getattr__ = moved_names(__name__, {"autocast": (f"{__name__}:_autocast",
+                                                  "covpool.precision.amp_mode(amp).autocast(device)")})
 
 
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -58,30 +60,40 @@ def _correct(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor
     return (top == target[:, None]).any(dim=-1).sum()
 
 
+def _logits(model: nn.Module, loader, ctx: DistContext, amp: str, max_steps: int | None, desc: str, progress: bool,
+            channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(logits in float32, target)`` of each batch of ``loader`` (at most ``max_steps``), ``model`` in eval
+    mode under ``amp``'s autocast, with a progress bar on rank 0's terminal; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    mode = amp_mode(amp)
+    total = len(loader) if max_steps is None else min(max_steps, len(loader))
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
+               disable=not (progress and ctx.is_main and interactive()))
+    try:
+        for step, (images, target) in enumerate(loader):
+            if step >= total:
+                break
+            images, target = to_device(images, ctx.device, channels_last), target.to(ctx.device, non_blocking=True)
+            with mode.autocast(ctx.device):
+                logits = model(images)
+            yield logits.float(), target
+            bar.update()
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader, ctx: DistContext, amp: str = "none", max_steps: int | None = None,
                    desc: str = "val", progress: bool = False, channels_last: bool = False) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy (%) of ``model`` over ``loader``, summed over all processes."""
-    was_training = model.training
-    model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss_sum, top1, top5, count
-    total = len(loader) if max_steps is None else min(max_steps, len(loader))
-    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
-               disable=not (progress and ctx.is_main and interactive()))
-    for step, (images, target) in enumerate(loader):
-        if step >= total:
-            break
-        images, target = to_device(images, ctx.device, channels_last), target.to(ctx.device, non_blocking=True)
-        with autocast(amp, ctx.device):
-            logits = model(images)
-        logits = logits.float()
+    for logits, target in _logits(model, loader, ctx, amp, max_steps, desc, progress, channels_last):
         sums += torch.stack([F.cross_entropy(logits, target, reduction="sum"), _correct(logits, target, 1),
                              _correct(logits, target, 5), torch.tensor(float(len(target)), device=ctx.device)]
                             ).to(sums.dtype)
-        bar.update()
-    bar.close()
     all_reduce_sum(sums, ctx)
-    model.train(was_training)
     loss_sum, top1, top5, count = sums.tolist()
     count = max(count, 1.0)
     return {"loss": loss_sum / count, "acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count,
@@ -94,28 +106,14 @@ def predict_loader(model: nn.Module, loader, ctx: DistContext, amp: str = "none"
     """Per-image results of ``model`` over ``loader`` on this process: ``target``, ``pred`` (top-1 class),
     ``prob`` (its softmax probability), ``top5`` (whether the label is among the 5 best) and ``loss``
     (cross-entropy), each a CPU tensor in the loader's order."""
-    was_training = model.training
-    model.eval()
-    total = len(loader) if max_steps is None else min(max_steps, len(loader))
-    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
-               disable=not (progress and ctx.is_main and interactive()))
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("target", "pred", "prob", "top5", "loss")}
-    for step, (images, target) in enumerate(loader):
-        if step >= total:
-            break
-        images, target = to_device(images, ctx.device, channels_last), target.to(ctx.device, non_blocking=True)
-        with autocast(amp, ctx.device):
-            logits = model(images)
-        logits = logits.float()
+    for logits, target in _logits(model, loader, ctx, amp, max_steps, desc, progress, channels_last):
         prob, pred = logits.softmax(dim=-1).max(dim=-1)
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         for key, value in (("target", target), ("pred", pred), ("prob", prob),
                            ("top5", (top == target[:, None]).any(dim=-1)),
                            ("loss", F.cross_entropy(logits, target, reduction="none"))):
             parts[key].append(value.cpu())
-        bar.update()
-    bar.close()
-    model.train(was_training)
     empty = {"target": torch.long, "pred": torch.long, "prob": torch.float32, "top5": torch.bool,
              "loss": torch.float32}
     return {k: torch.cat(v) if v else torch.zeros(0, dtype=empty[k]) for k, v in parts.items()}

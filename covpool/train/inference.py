@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..outputs import first_line, write_csv
+from ..precision import AMP_MODES, amp_mode
 from ._model import build_model, classifier_names
 from ._schedule import BackendSchedule, checkpoint_epoch
 from .checkpoint import Checkpoint, CheckpointError
@@ -210,8 +211,6 @@ def predict(checkpoint: str | Path | Checkpoint, paths: Iterable[str | Path], to
         ConfigError: ``top_k`` or ``batch_size`` below 1, or a ``device`` this machine lacks.
         CheckpointError, FileNotFoundError: as :func:`load_model`.
     """
-    from .evaluation import autocast
-
     if top_k < 1 or batch_size < 1 or workers < 0:
         raise ConfigError(f"top_k and batch_size must be at least 1 and workers at least 0, got {top_k}, "
                           f"{batch_size} and {workers}")
@@ -221,7 +220,8 @@ def predict(checkpoint: str | Path | Checkpoint, paths: Iterable[str | Path], to
     cfg = model_config(ckpt)
     model = load_model(ckpt, dev, use_ema=use_ema)
     names = list(model.pretrained_cfg["label_names"])
-    amp = cfg.amp if dev.type == "cuda" or cfg.amp != "fp16" else "none"  # the run's autocast; fp16 needs CUDA
+    # the run's autocast, where this device can run it
+    amp = amp_mode(cfg.amp) if amp_mode(cfg.amp).refusal(dev.type) is None else AMP_MODES["none"]
     k = min(top_k, len(names))
     loader = DataLoader(_Files(files, image_transform(cfg.data, model)), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, pin_memory=dev.type == "cuda")
@@ -232,7 +232,7 @@ def predict(checkpoint: str | Path | Checkpoint, paths: Iterable[str | Path], to
         if errors:
             bar.close()
             raise ImageReadError(f"cannot read {errors[0]}")
-        with autocast(amp, dev):
+        with amp.autocast(dev):
             logits = model(images.to(dev, non_blocking=True))
         probs, labels = logits.float().softmax(dim=-1).topk(k, dim=-1)
         for p, label in zip(probs.cpu().tolist(), labels.cpu().tolist()):

@@ -1,18 +1,31 @@
-"""What a run reports: ``metrics.csv`` (one row per epoch), ``curves.png``, a line per epoch and the final table.
+"""What a run reports: its start-up header, ``metrics.csv`` (one row per epoch), ``curves.png``, a line per epoch
+and the final table.
 
-Each is made from the run's history, a list of per-epoch rows with the keys of :data:`METRICS_FIELDS`;
-the files are written through :mod:`covpool.outputs` (atomically). ``covpool demo`` draws its comparison
-with :func:`plot_curves` too.
+The header (:func:`start_up_header`) describes the run before its first step, as timm's ``train.py`` does; the
+rest is made from the run's history, a list of per-epoch rows with the keys of :data:`METRICS_FIELDS`; the
+files are written through :mod:`covpool.outputs` (atomically). ``covpool demo`` draws its comparison with
+:func:`plot_curves` too.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
 
 from ..outputs import format_table, new_figure, save_figure, write_csv
+from ._model import head_modules
 
-__all__ = ["METRICS_FIELDS", "write_metrics", "plot_curves", "format_history", "epoch_line"]
+if TYPE_CHECKING:
+    from ._model import BuiltModel
+    from .checkpoint import Checkpoint
+    from .config import TrainConfig
+    from .data import Splits
+
+__all__ = ["METRICS_FIELDS", "write_metrics", "plot_curves", "format_history", "epoch_line", "start_up_header"]
 
 #: the columns of metrics.csv
 METRICS_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc1", "val_acc5", "ema_val_acc1", "lr",
@@ -85,3 +98,60 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str | Path, title: 
     # fixed margins: tight_layout would draw the figure twice, which costs more than the plot itself
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.86 if title else 0.92, wspace=0.22)
     return save_figure(fig, path, dpi=90)
+
+
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
+
+
+def _lr_per_group(groups: list[dict]) -> str:
+    """``backbone 0.01, backbone, no decay 0.01, head 0.05, ...``; with layer-wise decay (many groups) the
+    range of each kind instead."""
+    named = [(g.get("name", f"group {i}"), g["lr"]) for i, g in enumerate(groups)]
+    if len(named) <= 6:
+        return ", ".join(f"{name} {lr:.3g}" for name, lr in named)
+    kinds: dict[str, list[float]] = {}
+    for name, lr in named:
+        kinds.setdefault(name, []).append(lr)
+    return ", ".join(f"{name} {min(lrs):.3g}" + (f" to {max(lrs):.3g} ({len(lrs)} groups)" if len(lrs) > 1 else "")
+                     for name, lrs in kinds.items())
+
+
+def start_up_header(cfg: TrainConfig, model: nn.Module, built: BuiltModel, data: Splits, checkpoint: Checkpoint | None,
+                    optimizer: Any, steps_per_epoch: int, backend: str, device: torch.device, world_size: int
+                    ) -> list[str]:
+    """The lines a run logs before its first step (rank 0), as timm's train.py does: the model, its parameter
+    counts and head, where its weights come from and which modules are new, the data, the device and the
+    schedule, and the learning rate of each parameter group."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    pooling = [n for n, m in head_modules(model).items() if not isinstance(m, nn.Linear)]
+    if cfg.model.swap_pooling:
+        head = f"second-order head {cfg.model.head!r} (model.swap_pooling)"
+    elif pooling:
+        head = f"covpool's second-order head ({', '.join(pooling)})"
+    else:
+        head = "the model's own head"
+    head += f", square-root backend {backend}" if backend else ""
+    weights = f"resumed from {checkpoint.path}" if checkpoint is not None else built.weights
+    if checkpoint is None and built.new:
+        weights += f"; new (re-initialised): {', '.join(built.new)}"
+    where = f" at {cfg.data.root}" if cfg.data.root else ""
+    per_step = cfg.data.batch_size * world_size * cfg.grad_accum_steps
+    how = f"batch {cfg.data.batch_size} x {_plural(world_size, 'process', 'processes')}" + (
+        f" x {cfg.grad_accum_steps} accumulated" if cfg.grad_accum_steps > 1 else "")
+    groups = _lr_per_group(optimizer.param_groups)
+    return [
+        f"model: {cfg.model.name} ({type(model).__name__}), {_millions(total)} parameters "
+        f"({_millions(trainable)} trainable); {head}",
+        f"weights: {weights}",
+        f"data: {cfg.data.dataset}{where}: {data.describe()}; input {cfg.data.img_size}x{cfg.data.img_size}",
+        f"device: {device}, amp {cfg.amp}; {_plural(cfg.epochs, 'epoch')} of {_plural(steps_per_epoch, 'step')}, "
+        f"{per_step} images per step ({how})",
+        f"optimizer: {cfg.optim.opt}, {cfg.optim.sched} schedule, weight decay {cfg.optim.weight_decay:g}; lr per "
+        f"parameter group: {groups}",
+    ]

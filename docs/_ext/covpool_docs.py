@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["API_MODULES", "EXTRA_HELP", "GENERATED", "api_modules", "api_pages", "public_objects", "docstring_of",
-           "config_keys", "config_reference", "commands", "cli_reference", "backend_table", "head_table",
+           "config_reference", "commands", "cli_reference", "backend_table", "head_table",
            "covpool_models", "model_table", "benchmark_list", "write_pages", "setup"]
 
 DOCS = Path(__file__).resolve().parent.parent
@@ -213,48 +213,16 @@ def api_pages() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------- config reference
-def _config_modules():
-    from covpool.train import config, validate
-
-    return config, validate
-
-
-def _choices(key: str) -> str:
-    """The values a config key takes, from the registry :mod:`covpool.train.validate` checks it against."""
-    _, validate = _config_modules()
-    registry = validate._NAMED.get(key)
-    if registry is None:
-        return ""
-    return registry.where or " | ".join(map(str, registry.names()))
-
-
-def config_keys() -> list[tuple[str, str, dataclasses.Field, Any]]:
-    """``(section, dotted key, field, default)`` for every key of the training config, in schema order."""
-    config, _ = _config_modules()
-    keys: list[tuple[str, str, dataclasses.Field, Any]] = []
-
-    def walk(cls: type, prefix: str) -> None:
-        defaults = cls()
-        hints = config._hints(cls)
-        for f in dataclasses.fields(cls):
-            if config._is_section(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.")
-            else:
-                keys.append((prefix.rstrip(".") or "top level", prefix + f.name, f, getattr(defaults, f.name)))
-
-    walk(config.TrainConfig, "")
-    return keys
-
-
 def config_reference() -> str:
-    """Every key of ``covpool train``'s config: type, default, range and choices, and its help, one table
-    per section."""
-    config, _ = _config_modules()
+    """Every key of ``covpool train``'s config: type, default, range and values, and its help, one table per
+    section (:func:`covpool.train.config.config_schema`)."""
+    from covpool.train.config import config_schema
+
     sections: dict[str, list[list[str]]] = {}
-    for section, key, f, default in config_keys():
-        limits = " ".join(filter(None, [config._range_text(f), _choices(key)]))
-        sections.setdefault(section, []).append(
-            [_literal(key), _literal(f.type), _literal(repr(default)), _cell(limits), _cell(f.metadata["help"])])
+    for key in config_schema():
+        limits = " ".join(filter(None, [key.range, key.values]))
+        sections.setdefault(key.section or "top level", []).append(
+            [_literal(key.key), _literal(key.type), _literal(repr(key.default)), _cell(limits), _cell(key.help)])
     out = []
     for section, rows in sections.items():
         anchor = "config-" + section.replace(" ", "-")
@@ -284,10 +252,10 @@ def _help_text(argv: list[str]) -> str:
 
 
 def commands() -> list[str]:
-    """The commands of ``covpool``, as its dispatcher knows them."""
-    from covpool import cli
+    """The commands of ``covpool``, in the order ``covpool --help`` lists them (``_covpool_cli.COMMANDS``)."""
+    import _covpool_cli
 
-    return list(cli._COMMANDS)
+    return list(_covpool_cli.COMMANDS)
 
 
 def cli_reference() -> str:

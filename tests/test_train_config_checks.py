@@ -1,11 +1,11 @@
-"""covpool.train.validate: the registry names it accepts are the ones the registries take (the mistakes
+"""covpool.train.config_checks: the registry names it accepts are the ones the registries take (the mistakes
 themselves are tested on the command line, tests/test_cli.py)."""
 from __future__ import annotations
 
 import pytest
 
-from covpool.train.config import ConfigError, load_config
-from covpool.train.validate import SCHEDULERS, check_config
+from covpool.train.config import SCHEDULERS, ConfigError, load_config
+from covpool.train.config_checks import check_config
 
 
 @pytest.mark.parametrize("sched", SCHEDULERS)
