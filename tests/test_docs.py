@@ -84,6 +84,7 @@ def test_the_parameter_rule_reads_args_sections_prose_and_dataclass_help():
 
     assert params.undocumented_parameters(f) == ["gamma"]
     assert params.documented(":param int gamma: napoleon's rendering", "gamma")
+    assert params.documented(":param \\*\\*options: napoleon escapes the stars", "options")
     assert not params.documented("gammas are not ``gamma_ray``", "gamma")
 
     @dataclasses.dataclass

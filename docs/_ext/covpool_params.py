@@ -40,7 +40,7 @@ def parameters(obj: Any) -> list[str]:
 
 def documented(doc: str, name: str) -> bool:
     """Whether ``doc`` (a raw docstring, or the lines napoleon made of one) documents parameter ``name``."""
-    star = r"\\?\*{0,2}"
+    star = r"(?:\\?\*){0,2}"  # ``*args``, ``**options``, and napoleon's escaped ``\*\*options``
     patterns = (
         rf":param\s+(?:[^:]*\s)?{star}{name}:",  # napoleon's rendering, with or without a type
         rf"^\s+{star}{name}(?:\s*\([^)]*\))?:",  # an entry of an ``Args:`` or ``Attributes:`` section
