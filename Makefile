@@ -20,7 +20,9 @@ $(DOCS_STAMP): pyproject.toml $(STAMP)
 demo: $(STAMP)
 	$(PY) -m covpool demo
 
+# The type check first (mypy, configured in pyproject.toml: about 20 s), then the tests and doctests.
 test: $(STAMP)
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
@@ -46,5 +48,5 @@ docs-check: $(DOCS_STAMP)
 	$(PY) docs/tools/check_browser.py docs/_build/html
 
 clean:
-	rm -rf $(VENV) runs bench_out .pytest_cache docs/_build docs/_generated docs/api docs/gallery \
+	rm -rf $(VENV) runs bench_out .pytest_cache .mypy_cache docs/_build docs/_generated docs/api docs/gallery \
 		docs/sg_execution_times.rst

@@ -40,6 +40,7 @@ extensions = [
     "sphinx_gallery.gen_gallery",
     "myst_parser",
     "covpool_docs",
+    "covpool_params",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}

@@ -27,6 +27,7 @@ def _load(name: str, path):
 
 
 gen = _load("covpool_docs", DOCS / "_ext" / "covpool_docs.py")
+params = _load("covpool_params", DOCS / "_ext" / "covpool_params.py")
 links = _load("covpool_check_links", DOCS / "tools" / "check_links.py")
 
 OBJECTS = gen.public_objects()
@@ -47,6 +48,55 @@ def test_the_reference_covers_the_public_modules():
 @pytest.mark.parametrize("module, name", OWN, ids=[f"{m}.{n}" for m, n in OWN])
 def test_every_public_name_has_a_docstring(module, name):
     assert gen.docstring_of(module, name).strip(), f"{module}.{name} has no docstring: the reference would be empty"
+
+
+def _documented_callables():
+    """Every callable the reference renders: the public functions and classes, and the public methods with a
+    docstring that a public class defines (autodoc shows those)."""
+    for module, name in OWN:
+        obj = getattr(importlib.import_module(module), name)
+        if inspect.isclass(obj):
+            yield f"{module}.{name}", obj
+            for attr, member in vars(obj).items():
+                if not attr.startswith("_") and inspect.isfunction(member) and member.__doc__:
+                    yield f"{module}.{name}.{attr}", member
+        elif callable(obj):
+            yield f"{module}.{name}", obj
+
+
+def test_every_parameter_is_documented():
+    """The rule ``make docs`` enforces with a warning, checked without Sphinx: each parameter of a public
+    callable has an ``Args:`` entry or is named as ``name`` in its docstring's prose."""
+    missing = {qualname: found for qualname, obj in _documented_callables()
+               if (found := params.undocumented_parameters(obj))}
+    assert not missing, "parameters without documentation:\n" + "\n".join(
+        f"  {qualname}: {', '.join(names)}" for qualname, names in sorted(missing.items()))
+
+
+def test_the_parameter_rule_reads_args_sections_prose_and_dataclass_help():
+    def f(alpha, beta, gamma, *tensors, _private=None, **options):
+        """Uses ``alpha=1`` and ``*tensors`` in the prose.
+
+        Args:
+            beta (int): an entry with a type.
+            **options: keyword options.
+        """
+
+    assert params.undocumented_parameters(f) == ["gamma"]
+    assert params.documented(":param int gamma: napoleon's rendering", "gamma")
+    assert params.documented(":param \\*\\*options: napoleon escapes the stars", "options")
+    assert not params.documented("gammas are not ``gamma_ray``", "gamma")
+
+    @dataclasses.dataclass
+    class Config:
+        """A config."""
+
+        size: int = dataclasses.field(default=1, metadata={"help": "the size"})
+        depth: int = 2
+
+    assert params.undocumented_parameters(Config) == ["depth"]
+    assert params.field_parameters(Config) == [":param size: the size"]
+    assert params.parameters(ValueError) == []
 
 
 def test_docstring_of_sees_through_what_is_not_a_docstring():
