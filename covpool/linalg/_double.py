@@ -8,7 +8,7 @@ node that raises when anything is backpropagated through the gradient.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -25,7 +25,7 @@ class _NoSecondDerivative(torch.autograd.Function):
         ctx.message = inputs[1]
 
     @staticmethod
-    def backward(ctx: Any, *_: torch.Tensor | None) -> None:
+    def backward(ctx: Any, *_: torch.Tensor | None) -> NoReturn:
         raise RuntimeError(ctx.message)
 
 
