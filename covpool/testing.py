@@ -8,6 +8,9 @@ Used by covpool's tests and ``covpool bench``; public so that a backend added wi
     >>> ct.rel(covpool.sqrtm(a, backend="eig"), ct.exact_root(a)) < 1e-12
     True
 """
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -16,45 +19,111 @@ __all__ = ["well_conditioned", "well_separated", "ill_conditioned", "rank_defici
 
 
 def rel(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Relative Frobenius error ‖x − y‖ / ‖y‖ in float64 on the CPU (x and y may live on different devices)."""
+    """Relative Frobenius error ‖x − y‖ / ‖y‖ of ``x`` against the reference ``y``, over all entries, in float64
+    on the CPU (``x`` and ``y`` may live on different devices and have different dtypes; same shape). ``inf``
+    or NaN when ``y`` is zero."""
     x, y = x.detach().double().cpu(), y.detach().double().cpu()
     return float((x - y).norm() / y.norm())
 
 
-def well_conditioned(batch: int, n: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
-    """SPD matrices with eigenvalues spread over [1, 4]."""
+def well_conditioned(batch: int, n: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:
+    """Symmetric positive definite matrices with eigenvalues drawn uniformly from [1, 4] and random
+    eigenvectors (condition number at most 4): where every backend should be accurate.
+
+    Args:
+        batch: how many matrices, the leading dimension of the result.
+        n: the matrix size.
+        dtype: the dtype of the result (built in float64 and rounded once).
+        seed: seed of the private generator: the same arguments give the same matrices, whatever the global RNG.
+
+    Returns:
+        ``(batch, n, n)`` tensor of ``dtype`` on the CPU.
+    """
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))
     lam = 1 + 3 * torch.rand(batch, n, generator=g, dtype=torch.float64)
     return ((q * lam.unsqueeze(-2)) @ q.mT).to(dtype)
 
 
-def well_separated(batch: int, n: int, ratio: float = 1.5, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
-    """SPD matrices with eigenvalues ratio**k, k = 0..n-1: neighbouring eigenvalues never close."""
+def well_separated(batch: int, n: int, ratio: float = 1.5, dtype: torch.dtype = torch.float64,
+                   seed: int = 0) -> torch.Tensor:
+    """Symmetric positive definite matrices with eigenvalues ratio**k / ratio**(n−1), k = 0..n−1 (the largest 1
+    for ``ratio`` > 1), and random eigenvectors: neighbouring eigenvalues are never close, so approximate
+    gradients (the SVD family's) can be compared with the exact one.
+
+    Args:
+        batch: how many matrices, the leading dimension of the result.
+        n: the matrix size.
+        ratio: the ratio of neighbouring eigenvalues (> 1); the condition number is ratio**(n−1).
+        dtype: the dtype of the result (built in float64 and rounded once).
+        seed: seed of the private generator: the same arguments give the same matrices, whatever the global RNG.
+
+    Returns:
+        ``(batch, n, n)`` tensor of ``dtype`` on the CPU.
+    """
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))
     lam = ratio ** torch.arange(n, dtype=torch.float64)
     return ((q * lam.unsqueeze(-2)) @ q.mT / lam[-1]).to(dtype)
 
 
-def ill_conditioned(batch: int, n: int, kappa: float = 100.0, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
-    """SPD matrices with log-spaced eigenvalues from 1 down to 1/kappa (a whitening matrix's spread)."""
+def ill_conditioned(batch: int, n: int, kappa: float = 100.0, dtype: torch.dtype = torch.float64,
+                    seed: int = 0) -> torch.Tensor:
+    """Symmetric positive definite matrices with log-spaced eigenvalues from 1 down to 1/kappa (a whitening
+    matrix's spread) and random eigenvectors.
+
+    Args:
+        batch: how many matrices, the leading dimension of the result.
+        n: the matrix size.
+        kappa: the condition number, largest over smallest eigenvalue (>= 1).
+        dtype: the dtype of the result (built in float64 and rounded once).
+        seed: seed of the private generator: the same arguments give the same matrices, whatever the global RNG.
+
+    Returns:
+        ``(batch, n, n)`` tensor of ``dtype`` on the CPU.
+    """
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))
     lam = torch.logspace(0, -torch.log10(torch.tensor(float(kappa))).item(), n, dtype=torch.float64)
     return ((q * lam.unsqueeze(-2)) @ q.mT).to(dtype)
 
 
-def rank_deficient(batch: int, n: int, samples: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
-    """Covariances of ``samples`` < n feature vectors: rank ``samples - 1`` after centring."""
+def rank_deficient(batch: int, n: int, samples: int, dtype: torch.dtype = torch.float64,
+                   seed: int = 0) -> torch.Tensor:
+    """Centred covariances (1/N)·X_c X_cᵀ of ``samples`` < n standard normal feature vectors: positive
+    semi-definite of rank ``samples - 1``, the rest of the spectrum exactly 0 up to rounding (a covariance
+    pooling input with fewer positions than channels).
+
+    Args:
+        batch: how many matrices, the leading dimension of the result.
+        n: the matrix size.
+        samples: N, the number of feature vectors; the rank is N − 1 when N <= n.
+        dtype: the dtype of the result (built in float64 and rounded once).
+        seed: seed of the private generator: the same arguments give the same matrices, whatever the global RNG.
+
+    Returns:
+        ``(batch, n, n)`` tensor of ``dtype`` on the CPU.
+    """
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, n, samples, generator=g, dtype=torch.float64)
     x = x - x.mean(-1, keepdim=True)
     return (x @ x.mT / samples).to(dtype)
 
 
-def repeated_eigenvalues(batch: int, n: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
-    """Eigenvalues in three tied clusters {1, 1, ..., 2, 2, ..., 3, 3, ...}, random eigenvectors."""
+def repeated_eigenvalues(batch: int, n: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:
+    """Symmetric positive definite matrices with eigenvalues in three tied clusters {1, 1, ..., 2, 2, ..., 3, 3,
+    ...} (exactly equal within a cluster) and random eigenvectors: where a gradient formula that divides by
+    λ_i − λ_j breaks.
+
+    Args:
+        batch: how many matrices, the leading dimension of the result.
+        n: the matrix size.
+        dtype: the dtype of the result (built in float64 and rounded once).
+        seed: seed of the private generator: the same arguments give the same matrices, whatever the global RNG.
+
+    Returns:
+        ``(batch, n, n)`` tensor of ``dtype`` on the CPU.
+    """
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))
     lam = (torch.arange(n, dtype=torch.float64) * 3 // n + 1).expand(batch, n)
@@ -62,14 +131,28 @@ def repeated_eigenvalues(batch: int, n: int, dtype=torch.float64, seed: int = 0)
 
 
 def exact_root(a: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Float64 eigh reference."""
+    """Float64 reference square root of ``a`` ``(*, n, n)`` (symmetric PSD), V·f(Λ)·Vᵀ from ``torch.linalg.eigh``,
+    f = √· with negative rounding-level eigenvalues clamped to 0, or 1/√· when ``inverse`` (no floor: a singular
+    matrix gives inf or NaN). Returns ``(*, n, n)`` float64 on ``a``'s device."""
     lam, v = torch.linalg.eigh(a.double())
     f = lam.rsqrt() if inverse else lam.clamp_min(0).sqrt()
     return (v * f.unsqueeze(-2)) @ v.mT
 
 
 def exact_grad(a: torch.Tensor, g: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Float64 Daleckii–Krein gradient of <root(a), g> (g symmetrised), from the divided differences."""
+    """Float64 reference gradient with respect to ``a`` of ⟨root(a), g⟩, the Daleckii–Krein formula
+    V·(K ∘ Vᵀ sym(g) V)·Vᵀ with the divided differences K of f = √· (or 1/√· when ``inverse``); pairs of
+    eigenvalues closer than 1e-12·max(abs(λ_i), 1) take f'(λ_i).
+
+    Args:
+        a: ``(*, n, n)`` symmetric positive definite matrices.
+        g: ``(*, n, n)`` upstream gradient; only its symmetric part counts (torch's convention for functions
+            of symmetric matrices, which every backend follows).
+        inverse: the gradient of the inverse square root instead of the square root.
+
+    Returns:
+        ``(*, n, n)`` float64, symmetric.
+    """
     lam, v = torch.linalg.eigh(a.double())
     f = lam.rsqrt() if inverse else lam.sqrt()
     li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
@@ -82,10 +165,22 @@ def exact_grad(a: torch.Tensor, g: torch.Tensor, inverse: bool = False) -> torch
     return v @ (k * (v.mT @ gs @ v)) @ v.mT
 
 
-def assert_compiles_like_eager(fn, x: torch.Tensor, fullgraph: bool = True, rtol: float = 1e-4,
-                               atol: float = 1e-5) -> None:
-    """``torch.compile(fn, fullgraph=...)`` gives ``fn``'s output and gradient on ``x`` (loss: the sum of
-    squares), within ``rtol``/``atol`` (10× looser for the gradient): a backend or layer compiles correctly."""
+def assert_compiles_like_eager(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, fullgraph: bool = True,
+                               rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """``torch.compile(fn, fullgraph=fullgraph)`` gives ``fn``'s output and gradient on ``x`` (loss: the sum of
+    squares), within ``rtol``/``atol`` (10× looser for the gradient): a backend or layer compiles correctly.
+    Resets dynamo's caches first, so each call compiles afresh.
+
+    Args:
+        fn: a function of one tensor returning one tensor, differentiable in it.
+        x: its input, a tensor that does not require grad; not modified (each run gets a copy).
+        fullgraph: True (default) makes a graph break an error, as ``torch.compile``'s own argument does.
+        rtol: relative tolerance of the output (``torch.testing.assert_close``).
+        atol: absolute tolerance of the output.
+
+    Raises:
+        AssertionError: the outputs or the gradients differ beyond the tolerances.
+    """
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=fullgraph)
     xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -115,7 +210,16 @@ _PRODUCTS = {torch.ops.aten.bmm.default: 0, torch.ops.aten.mm.default: 0, torch.
 class round_products(TorchDispatchMode):
     """Inside this context every float32 matrix product rounds its two operands as ``"tf32"`` (10-bit
     mantissa, what CUDA's TF32 tensor cores read) or ``"bf16"`` (7-bit) and accumulates in float32: what a
-    backend would lose to reduced-precision products, measured on any device.
+    backend would lose to reduced-precision products, measured on any device. The products rounded are
+    ``mm``, ``bmm``, ``addmm`` and ``baddbmm`` (so ``@`` and ``torch.matmul``); other dtypes pass unchanged.
+
+    Args:
+        kind: ``"tf32"`` (rounded to nearest, ties to even) or ``"bf16"``.
+
+    Raises:
+        ValueError: ``kind`` is neither.
+
+    Example::
 
         >>> import covpool, covpool.testing as ct
         >>> a = ct.well_conditioned(2, 16, dtype=torch.float32)
@@ -131,7 +235,8 @@ class round_products(TorchDispatchMode):
             raise ValueError(f"kind must be one of {', '.join(_ROUNDING)}, got {kind!r}")
         self.round = _ROUNDING[kind]
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: torch._ops.OpOverload, types: Sequence[type], args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         first = _PRODUCTS.get(func)
         if first is not None and args[first].dtype == torch.float32:
             args = (*args[:first], self.round(args[first]), self.round(args[first + 1]), *args[first + 2:])

@@ -16,6 +16,9 @@ from ._registry import BackendSpec, get_backend, resolve_backend
 
 __all__ = ["sqrtm", "inv_sqrtm", "covariance", "covariance_sqrtm", "covariance_power", "triu_vectorize"]
 
+SideFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``fn(t, scale)`` of :func:`_on_side`: a matrix function from the factors or the matrix, and the scale."""
+
 
 def _location(k: int, batch_shape: torch.Size) -> str:
     if not batch_shape:
@@ -100,6 +103,15 @@ def sqrtm(
         gradient do not depend on the rest of the batch. ``(*, 0, 0)`` input gives ``(*, 0, 0)``. For a
         symmetric input the gradient is symmetric whatever the upstream gradient (torch's convention).
 
+    Raises:
+        TypeError: ``a`` is not a floating-point tensor; ``backend`` is neither a name nor a dict; an option
+            the backend does not have.
+        ValueError: ``a`` is not ``(*, n, n)``; an unknown backend name or a bad option value; with
+            ``check_input``, a matrix that is not finite, symmetric and PSD.
+        RuntimeError: ``check_input=True`` under ``torch.export``; an eigendecomposition backend under ONNX
+            export (ONNX has no such operator: use a product backend).
+        torch.linalg.LinAlgError: ``eig`` or the SVD family given a matrix with inf or NaN entries.
+
     Example::
 
         >>> import torch, covpool
@@ -115,11 +127,28 @@ def sqrtm(
 def inv_sqrtm(
     a: torch.Tensor, backend: BackendSpec = "eig", *, check_input: bool = False, **options: Any
 ) -> torch.Tensor:
-    """Inverse square root ``a^{-1/2}``; same arguments and conventions as :func:`sqrtm`.
+    """Inverse square root ``a^{-1/2}``; same arguments, conventions and errors as :func:`sqrtm`.
 
     Rank-deficient input has no inverse root: the backends return a finite, large result (``eig`` and
     the SVD family floor the eigenvalues, the iterative backends stop short of convergence). Add
     ``eps·I`` first when you whiten.
+
+    Args:
+        a: ``(*, n, n)`` symmetric positive definite matrices; float16/bfloat16 are computed in float32.
+        backend: a name from :func:`list_backends` or a dict ``{"name": ..., **options}``.
+        check_input: raise ValueError unless every matrix is finite, symmetric and positive semi-definite
+            (as :func:`sqrtm`).
+        **options: backend options (:doc:`the backend reference </reference/backends>`).
+
+    Returns:
+        ``(*, n, n)`` tensor of the input dtype.
+
+    Example::
+
+        >>> import torch, covpool
+        >>> covpool.inv_sqrtm(torch.diag(torch.tensor([4.0, 0.25])), backend="eig")
+        tensor([[0.5000, 0.0000],
+                [0.0000, 2.0000]])
     """
     return _root(a, backend, options, inverse=True, check_input=check_input)
 
@@ -224,7 +253,9 @@ def covariance_sqrtm(
     use_gram = entry.uses_gram(x.shape[-2], x.shape[-1], gram)
 
     def gram_root(u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return entry.gram_fn(u, scale=scale, **bound) if entry.gram_scale else entry.gram_fn(u, **bound) * scale
+        gram_fn = entry.gram_fn
+        assert gram_fn is not None  # use_gram: uses_gram is True only for a backend with a Gram side
+        return gram_fn(u, scale=scale, **bound) if entry.gram_scale else gram_fn(u, **bound) * scale
 
     def root(a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return entry.fn(a, False, scale=scale, **bound) if entry.fn_scale else entry.fn(a, False, **bound) * scale
@@ -237,7 +268,23 @@ def covariance_power(
 ) -> torch.Tensor:
     """:func:`matrix_power` of the covariance (1/N)·X_c X_cᵀ of features ``x`` ``(*, d, N)`` (MPN-COV), on
     the cheaper side as :func:`covariance_sqrtm` (the Gram side when N < 0.9·d, as ``eig``); ``centered``
-    and ``gram`` as there."""
+    and ``gram`` as there.
+
+    Args:
+        x: ``(*, d, N)`` features: d channels at N positions.
+        alpha: the power, > 0 (0.5: the square root, MPN-COV's choice).
+        centered: the covariance; False gives the uncentred second moment (1/N)·X Xᵀ.
+        gram: ``"auto"``, True or False, as :func:`covariance_sqrtm`.
+        eps: eigenvalues at or below ``eps`` × the largest count as zero, in (0, 1); None: 10 × machine epsilon
+            of the working dtype (as :func:`matrix_power`).
+
+    Returns:
+        ``(*, d, d)``, dtype rules as :func:`covariance_sqrtm`.
+
+    Raises:
+        ValueError: ``x`` is not ``(*, d, N)`` with N >= 1, or ``alpha``, ``eps`` or ``gram`` is out of range.
+        TypeError: complex features.
+    """
     _check_features(x, "x")
     _spectral._check_power(alpha, eps)
     channels, samples = x.shape[-2], x.shape[-1]
@@ -247,7 +294,7 @@ def covariance_power(
                     lambda a, scale: _spectral.power_matrix(a, alpha, eps, scale))
 
 
-def _on_side(x: torch.Tensor, centered: bool, use_gram: bool, gram_fn: Callable, matrix_fn: Callable) -> torch.Tensor:
+def _on_side(x: torch.Tensor, centered: bool, use_gram: bool, gram_fn: SideFn, matrix_fn: SideFn) -> torch.Tensor:
     """A matrix function of the (centred) second moment of ``x`` ``(*, d, N)``, in the work dtype, autocast off,
     formed from the features divided by a power of two s per matrix (:func:`unit_scale`): ``gram_fn(U, s)`` on
     the factors U = X/(s√N) ``(B, d, N)`` or ``matrix_fn(Σ/s², s)`` on the ``(B, d, d)`` matrix, each returning
@@ -265,9 +312,9 @@ def _on_side(x: torch.Tensor, centered: bool, use_gram: bool, gram_fn: Callable,
         mean = x.mean(dim=-1, keepdim=True) if centered else None
         if use_gram:
             div = s * math.sqrt(samples)
-            xs = torch.sub(x, mean).div_(div) if centered else x / div
+            xs = torch.sub(x, mean).div_(div) if mean is not None else x / div
         else:
-            xs = torch.addcdiv(mean / -s, x, s) if centered else x / s
+            xs = torch.addcdiv(mean / -s, x, s) if mean is not None else x / s
         s = s.reshape(-1, 1, 1)
         if use_gram:
             out = gram_fn(xs.reshape(-1, channels, samples), s)
@@ -283,8 +330,16 @@ def _triu_flat_index(n: int, device: torch.device) -> torch.Tensor:
 
 
 def triu_vectorize(a: torch.Tensor) -> torch.Tensor:
-    """Upper triangle (diagonal included) of ``(*, n, n)`` as ``(*, n(n+1)/2)``, row-major, in
-    ``torch.triu_indices`` order: 32 896 features for n = 256."""
+    """Upper triangle (diagonal included) of ``a`` ``(*, n, n)`` as ``(*, n(n+1)/2)``, row-major, in
+    ``torch.triu_indices`` order: 32 896 features for n = 256. Raises TypeError unless ``a`` is a
+    floating-point tensor, ValueError unless it is square in its last two dimensions.
+
+    Example::
+
+        >>> import torch, covpool
+        >>> covpool.triu_vectorize(torch.tensor([[1.0, 2.0], [2.0, 3.0]]))
+        tensor([1., 2., 3.])
+    """
     check_square(a)
     n = a.shape[-1]
     if torch.compiler.is_compiling() or is_fake(a):

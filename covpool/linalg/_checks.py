@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -29,6 +29,10 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+@overload
+def check_int(name: str, value: Any, low: int = ..., *, allow_none: Literal[False] = ...) -> int: ...
+@overload
+def check_int(name: str, value: Any, low: int = ..., *, allow_none: bool) -> int | None: ...
 def check_int(name: str, value: Any, low: int = 1, *, allow_none: bool = False) -> int | None:
     """``value`` if it is an integer >= ``low`` (or None when allowed); otherwise ValueError naming ``name``."""
     if allow_none and value is None:
@@ -38,6 +42,12 @@ def check_int(name: str, value: Any, low: int = 1, *, allow_none: bool = False) 
     return value
 
 
+@overload
+def check_number(name: str, value: Any, low: float = ..., high: float = ..., *, open_low: bool = ...,
+                 open_high: bool = ..., allow_none: Literal[False] = ..., note: str = ...) -> float: ...
+@overload
+def check_number(name: str, value: Any, low: float = ..., high: float = ..., *, open_low: bool = ...,
+                 open_high: bool = ..., allow_none: bool, note: str = ...) -> float | None: ...
 def check_number(
     name: str,
     value: Any,

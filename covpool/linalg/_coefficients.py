@@ -13,6 +13,9 @@ import torch
 
 __all__: list[str] = []
 
+Degree = int | tuple[int, int]
+"""An approximant's degree: an int for a Taylor polynomial, a pair ``(m, n)`` for a Padé approximant."""
+
 
 def _binomial_series(exponent: Fraction, degree: int) -> tuple[Fraction, ...]:
     """Coefficients c_k of (1 - x)**exponent = sum_k c_k x**k, k = 0..degree."""
@@ -41,7 +44,7 @@ def _pade(taylor: tuple[Fraction, ...], m: int, n: int) -> tuple[tuple[Fraction,
                 factor = rows[r][i] / rows[i][i]
                 rows[r] = [x - factor * y for x, y in zip(rows[r], rows[i])]
     q = [Fraction(1)] + [rows[i][n] / rows[i][i] for i in range(n)]
-    p = [sum(q[j] * c[k - j] for j in range(min(k, n) + 1)) for k in range(m + 1)]
+    p = [sum((q[j] * c[k - j] for j in range(min(k, n) + 1)), Fraction(0)) for k in range(m + 1)]
     return tuple(p), tuple(q)
 
 
@@ -70,7 +73,7 @@ def pade_range(m: int, n: int) -> tuple[float, float, float, float]:
 
 
 @torch.compiler.assume_constant_result
-def approximant(kind: str, degree: int | tuple[int, int], inverse: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def approximant(kind: str, degree: Degree, inverse: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(num, den) of the approximant r(x) = num(x)/den(x) of sqrt(1 - x) (or 1/sqrt(1 - x)): ``kind``
     "taylor" (den = 1) of ``degree``, or "pade" of ``degree`` = (m, n)."""
     num, den = _approximant(kind, degree, inverse)
@@ -78,7 +81,7 @@ def approximant(kind: str, degree: int | tuple[int, int], inverse: bool) -> tupl
 
 
 @torch.compiler.assume_constant_result
-def gram_form(kind: str, degree: int | tuple[int, int], inverse: bool) -> tuple[float, tuple[float, ...]]:
+def gram_form(kind: str, degree: Degree, inverse: bool) -> tuple[float, tuple[float, ...]]:
     """(r(1), ñ) with r(1 − λ) = r(1) − λ·ñ(1 − λ)/den(1 − λ) for the approximant r = num/den of
     :func:`approximant`: the value r(1) on the null space of a normalised covariance and the numerator of
     h(λ) = (r(1 − λ) − r(1))/λ, which the Gram side evaluates (``covpool.linalg._matrix``).
@@ -90,16 +93,18 @@ def gram_form(kind: str, degree: int | tuple[int, int], inverse: bool) -> tuple[
 
 
 @cache
-def _approximant(kind: str, degree, inverse: bool) -> tuple[tuple[Fraction, ...], tuple[Fraction, ...]]:
-    if kind == "taylor":
+def _approximant(kind: str, degree: Degree, inverse: bool) -> tuple[tuple[Fraction, ...], tuple[Fraction, ...]]:
+    if kind == "taylor" and isinstance(degree, int):
         return _binomial_series(Fraction(-1 if inverse else 1, 2), degree), (Fraction(1),)
-    m, n = degree
-    p, q = _pade(_binomial_series(Fraction(1, 2), m + n), m, n)
-    return (q, p) if inverse else (p, q)
+    if kind == "pade" and isinstance(degree, tuple):
+        m, n = degree
+        p, q = _pade(_binomial_series(Fraction(1, 2), m + n), m, n)
+        return (q, p) if inverse else (p, q)
+    raise ValueError(f"no {kind!r} approximant of degree {degree!r}: 'taylor' takes an int, 'pade' a pair (m, n)")
 
 
 @cache
-def _gram_form(kind: str, degree, inverse: bool) -> tuple[float, tuple[float, ...]]:
+def _gram_form(kind: str, degree: Degree, inverse: bool) -> tuple[float, tuple[float, ...]]:
     num, den = _approximant(kind, degree, inverse)
     num1, den1 = sum(num), sum(den)
     vanishing = [a * den1 - num1 * b for a, b in zip_longest(num, den, fillvalue=Fraction(0))]

@@ -8,6 +8,8 @@ node that raises when anything is backpropagated through the gradient.
 """
 from __future__ import annotations
 
+from typing import Any, NoReturn
+
 import torch
 
 __all__: list[str] = []
@@ -19,11 +21,11 @@ class _NoSecondDerivative(torch.autograd.Function):
         return grad.clone()
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         ctx.message = inputs[1]
 
     @staticmethod
-    def backward(ctx, *_):
+    def backward(ctx: Any, *_: torch.Tensor | None) -> NoReturn:
         raise RuntimeError(ctx.message)
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from . import _coefficients
 from ._checks import check_int
+from ._coefficients import Degree
 from ._double import guard
 from ._matrix import eye, lift, normaliser, onnx_exporting, outer, poly, powers, products_in_tf32, split
 from ._registry import Option, bool_option, degree_pair, int_at_least, register_backend
@@ -32,6 +34,24 @@ def lyapunov_sign(b: torch.Tensor, c: torch.Tensor, num_iters: int) -> torch.Ten
     product and an accumulated product: 5 products per step (3 in the last). Eigen-directions with tiny
     eigenvalues of B are not fully converged after ``num_iters`` steps, which bounds the solution there (a
     feature on rank-deficient input: the exact solution is infinite).
+
+    Args:
+        b: ``(batch, n, n)`` symmetric, eigenvalues in (0, 1] (a normalised square root, in the backward of
+            ``mtp_lya`` and ``mpa_lya``); one batch dimension exactly (batched products).
+        c: ``(batch, n, n)`` symmetric right-hand side, same dtype and device.
+        num_iters: sign-iteration steps, >= 1 (ValueError otherwise).
+
+    Returns:
+        X, ``(batch, n, n)``, symmetric.
+
+    Example::
+
+        >>> import torch
+        >>> from covpool.linalg import lyapunov_sign
+        >>> b = torch.diag(torch.tensor([1.0, 0.5], dtype=torch.float64))[None]
+        >>> x = lyapunov_sign(b, torch.ones(1, 2, 2, dtype=torch.float64), num_iters=8)
+        >>> torch.allclose(b @ x + x @ b, torch.ones(1, 2, 2, dtype=torch.float64))
+        True
     """
     check_int("num_iters", num_iters)
     for k in range(num_iters):
@@ -74,19 +94,20 @@ def _spd_inverse(d: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return z
 
 
-def _den_range(kind: str, degree, inverse: bool) -> tuple[float, float]:
-    if kind == "taylor":
+def _den_range(degree: Degree, inverse: bool) -> tuple[float, float]:
+    """The range on [0, 1] of the approximant's denominator: 1 for a Taylor polynomial (an int degree)."""
+    if isinstance(degree, int):
         return 1.0, 1.0
     p_lo, p_hi, q_lo, q_hi = _coefficients.pade_range(*degree)
     return (p_lo, p_hi) if inverse else (q_lo, q_hi)
 
 
-def _approx(x: torch.Tensor, kind: str, degree, inverse: bool) -> torch.Tensor:
+def _approx(x: torch.Tensor, kind: str, degree: Degree, inverse: bool) -> torch.Tensor:
     """The approximant num(X)/den(X) of (I − X)^(±1/2), Paterson–Stockmeyer with shared powers."""
     num, den = _coefficients.approximant(kind, degree, inverse)
     xs = powers(x, split(max(len(num), len(den)) - 1, 1 if len(den) == 1 else 2))
     out = poly(num, xs)
-    return out if len(den) == 1 else _solve(poly(den, xs), out, _den_range(kind, degree, inverse))
+    return out if len(den) == 1 else _solve(poly(den, xs), out, _den_range(degree, inverse))
 
 
 def _refine(a_n: torch.Tensor, z: torch.Tensor, inverse: bool, steps: int) -> torch.Tensor:
@@ -108,7 +129,7 @@ def _refine(a_n: torch.Tensor, z: torch.Tensor, inverse: bool, steps: int) -> to
     return z if inverse else y
 
 
-def _gram_approx(g_n: torch.Tensor, kind: str, degree, inverse: bool) -> tuple[float, torch.Tensor]:
+def _gram_approx(g_n: torch.Tensor, kind: str, degree: Degree, inverse: bool) -> tuple[float, torch.Tensor]:
     """The approximant of (I − X)^(±1/2) at X = A/‖A‖_F as a Gram-side iterate α·I + U_n W U_nᵀ, from
     G_n = U_nᵀ U_n (``_matrix``): α = r(1) and W = h(G_n) = −den(Y)⁻¹·ñ(Y), Y = I − G_n, with the
     coefficients of :func:`_coefficients.gram_form`."""
@@ -117,10 +138,10 @@ def _gram_approx(g_n: torch.Tensor, kind: str, degree, inverse: bool) -> tuple[f
     y = torch.add(eye(g_n), g_n, alpha=-1.0)
     xs = powers(y, split(max(len(tail), len(den)) - 1, 1 if len(den) == 1 else 2))
     num = poly(tail, xs)
-    return alpha, -(num if len(den) == 1 else _solve(poly(den, xs), num, _den_range(kind, degree, inverse)))
+    return alpha, -(num if len(den) == 1 else _solve(poly(den, xs), num, _den_range(degree, inverse)))
 
 
-def _gram_refined(g_n: torch.Tensor, kind: str, degree, steps: int) -> torch.Tensor:
+def _gram_refined(g_n: torch.Tensor, kind: str, degree: Degree, steps: int) -> torch.Tensor:
     """:func:`_refine` on the Gram side, for the square root, coupled as there (an uncoupled Z-only form
     amplifies rounding step by step on ill-conditioned input). Z starts as the inverse-root approximant
     ζ·I + U_n W_Z U_nᵀ and acts on U_n through its outer matrix P_Z; Y = A_n Z has null value 0 and inner
@@ -139,6 +160,10 @@ def _gram_refined(g_n: torch.Tensor, kind: str, degree, steps: int) -> torch.Ten
 
 
 # ------------------------------------------------------------------------------------ autograd
+ApproxFn = Callable[[torch.Tensor, bool], torch.Tensor]
+"""``approx(x, inverse)``: the approximant of (I − X)^(±1/2) (:func:`_approx` with its kind and degree bound)."""
+
+
 class _LyaRoot(torch.autograd.Function):
     """Approximate root in the forward (the approximant of X = I − A/‖A‖_F), Lyapunov backward.
 
@@ -147,18 +172,17 @@ class _LyaRoot(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(a: torch.Tensor, inverse: bool, approx: Callable, lya_iters: int, refine: int, name: str,
-                tf32: bool, scale: torch.Tensor | None = None):
+    def forward(a: torch.Tensor, inverse: bool, approx: ApproxFn, lya_iters: int, refine: int, name: str,
+                tf32: bool, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = normaliser(a, "fro")
         x = torch.addcdiv(eye(a), a, c, value=-1.0)  # I − A/‖A‖_F in one pass, out of place (exportable)
-        a_n = a / c if refine else None  # only the refinement needs A/‖A‖_F
-        root = approx(x, inverse) if refine == 0 else _refine(a_n, approx(x, True), inverse, refine)
+        root = approx(x, inverse) if refine == 0 else _refine(a / c, approx(x, True), inverse, refine)
         s = c.sqrt()
         out_s = s if scale is None else s * scale  # the root of scale²·A: scale^(±1) times A's
         return root / out_s if inverse else root * out_s, root, s
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
         a, inverse, _, lya_iters, _, name, tf32, *scale = inputs
         _, root, s = output
         ctx.mark_non_differentiable(root, s)
@@ -168,7 +192,9 @@ class _LyaRoot(torch.autograd.Function):
         ctx.inverse, ctx.lya_iters, ctx.name, ctx.tf32 = inverse, lya_iters, name, tf32
 
     @staticmethod
-    def backward(ctx, grad, _grad_root, _grad_s):
+    def backward(
+        ctx: Any, grad: torch.Tensor | None, _grad_root: torch.Tensor | None, _grad_s: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None, None, None, None, None, None, None]:
         if grad is None:
             return None, None, None, None, None, None, None, None
         a, root, s, scale = ctx.saved_tensors
@@ -209,8 +235,10 @@ class _GramLyaRoot(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(u: torch.Tensor, alpha: float, inner: Callable, lya_iters: int, name: str, tf32: bool,
-                scale: torch.Tensor | None = None):
+    def forward(
+        u: torch.Tensor, alpha: float, inner: Callable[[torch.Tensor], torch.Tensor], lya_iters: int, name: str,
+        tf32: bool, scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = u.mT @ u
         c = normaliser(g, "fro")
         w = inner(g / c)
@@ -218,7 +246,7 @@ class _GramLyaRoot(torch.autograd.Function):
         return lift(alpha, w, u, s, scale), w, c
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
         u, alpha, _, lya_iters, name, tf32, *rest = inputs
         _, w, c = output
         ctx.mark_non_differentiable(w, c)
@@ -227,7 +255,9 @@ class _GramLyaRoot(torch.autograd.Function):
         ctx.alpha, ctx.lya_iters, ctx.name, ctx.tf32 = alpha, lya_iters, name, tf32
 
     @staticmethod
-    def backward(ctx, grad, _grad_w, _grad_c):
+    def backward(
+        ctx: Any, grad: torch.Tensor | None, _grad_w: torch.Tensor | None, _grad_c: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
         if grad is None:
             return None, None, None, None, None, None, None
         u, w, c, scale = ctx.saved_tensors
@@ -236,7 +266,9 @@ class _GramLyaRoot(torch.autograd.Function):
             beta, p = ctx.alpha, outer(ctx.alpha, w, g_n)
             v0 = (0.5 * (grad + grad.mT)) @ u
             s_v = (u.mT @ v0) / c  # S = Uᵀ V / c
-            coef_a, coef_b = None, None  # V = V₀ A + U B (A = I, B = 0 at the start)
+            # V = V₀ A + U B (A = I, B = 0 at the start: formed from the first step's Φ and Ψ)
+            coef_a: torch.Tensor | None = None
+            coef_b: torch.Tensor | None = None
             for k in range(ctx.lya_iters):
                 p2 = p @ p
                 psi = w @ (s_v @ p - p @ s_v - beta * s_v)
@@ -248,6 +280,7 @@ class _GramLyaRoot(torch.autograd.Function):
                     w = w * 1.5 - 0.5 * (w @ torch.add(p2, p, alpha=beta).add_(eye(p, beta * beta)))
                     p = p * 1.5 - 0.5 * (p2 @ p)
                     beta = 1.5 * beta - 0.5 * beta ** 3
+            assert coef_a is not None and coef_b is not None  # lya_iters >= 1: its option's check
             v = torch.baddbmm(u @ coef_b, v0, coef_a)
             # X·U = V·2^-(iters+1) (the D_k scaling of lyapunov_sign), Σ̄ = X/√c, Ū = 2Σ̄U; times the scale.
             g_u = v.mul_(0.5 ** ctx.lya_iters).div_(c.sqrt() if scale is None else c.sqrt() / scale)
@@ -255,22 +288,22 @@ class _GramLyaRoot(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------ backends
-def _lya(kind: str, a: torch.Tensor, inverse: bool, degree, lya_iters: int, refine: int,
+def _lya(kind: str, a: torch.Tensor, inverse: bool, degree: Degree, lya_iters: int, refine: int,
          tf32: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
-    def approx(x, inv):
+    def approx(x: torch.Tensor, inv: bool) -> torch.Tensor:
         return _approx(x, kind, degree, inv)
 
     with products_in_tf32(a.device, tf32):
         return _LyaRoot.apply(a, inverse, approx, lya_iters, refine, _NAMES[kind], tf32, scale)[0]
 
 
-def _lya_gram(kind: str, u: torch.Tensor, degree, lya_iters: int, refine: int, tf32: bool = False,
+def _lya_gram(kind: str, u: torch.Tensor, degree: Degree, lya_iters: int, refine: int, tf32: bool = False,
               scale: torch.Tensor | None = None) -> torch.Tensor:
     # The null value α must be known before the autograd function runs (its backward needs it): r(1) of the
     # approximant, or 0 after a refinement (Y = A_n Z vanishes on A's null space).
     alpha = 0.0 if refine else _coefficients.gram_form(kind, degree, False)[0]
 
-    def inner(g_n):
+    def inner(g_n: torch.Tensor) -> torch.Tensor:
         return _gram_refined(g_n, kind, degree, refine) if refine else _gram_approx(g_n, kind, degree, False)[1]
 
     with products_in_tf32(u.device, tf32):
@@ -305,7 +338,7 @@ def _mpa_gram(u: torch.Tensor, degree: tuple[int, int], lya_iters: int, refine: 
     return _lya_gram("pade", u, degree, lya_iters, refine, scale=scale)
 
 
-def _mpa_degree(key, value):
+def _mpa_degree(key: str, value: Any) -> tuple[int, int]:
     m, n = degree_pair(key, value)
     try:
         _coefficients.pade_sqrt(m, n)

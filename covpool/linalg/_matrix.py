@@ -17,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 
+_onnx_flags: ModuleType | None
 try:  # the ONNX exporter's own flag; see onnx_exporting
     from torch.onnx._internal.exporter import _flags as _onnx_flags
 except ImportError:  # pragma: no cover - a torch without the dynamo exporter
@@ -74,10 +76,11 @@ def split(degree: int, num_polys: int) -> int:
 
 
 def powers(x: torch.Tensor, s: int) -> list[torch.Tensor]:
+    """X, X², …, X^s (``s - 1`` products), the shared powers of :func:`poly`."""
     out = [x]
     for _ in range(s - 1):
         out.append(out[-1] @ x)
-    return out  # X, X², …, X^s
+    return out
 
 
 def poly(coeffs: tuple[float, ...], xs: list[torch.Tensor]) -> torch.Tensor:

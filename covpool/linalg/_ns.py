@@ -6,6 +6,8 @@ the public functions.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ._matrix import dot, eye, normaliser, products_in_tf32
@@ -33,13 +35,13 @@ class _NewtonSchulz(torch.autograd.Function):
 
     @staticmethod
     def forward(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, tf32: bool,
-                factor: torch.Tensor | None = None):
+                factor: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         out, c, ys, zs, ts = _ns_iterate(a, inverse, num_iters, norm, keep=True, factor=factor)
         # Z₁ is T₁: return each tensor once (torch.compile rejects an output listed twice).
-        return (out, c, *ys[1:], *zs[2:], *ts)
+        return (out, c, *ys[1:], *zs[1:], *ts)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
         a, inverse, num_iters, norm, tf32, *factor = inputs
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # the intermediates get no gradient: don't fill zeros for them
@@ -47,14 +49,14 @@ class _NewtonSchulz(torch.autograd.Function):
         ctx.inverse, ctx.num_iters, ctx.norm, ctx.tf32 = inverse, num_iters, norm, tf32
 
     @staticmethod
-    def backward(ctx, grad, *_):
+    def backward(ctx: Any, grad: torch.Tensor | None, *_: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         if grad is None:
             return None, None, None, None, None, None
         with products_in_tf32(grad.device, ctx.tf32):
             return _NewtonSchulz._backward(ctx, grad), None, None, None, None, None
 
     @staticmethod
-    def _backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def _backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         a, factor, c, *rest = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the iteration again, with autograd, from the saved input,
@@ -112,8 +114,9 @@ class _NewtonSchulz(torch.autograd.Function):
         return g_a
 
 
-def _ns_iterate(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, keep: bool,
-                factor: torch.Tensor | None = None):
+def _ns_iterate(
+    a: torch.Tensor, inverse: bool, num_iters: int, norm: str, keep: bool, factor: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """The iteration; with ``keep`` it also returns Y₀…Y_{N−1}, Z₁…Z_{N−1}, T₁…T_N for the backward.
     Without it intermediates are freed as it goes, so the allocator reuses their memory. ``factor``
     ``(B, 1, 1)`` multiplies the output, folded into the √c (or 1/√c) multiplication."""
@@ -123,7 +126,9 @@ def _ns_iterate(a: torch.Tensor, inverse: bool, num_iters: int, norm: str, keep:
     # Out of place (no in-place update of a diagonal view): exportable to ONNX and differentiable
     # twice, at the cost of no extra pass.
     t = torch.add(eye15, y, alpha=-0.5)
-    ys, zs, ts = ([y], [None], [t]) if keep else ([], [], [])
+    ys: list[torch.Tensor] = [y] if keep else []
+    zs: list[torch.Tensor] = []  # from Z₁: Z₀ = I is never formed
+    ts: list[torch.Tensor] = [t] if keep else []
     if num_iters == 1:
         out = t if inverse else y @ t
     else:

@@ -21,7 +21,14 @@ BackendSpec = str | Mapping[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One keyword option of a backend: its default and a check that returns the normalised value."""
+    """One keyword option of a backend: its default and a check that returns the normalised value.
+
+    Args:
+        default: the value used when the option is not given; it is not passed through ``check``.
+        check: ``check(key, value)`` returns the value to use (e.g. a list from a config file as a tuple) or
+            raises ValueError naming ``key`` (``"backend.option"``) and what it accepts.
+        doc: one line for the backend reference (:doc:`/reference/backends`).
+    """
 
     default: Any
     check: Callable[[str, Any], Any]
@@ -30,17 +37,25 @@ class Option:
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """A registered square-root backend.
+    """A registered square-root backend, as :func:`register_backend` makes it (frozen; build one through it).
 
-    ``fn(a, inverse, **options)`` receives a float32/float64 tensor of shape ``(B, n, n)`` (batch dims
-    flattened, autocast off) and returns the square root (``inverse=False``) or inverse square root.
-    ``products_fn(inverse, **options)``, declared by backends built from matrix products only, returns
-    how many batched ``n×n`` products one call performs: ``(forward, forward + backward)``.
-    ``gram_fn(u, **options)``, declared by backends that can work on the Gram side, receives ``(B, d, M)``
-    factors U and returns ``sqrtm(U Uᵀ)`` computed from the M×M matrix Uᵀ U, with the same value and
-    gradient (see :func:`covpool.linalg.covariance_sqrtm`). ``gram_scale`` / ``fn_scale``: ``gram_fn`` / ``fn``
-    also take ``scale=`` (``(B, 1, 1)``, the power of two the features were divided by) and return the root
-    of the unscaled matrix (``fn``: of scale²·A) themselves.
+    Args:
+        name: the name :func:`get_backend` and every ``backend=`` argument know it by.
+        fn: ``fn(a, inverse, **options)`` receives a float32/float64 tensor of shape ``(B, n, n)`` (batch dims
+            flattened, autocast off) and returns the square root (``inverse=False``) or inverse square root.
+        options: each keyword option of ``fn`` and its :class:`Option`.
+        doc: one line for the backend reference (:doc:`/reference/backends`).
+        products_fn: declared by backends built from matrix products only, ``products_fn(inverse, **options)``
+            returns how many batched ``n×n`` products one call performs: ``(forward, forward + backward)``;
+            None otherwise (:meth:`products`).
+        gram_fn: declared by backends that can work on the Gram side, ``gram_fn(u, **options)`` receives
+            ``(B, d, M)`` factors U and returns ``sqrtm(U Uᵀ)`` computed from the M×M matrix Uᵀ U, with the same
+            value and gradient (see :func:`covpool.linalg.covariance_sqrtm`); None otherwise.
+        gram_below: ``gram="auto"`` uses the Gram side when the samples M < ``gram_below`` × the channels d
+            (:meth:`uses_gram`).
+        gram_scale: ``gram_fn`` also takes ``scale=`` (``(B, 1, 1)``, the power of two the features were
+            divided by) and returns the root of the unscaled matrix itself.
+        fn_scale: the same for ``fn``, which then returns the root of scale²·A.
     """
 
     name: str
@@ -55,6 +70,7 @@ class Backend:
 
     @property
     def defaults(self) -> dict[str, Any]:
+        """Each option's default, in a new dict."""
         return {k: opt.default for k, opt in self.options.items()}
 
     def bind(self, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,8 +109,9 @@ class Backend:
 
     def products(self, inverse: bool = False, **options: Any) -> tuple[int, int] | None:
         """``(forward, forward + backward)`` batched matrix products of one call with ``options``
-        (checked, defaults filled in), whatever n; None for a backend that did not declare them (the
-        eigendecomposition and SVD backends, whose cost is not a product count).
+        (checked, defaults filled in), whatever n, for the square root or, with ``inverse``, the inverse
+        square root; None for a backend that did not declare them (the eigendecomposition and SVD backends,
+        whose cost is not a product count). An unknown option raises TypeError, a bad value ValueError.
 
         Example::
 
@@ -120,17 +137,34 @@ def register_backend(
 ) -> Backend:
     """Register ``fn`` under ``name`` so ``sqrtm(a, backend=name)`` can use it.
 
-    ``options`` maps each keyword option of ``fn`` to an :class:`Option` (default and check). A backend
-    made of matrix products can declare ``products(inverse, **options) -> (forward, forward + backward)``,
-    its product count, which ``covpool bench`` reports next to the times (:meth:`Backend.products`).
-    ``gram(u, **options)`` is its square root of a covariance ``U Uᵀ`` computed from the Gram matrix ``Uᵀ U``
-    (``u``: ``(B, d, M)``), which :func:`covpool.linalg.covariance_sqrtm` uses on its own when
-    M < ``gram_below``·d (measure where your Gram side gets cheaper); without it the backend is always
-    given the d×d matrix. From features (:func:`covpool.linalg.covariance_sqrtm`), both receive the features
-    divided by a power of two per matrix (so that the covariance stays in the dtype's range), and covpool
-    multiplies the root back; a ``fn`` or ``gram`` that takes a keyword ``scale`` (that power of two,
-    ``(B, 1, 1)``) returns the root of the unscaled matrix itself (for ``fn``: of scale²·A), folding the factor
-    into its small tensors instead of a pass over the d×d result (the shipped backends do).
+    From features (:func:`covpool.linalg.covariance_sqrtm`), ``fn`` and ``gram`` receive the features divided
+    by a power of two per matrix (so that the covariance stays in the dtype's range), and covpool multiplies
+    the root back; a ``fn`` or ``gram`` that takes a keyword ``scale`` (that power of two, ``(B, 1, 1)``)
+    returns the root of the unscaled matrix itself (for ``fn``: of scale²·A), folding the factor into its small
+    tensors instead of a pass over the d×d result (the shipped backends do).
+
+    Args:
+        name: the new backend's name, a non-empty string not registered yet.
+        fn: ``fn(a, inverse, **options)``: receives ``(B, n, n)`` float32/float64 matrices (batch dimensions
+            flattened, autocast off) and returns their square root (``inverse=False``) or inverse square root,
+            same shape and dtype, differentiably.
+        options: maps each keyword option of ``fn`` to an :class:`Option` (default and check); None: no options.
+        doc: one line describing the backend, shown in the backend reference (:doc:`/reference/backends`).
+        products: for a backend made of matrix products, ``products(inverse, **options) -> (forward,
+            forward + backward)``, its count of batched n×n products, which ``covpool bench`` reports next to
+            the times (:meth:`Backend.products`).
+        gram: ``gram(u, **options)``, the square root of a covariance ``U Uᵀ`` computed from the Gram matrix
+            ``Uᵀ U`` (``u``: ``(B, d, M)``), which :func:`covpool.linalg.covariance_sqrtm` uses on its own when
+            M < ``gram_below``·d; without it the backend is always given the d×d matrix.
+        gram_below: the ratio M/d below which ``gram="auto"`` takes the Gram side (>= 0; measure where yours
+            gets cheaper: the shipped backends use 0.7 to 0.9).
+
+    Returns:
+        The registered :class:`Backend`.
+
+    Raises:
+        TypeError: ``name`` is not a non-empty string, or ``products`` or ``gram`` is not callable.
+        ValueError: ``name`` is already registered, or ``gram_below`` is not a finite number >= 0.
 
     Example::
 
@@ -177,8 +211,10 @@ def get_backend(name: str) -> Backend:
 
 
 def resolve_backend(backend: BackendSpec, options: Mapping[str, Any] | None = None) -> tuple[Backend, dict[str, Any]]:
-    """Turn ``backend`` (a name, or a dict with ``name`` and options) plus keyword options into a backend
-    and its checked options. Keyword options override those in the dict; the dict is not modified.
+    """Turn ``backend`` (a name, or a dict with ``name`` and options) plus keyword ``options`` (None: none)
+    into a backend and its checked options, defaults filled in. Keyword options override those in the dict;
+    the dict is not modified. Raises TypeError for a ``backend`` of another type or an unknown option,
+    ValueError for an unknown name, a dict without ``name`` or an option's bad value.
 
     The one check of a backend spec: the functions call it per call, the layers at construction (so an
     unknown name or option fails when the model is built, not at its first forward)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -147,7 +148,9 @@ class _Spectral(torch.autograd.Function):
     ``fn.homogeneity(scale)`` times f(A), folded into f(Λ̃) and K rather than applied to the result."""
 
     @staticmethod
-    def forward(a: torch.Tensor, fn: _Fn, name: str, scale: torch.Tensor | None = None):
+    def forward(
+        a: torch.Tensor, fn: _Fn, name: str, scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lam, v = _eigh_checked(a, name)
         lam, _ = fn.effective(lam)
         f = fn.f(lam)
@@ -157,7 +160,7 @@ class _Spectral(torch.autograd.Function):
         return (v * f.unsqueeze(-2)) @ v.mT, lam, v
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
         a, fn, name, *scale = inputs
         _, lam, v = output
         ctx.mark_non_differentiable(lam, v)
@@ -167,7 +170,9 @@ class _Spectral(torch.autograd.Function):
         ctx.fn, ctx.name = fn, name
 
     @staticmethod
-    def backward(ctx, grad, _grad_lam, _grad_v):
+    def backward(
+        ctx: Any, grad: torch.Tensor | None, _grad_lam: torch.Tensor | None, _grad_v: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None, None, None]:
         if grad is None:
             return None, None, None, None
         a, lam, v, factor = ctx.saved_tensors
@@ -208,7 +213,9 @@ class _GramSpectral(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(u: torch.Tensor, fn: _Fn, name: str, scale: torch.Tensor | None = None):
+    def forward(
+        u: torch.Tensor, fn: _Fn, name: str, scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         lam, w = _eigh_checked(u.mT @ u, name)
         eff, nu = fn.effective(lam)
         keep = lam > _floor_value(lam, fn.eps)
@@ -224,7 +231,7 @@ class _GramSpectral(torch.autograd.Function):
         return out + eye(out) * f0, lam, w, ext
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
         u, fn, name, *rest = inputs
         factor = fn.homogeneity(rest[0] if rest else None)
         _, lam, w, ext = output
@@ -234,7 +241,9 @@ class _GramSpectral(torch.autograd.Function):
         ctx.fn, ctx.name = fn, name
 
     @staticmethod
-    def backward(ctx, grad, *_):
+    def backward(
+        ctx: Any, grad: torch.Tensor | None, *_: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None, None, None]:
         if grad is None:
             return None, None, None, None
         u, lam, w, ext, factor = ctx.saved_tensors
@@ -263,7 +272,10 @@ def _exact_kernel(root: torch.Tensor, inverse: bool) -> torch.Tensor:
     return -k / (ri * rj) if inverse else k
 
 
-def _approx_kernel(root: torch.Tensor, inverse: bool, series: Callable[[torch.Tensor], tuple]) -> torch.Tensor:
+SeriesFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _approx_kernel(root: torch.Tensor, inverse: bool, series: SeriesFn) -> torch.Tensor:
     """K_ij = f(λ_i) c_ij + f(λ_j) c_ji from eigenvector-gradient coefficients c_ij ≈ 1/(λ_i − λ_j).
 
     ``series(r)`` returns (a, b) with r = λ_min/λ_max of the pair, such that c = a/λ_max for the vector
@@ -296,14 +308,14 @@ def _pi_kernel(num_iters: int) -> KernelFn:
     # Linearising `num_iters` deflated power-iteration steps at the converged eigenvectors gives
     # (1/λ_hi) Σ_{k<K} r^k for the larger vector and −(1/λ_hi) Σ_{k<K−1} r^k for the smaller (the
     # deflation of the larger vector enters the smaller one's iteration).
-    def series(r):
+    def series(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _geometric(r, num_iters), _geometric(r, num_iters - 1)
 
     return lambda root, inverse: _approx_kernel(root, inverse, series)
 
 
 def _taylor_kernel(degree: int) -> KernelFn:
-    def series(r):
+    def series(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = _geometric(r, degree + 1)
         return g, g
 
@@ -319,7 +331,7 @@ def _pade_kernel(degree: tuple[int, int]) -> KernelFn:
     # bounded by (m+n+1)²/λ_hi for equal eigenvalues, smooth in between.
     rho = 1.0 - 1.0 / (sum(degree) + 1) ** 2
 
-    def series(r):
+    def series(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = (1 - rho * r).reciprocal()
         return g, g
 
@@ -403,10 +415,11 @@ def power_gram(u: torch.Tensor, alpha: float, eps: float | None, scale: torch.Te
 def _register(name: str, kernel: Callable[..., KernelFn], options: dict[str, Option], doc: str) -> None:
     """Register a spectral backend: exact eigendecomposition forward, ``kernel(**options)`` in the backward,
     on the matrix and on the Gram side."""
-    def fn(a: torch.Tensor, inverse: bool, eps: float | None, scale: torch.Tensor | None = None, **kw) -> torch.Tensor:
+    def fn(a: torch.Tensor, inverse: bool, eps: float | None, scale: torch.Tensor | None = None,
+           **kw: Any) -> torch.Tensor:
         return _Spectral.apply(a, _root_fn(inverse, eps, kernel(**kw)), name, scale)[0]
 
-    def gram(u: torch.Tensor, eps: float | None, scale: torch.Tensor | None = None, **kw) -> torch.Tensor:
+    def gram(u: torch.Tensor, eps: float | None, scale: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
         return _GramSpectral.apply(u, _root_fn(False, eps, kernel(**kw)), name, scale)[0]
 
     # Gram side from M < 0.9·d: measured crossover 0.93–0.97 (B = 32, d = 128 and 256, fwd+bwd, 2-core CPU).
