@@ -6,6 +6,8 @@ and registers covpool's backbones with timm, so ``timm.create_model("so_vit_7")`
 (:func:`covpool.train.load_model`); it belongs to the training tools (the ``train`` extra), which load on its
 first use, not with ``import covpool``.
 """
+from typing import Any
+
 from . import layers, linalg, models  # noqa: F401  (subpackages; importing models registers them with timm)
 from .layers import *  # noqa: F401,F403
 from .linalg import (
@@ -44,7 +46,7 @@ __all__ = [
 _APPLICATION_NAMES = {"load_model": "covpool.train.inference"}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name not in _APPLICATION_NAMES:
         raise AttributeError(f"module 'covpool' has no attribute {name!r}")
     from importlib import import_module

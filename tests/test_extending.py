@@ -138,3 +138,35 @@ def test_a_covpool_option_declared_in_one_place_works_end_to_end(monkeypatch):
     model.reset_classifier(0, "")
     model.reset_classifier(2)
     assert model.global_pool.bins == 6
+
+
+def test_covpool_declares_the_type_of_every_option_for_the_type_checker():
+    # CovPool sets each option as an attribute of its own name from CovPoolOptions; mypy reads their types from
+    # CovPool's class annotations, so a new field needs its line there too (its default and check stay the field's).
+    fields = {f.name for f in dataclasses.fields(covpool.CovPool.options_class)}
+    assert fields <= set(covpool.CovPool.__annotations__), fields - set(covpool.CovPool.__annotations__)
+
+
+def test_sovithead_options_type_names_its_keyword_options():
+    from covpool.layers._common import SoViTHeadOptions
+
+    params = inspect.signature(covpool.SoViTHead).parameters
+    assert set(SoViTHeadOptions.__annotations__) == set(params) - {"embed_dim", "num_classes", "device", "dtype",
+                                                                   "kind"}
+
+
+class NoWidth(nn.Module):
+    """A pooling module without the ``out_features`` a head's module must have."""
+
+    def __init__(self, in_channels, reduced_dim=None, *, layout="tokens", device=None, dtype=None):
+        super().__init__()
+
+    def forward(self, x):
+        return x.mean(1)
+
+
+def test_a_head_module_without_an_integer_width_is_a_clear_error(registry):
+    covpool.register_head("no_width", NoWidth, layouts=("tokens",), paper="an example")
+    with pytest.raises(TypeError, match=r"SoViTHead\(head='no_width'\) needs a pooling module with an integer "
+                                        r"out_features .*got NoWidth with out_features=None"):
+        covpool.SoViTHead(8, 3, reduced_dim=None, head="no_width")

@@ -3,7 +3,8 @@
 :class:`CovPoolOptions` declares every option of :class:`covpool.CovPool`: its default, its check and which
 normalisation reads it (the field's metadata, :func:`option`). ``CovPool``'s signature, its keyword check and
 "did you mean", :attr:`covpool.CovPool.options`, the defaults an old pickle lacks, the refusal of options the
-chosen head never reads (:func:`check_used`) and ``extra_repr`` all come from it: adding an option is one field.
+chosen head never reads (:func:`check_used`) and ``extra_repr`` all come from it: adding an option is one field
+(and one line among ``CovPool``'s attribute annotations, where the type checker reads the attribute's type).
 The layout rule of every pooling layer (:func:`check_layout`, :func:`as_maps`) lives here too.
 """
 from __future__ import annotations
@@ -223,7 +224,7 @@ def _reads(f: dataclasses.Field, values: Mapping[str, Any]) -> bool:
     return rule is None or bool(rule(values))
 
 
-def check_used(options: Any, fields_of: type | None = None) -> None:
+def check_used(options: CovPoolOptions | Mapping[str, Any], fields_of: type[CovPoolOptions] | None = None) -> None:
     """The one rule of :class:`covpool.CovPool` and :func:`covpool.cov_pool`: an option given a value other than
     its default that the chosen head never reads (``backend`` without ``normalization="sqrt"``, ``alpha``
     without ``"power"``, ``sketch_dim`` / ``sketch_seed`` without a sketch, ``sqrt_smoothing`` without

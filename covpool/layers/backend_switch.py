@@ -17,7 +17,7 @@ __all__ = ["set_backend"]
 
 # The layers whose ``backend`` attribute selects the square-root backend of their forward pass (a SoViTHead's
 # "mpa_cov" head and what swap_pooling makes hold a CovPool).
-_BACKEND_LAYERS: tuple[type[nn.Module], ...] = (CovPool, _ZCABatchNorm)
+_BACKEND_LAYERS: tuple[type[CovPool | _ZCABatchNorm], ...] = (CovPool, _ZCABatchNorm)
 _PUBLIC_NAMES = "CovPool, ZCABatchNorm1d, ZCABatchNorm2d"
 
 
@@ -25,20 +25,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel / DataParallel (``.module``) and ``torch.compile``
     (``._orig_mod``) wrappers, so the returned names are the bare model's ``named_modules()``."""
     while True:
+        compiled = getattr(model, "_orig_mod", None)
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        elif isinstance(compiled, nn.Module):
+            model = compiled
         else:
             return model
 
 
-def _layer_types(layers: Any) -> tuple[type[nn.Module], ...]:
+def _layer_types(layers: Any) -> tuple[type[CovPool | _ZCABatchNorm], ...]:
     if layers is None:
         return _BACKEND_LAYERS
-    chosen = tuple(layers) if isinstance(layers, (tuple, list, set, frozenset)) else (layers,)
-    bad = [t for t in chosen if not (isinstance(t, type) and issubclass(t, _BACKEND_LAYERS))]
-    if not chosen or bad:
+    given = tuple(layers) if isinstance(layers, (tuple, list, set, frozenset)) else (layers,)
+    chosen = tuple(t for t in given if isinstance(t, type) and issubclass(t, _BACKEND_LAYERS))
+    if not chosen or len(chosen) < len(given):
         raise TypeError(f"layers must be None or covpool layer classes ({_PUBLIC_NAMES}, or subclasses), "
                         f"got {layers!r}")
     return chosen

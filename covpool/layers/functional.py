@@ -7,7 +7,7 @@ The modules in :mod:`covpool.layers` are thin wrappers that own the parameters a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -68,8 +68,9 @@ def cov_pool(
         centered: the covariance; False the uncentred second moment (1/N)·X Xᵀ (bilinear pooling).
         normalization: ``"sqrt"`` the square root by ``backend``; ``"power"`` Σ^``alpha`` by
             eigendecomposition (:func:`covpool.linalg.matrix_power`, MPN-COV); ``"none"`` (or None).
-        alpha: the power of ``normalization="power"``.
-        signed_sqrt, l2: then sign(x)·√|x| per entry (:func:`signed_sqrt`) and ℓ2 normalisation of the vector.
+        alpha: the power of ``normalization="power"``, > 0.
+        signed_sqrt: then sign(z)·√|z| per entry z of the vector (:func:`signed_sqrt`).
+        l2: then ℓ2 normalisation of the vector (:func:`l2_normalize`), after the signed square root.
         sqrt_smoothing: δ > 0 makes the signed square root's backward ``½/(√|z| + δ)``, z the statistic *summed* over
             the N positions, as the compact bilinear pooling code computes it (Gao et al.: 0.1 in their MatConvNet
             layers, 0.03 in Caffe's, whose Tensor Sketch is also D times larger: 0.03/√D here); covpool averages,
@@ -83,6 +84,13 @@ def cov_pool(
         regions) are pooled in float32, because the covariance of half-precision features loses most
         of its significant digits. Integer or bool features are promoted to
         ``torch.get_default_dtype()``, and so is the result.
+
+    Raises:
+        ValueError: ``x`` is not a tensor of shape ``(*, d, N)`` with N >= 1; an unknown ``vectorize`` or
+            ``normalization``; ``signed_sqrt`` or ``l2`` with ``vectorize="matrix"``; an option the head never
+            reads (above); an unknown backend name, a bad backend option value, ``gram``, ``alpha`` or
+            ``sqrt_smoothing`` out of range.
+        TypeError: complex features; a backend option the backend does not have.
 
     Example::
 
@@ -138,12 +146,12 @@ class _SignedSqrt(torch.autograd.Function):
         return x.sign() * x.abs().sqrt()
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         ctx.save_for_backward(inputs[0])
         ctx.eps, ctx.smoothing = inputs[1], inputs[2]
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (x,) = ctx.saved_tensors
 
         def bound(magnitude: torch.Tensor) -> torch.Tensor:
@@ -160,7 +168,24 @@ def signed_sqrt(x: torch.Tensor, eps: float = 1e-8, smoothing: float = 0.0) -> t
     pooling apply it: the forward is exact, the gradient is bounded at 0: ``½/√(|x| + eps)``, the bilinear-CNN
     package's backward (``eps`` = 1e-8), or with ``smoothing`` > 0 ``½/(√|x| + smoothing)``, the compact
     bilinear code's (0.1 in its MatConvNet layer, 0.03 in Caffe's, on sums over positions: :func:`cov_pool`'s
-    ``sqrt_smoothing``)."""
+    ``sqrt_smoothing``).
+
+    Args:
+        x: a real tensor of any shape.
+        eps: added to |x| under the square root of the backward (not of the forward); used when ``smoothing``
+            is 0.
+        smoothing: δ > 0 makes the backward ½/(√|x| + δ) instead; 0 (default) uses ``eps``.
+
+    Returns:
+        ``sign(x)·√|x|``, the shape and dtype of ``x``; the backward's bound is computed in float32 at least.
+
+    Example::
+
+        >>> import torch
+        >>> from covpool.layers.functional import signed_sqrt
+        >>> signed_sqrt(torch.tensor([-4.0, 0.0, 9.0]))
+        tensor([-2.,  0.,  3.])
+    """
     return _SignedSqrt.apply(x, float(eps), float(smoothing))
 
 
@@ -173,7 +198,8 @@ def _element_norm(out: torch.Tensor, signed: bool, l2: bool, smoothing: float = 
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """x / √(‖x‖² + ``eps``) over the last dimension (the bilinear-CNN package's ℓ2 layer)."""
+    """``x`` / √(‖x‖² + ``eps``) over the last dimension (the bilinear-CNN package's ℓ2 layer): ``x`` ``(*, D)``
+    to unit-norm rows of the same shape and dtype; ``eps`` keeps a zero row finite (it stays zero)."""
     return x * (x.square().sum(-1, keepdim=True) + eps).rsqrt()
 
 
@@ -185,7 +211,19 @@ def tensor_sketch(x: torch.Tensor, h1: torch.Tensor, s1: torch.Tensor, h2: torch
     sketches Ψ_t(x)_k = Σ_{i: h_t(i) = k} s_t(i)·x_i (``h_t`` ``(d,)`` in [0, dim), ``s_t`` ``(d,)`` in ±1).
 
     Its entry k is Σ_{(i, j): h₁(i) + h₂(j) ≡ k} s₁(i)s₂(j)·M_ij of M = (1/N) X Xᵀ. The sum over positions is
-    taken in the frequency domain (one inverse FFT per image). Returns ``(B, dim)``."""
+    taken in the frequency domain (one inverse FFT per image).
+
+    Args:
+        x: ``(B, d, N)`` features: d channels at N positions.
+        h1: ``(d,)`` integer hashes in [0, ``dim``) of the first count sketch.
+        s1: ``(d,)`` signs ±1 of the first count sketch (cast to the dtype of ``x``).
+        h2: ``(d,)`` hashes of the second count sketch, drawn independently of ``h1``.
+        s2: ``(d,)`` signs of the second count sketch.
+        dim: D, the sketch's width.
+
+    Returns:
+        ``(B, dim)`` in the dtype of ``x`` (float32 or float64: the FFT's).
+    """
     b, _, n = x.shape
     positions = x.mT  # (B, N, d): each position's sketch contiguous, which the FFT runs 1.5× faster on
 
@@ -203,9 +241,19 @@ def random_maclaurin(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tor
     return ((w1.to(x.dtype).mT @ x) * (w2.to(x.dtype).mT @ x)).mean(-1)
 
 
-_SKETCHES = {
-    "tensor": lambda f, projection, dim: tensor_sketch(f, *projection, dim),
-    "maclaurin": lambda f, projection, dim: random_maclaurin(f, *projection),
+def _tensor_sketch(f: torch.Tensor, projection: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    h1, s1, h2, s2 = projection
+    return tensor_sketch(f, h1, s1, h2, s2, dim)
+
+
+def _random_maclaurin(f: torch.Tensor, projection: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    w1, w2 = projection
+    return random_maclaurin(f, w1, w2)
+
+
+_SKETCHES: dict[str, Callable[[torch.Tensor, Sequence[torch.Tensor], int], torch.Tensor]] = {
+    "tensor": _tensor_sketch,
+    "maclaurin": _random_maclaurin,
 }
 
 
@@ -221,11 +269,18 @@ def compact_bilinear(x: torch.Tensor, sketch: str, projection: Sequence[torch.Te
         sketch: ``"tensor"`` (:func:`tensor_sketch`, ``projection`` = (h₁, s₁, h₂, s₂)) or ``"maclaurin"``
             (:func:`random_maclaurin`, ``projection`` = (W₁, W₂) of shape ``(d, dim)``).
         dim: D, the sketch's width.
-        centered, signed_sqrt, l2, sqrt_smoothing: as :func:`cov_pool`'s (δ on the sum over positions: δ/√N
-            on the average).
+        centered: subtract each channel's mean over the positions first (False: the second moment, as the
+            published compact bilinear heads).
+        signed_sqrt: then sign(z)·√|z| per entry (:func:`signed_sqrt`).
+        l2: then ℓ2 normalisation of the vector (:func:`l2_normalize`).
+        sqrt_smoothing: δ of the signed square root's backward, on the sum over positions: δ/√N on the average
+            (as :func:`cov_pool`'s).
 
     Returns:
         ``(B, dim)`` in the dtype of ``x``, computed in float32 for half-precision input and autocast regions.
+
+    Raises:
+        ValueError: an unknown ``sketch``, or a ``projection`` of the wrong length for it.
     """
     try:
         project = _SKETCHES[sketch]
@@ -243,7 +298,7 @@ def compact_bilinear(x: torch.Tensor, sketch: str, projection: Sequence[torch.Te
 # ------------------------------------------------------------------------ cross-covariances and svPN
 def cross_covariance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-covariance (1/N) X_c Y_cᵀ of ``x`` ``(*, d1, N)`` and ``y`` ``(*, d2, N)``, each centred over its
-    N samples: ``(*, d1, d2)``."""
+    N samples: ``(*, d1, d2)``. A ValueError unless both have the same leading dimensions and N >= 1."""
     if x.dim() < 2 or x.shape[:-2] != y.shape[:-2] or x.shape[-1] != y.shape[-1] or x.shape[-1] < 1:
         raise ValueError(f"cross_covariance expects (*, d1, N) and (*, d2, N) with the same * and N >= 1, "
                          f"got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -261,9 +316,23 @@ def svpn(c: torch.Tensor, v0: torch.Tensor, alpha: float = 0.5, iters: int = 1, 
 
         svPN(C) = s^alpha v uᵀ + (C − s v uᵀ) / (s^(1−alpha) + eps).
 
-    Returns ``(*, d1, d2)``. Caveats: the gradient of s^alpha grows without bound as s → 0; for the zero
-    matrix (the cross-covariance of a single token) it is 0, the derivative of a constant. One power
-    iteration is only an estimate of the top singular pair, which is what the published models used.
+    Caveats: the gradient of s^alpha grows without bound as s → 0; for the zero matrix (the cross-covariance of
+    a single token) it is 0, the derivative of a constant. One power iteration is only an estimate of the top
+    singular pair, which is what the published models used.
+
+    Args:
+        c: ``(*, d1, d2)`` matrices (a cross-covariance, :func:`cross_covariance`).
+        v0: ``(d1,)`` start vector of the power iteration (a learned parameter in So-ViT), shared by the batch.
+        alpha: the power of the top singular value, 0.5 in the release.
+        iters: power iterations, an integer >= 1.
+        eps: added to the divisor s^(1−alpha) of the remainder, 1e-5 in the release.
+
+    Returns:
+        ``(*, d1, d2)`` in the dtype of ``c``.
+
+    Raises:
+        ValueError: ``c`` is not ``(*, d1, d2)`` with ``v0`` of shape ``(d1,)``, or ``iters`` is not an integer
+            >= 1.
     """
     if c.dim() < 2 or v0.shape != c.shape[-2:-1]:
         raise ValueError(f"svpn expects c (*, d1, d2) and v0 (d1,), got {tuple(c.shape)} and {tuple(v0.shape)}")
@@ -292,7 +361,22 @@ def multi_head_cross_covariance(q: torch.Tensor, k: torch.Tensor, v0: torch.Tens
     ``"scalar"`` one mean over all of a head's tokens and channels (the released code's). ``token_drop`` > 0
     zeroes each (image, head, token)'s query and key rows together with that probability and scales the kept
     ones by 1/(1 − p), drawn as DropCov's ``Dropout2d`` on a ``(B·h, N, ·)`` tensor draws it (one Bernoulli per
-    row, in that order; pass 0 outside training)."""
+    row, in that order; pass 0 outside training).
+
+    Args:
+        q: ``(B, h, N, d)`` queries: h heads of N tokens of width d.
+        k: ``(B, h, N, d)`` keys.
+        v0: ``(d,)`` start vector of svPN's power iteration, shared by the heads; None: no svPN, the plain
+            cross-covariances.
+        centering: ``"feature"`` or ``"scalar"`` (above).
+        alpha: svPN's power of the top singular value (:func:`svpn`).
+        iters: svPN's power iterations.
+        eps: svPN's divisor guard.
+        token_drop: the probability p of dropping a token's rows, in [0, 1); 0 draws nothing.
+
+    Returns:
+        ``(B, h·d²)``: each head's ``(d, d)`` matrix flattened row-major, in the dtype of ``q``.
+    """
     if token_drop > 0:
         b, heads, n, _ = q.shape
         mask = F.dropout1d(q.new_ones(b * heads, n, 1), token_drop, training=True)
@@ -389,7 +473,8 @@ def zca_batch_norm(
         running_mean: ``(C,)`` or None.
         running_cov: ``(G, group_size, group_size)`` or None (the covariance, not the whitening
             matrix: see :class:`ZCABatchNorm2d` for why).
-        weight, bias: ``(C,)`` per-channel affine parameters, or None.
+        weight: ``(C,)`` per-channel scale applied after whitening, or None.
+        bias: ``(C,)`` per-channel shift applied after the scale, or None.
         training: use (and update) batch statistics.
         momentum: weight of the new batch in the running averages.
         eps: added to the covariance diagonal before the inverse square root.
@@ -400,6 +485,11 @@ def zca_batch_norm(
 
     Returns:
         ``(B, C, *)`` in the dtype of ``x``; float16/bfloat16 input is whitened in float32.
+
+    Raises:
+        ValueError: ``x`` is not ``(B, C, *)``; ``group_size`` does not divide C; ``eps`` < 0; only one of
+            ``running_mean`` and ``running_cov``, or either of the wrong shape; batch statistics from a single
+            value per channel (a batch of one, without spatial positions); a bad ``backend``.
 
     Example::
 
@@ -418,33 +508,34 @@ def zca_batch_norm(
         raise ValueError(f"group_size must be a positive divisor of the {channels} channels of input shape "
                          f"{tuple(x.shape)}, got {group_size!r}")
     check_number("eps", eps, 0.0, note="added to the covariance diagonal")
-    if (running_mean is None) != (running_cov is None):
+    running = None if running_mean is None or running_cov is None else (running_mean, running_cov)
+    if running is None and (running_mean is not None or running_cov is not None):
         raise ValueError("pass both running_mean and running_cov, or neither")
     groups = channels // group_size
-    if running_mean is not None and (running_mean.shape != (channels,)
-                                     or running_cov.shape != (groups, group_size, group_size)):
+    if running is not None and (running[0].shape != (channels,)
+                                or running[1].shape != (groups, group_size, group_size)):
         raise ValueError(f"running_mean must be ({channels},) and running_cov ({groups}, {group_size}, {group_size}) "
                          f"for input shape {tuple(x.shape)} and group_size={group_size}, got "
-                         f"{tuple(running_mean.shape)} and {tuple(running_cov.shape)}")
-    use_batch = training or running_mean is None
+                         f"{tuple(running[0].shape)} and {tuple(running[1].shape)}")
 
     def whiten(x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         # A group's channels as rows, every batch and spatial position as a column.
         xg = rearrange(x, "b (g m) ... -> g m (b ...)", m=group_size)
-        if use_batch:
+        if training or running is None:  # batch statistics, and in training the running ones updated
             if process_group is None and xg.shape[-1] < 2:
                 raise ValueError(f"whitening with batch statistics needs more than one value per channel, got "
                                  f"input shape {tuple(x.shape)}; use a larger batch or eval mode")
             mean, cov, count = _batch_statistics(xg, process_group)
-            if training and running_mean is not None:
+            if running is not None:
+                run_mean, run_cov = running
                 with torch.no_grad():
                     unbiased = cov * (count / (count - 1).clamp_min(1))
-                    running_mean.lerp_(mean.reshape(channels).to(running_mean.dtype), momentum)
-                    running_cov.lerp_(unbiased.to(running_cov.dtype), momentum)
+                    run_mean.lerp_(mean.reshape(channels).to(run_mean.dtype), momentum)
+                    run_cov.lerp_(unbiased.to(run_cov.dtype), momentum)
         else:
-            mean = running_mean.to(dtype).view(groups, group_size, 1)
-            cov = running_cov.to(dtype)
+            mean = running[0].to(dtype).view(groups, group_size, 1)
+            cov = running[1].to(dtype)
         eye = torch.eye(group_size, dtype=dtype, device=x.device)
         y = inv_sqrtm(cov + eps * eye, backend) @ (xg - mean)
         if weight is not None:

@@ -93,9 +93,25 @@ def register_head(name: str, module: Callable[..., nn.Module] = CovPool, options
     """Register a second-order head under ``name``, so that every ``head=`` takes it (:func:`build_head`,
     :func:`covpool.swap_pooling`, :class:`covpool.SoViTHead`, a config's ``model.head``).
 
-    ``module(in_channels, **options)`` builds its pooling (default :class:`covpool.CovPool`, whose options give
-    the whole covariance family); ``options`` are the head's, checked against ``module``'s keywords now;
-    ``layouts`` says whether it pools feature maps, tokens or both. Registering a name twice raises.
+    Args:
+        name: the head's name, a non-empty string not yet registered.
+        module: what builds its pooling, ``module(in_channels, **options)``: a pooling class (default
+            :class:`covpool.CovPool`, whose options give the whole covariance family) or a function returning an
+            ``nn.Module`` whose forward returns ``(B, out_features)`` and which has an integer ``out_features``.
+        options: the head's keyword options of ``module``, checked against its keywords now (a caller's
+            override them at build time); None: none.
+        paper: the publication the head reproduces, for the heads reference and :class:`Head`.
+        doc: one line on what it computes, for the same.
+        layouts: what it pools: ``("maps", "tokens")`` (default), ``("maps",)``, or ``("tokens",)`` for a
+            transformer-only head (which :class:`covpool.SoViTHead` requires).
+
+    Returns:
+        The registered :class:`Head`.
+
+    Raises:
+        TypeError: ``name`` is not a non-empty string; ``module`` is not callable; an option ``module`` does
+            not take (naming the closest).
+        ValueError: ``name`` is already registered; ``layouts`` empty or with another entry.
 
     Example::
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import warnings
 from collections import OrderedDict
@@ -14,8 +15,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from covpool.linalg import BackendSpec
 from covpool.linalg._checks import check_int, check_number, full_precision
 
+from ._common import Factory
 from ._options import CovPoolOptions, as_maps, check_layout, options_signature
 from .functional import (
     adaptive_channel_drop,
@@ -29,7 +32,7 @@ from .functional import (
 __all__ = ["CovPool", "AdaptiveChannelDrop", "SvPNCrossCov", "MultiHeadCrossCov"]
 
 
-def _reduction(in_channels: int, out_channels: int, factory: dict) -> nn.Sequential:
+def _reduction(in_channels: int, out_channels: int, factory: Factory) -> nn.Sequential:
     """The 1×1 conv → BatchNorm → ReLU channel reduction of iSQRT-COV and both So-ViT heads."""
     return nn.Sequential(OrderedDict(
         conv=nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False, **factory),
@@ -62,9 +65,18 @@ class AdaptiveChannelDrop(nn.Module):
     synchronisation per step), and the row sums are two matrix–vector products instead of the d×d covariance;
     the numbers are the same (:doc:`second-order heads </guides/heads>`). The maths:
     :func:`covpool.layers.functional.adaptive_channel_drop`.
+
+    Args:
+        channels: d, the channels of the features, >= 2 (the drop rate divides by log₂ d).
+        device: device of the channel-weight convolution's parameter (None: torch's default).
+        dtype: dtype of that parameter (None: torch's default).
+
+    Raises:
+        ValueError: ``channels`` is not an integer >= 2.
     """
 
-    def __init__(self, channels: int, *, device: Any = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, channels: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         check_int("channels", channels, 2)  # the drop rate divides by log₂ of the channel count
         self.channels = channels
@@ -82,7 +94,7 @@ class _OptionsSignature:
     :attr:`covpool.layers.Head.keywords` read); an instance has none of its own (``inspect`` then reads
     ``forward``)."""
 
-    def __get__(self, obj: Any, cls: type) -> Any:
+    def __get__(self, obj: Any, cls: type[CovPool]) -> inspect.Signature:
         if obj is not None:
             raise AttributeError("__signature__")
         return options_signature(cls.options_class)
@@ -120,7 +132,9 @@ class CovPool(nn.Module):
         normalization: ``"sqrt"`` (default, by ``backend``), ``"power"`` (Σ^``alpha`` by eigendecomposition,
             MPN-COV) or ``"none"``.
         alpha: the power of ``normalization="power"`` (0.5).
-        signed_sqrt, l2: sign(x)·√|x| per feature, then ℓ2 normalisation of the vector (bilinear heads).
+        signed_sqrt: sign(z)·√|z| per feature z of the vector (bilinear heads;
+            :func:`covpool.layers.functional.signed_sqrt`).
+        l2: ℓ2 normalisation of the vector, after the signed square root (bilinear heads).
         sqrt_smoothing: δ > 0 makes the signed square root's backward ½/(√|z| + δ), z the statistic summed
             over the positions, as the compact bilinear code has it (0.1 in its MatConvNet layers, 0.03 in
             Caffe's, whose Tensor Sketch is also D times larger: 0.03/√D here); 0 (default) is the bilinear-CNN
@@ -137,10 +151,19 @@ class CovPool(nn.Module):
             False force it (:func:`covpool.linalg.covariance_sqrtm`).
         layout: ``"auto"``, ``"maps"`` or ``"tokens"``; ``"auto"`` refuses a ``(B, C, C)`` input, which could
             be either.
-        device, dtype: factory kwargs of the parameters and buffers.
+        device: device of the parameters and buffers (None: torch's default), keyword only.
+        dtype: dtype of the floating-point parameters and buffers (None: torch's default), keyword only.
 
-    Any other keyword is a TypeError naming the closest option (``reduced_dimm`` → "did you mean
-    'reduced_dim'?") and listing them all.
+    Raises:
+        TypeError: a keyword that is not an option, naming the closest one (``reduced_dimm`` → "did you mean
+            'reduced_dim'?") and listing them all; more positional arguments than ``in_channels``,
+            ``reduced_dim``, ``backend``, ``vectorize``; an option given twice; a ``backend`` option the backend
+            does not have.
+        ValueError: ``in_channels`` not a positive integer; an option's value out of its range or an unknown
+            backend name, naming it; an option the chosen head never reads
+            (``backend`` without ``normalization="sqrt"``, ``alpha`` without ``"power"``, ``sketch_dim`` without a
+            sketch, ...); a sketch with a matrix normalisation; ``signed_sqrt``, ``l2`` or a sketch with
+            ``vectorize="matrix"``; ``gram=True`` with a backend that has no Gram side.
 
     Attributes:
         dim: d, the side of the covariance matrix.
@@ -172,13 +195,39 @@ class CovPool(nn.Module):
     options_class: type[CovPoolOptions] = CovPoolOptions
     __signature__ = _OptionsSignature()
 
+    # Every option is an attribute of its own name, set from options_class in __init__; declared here with its
+    # type after the checks (vectorize and normalization normalised to their names).
+    reduced_dim: int | None
+    backend: BackendSpec
+    vectorize: str
+    centered: bool
+    normalization: str
+    alpha: float
+    signed_sqrt: bool
+    l2: bool
+    sqrt_smoothing: float
+    sketch: str | None
+    sketch_dim: int
+    sketch_seed: int
+    channel_drop: str | None
+    gram: bool | str
+    layout: str
+    # The sketch's fixed random parameters, buffers of a sketch head only (_draw_sketch): Tensor Sketch's hashes
+    # and signs, or Random Maclaurin's projections.
+    h1: torch.Tensor
+    s1: torch.Tensor
+    h2: torch.Tensor
+    s2: torch.Tensor
+    w1: torch.Tensor
+    w2: torch.Tensor
+
     def __init__(self, in_channels: int, *args: Any, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, **options: Any) -> None:
         super().__init__()
         # A typo ends in the closest option's name, not in Python's bare "unexpected keyword argument".
         declared = self.options_class.bind("covpool.CovPool", args, options)
         check_int("in_channels", in_channels)
-        factory = {"device": device, "dtype": dtype}
+        factory: Factory = {"device": device, "dtype": dtype}
         self.in_channels = in_channels
         for name, value in dataclasses.asdict(declared).items():  # every option an attribute of its own name
             setattr(self, name, value)
@@ -220,17 +269,18 @@ class CovPool(nn.Module):
         from its default. Every option is kept as an attribute of its own name."""
         return copy.deepcopy(self._declared().read())
 
-    def _draw_sketch(self, factory: dict) -> None:
+    def _draw_sketch(self, factory: Factory) -> None:
         """The sketch's fixed random parameters, drawn from ``sketch_seed`` with a generator of its own (the
         global random state is untouched): Tensor Sketch hashes h₁, h₂ in [0, D) and signs s₁, s₂ in ±1,
         independent for the two count sketches; Random Maclaurin projections W₁, W₂ of ±1/√D (Rademacher, the
         authors' scaling)."""
         g = torch.Generator().manual_seed(self.sketch_seed)
         d, dim = self.dim, self.sketch_dim
-        float_factory = {"device": factory["device"], "dtype": factory["dtype"] or torch.get_default_dtype()}
+        device = factory.get("device")
+        float_factory: Factory = {"device": device, "dtype": factory.get("dtype") or torch.get_default_dtype()}
         if self.sketch == "tensor":
             for t in (1, 2):
-                self.register_buffer(f"h{t}", torch.randint(dim, (d,), generator=g).to(factory["device"]))
+                self.register_buffer(f"h{t}", torch.randint(dim, (d,), generator=g).to(device))
                 sign = torch.randint(2, (d,), generator=g) * 2 - 1
                 self.register_buffer(f"s{t}", sign.to(**float_factory))
         else:
@@ -239,15 +289,18 @@ class CovPool(nn.Module):
                 self.register_buffer(f"w{t}", w.to(**float_factory))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` or ``(B, N, C)`` → ``(B, out_features)`` (or ``(B, d, d)``)."""
+        """Pool ``x``: feature maps ``(B, C, H, W)`` or tokens ``(B, N, C)`` → ``(B, out_features)`` (or
+        ``(B, d, d)`` with ``vectorize="matrix"``), in the dtype of ``x``. A ValueError names a shape that is
+        neither (or both, with ``layout="auto"``) and an input without a position."""
         maps = as_maps(x, self.in_channels, "CovPool", self.layout)
         feats = self.drop(self.reduce(maps).flatten(2))
-        element = {"signed_sqrt": self.signed_sqrt, "l2": self.l2, "sqrt_smoothing": self.sqrt_smoothing}
         if self.sketch is None:
             return cov_pool(feats, self.backend, self.vectorize, self.gram, centered=self.centered,
-                            normalization=self.normalization, alpha=self.alpha, **element)
+                            normalization=self.normalization, alpha=self.alpha, signed_sqrt=self.signed_sqrt,
+                            l2=self.l2, sqrt_smoothing=self.sqrt_smoothing)
         projection = (self.h1, self.s1, self.h2, self.s2) if self.sketch == "tensor" else (self.w1, self.w2)
-        return compact_bilinear(feats, self.sketch, projection, self.sketch_dim, centered=self.centered, **element)
+        return compact_bilinear(feats, self.sketch, projection, self.sketch_dim, centered=self.centered,
+                                signed_sqrt=self.signed_sqrt, l2=self.l2, sqrt_smoothing=self.sqrt_smoothing)
 
     def extra_repr(self) -> str:
         return ", ".join([f"{self.in_channels}", *self._declared().shown(), f"out_features={self.out_features}"])
@@ -269,12 +322,22 @@ class SvPNCrossCov(nn.Module):
         in_channels: C.
         reduced_dim: (d1, d2), (48, 24) for So-ViT-7/10, (64, 48) for So-ViT-14, (96, 48) for So-ViT-19 (called
             ``dims`` before covpool 0.2: that keyword still works for one release, with a FutureWarning).
-        alpha, iters, eps: svPN's exponent, power iterations and denominator guard (0.5, 1, 1e-5 released).
+        alpha: svPN's exponent of the top singular value (0.5 released).
+        iters: svPN's power iterations, >= 1 (1 released).
+        eps: svPN's denominator guard (1e-5 released).
         layout: ``"auto"``, ``"maps"`` or ``"tokens"``, as :class:`covpool.CovPool`'s.
-        device, dtype: factory kwargs.
+        device: device of the parameters and buffers (None: torch's default).
+        dtype: dtype of the parameters and buffers (None: torch's default).
+        **deprecated: ``dims=``, the old name of ``reduced_dim`` (a FutureWarning); any other keyword is a
+            TypeError.
 
     Shapes: ``(B, C, H, W)`` or tokens ``(B, N, C)`` → ``(B, d1·d2)``. The BatchNorms normalise over all
     B·N positions. Half-precision input is pooled in float32 and cast back.
+
+    Raises:
+        ValueError: ``in_channels``, ``iters`` or a branch width not a positive integer; ``reduced_dim`` not a
+            pair; an unknown ``layout``.
+        TypeError: an unknown keyword.
     """
 
     def __init__(self, in_channels: int, reduced_dim: tuple[int, int] = (64, 48), alpha: float = 0.5,
@@ -296,14 +359,15 @@ class SvPNCrossCov(nn.Module):
             check_int("reduced_dim[i]", d)
         check_int("iters", iters)
         check_layout(layout)
-        factory = {"device": device, "dtype": dtype}
+        factory: Factory = {"device": device, "dtype": dtype}
+        d1, d2 = dims
         self.in_channels = in_channels
-        self.reduced_dim = tuple(dims)
+        self.reduced_dim = (d1, d2)
         self.alpha, self.iters, self.eps = float(alpha), iters, float(eps)
         self.layout = layout
-        self.out_features = dims[0] * dims[1]
-        self.reduce = nn.ModuleList([_reduction(in_channels, d, factory) for d in dims])
-        self.v0 = nn.Parameter(torch.empty(dims[0], **factory))
+        self.out_features = d1 * d2
+        self.reduce = nn.ModuleList([_reduction(in_channels, d, factory) for d in self.reduced_dim])
+        self.v0 = nn.Parameter(torch.empty(d1, **factory))
         self.reset_parameters()
 
     @property
@@ -357,7 +421,9 @@ class MultiHeadCrossCov(nn.Module):
     Args:
         in_channels: C, the token width.
         reduced_dim: (h, d_r): 6 heads of 14, 24 and 38 in SoT-Tiny, -Small and -Base.
-        alpha, iters, eps: svPN's exponent, power iterations and denominator guard (0.5, 1, 1e-5 released).
+        alpha: svPN's exponent of the top singular value, in (0, 1] (0.5 released).
+        iters: svPN's power iterations, >= 1 (1 released).
+        eps: svPN's denominator guard, >= 0 (1e-5 released).
         centering: ``"feature"`` (default) subtracts each channel's mean over the tokens, the
             cross-covariance; ``"scalar"`` subtracts one mean over all of a head's tokens and channels, which
             is what the released code computes (``adaptive_avg_pool2d`` on a 3-D tensor), and what the ``sot``
@@ -370,9 +436,14 @@ class MultiHeadCrossCov(nn.Module):
             transformers). The mask is drawn as their ``Dropout2d`` on a ``(B·h, N, ·)`` tensor draws it (one
             Bernoulli per row, in that order), so a seeded run draws the same tokens. 0 (default): none.
         layout: ``"tokens"`` (default) or ``"auto"`` (also ``(B, C, H, W)`` maps, as positions).
-        device, dtype: factory kwargs.
+        device: device of the parameters (None: torch's default).
+        dtype: dtype of the parameters (None: torch's default).
 
     Shapes: ``(B, N, C)`` → ``(B, h·d_r²)``. Half-precision input is pooled in float32 and cast back.
+
+    Raises:
+        ValueError: a count that is not a positive integer, ``reduced_dim`` not a pair, a number out of its
+            range, or an unknown ``centering``, ``normalization`` or ``layout``, each naming the argument.
     """
 
     def __init__(self, in_channels: int, reduced_dim: tuple[int, int] = (6, 24), alpha: float = 0.5,
@@ -395,7 +466,7 @@ class MultiHeadCrossCov(nn.Module):
             raise ValueError(f"normalization must be one of {_TOKEN_NORMALIZATIONS}, got {normalization!r}")
         check_number("token_drop", token_drop, 0.0, 1.0, open_high=True)
         check_layout(layout, ("tokens", "auto"))
-        factory = {"device": device, "dtype": dtype}
+        factory: Factory = {"device": device, "dtype": dtype}
         self.in_channels = in_channels
         self.reduced_dim = (heads, width)
         self.alpha, self.iters, self.eps = float(alpha), iters, float(eps)

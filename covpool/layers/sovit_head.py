@@ -26,6 +26,7 @@ from covpool.linalg import BackendSpec
 from covpool.linalg._checks import check_int, check_number
 
 from . import functional, pooling
+from ._common import Factory, out_features_of
 from .heads import get_head, list_heads
 from .pooling import _init_reduction
 
@@ -86,9 +87,18 @@ class SoViTHead(nn.Module):
             (:doc:`/guides/heads`).
         pool_options: further keyword options of the head (e.g. ``{"iters": 3}`` for ``"svpn"``;
             ``{"normalization": "none", "token_drop": 0.2}`` makes DropCov's transformer head of ``"sot"``).
-        device, dtype: factory kwargs of the parameters.
+        device: device of the parameters and buffers (None: torch's default).
+        dtype: dtype of the parameters and buffers (None: torch's default).
         kind: the name before covpool 0.2 (``"mpa"``, ``"svpn"``, ``"sot"``): still accepted for one release,
             with a FutureWarning; use ``head``.
+
+    Raises:
+        ValueError: an unknown ``head`` or ``kind``, or a head that pools feature maps only; ``backend`` for a
+            head without a matrix square root, ``centering`` for one that takes none, or either given twice
+            (also in ``pool_options``); ``embed_dim`` or ``num_classes`` not an integer (>= 1, >= 0);
+            ``drop_rate`` outside [0, 1); a bad value of the head's own options.
+        TypeError: an option the head's module does not take (naming the closest), or a module without an
+            integer ``out_features``.
 
     Attributes:
         head_name: the head's name.
@@ -159,9 +169,14 @@ class SoViTHead(nn.Module):
         self.embed_dim = embed_dim
         self.head_name = head
         self.reduced_dim = reduced_dim
-        factory = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        # Only the factory kwargs given: a registered head's module need not take them.
+        factory: Factory = {}
+        if device is not None:
+            factory["device"] = device
+        if dtype is not None:
+            factory["dtype"] = dtype
         self.pool: nn.Module = spec.build(embed_dim, reduced_dim=reduced_dim, **options, **factory)
-        self.cov_dim = self.pool.out_features
+        self.cov_dim = out_features_of(self.pool, f"SoViTHead(head={head!r})")
         self.num_features = embed_dim + self.cov_dim
         self.head_drop = nn.Dropout(drop_rate)
         self.num_classes = 0
@@ -181,7 +196,8 @@ class SoViTHead(nn.Module):
     def backend(self) -> BackendSpec | None:
         """The square-root backend of the pooling (which :func:`covpool.set_backend` changes); None for a head
         without one (svPN has no matrix square root)."""
-        return self.pool.backend if getattr(self.pool, "uses_backend", False) else None
+        backend: BackendSpec | None = getattr(self.pool, "backend", None)
+        return backend if getattr(self.pool, "uses_backend", False) else None
 
     def reset_parameters(self) -> None:
         """The releases' initialisation: Kaiming-normal (fan-out) reduction convolutions, unit/zero BatchNorm,
@@ -191,10 +207,11 @@ class SoViTHead(nn.Module):
         for fc in (self.fc_cls, self.fc_cov):
             _init_classifier(fc)
 
-    def reset_classifier(self, num_classes: int, *, device: Any = None, dtype: torch.dtype | None = None) -> None:
+    def reset_classifier(self, num_classes: int, *, device: torch.device | str | None = None,
+                         dtype: torch.dtype | None = None) -> None:
         """Fresh ``fc_cls`` and ``fc_cov`` for ``num_classes`` (0: identities, the forward returns features),
-        trunc-normal (std 0.02) weights and zero biases. The new layers go to the device and dtype of the
-        head's current parameters unless given."""
+        trunc-normal (std 0.02) weights and zero biases. The new layers go to the ``device`` and ``dtype`` of the
+        head's current parameters unless given. A ValueError unless ``num_classes`` is an integer >= 0."""
         check_int("num_classes", num_classes, 0)
         current = next(self.parameters(), None)
         if current is not None:
@@ -218,8 +235,8 @@ class SoViTHead(nn.Module):
         return x[:, 0], self.head_drop(self.pool(x[:, 1:]))
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Logits ``(B, num_classes)``, or features ``(B, num_features)`` when ``pre_logits`` or
-        ``num_classes == 0``."""
+        """Logits ``(B, num_classes)`` of tokens ``x`` ``(B, 1 + N, C)`` (class token first), or features
+        ``(B, num_features)`` when ``pre_logits`` or ``num_classes == 0``. A ValueError names any other shape."""
         cls_token, cov = self._features(x)
         if pre_logits or not self.num_classes:
             return torch.cat([cls_token, cov], dim=-1)

@@ -9,6 +9,7 @@ from torch import nn
 from covpool.linalg import BackendSpec, resolve_backend
 from covpool.linalg._checks import check_int, check_number
 
+from ._common import Factory
 from .functional import zca_batch_norm
 
 __all__ = ["ZCABatchNorm1d", "ZCABatchNorm2d", "convert_zca", "convert_sync_zca"]
@@ -20,6 +21,12 @@ class _ZCABatchNorm(nn.Module):
     """Parameters, buffers and BatchNorm conventions shared by the 1d and 2d layers."""
 
     _layouts: tuple[tuple[int, str], ...] = ()
+    # As torch's BatchNorm: None without affine (the parameters) or track_running_stats (the buffers).
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    running_mean: torch.Tensor | None
+    running_cov: torch.Tensor | None
+    num_batches_tracked: torch.Tensor | None
 
     def __init__(
         self,
@@ -56,7 +63,7 @@ class _ZCABatchNorm(nn.Module):
         self.track_running_stats = bool(track_running_stats)
         self.sync = bool(sync)
         self.process_group = process_group
-        factory = {"device": device, "dtype": dtype}
+        factory: Factory = {"device": device, "dtype": dtype}
         if self.affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             self.bias = nn.Parameter(torch.empty(num_features, **factory))
@@ -75,16 +82,25 @@ class _ZCABatchNorm(nn.Module):
 
     def reset_running_stats(self) -> None:
         """Running mean to zero, running covariance to the identity, batch count to zero."""
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_cov.copy_(torch.eye(self.group_size, dtype=self.running_cov.dtype,
-                                             device=self.running_cov.device).expand_as(self.running_cov))
-            self.num_batches_tracked.zero_()
+        running = self._running_stats()
+        if running is not None:
+            mean, cov, count = running
+            mean.zero_()
+            cov.copy_(torch.eye(self.group_size, dtype=cov.dtype, device=cov.device).expand_as(cov))
+            count.zero_()
+
+    def _running_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The buffers ``running_mean``, ``running_cov`` and ``num_batches_tracked``, or None when they are not
+        tracked."""
+        if (not self.track_running_stats or self.running_mean is None or self.running_cov is None
+                or self.num_batches_tracked is None):
+            return None
+        return self.running_mean, self.running_cov, self.num_batches_tracked
 
     def reset_parameters(self) -> None:
         """Reset the running statistics, weight to one and bias to zero."""
         self.reset_running_stats()
-        if self.affine:
+        if self.affine and self.weight is not None and self.bias is not None:
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
@@ -105,7 +121,7 @@ class _ZCABatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         factor = 0.0
-        if self.training and self.track_running_stats:
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             # As torch's BatchNorm: momentum None means a cumulative average over the batches seen.
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
@@ -172,12 +188,20 @@ class ZCABatchNorm2d(_ZCABatchNorm):
         momentum: weight of the new batch in the running statistics, or None for a cumulative average.
         affine: learn per-channel ``weight`` (ones) and ``bias`` (zeros).
         track_running_stats: keep running statistics for eval mode.
-        device, dtype: factory kwargs of the parameters and buffers.
+        device: device of the parameters and buffers (None: torch's default).
+        dtype: dtype of the parameters and buffers (None: torch's default).
         sync: pool the training statistics over ``process_group`` when ``torch.distributed`` is
             initialised (keyword only; :func:`convert_sync_zca` sets it).
         process_group: the group to synchronise over; None is the default (world) group.
 
     Shapes: input ``(B, C, H, W)``, output the same.
+
+    Raises:
+        ValueError: at construction, ``num_features`` or ``group_size`` not a positive integer, a
+            ``group_size`` that does not divide ``num_features`` (naming a divisor), ``eps`` <= 0,
+            ``momentum`` outside [0, 1], an unknown backend name; in the forward, an input of another shape or
+            channel count, or batch statistics from a single value per channel.
+        TypeError: a backend option the backend does not have.
 
     Numerical caveats: a group needs more than ``group_size`` samples per batch for a full-rank
     covariance; with fewer, eps alone bounds the whitening. Half-precision input is whitened in float32.
@@ -200,8 +224,21 @@ class ZCABatchNorm1d(_ZCABatchNorm):
     """Decorrelated (ZCA-whitening) batch normalisation of ``(B, C)`` vectors or ``(B, C, L)`` sequences.
 
     Huang et al., "Decorrelated Batch Normalization", CVPR 2018, with the inverse root by ``backend``
-    (Song et al., ICLR 2022). Same arguments, buffers, defaults and synchronisation as
+    (Song et al., ICLR 2022). Same arguments, buffers, defaults, errors and synchronisation as
     :class:`ZCABatchNorm2d`; the statistics run over the B (or B·L) samples.
+
+    Args:
+        num_features: C, the number of channels.
+        group_size: channels per whitening group; must divide ``num_features``.
+        backend: inverse-square-root backend, a name or ``{"name": ..., **options}`` (``"eig"``).
+        eps: added to the covariance diagonal, > 0.
+        momentum: weight of the new batch in the running statistics, or None for a cumulative average.
+        affine: learn per-channel ``weight`` (ones) and ``bias`` (zeros).
+        track_running_stats: keep running statistics for eval mode.
+        device: device of the parameters and buffers (None: torch's default).
+        dtype: dtype of the parameters and buffers (None: torch's default).
+        sync: pool the training statistics over ``process_group`` (keyword only; :func:`convert_sync_zca`).
+        process_group: the group to synchronise over; None is the default (world) group.
 
     Shapes: input ``(B, C)`` or ``(B, C, L)``, channels second as in :class:`torch.nn.BatchNorm1d`
     (transpose ``(B, L, C)`` tokens first), output the same.
@@ -220,22 +257,26 @@ class ZCABatchNorm1d(_ZCABatchNorm):
 
 def _zca_from_batch_norm(bn: nn.BatchNorm2d, options: dict[str, Any]) -> ZCABatchNorm2d:
     ref = bn.weight if bn.weight is not None else bn.running_mean
-    factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+    factory: Factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
     opts = {"eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
             "track_running_stats": bn.track_running_stats, **factory, **options}
     zca = ZCABatchNorm2d(bn.num_features, **opts)
     with torch.no_grad():
-        if zca.affine and bn.affine:
+        if (zca.affine and bn.affine and zca.weight is not None and zca.bias is not None
+                and bn.weight is not None and bn.bias is not None):
             zca.weight.copy_(bn.weight)
             zca.bias.copy_(bn.bias)
             zca.weight.requires_grad_(bn.weight.requires_grad)
             zca.bias.requires_grad_(bn.bias.requires_grad)
-        if zca.track_running_stats and bn.track_running_stats:
+        running = zca._running_stats()
+        if (running is not None and bn.track_running_stats and bn.running_mean is not None
+                and bn.running_var is not None and bn.num_batches_tracked is not None):
             # BatchNorm's running variances are the diagonal of a running covariance: whitening with
             # them is exactly BatchNorm's eval-mode normalisation, until training updates the rest.
-            zca.running_mean.copy_(bn.running_mean)
-            zca.running_cov.copy_(torch.diag_embed(bn.running_var.reshape(zca.num_groups, zca.group_size)))
-            zca.num_batches_tracked.copy_(bn.num_batches_tracked)
+            mean, cov, count = running
+            mean.copy_(bn.running_mean)
+            cov.copy_(torch.diag_embed(bn.running_var.reshape(zca.num_groups, zca.group_size)))
+            count.copy_(bn.num_batches_tracked)
     return zca.train(bn.training)
 
 
@@ -264,6 +305,11 @@ def convert_zca(module: nn.Module, mode: str = "all", **zca_options: Any) -> nn.
     Returns:
         ``module`` with its layers replaced in place, or the new layer when ``module`` is itself a
         ``BatchNorm2d``: write ``model = convert_zca(model)`` as with torch.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``; a keyword :class:`ZCABatchNorm2d` does not take.
+        ValueError: an unknown ``mode``; a model without a ``BatchNorm2d``; a ``group_size`` that does not
+            divide a layer's channels, or another option :class:`ZCABatchNorm2d` refuses.
 
     Example::
 
@@ -307,6 +353,9 @@ def convert_sync_zca(module: nn.Module, process_group: Any = None) -> nn.Module:
 
     Returns:
         ``module``.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
 
     Example::
 
