@@ -172,7 +172,7 @@ def signed_sqrt(x: torch.Tensor, eps: float = 1e-8, smoothing: float = 0.0) -> t
 
     Args:
         x: a real tensor of any shape.
-        eps: added to |x| under the square root of the backward (not of the forward); used when ``smoothing``
+        eps: added to ``|x|`` under the square root of the backward (not of the forward); used when ``smoothing``
             is 0.
         smoothing: δ > 0 makes the backward ½/(√|x| + δ) instead; 0 (default) uses ``eps``.
 
