@@ -24,6 +24,7 @@ from covpool.linalg import (
 )
 from covpool.linalg._checks import check_int, check_number, full_precision, is_int
 
+from ._autograd import SignedSqrt, batch_statistics
 from ._options import check_option, check_used, normalization_mode, vectorize_mode
 
 __all__ = ["cov_pool", "second_moment", "signed_sqrt", "l2_normalize", "tensor_sketch", "random_maclaurin",
@@ -136,33 +137,6 @@ def second_moment(x: torch.Tensor, centered: bool = True) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- element normalisation
-class _SignedSqrt(torch.autograd.Function):
-    """sign(x)·√|x| with a bounded gradient: ½/√(|x| + eps), the bilinear-CNN package's (the exact derivative
-    ½/√|x| is infinite at 0, an exactly-zero entry: a dead channel's moment), or with ``smoothing`` > 0
-    ½/(√|x| + smoothing), the compact bilinear code's."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, eps: float, smoothing: float) -> torch.Tensor:
-        return x.sign() * x.abs().sqrt()
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        ctx.save_for_backward(inputs[0])
-        ctx.eps, ctx.smoothing = inputs[1], inputs[2]
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (x,) = ctx.saved_tensors
-
-        def bound(magnitude: torch.Tensor) -> torch.Tensor:
-            if ctx.smoothing:
-                return 0.5 / magnitude.sqrt().add_(ctx.smoothing)
-            return magnitude.add(ctx.eps).rsqrt_().mul_(0.5)
-
-        # In float32 at least: eps = 1e-8 vanishes in half precision and the bound with it.
-        return grad * full_precision(bound, x.abs(), dtype=grad.dtype), None, None
-
-
 def signed_sqrt(x: torch.Tensor, eps: float = 1e-8, smoothing: float = 0.0) -> torch.Tensor:
     """Element-wise ``sign(x)·√|x|`` (Perronnin et al.'s power normalisation), as bilinear and compact bilinear
     pooling apply it: the forward is exact, the gradient is bounded at 0: ``½/√(|x| + eps)``, the bilinear-CNN
@@ -186,7 +160,7 @@ def signed_sqrt(x: torch.Tensor, eps: float = 1e-8, smoothing: float = 0.0) -> t
         >>> signed_sqrt(torch.tensor([-4.0, 0.0, 9.0]))
         tensor([-2.,  0.,  3.])
     """
-    return _SignedSqrt.apply(x, float(eps), float(smoothing))
+    return SignedSqrt.apply(x, float(eps), float(smoothing))
 
 
 def _element_norm(out: torch.Tensor, signed: bool, l2: bool, smoothing: float = 0.0) -> torch.Tensor:
@@ -211,7 +185,7 @@ def tensor_sketch(x: torch.Tensor, h1: torch.Tensor, s1: torch.Tensor, h2: torch
     sketches Ψ_t(x)_k = Σ_{i: h_t(i) = k} s_t(i)·x_i (``h_t`` ``(d,)`` in [0, dim), ``s_t`` ``(d,)`` in ±1).
 
     Its entry k is Σ_{(i, j): h₁(i) + h₂(j) ≡ k} s₁(i)s₂(j)·M_ij of M = (1/N) X Xᵀ. The sum over positions is
-    taken in the frequency domain (one inverse FFT per image).
+    taken in the frequency domain (one inverse FFT per image). Returns ``(B, dim)`` in the dtype of ``x``.
 
     Args:
         x: ``(B, d, N)`` features: d channels at N positions.
@@ -220,9 +194,6 @@ def tensor_sketch(x: torch.Tensor, h1: torch.Tensor, s1: torch.Tensor, h2: torch
         h2: ``(d,)`` hashes of the second count sketch, drawn independently of ``h1``.
         s2: ``(d,)`` signs of the second count sketch.
         dim: D, the sketch's width.
-
-    Returns:
-        ``(B, dim)`` in the dtype of ``x`` (float32 or float64: the FFT's).
     """
     b, _, n = x.shape
     positions = x.mT  # (B, N, d): each position's sketch contiguous, which the FFT runs 1.5× faster on
@@ -373,9 +344,6 @@ def multi_head_cross_covariance(q: torch.Tensor, k: torch.Tensor, v0: torch.Tens
         iters: svPN's power iterations.
         eps: svPN's divisor guard.
         token_drop: the probability p of dropping a token's rows, in [0, 1); 0 draws nothing.
-
-    Returns:
-        ``(B, h·d²)``: each head's ``(d, d)`` matrix flattened row-major, in the dtype of ``q``.
     """
     if token_drop > 0:
         b, heads, n, _ = q.shape
@@ -413,35 +381,6 @@ def adaptive_channel_drop(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------- ZCA
-def _all_reduce_sum(t: torch.Tensor, group: Any) -> torch.Tensor:
-    # The functional collective has an autograd formula (its backward all-reduces the gradient), so
-    # the statistics stay differentiable across ranks; the in-place dist.all_reduce would cut the graph.
-    from torch.distributed import _functional_collectives as funcol
-
-    return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
-
-
-def _batch_statistics(xg: torch.Tensor, process_group: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean ``(G, m, 1)``, biased covariance ``(G, m, m)`` and sample count of grouped features
-    ``(G, m, M)``, pooled over the ranks of ``process_group`` when it is given.
-
-    Across ranks: one all-reduce of [Σx, count] gives the global mean, a second of the scatter
-    Σ(x − μ)(x − μ)ᵀ around that global mean gives the covariance. Two collectives rather than one of
-    [Σx, Σxxᵀ, count], because Σxxᵀ/M − μμᵀ cancels catastrophically when |μ| ≫ σ.
-    """
-    count = xg.shape[-1]
-    if process_group is None:
-        mean = xg.mean(dim=-1, keepdim=True)
-        xc = xg - mean
-        return mean, xc @ xc.mT / count, torch.tensor(float(count), dtype=xg.dtype, device=xg.device)
-    local = torch.cat([xg.sum(dim=-1).flatten(), xg.new_full((1,), float(count))])
-    total = _all_reduce_sum(local, process_group)
-    n = total[-1]
-    mean = (total[:-1] / n).view(xg.shape[:-1] + (1,))
-    xc = xg - mean
-    return mean, _all_reduce_sum(xc @ xc.mT, process_group) / n, n
-
-
 def zca_batch_norm(
     x: torch.Tensor,
     running_mean: torch.Tensor | None = None,
@@ -526,7 +465,7 @@ def zca_batch_norm(
             if process_group is None and xg.shape[-1] < 2:
                 raise ValueError(f"whitening with batch statistics needs more than one value per channel, got "
                                  f"input shape {tuple(x.shape)}; use a larger batch or eval mode")
-            mean, cov, count = _batch_statistics(xg, process_group)
+            mean, cov, count = batch_statistics(xg, process_group)
             if running is not None:
                 run_mean, run_cov = running
                 with torch.no_grad():

@@ -67,12 +67,10 @@ class AdaptiveChannelDrop(nn.Module):
     :func:`covpool.layers.functional.adaptive_channel_drop`.
 
     Args:
-        channels: d, the channels of the features, >= 2 (the drop rate divides by log₂ d).
+        channels: d, the channels of the features, an integer >= 2 (else a ValueError: the drop rate divides by
+            log₂ d).
         device: device of the channel-weight convolution's parameter (None: torch's default).
         dtype: dtype of that parameter (None: torch's default).
-
-    Raises:
-        ValueError: ``channels`` is not an integer >= 2.
     """
 
     def __init__(self, channels: int, *, device: torch.device | str | None = None,
@@ -212,8 +210,7 @@ class CovPool(nn.Module):
     channel_drop: str | None
     gram: bool | str
     layout: str
-    # The sketch's fixed random parameters, buffers of a sketch head only (_draw_sketch): Tensor Sketch's hashes
-    # and signs, or Random Maclaurin's projections.
+    # The sketch's fixed random parameters, buffers of a sketch head only (_draw_sketch).
     h1: torch.Tensor
     s1: torch.Tensor
     h2: torch.Tensor
@@ -332,12 +329,8 @@ class SvPNCrossCov(nn.Module):
             TypeError.
 
     Shapes: ``(B, C, H, W)`` or tokens ``(B, N, C)`` → ``(B, d1·d2)``. The BatchNorms normalise over all
-    B·N positions. Half-precision input is pooled in float32 and cast back.
-
-    Raises:
-        ValueError: ``in_channels``, ``iters`` or a branch width not a positive integer; ``reduced_dim`` not a
-            pair; an unknown ``layout``.
-        TypeError: an unknown keyword.
+    B·N positions. Half-precision input is pooled in float32 and cast back. A count that is not a positive
+    integer, ``reduced_dim`` not a pair or an unknown ``layout`` is a ValueError naming it.
     """
 
     def __init__(self, in_channels: int, reduced_dim: tuple[int, int] = (64, 48), alpha: float = 0.5,
@@ -439,11 +432,9 @@ class MultiHeadCrossCov(nn.Module):
         device: device of the parameters (None: torch's default).
         dtype: dtype of the parameters (None: torch's default).
 
-    Shapes: ``(B, N, C)`` → ``(B, h·d_r²)``. Half-precision input is pooled in float32 and cast back.
-
-    Raises:
-        ValueError: a count that is not a positive integer, ``reduced_dim`` not a pair, a number out of its
-            range, or an unknown ``centering``, ``normalization`` or ``layout``, each naming the argument.
+    Shapes: ``(B, N, C)`` → ``(B, h·d_r²)``. Half-precision input is pooled in float32 and cast back. A count
+    that is not a positive integer, ``reduced_dim`` not a pair, a number out of its range or an unknown
+    ``centering``, ``normalization`` or ``layout`` is a ValueError naming it.
     """
 
     def __init__(self, in_channels: int, reduced_dim: tuple[int, int] = (6, 24), alpha: float = 0.5,
