@@ -127,7 +127,8 @@ class ISqrtResNet(ResNet):
         if not is_int(last_stride) or last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}")
         spec = _head_spec(self.covpool_head, reduced_dim, backend)
-        super().__init__(block, layers, num_classes=num_classes, **kwargs)
+        # timm annotates block as an instance (BasicBlock | Bottleneck); it takes the class, as its builders pass.
+        super().__init__(block, layers, num_classes=num_classes, **kwargs)  # type: ignore[arg-type]
         set_last_stride(self, last_stride)
         self._install_covpool(_build_pool("maps", self.num_features, spec), spec)
         if global_pool == "":

@@ -38,7 +38,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from functools import partial
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from einops import rearrange
@@ -50,6 +50,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..layers import CovPool, SoViTHead, SvPNCrossCov, get_head
+from ..linalg import BackendSpec
 from ..linalg._checks import check_int, is_int
 from ._common import check_num_classes, keep_fitting_classifier, unwrap_checkpoint
 
@@ -60,6 +61,16 @@ _GLOBAL_POOLS = ("cov", "")
 _OLD_HEADS = {"mpa": "mpa_cov"}
 _POS_EMBEDS = ("sincos", "learn")
 _STEM_CHANNELS = 256  # 64 planes × bottleneck expansion 4
+
+
+class _HeadKwargs(TypedDict):
+    """The options of :class:`covpool.SoViTHead` that a model keeps to build its head again (``reset_classifier``)."""
+
+    reduced_dim: int | tuple[int, int] | None
+    backend: BackendSpec | None
+    drop_rate: float
+    head: str
+    pool_options: dict[str, Any]
 
 
 def _head_name(head: str) -> str:
@@ -136,8 +147,9 @@ class VisualTokenEmbed(nn.Module):
         for _ in range(3):
             shortcut = nn.Sequential(nn.Conv2d(in_chs, _STEM_CHANNELS, 1, stride=2, bias=False, **dd),
                                      nn.BatchNorm2d(_STEM_CHANNELS, **dd))
+            # timm types norm_layer as a class but only calls it, norm_layer(channels, **dd): a partial works.
             blocks.append(Bottleneck(in_chs, _STEM_CHANNELS // 4, stride=2, downsample=shortcut,
-                                     norm_layer=block_norm, **dd))
+                                     norm_layer=block_norm, **dd))  # type: ignore[arg-type]
             in_chs = _STEM_CHANNELS
         return nn.Sequential(OrderedDict(
             conv=nn.Conv2d(in_chans, stem_width, kernel_size=3, padding=1, bias=True, **dd),
@@ -225,6 +237,14 @@ class SoViT(VisionTransformer):
     # What a subclass changes (covpool.models.sot.SoT): the visual-token stem.
     _token_embed: type[VisualTokenEmbed] = VisualTokenEmbed
 
+    # timm's VisionTransformer types these attributes by what its own constructor assigns them, narrower than
+    # what So-ViT stores: its head (a SoViTHead, or nn.Identity without one), the fixed sinusoid table as a
+    # buffer (a Tensor, not a Parameter) and its pooling names ("cov", "").
+    head: SoViTHead | nn.Identity  # type: ignore[assignment]
+    pos_embed: torch.Tensor  # type: ignore[assignment]
+    global_pool: str  # type: ignore[assignment]
+    cls_token: nn.Parameter  # So-ViT always has a class token
+
     def __init__(
             self,
             img_size: int | tuple[int, int] = 224,
@@ -287,8 +307,8 @@ class SoViT(VisionTransformer):
             table = self.pos_embed.detach()
             del self.pos_embed
             self.register_buffer("pos_embed", torch.empty_like(table))
-        self._head_kwargs = dict(reduced_dim=reduced_dim, backend=backend, drop_rate=drop_rate, head=head,
-                                 pool_options=dict(head_options or {}))
+        self._head_kwargs: _HeadKwargs = {"reduced_dim": reduced_dim, "backend": backend, "drop_rate": drop_rate,
+                                          "head": head, "pool_options": dict(head_options or {})}
         if global_pool:
             self.head = SoViTHead(embed_dim, num_classes, **self._head_kwargs, device=device, dtype=dtype)
         self._sync_head_width()
@@ -318,7 +338,8 @@ class SoViT(VisionTransformer):
                         nn.init.zeros_(m.bias)
                 elif isinstance(m, nn.LayerNorm):
                     m.reset_parameters()
-            self.norm.reset_parameters()
+            if isinstance(self.norm, nn.LayerNorm):  # always: built with norm_layer=nn.LayerNorm
+                self.norm.reset_parameters()
             for m in self.patch_embed.modules():
                 if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
                     m.reset_parameters()

@@ -54,7 +54,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.densenet import DenseBlock, DenseTransition
 from torch import nn
 
-from ..layers import SoViTHead
+from ..layers import MultiHeadCrossCov, SoViTHead
 from ._common import keep_fitting_classifier, unwrap_checkpoint
 from .so_vit import SoViT, VisualTokenEmbed, fit_pos_embed
 
@@ -86,8 +86,9 @@ class DenseTokenEmbed(VisualTokenEmbed):
         stage: list[nn.Module] = []
         in_chs = stem_width
         for _ in range(3):
-            stage.append(DenseBlock(_DENSE_LAYERS, in_chs, bn_size=2, growth_rate=_GROWTH, norm_layer=_plain_relu,
-                                    **dd))
+            # timm types norm_layer as a class but only calls it, norm_layer(channels, **dd): a function works.
+            stage.append(DenseBlock(_DENSE_LAYERS, in_chs, bn_size=2, growth_rate=_GROWTH,
+                                    norm_layer=_plain_relu, **dd))  # type: ignore[arg-type]
             stage.append(DenseTransition(in_chs + _DENSE_LAYERS * _GROWTH, _TRANSITION_CHANNELS,
                                          norm_layer=nn.BatchNorm2d, **dd))
             in_chs = _TRANSITION_CHANNELS
@@ -218,6 +219,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: SoT) -> dict[str,
     if not isinstance(model.head, SoViTHead):
         return fit_pos_embed({k: v for k, v in out.items() if not k.startswith("head.")}, model)
     pool = model.head.pool
+    assert isinstance(pool, MultiHeadCrossCov)  # the "sot" head, which SoT always builds
     if any(k.startswith("head.pool.") for k in out) and ("head.pool.v0" in out) != (pool.v0 is not None):
         has, built = ("svPN (SoT)", "normalization='none'") if pool.v0 is None else \
             ("no svPN (DropCov's transformers)", "normalization='svpn'")

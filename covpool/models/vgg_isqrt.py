@@ -48,7 +48,14 @@ from torch.nn.utils import skip_init
 
 from ..layers import CovPool
 from ..linalg._checks import check_int
-from ._common import check_num_classes, keep_fitting_classifier, require_weights, unwrap_checkpoint
+from ._common import (
+    FactoryKwargs,
+    check_num_classes,
+    keep_fitting_classifier,
+    out_features,
+    require_weights,
+    unwrap_checkpoint,
+)
 from .second_order import _build_pool, _head_spec
 
 __all__ = ["ISqrtVGG", "checkpoint_filter_fn"]
@@ -78,7 +85,7 @@ def _check_global_pool(global_pool: str | None) -> None:
         )
 
 
-def _mlp(in_features: int, hidden_dim: int, drop_rate: float, factory: dict) -> nn.Sequential:
+def _mlp(in_features: int, hidden_dim: int, drop_rate: float, factory: FactoryKwargs) -> nn.Sequential:
     """VGG's two hidden layers, on a vector (the release's Linear layers, which timm's VGG makes convolutions).
     Their weights are left uninitialised (``skip_init``; ``factory`` must name the device): the caller draws
     them once, rather than after PyTorch's default draw of 135 M values for ``fc1``."""
@@ -128,6 +135,10 @@ class ISqrtVGG(VGG):
     ``(B, num_classes)``.
     """
 
+    # timm's VGG types pre_logits as the ConvMlp its constructor builds; here it is VGG's hidden layers on the
+    # covariance vector (an nn.Sequential of Linear layers) or nn.Identity.
+    pre_logits: nn.Module  # type: ignore[assignment]
+
     def __init__(
             self,
             cfg: list[Any],
@@ -174,10 +185,10 @@ class ISqrtVGG(VGG):
 
     def _set_head(self, pool: nn.Module, num_classes: int) -> None:
         ref = next(self.parameters())
-        factory = {"device": ref.device, "dtype": ref.dtype}
+        factory: FactoryKwargs = {"device": ref.device, "dtype": ref.dtype}
         self.global_pool = pool.to(**factory).train(self.training)
         if not isinstance(pool, nn.Identity):
-            width = pool.out_features
+            width = out_features(pool)
             if self.hidden_dim:
                 self.pre_logits = _mlp(width, self.hidden_dim, self.drop_rate, factory).train(self.training)
                 width = self.hidden_dim
