@@ -179,9 +179,24 @@ def keep_fitting_classifier(model_name: str, kwargs: dict[str, Any],
                             rename: Callable[[str], str] | None = None) -> dict[str, Any]:
     """``kwargs`` for ``timm.create_model`` such that a local file given by ``pretrained_cfg_overlay=dict(file=...)``
     keeps its classifier when it has ``num_classes`` rows (timm drops it whenever ``num_classes`` differs from
-    the pretrained config's, 1000, without a word). The classifier names come from the model's pretrained
-    config; ``rename`` maps a file's keys to the model's when the file is in another layout (the authors'
-    releases: covpool's builders pass their key mapping)."""
+    the pretrained config's, 1000, without a word).
+
+    Only the shapes of the classifier's weights are read from the file (memory-mapped, or safetensors slices).
+    Nothing changes without a file, without ``num_classes``, when the overlay already sets ``num_classes``, or
+    when a classifier layer is missing from the file or has another row count.
+
+    Args:
+        model_name: the model's name in timm's registry, with or without a pretrained tag (``"so_vit_7"``,
+            ``"resnet50_isqrt.mpncov_in1k"``); its pretrained config names the classifier layers (an overlay's
+            ``classifier`` entry overrides them).
+        kwargs: the keyword arguments meant for ``timm.create_model``; not modified.
+        rename: maps a file's keys to the model's when the file is in another layout (the authors' releases:
+            covpool's builders pass their key mapping); None: the file has the model's names.
+
+    Returns:
+        ``kwargs`` itself, or a copy whose ``pretrained_cfg_overlay`` also sets ``num_classes``, which makes
+        timm keep the file's classifier.
+    """
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     num_classes = kwargs.get("num_classes")
     if not overlay.get("file") or num_classes is None or "num_classes" in overlay:

@@ -291,7 +291,17 @@ class SecondOrderNet(nn.Module):
         return kept
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Unpooled features (the backbone's head after ``reset_classifier(0, '')``) → covariance → ``fc``."""
+        """Unpooled features (the backbone's head after ``reset_classifier(0, '')``) → covariance → ``fc``.
+
+        Args:
+            x: what :meth:`forward_features` returns, the backbone's features before its head.
+            pre_logits: return the pooled vector ``(B, head_hidden_size)`` rather than the logits
+                ``(B, num_classes)``.
+
+        Returns:
+            The logits or the pooled vector; the backbone's unpooled features when the pooling was removed
+            (``reset_classifier(0, '')``).
+        """
         x = self.backbone.forward_head(x, pre_logits=True)
         if isinstance(self.global_pool, nn.Identity):
             return x
