@@ -243,3 +243,9 @@ def test_last_stride_applies_to_resnet_like_timm_models_that_are_not_timm_resnet
     with torch.no_grad():
         maps = model.backbone.forward_features(torch.randn(1, 3, 64, 64))
     assert maps.shape[-2:] == (4, 4)  # stride 16 instead of 32
+
+
+def test_second_order_net_refuses_a_backbone_without_timms_hooks():
+    # It used to fail later, on the first hook called (AttributeError), or wrap a module it cannot run.
+    with pytest.raises(TypeError, match="no forward_features, forward_head, reset_classifier"):
+        SecondOrderNet(nn.Conv2d(3, 8, 3), "maps", in_channels=8, num_classes=2, pool_options={"reduced_dim": 4})

@@ -5,19 +5,36 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypedDict
 
+import torch
 from torch import nn
 
 from ..linalg._checks import check_int, is_int
 
-__all__ = ["check_num_classes", "check_vector_output", "stage_stride", "set_stage_stride", "set_last_stride",
-           "keep_fitting_classifier",
-           "unwrap_checkpoint", "require_weights"]
+__all__ = ["FactoryKwargs", "check_num_classes", "check_vector_output", "out_features", "stage_stride",
+           "set_stage_stride", "set_last_stride", "keep_fitting_classifier", "unwrap_checkpoint", "require_weights"]
+
+
+class FactoryKwargs(TypedDict, total=False):
+    """The factory keywords of torch's modules and tensors, passed on as ``**factory`` (none: torch's defaults)."""
+
+    device: torch.device | str | None
+    dtype: torch.dtype | None
 
 
 def check_num_classes(num_classes: Any) -> None:
+    """ValueError unless ``num_classes`` is an integer >= 0 (0: no classifier)."""
     check_int("num_classes", num_classes, 0)
+
+
+def out_features(pool: nn.Module) -> int:
+    """The width of a pooling module's output vector, its ``out_features`` (every registered head's module
+    declares it: :class:`covpool.layers.Head`); TypeError if that is not an integer."""
+    width = pool.out_features
+    if not isinstance(width, int):
+        raise TypeError(f"{type(pool).__name__}.out_features must be the int width of its output, got {width!r}")
+    return width
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -83,14 +100,15 @@ def set_stage_stride(stage: nn.Module, stride: int) -> int:
             parent_name, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent_name), child, nn.Identity())
     if isinstance(getattr(block, "stride", None), int):
-        block.stride = 1
+        # torch types a module's attributes as tensors or modules; this one is a plain int, which it allows.
+        block.stride = 1  # type: ignore[assignment]
     return current
 
 
 def set_last_stride(model: nn.Module, stride: int) -> None:
     """Set the stride of a timm or torchvision ResNet's last stage (``layer4``) with :func:`set_stage_stride`,
     keeping a timm model's ``feature_info`` reduction (what timm's feature wrappers read) truthful."""
-    before = set_stage_stride(model.layer4, stride)
+    before = set_stage_stride(model.get_submodule("layer4"), stride)
     info = getattr(model, "feature_info", None)
     if before != stride and isinstance(info, list) and info:
         info[-1] = dict(info[-1], reduction=info[-1]["reduction"] * stride // before)
@@ -134,8 +152,6 @@ def _file_classifier_rows(path: str, names: tuple[str, ...],
     """Rows of ``<name>.weight`` for each classifier name in a local weights file (``None`` where absent),
     reading tensors lazily (memory-mapped or safetensors slices), under timm's checkpoint keys; ``rename``
     maps the file's keys to the model's (an authors' layout), ``module.`` prefixes are dropped."""
-    import torch
-
     if str(path).endswith(".safetensors"):
         from safetensors import safe_open
 
@@ -155,7 +171,7 @@ def _file_classifier_rows(path: str, names: tuple[str, ...],
     rows = []
     for n in names:
         w = weights.get(f"{n}.weight")
-        rows.append(int(w.shape[0]) if hasattr(w, "shape") and len(w.shape) > 0 else None)
+        rows.append(int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() > 0 else None)
     return rows
 
 
@@ -163,9 +179,24 @@ def keep_fitting_classifier(model_name: str, kwargs: dict[str, Any],
                             rename: Callable[[str], str] | None = None) -> dict[str, Any]:
     """``kwargs`` for ``timm.create_model`` such that a local file given by ``pretrained_cfg_overlay=dict(file=...)``
     keeps its classifier when it has ``num_classes`` rows (timm drops it whenever ``num_classes`` differs from
-    the pretrained config's, 1000, without a word). The classifier names come from the model's pretrained
-    config; ``rename`` maps a file's keys to the model's when the file is in another layout (the authors'
-    releases: covpool's builders pass their key mapping)."""
+    the pretrained config's, 1000, without a word).
+
+    Only the shapes of the classifier's weights are read from the file (memory-mapped, or safetensors slices).
+    Nothing changes without a file, without ``num_classes``, when the overlay already sets ``num_classes``, or
+    when a classifier layer is missing from the file or has another row count.
+
+    Args:
+        model_name: the model's name in timm's registry, with or without a pretrained tag (``"so_vit_7"``,
+            ``"resnet50_isqrt.mpncov_in1k"``); its pretrained config names the classifier layers (an overlay's
+            ``classifier`` entry overrides them).
+        kwargs: the keyword arguments meant for ``timm.create_model``; not modified.
+        rename: maps a file's keys to the model's when the file is in another layout (the authors' releases:
+            covpool's builders pass their key mapping); None: the file has the model's names.
+
+    Returns:
+        ``kwargs`` itself, or a copy whose ``pretrained_cfg_overlay`` also sets ``num_classes``, which makes
+        timm keep the file's classifier.
+    """
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     num_classes = kwargs.get("num_classes")
     if not overlay.get("file") or num_classes is None or "num_classes" in overlay:

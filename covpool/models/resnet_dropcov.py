@@ -66,15 +66,23 @@ class DropCovResNet(ISqrtResNet):
     ``reset_classifier(0, '')`` give the unpooled map, ``reset_classifier(n)`` keeps the trained pooling.
 
     Args:
-        block, layers, num_classes, in_chans, drop_rate, ...: as timm's ResNet (``drop_rate`` is the dropout on
-            the covariance vector before ``fc``; the authors use none).
+        block: timm's residual block class, ``BasicBlock`` (ResNet-18/34) or ``Bottleneck`` (ResNet-50 and
+            deeper).
+        layers: blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-34 and ResNet-50.
+        num_classes: outputs of ``fc``; 0: no classifier, ``forward`` returns the covariance vector
+            ``(B, head_hidden_size)``.
         reduced_dim: channels after the 1×1 reduction: 128 (default, the released checkpoints), 256 (the
             repository's code) or None (the backbone's channels).
         last_stride: stride of the last stage, 1 (the authors', default) or 2.
         global_pool: ``None`` or ``"cov"`` (the DropCov head), or ``""`` (no pooling and no classifier).
         backend: refused: the authors' covariance has no matrix normalisation (use ``resnet*_isqrt``, or
             :func:`covpool.swap_pooling` with ``head="dropcov", normalization="sqrt"``, for one).
-        **kwargs: the rest go to timm's ResNet.
+        **kwargs: the rest go to timm's ResNet: ``in_chans``, ``drop_rate`` (here the dropout on the covariance
+            vector before ``fc``; the authors use none), ``zero_init_last``, ``device``, ``dtype``, ...
+
+    Raises:
+        ValueError: ``num_classes``, ``last_stride``, ``global_pool`` or ``reduced_dim`` is invalid, or a
+            ``backend`` is given.
 
     Shapes: input ``(B, in_chans, H, W)``; ``forward_features`` → ``(B, num_features, H/16, W/16)``;
     ``forward`` → ``(B, num_classes)``.
@@ -111,6 +119,13 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: DropCovR
     dropout) and ``fc``. A raw state dict loads the same way. A checkpoint without a covariance head (timm's or
     torchvision's ResNet) loads into the backbone, and the head keeps the model's fresh initialisation; a
     model without head (``global_pool=''``) drops the checkpoint's.
+
+    Args:
+        state_dict: the checkpoint, a state dict or a training checkpoint holding one (``state_dict`` entry).
+        model: the model it loads into; its freshly initialised head fills in what a plain ResNet lacks.
+
+    Returns:
+        The state dict in covpool's names, for ``model.load_state_dict`` (timm's ``pretrained_filter_fn``).
 
     Raises:
         ValueError: the checkpoint's reduction has another width than the model's (build it with the
@@ -213,34 +228,77 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def resnet18_dropcov(pretrained: bool = False, **kwargs: Any) -> DropCovResNet:
-    """DropCov ResNet-18 (resnet18_ACD): 128-channel covariance (8 256 features), last stage at stride 1."""
+    """DropCov ResNet-18 (resnet18_ACD): 128-channel covariance (8 256 features), last stage at stride 1.
+
+    Args:
+        pretrained: load the tag's weights: the default ``.untrained`` has none (no DropCov ResNet-18 was released) and
+            raises; ``.tv_in1k`` loads timm's ResNet-18 backbone, the head starting fresh.
+        **kwargs: the arguments of :class:`DropCovResNet` (``num_classes``, ``reduced_dim``, ``last_stride`` and timm's
+            ResNet options), ``official_init`` (default True: the authors' initialisation, see the module doc) and
+            timm's builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2))
     return _create_dropcov_resnet("resnet18_dropcov", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def resnet34_dropcov(pretrained: bool = False, **kwargs: Any) -> DropCovResNet:
-    """DropCov ResNet-34 (resnet34_ACD): 128-channel covariance (8 256 features), last stage at stride 1."""
+    """DropCov ResNet-34 (resnet34_ACD): 128-channel covariance (8 256 features), last stage at stride 1.
+
+    Args:
+        pretrained: load the tag's weights: the default ``.dropcov_in1k``, the authors' ImageNet model, needs a
+            downloaded file (``pretrained_cfg_overlay=dict(file=path)``) and raises without one; ``.tv_in1k`` loads
+            timm's ResNet-34 backbone, the head starting fresh.
+        **kwargs: the arguments of :class:`DropCovResNet` (``num_classes``, ``reduced_dim``, ``last_stride`` and timm's
+            ResNet options), ``official_init`` (default True: the authors' initialisation, see the module doc) and
+            timm's builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(block=BasicBlock, layers=(3, 4, 6, 3))
     return _create_dropcov_resnet("resnet34_dropcov", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def resnet50_dropcov(pretrained: bool = False, **kwargs: Any) -> DropCovResNet:
-    """DropCov ResNet-50 (resnet50_ACD): 128-channel covariance (8 256 features), last stage at stride 1."""
+    """DropCov ResNet-50 (resnet50_ACD): 128-channel covariance (8 256 features), last stage at stride 1.
+
+    Args:
+        pretrained: load the tag's weights: the default ``.dropcov_in1k``, the authors' ImageNet model, needs a
+            downloaded file (``pretrained_cfg_overlay=dict(file=path)``) and raises without one; ``.tv_in1k`` loads
+            timm's ResNet-50 backbone, the head starting fresh.
+        **kwargs: the arguments of :class:`DropCovResNet` (``num_classes``, ``reduced_dim``, ``last_stride`` and timm's
+            ResNet options), ``official_init`` (default True: the authors' initialisation, see the module doc) and
+            timm's builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3))
     return _create_dropcov_resnet("resnet50_dropcov", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def resnet101_dropcov(pretrained: bool = False, **kwargs: Any) -> DropCovResNet:
-    """DropCov ResNet-101 (resnet101_ACD): 128-channel covariance (8 256 features), last stage at stride 1."""
+    """DropCov ResNet-101 (resnet101_ACD): 128-channel covariance (8 256 features), last stage at stride 1.
+
+    Args:
+        pretrained: load the tag's weights: the default ``.dropcov_in1k``, the authors' ImageNet model, needs a
+            downloaded file (``pretrained_cfg_overlay=dict(file=path)``) and raises without one; ``.tv_in1k`` loads
+            timm's ResNet-101 backbone, the head starting fresh.
+        **kwargs: the arguments of :class:`DropCovResNet` (``num_classes``, ``reduced_dim``, ``last_stride`` and timm's
+            ResNet options), ``official_init`` (default True: the authors' initialisation, see the module doc) and
+            timm's builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3))
     return _create_dropcov_resnet("resnet101_dropcov", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def resnet152_dropcov(pretrained: bool = False, **kwargs: Any) -> DropCovResNet:
-    """DropCov ResNet-152 (resnet152_ACD): 128-channel covariance (8 256 features), last stage at stride 1."""
+    """DropCov ResNet-152 (resnet152_ACD): 128-channel covariance (8 256 features), last stage at stride 1.
+
+    Args:
+        pretrained: load the tag's weights: the default ``.untrained`` has none (no DropCov ResNet-152 was released) and
+            raises; ``.tv_in1k`` loads timm's ResNet-152 backbone, the head starting fresh.
+        **kwargs: the arguments of :class:`DropCovResNet` (``num_classes``, ``reduced_dim``, ``last_stride`` and timm's
+            ResNet options), ``official_init`` (default True: the authors' initialisation, see the module doc) and
+            timm's builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(block=Bottleneck, layers=(3, 8, 36, 3))
     return _create_dropcov_resnet("resnet152_dropcov", pretrained, **dict(model_args, **kwargs))

@@ -94,15 +94,24 @@ class ISqrtResNet(ResNet):
     ``prune_intermediate_layers`` rely on), and ``reset_classifier(n)`` keeps the covariance pooling.
 
     Args:
-        block, layers, num_classes, in_chans, drop_rate, ...: as timm's ResNet (``drop_rate`` is the dropout
-            on the covariance vector before ``fc``).
+        block: timm's residual block class, ``BasicBlock`` (ResNet-18/34) or ``Bottleneck`` (ResNet-50 and
+            deeper), as timm's ResNet takes it.
+        layers: blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
+        num_classes: outputs of ``fc``; 0: no classifier, ``forward`` returns the covariance vector
+            ``(B, head_hidden_size)``.
         last_stride: stride of the last stage, 1 (iSQRT-COV, default) or 2 (the plain ResNet's).
         global_pool: ``None`` or ``"cov"`` (covariance pooling), or ``""`` (no pooling and no classifier:
             ``num_classes`` must be 0 and ``forward`` returns the feature map).
         reduced_dim: channels of the head's 1×1 reduction (default 256; ``None`` keeps the backbone width).
         backend: the square root's backend, a name or a dict such as ``{"name": "ns", "num_iters": 5}``, passed
             down untouched; None: the head's (``ns``). A head without a square root refuses one.
-        **kwargs: the rest go to timm's ResNet.
+        **kwargs: the rest go to timm's ResNet: ``in_chans``, ``drop_rate`` (here the dropout on the covariance
+            vector before ``fc``), ``stem_type``, ``zero_init_last``, ``device``, ``dtype``, ...
+
+    Raises:
+        ValueError: ``num_classes``, ``last_stride`` or ``global_pool`` is invalid, ``global_pool=""`` comes
+            with ``num_classes > 0``, a head option is invalid, or ``backend`` is given to a head without a
+            square root.
 
     The head is the registered head :attr:`covpool_head` (``"isqrt_cov"``; a subclass names another).
 
@@ -127,7 +136,8 @@ class ISqrtResNet(ResNet):
         if not is_int(last_stride) or last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}")
         spec = _head_spec(self.covpool_head, reduced_dim, backend)
-        super().__init__(block, layers, num_classes=num_classes, **kwargs)
+        # timm annotates block as an instance (BasicBlock | Bottleneck); it takes the class, as its builders pass.
+        super().__init__(block, layers, num_classes=num_classes, **kwargs)  # type: ignore[arg-type]
         set_last_stride(self, last_stride)
         self._install_covpool(_build_pool("maps", self.num_features, spec), spec)
         if global_pool == "":
@@ -209,6 +219,16 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ISqrtRes
     - ``main.py`` checkpoints: ``features.module.N.*`` (N = 0 conv1, 1 bn1, 4–7 layer1–4, 8/9 the reduction
       of a fine-tuned mpncovresnet), ``representation.conv_dr_block.{0,1}.*`` (the reduction when trained
       from scratch) and ``classifier.*``.
+
+    Args:
+        state_dict: the checkpoint, a state dict or a training checkpoint holding one, in any of these layouts.
+        model: the model it loads into; its freshly initialised head fills in what a plain ResNet lacks.
+
+    Returns:
+        The state dict in covpool's names, for ``model.load_state_dict`` (timm's ``pretrained_filter_fn``).
+
+    Raises:
+        ValueError: a fast-MPN-COV ``features.N`` key has an index outside the ResNet's children.
     """
     state_dict = {_rename_authors_key(k): v for k, v in unwrap_checkpoint(state_dict).items()}
     if any(k.startswith("global_pool.") for k in state_dict):
@@ -310,20 +330,49 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def resnet18_isqrt(pretrained: bool = False, **kwargs: Any) -> ISqrtResNet:
-    """iSQRT-COV ResNet-18 (32 896-dim covariance head, last stage at stride 1)."""
+    """iSQRT-COV ResNet-18 (32 896-dim covariance head, last stage at stride 1).
+
+    Args:
+        pretrained: load the tag's weights: the default ``.untrained`` has none (no iSQRT-COV ResNet-18 was released)
+            and raises; ``.tv_in1k`` / ``.a1_in1k`` load timm's ResNet-18 backbone, the head starting fresh.
+        **kwargs: the arguments of :class:`ISqrtResNet` (``num_classes``, ``last_stride``, ``reduced_dim``, ``backend``,
+            default ``{"name": "ns", "num_iters": 5}``, and timm's ResNet options), ``official_init`` (default True: the
+            paper's initialisation, see the module doc) and timm's builder options (``pretrained_cfg_overlay``,
+            ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2))
     return _create_isqrt_resnet("resnet18_isqrt", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def resnet50_isqrt(pretrained: bool = False, **kwargs: Any) -> ISqrtResNet:
-    """iSQRT-COV ResNet-50 (32 896-dim covariance head, last stage at stride 1)."""
+    """iSQRT-COV ResNet-50 (32 896-dim covariance head, last stage at stride 1).
+
+    Args:
+        pretrained: load the tag's weights: the default ``.mpncov_in1k``, the authors' ImageNet model, needs a
+            downloaded file (``pretrained_cfg_overlay=dict(file=path)``) and raises without one; ``.tv_in1k`` /
+            ``.a1_in1k`` load timm's ResNet-50 backbone, the head starting fresh.
+        **kwargs: the arguments of :class:`ISqrtResNet` (``num_classes``, ``last_stride``, ``reduced_dim``, ``backend``,
+            default ``{"name": "ns", "num_iters": 5}``, and timm's ResNet options), ``official_init`` (default True: the
+            paper's initialisation, see the module doc) and timm's builder options (``pretrained_cfg_overlay``,
+            ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3))
     return _create_isqrt_resnet("resnet50_isqrt", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def resnet101_isqrt(pretrained: bool = False, **kwargs: Any) -> ISqrtResNet:
-    """iSQRT-COV ResNet-101 (32 896-dim covariance head, last stage at stride 1)."""
+    """iSQRT-COV ResNet-101 (32 896-dim covariance head, last stage at stride 1).
+
+    Args:
+        pretrained: load the tag's weights: the default ``.mpncov_in1k``, the authors' ImageNet model, needs a
+            downloaded file (``pretrained_cfg_overlay=dict(file=path)``) and raises without one; ``.tv_in1k`` /
+            ``.a1h_in1k`` load timm's ResNet-101 backbone, the head starting fresh.
+        **kwargs: the arguments of :class:`ISqrtResNet` (``num_classes``, ``last_stride``, ``reduced_dim``, ``backend``,
+            default ``{"name": "ns", "num_iters": 5}``, and timm's ResNet options), ``official_init`` (default True: the
+            paper's initialisation, see the module doc) and timm's builder options (``pretrained_cfg_overlay``,
+            ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3))
     return _create_isqrt_resnet("resnet101_isqrt", pretrained, **dict(model_args, **kwargs))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from einops import rearrange
@@ -15,11 +15,38 @@ from torch import nn
 
 from ..layers import get_head, list_heads
 from ..linalg._checks import check_bool, check_int
-from ._common import check_num_classes, check_vector_output
+from ._common import FactoryKwargs, check_num_classes, check_vector_output, out_features
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 __all__ = ["SecondOrderNet", "TokenCovPool"]
 
 _TOKEN_OPTIONS = ("use_class_token", "num_prefix_tokens")  # TokenCovPool's own, besides the head's
+_TIMM_HOOKS = ("forward_features", "forward_head", "reset_classifier")
+
+
+class _TimmModel(Protocol):
+    """What :class:`SecondOrderNet` uses of a timm model: timm's hooks and attributes, which its models share by
+    convention, not through a base class that declares them (:func:`_has_timm_hooks` checks the hooks)."""
+
+    num_features: int
+    num_classes: int
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None: ...
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any] | Callable[[str], Any]: ...
+    def set_grad_checkpointing(self, enable: bool = True) -> None: ...
+    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any: ...
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]: ...
+
+
+def _has_timm_hooks(model: object) -> TypeIs[_TimmModel]:
+    """Whether ``model`` has timm's ``forward_features`` / ``forward_head`` / ``reset_classifier`` hooks."""
+    return all(callable(getattr(model, hook, None)) for hook in _TIMM_HOOKS)
 
 
 def _build_pool(layout: str, in_channels: int, options: Mapping[str, Any]) -> nn.Module:
@@ -28,18 +55,18 @@ def _build_pool(layout: str, in_channels: int, options: Mapping[str, Any]) -> nn
     module, for feature maps (a token-only head is refused); ``"tokens"``: a :class:`TokenCovPool` around it,
     which also takes ``use_class_token`` and ``num_prefix_tokens``. Used to build and to rebuild (after
     ``reset_classifier(0, '')``) every swapped and registered CNN head."""
-    options = copy.deepcopy(dict(options))
+    copied = copy.deepcopy(dict(options))
     if layout == "tokens":
-        return TokenCovPool(in_channels, **options)
-    if any(k in options for k in _TOKEN_OPTIONS):
+        return TokenCovPool(in_channels, **copied)
+    if any(k in copied for k in _TOKEN_OPTIONS):
         raise ValueError("use_class_token / num_prefix_tokens are options of token models (ViTs) only")
-    name = options.pop("head", "isqrt_cov")
+    name = copied.pop("head", "isqrt_cov")
     head = get_head(name)
     if "maps" not in head.layouts:
         maps = ", ".join(h for h in list_heads() if "maps" in get_head(h).layouts)
         raise ValueError(f"head {name!r} pools transformer tokens (a timm ViT with num_prefix_tokens); this model "
                          f"gives feature maps: use one of {maps}")
-    pool = head.build(in_channels, **options)
+    pool = head.build(in_channels, **copied)
     check_vector_output(pool)
     return pool
 
@@ -98,7 +125,7 @@ class TokenCovPool(nn.Module):
         self.embed_dim = embed_dim
         self.num_prefix_tokens = num_prefix_tokens
         self.use_class_token = use_class_token
-        self.out_features = self.pool.out_features + (embed_dim if self.use_class_token else 0)
+        self.out_features = out_features(self.pool) + (embed_dim if self.use_class_token else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[1] <= self.num_prefix_tokens or x.shape[2] != self.embed_dim:
@@ -154,7 +181,15 @@ class SecondOrderNet(nn.Module):
         pool_options: keyword arguments of the pooling module, kept to rebuild it after
             ``reset_classifier(n, '')`` has dropped it.
         channels_last: the unpooled maps are ``(B, H, W, C)`` (timm's ``output_fmt="NHWC"``).
+
+    Raises:
+        TypeError: ``backbone`` lacks one of timm's ``forward_features`` / ``forward_head`` /
+            ``reset_classifier`` hooks.
+        ValueError: ``pool_kind`` is neither ``"maps"`` nor ``"tokens"``, ``num_classes`` is not an integer
+            >= 0, or a pooling option is invalid.
     """
+
+    backbone: _TimmModel
 
     def __init__(self, backbone: nn.Module, pool_kind: str, in_channels: int, num_classes: int,
                  pool_options: dict[str, Any], channels_last: bool = False) -> None:
@@ -162,6 +197,10 @@ class SecondOrderNet(nn.Module):
         if pool_kind not in ("maps", "tokens"):
             raise ValueError(f"pool_kind must be 'maps' or 'tokens', got {pool_kind!r}")
         check_num_classes(num_classes)
+        if not _has_timm_hooks(backbone):
+            missing = ", ".join(h for h in _TIMM_HOOKS if not callable(getattr(backbone, h, None)))
+            raise TypeError(f"SecondOrderNet needs a timm model as backbone; {type(backbone).__name__} has no "
+                            f"{missing} (build it with covpool.swap_pooling, which also takes torchvision models)")
         self.backbone = backbone
         self.pool_kind = pool_kind
         self.in_channels = in_channels
@@ -188,7 +227,7 @@ class SecondOrderNet(nn.Module):
 
     def _set_head(self, pool: nn.Module, num_classes: int) -> None:
         ref = next(self.backbone.parameters(), None)
-        factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        factory: FactoryKwargs = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
         self.global_pool = pool.to(**factory).train(self.training)
         self.head_hidden_size = getattr(pool, "out_features", self.in_channels)
         self.num_classes = num_classes
@@ -252,7 +291,17 @@ class SecondOrderNet(nn.Module):
         return kept
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Unpooled features (the backbone's head after ``reset_classifier(0, '')``) → covariance → ``fc``."""
+        """Unpooled features (the backbone's head after ``reset_classifier(0, '')``) → covariance → ``fc``.
+
+        Args:
+            x: what :meth:`forward_features` returns, the backbone's features before its head.
+            pre_logits: return the pooled vector ``(B, head_hidden_size)`` rather than the logits
+                ``(B, num_classes)``.
+
+        Returns:
+            The logits or the pooled vector; the backbone's unpooled features when the pooling was removed
+            (``reset_classifier(0, '')``).
+        """
         x = self.backbone.forward_head(x, pre_logits=True)
         if isinstance(self.global_pool, nn.Identity):
             return x

@@ -38,7 +38,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from functools import partial
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from einops import rearrange
@@ -50,6 +50,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..layers import CovPool, SoViTHead, SvPNCrossCov, get_head
+from ..linalg import BackendSpec
 from ..linalg._checks import check_int, is_int
 from ._common import check_num_classes, keep_fitting_classifier, unwrap_checkpoint
 
@@ -60,6 +61,16 @@ _GLOBAL_POOLS = ("cov", "")
 _OLD_HEADS = {"mpa": "mpa_cov"}
 _POS_EMBEDS = ("sincos", "learn")
 _STEM_CHANNELS = 256  # 64 planes × bottleneck expansion 4
+
+
+class _HeadKwargs(TypedDict):
+    """The options of :class:`covpool.SoViTHead` that a model keeps to build its head again (``reset_classifier``)."""
+
+    reduced_dim: int | tuple[int, int] | None
+    backend: BackendSpec | None
+    drop_rate: float
+    head: str
+    pool_options: dict[str, Any]
 
 
 def _head_name(head: str) -> str:
@@ -83,7 +94,21 @@ def _tokens_per_side(size: int, num_halvings: int = 4) -> int:
 def sinusoid_pos_embed(num_positions: int, dim: int) -> torch.Tensor:
     """The Transformer's fixed 1-D sinusoid table, ``(1, num_positions, dim)`` float32: position p,
     channel j gets sin (j even) or cos (j odd) of p / 10000^(2⌊j/2⌋/dim). So-ViT uses it over the
-    class token (p = 0) and the row-major token grid. Computed in float64, like the release."""
+    class token (p = 0) and the row-major token grid. Computed in float64, like the release.
+
+    Vaswani et al., "Attention Is All You Need", NeurIPS 2017, section 3.5.
+
+    Args:
+        num_positions: the number of positions p = 0 … ``num_positions - 1`` (class token and patch tokens).
+        dim: the embedding width, the channels j = 0 … ``dim - 1``.
+
+    Example::
+
+        >>> from covpool.models.so_vit import sinusoid_pos_embed
+        >>> table = sinusoid_pos_embed(1 + 4, 6)
+        >>> table.shape, table.dtype, table[0, 0].tolist()  # position 0: sin 0 = 0, cos 0 = 1
+        (torch.Size([1, 5, 6]), torch.float32, [0.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    """
     pos = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)
     j = torch.arange(dim)
     angle = pos / torch.pow(10000.0, (2 * torch.div(j, 2, rounding_mode="floor")).double() / dim)
@@ -100,11 +125,23 @@ class VisualTokenEmbed(nn.Module):
     Args:
         img_size: int or (H, W); fixes ``grid_size`` (⌈H/16⌉, ⌈W/16⌉) and ``num_patches``.
         patch_size: must be 16 (the stem's reduction; the keyword is part of timm's embed-layer interface).
-        in_chans, embed_dim: input channels and token width.
+        in_chans: channels of the input images.
+        embed_dim: the token width, ``proj``'s output channels.
         bias: bias of ``proj``.
+        dynamic_img_pad: must be False (timm's embed-layer interface): the stem takes any size as it is.
         strict_img_size: refuse inputs whose token grid differs from ``grid_size``.
         output_fmt: ``"NHWC"`` keeps the grid (timm's ``dynamic_img_size``); otherwise tokens ``(B, N, C)``.
         stem_width: channels of the first convolution.
+        device: device of the parameters (None: torch's default).
+        dtype: dtype of the parameters (None: torch's default).
+
+    Raises:
+        ValueError: ``patch_size`` is not 16, ``dynamic_img_pad`` is set, ``output_fmt`` is not None,
+            ``"NLC"`` or ``"NHWC"``, or ``img_size`` is not a positive int or pair; in ``forward``, an input
+            that is not ``(B, C, H, W)`` or (``strict_img_size``) gives another token grid.
+
+    Shapes: ``(B, in_chans, H, W)`` → ``(B, N, embed_dim)`` with N = ⌈H/16⌉·⌈W/16⌉, or
+    ``(B, ⌈H/16⌉, ⌈W/16⌉, embed_dim)`` with ``output_fmt="NHWC"``.
     """
 
     backbone_channels = _STEM_CHANNELS  # the width of what _build_backbone returns
@@ -136,8 +173,9 @@ class VisualTokenEmbed(nn.Module):
         for _ in range(3):
             shortcut = nn.Sequential(nn.Conv2d(in_chs, _STEM_CHANNELS, 1, stride=2, bias=False, **dd),
                                      nn.BatchNorm2d(_STEM_CHANNELS, **dd))
+            # timm types norm_layer as a class but only calls it, norm_layer(channels, **dd): a partial works.
             blocks.append(Bottleneck(in_chs, _STEM_CHANNELS // 4, stride=2, downsample=shortcut,
-                                     norm_layer=block_norm, **dd))
+                                     norm_layer=block_norm, **dd))  # type: ignore[arg-type]
             in_chs = _STEM_CHANNELS
         return nn.Sequential(OrderedDict(
             conv=nn.Conv2d(in_chans, stem_width, kernel_size=3, padding=1, bias=True, **dd),
@@ -145,7 +183,9 @@ class VisualTokenEmbed(nn.Module):
             stage=nn.Sequential(*blocks),
         ))
 
-    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: Any = None) -> None:
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None,
+                       patch_size: int | tuple[int, int] | None = None) -> None:
+        """Size the token grid for ``img_size`` (None: keep it); ``patch_size`` must be None or 16."""
         if patch_size is not None and tuple(to_2tuple(patch_size)) != (16, 16):
             raise ValueError(f"the visual-token stem downsamples by 16; patch_size={patch_size!r} is not supported")
         if img_size is None:
@@ -196,7 +236,11 @@ class SoViT(VisionTransformer):
             pre-logits (class token concatenated with the covariance features).
         global_pool: ``"cov"`` (the So-ViT head) or ``""`` (no head: :meth:`forward_head` returns the
             unpooled tokens; only with ``num_classes=0``).
-        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the transformer (no qkv bias in the paper).
+        embed_dim: the token width.
+        depth: the number of transformer blocks.
+        num_heads: attention heads per block (they must divide ``embed_dim``).
+        mlp_ratio: the blocks' MLP hidden width over ``embed_dim``.
+        qkv_bias: bias of the attention's query, key and value projection (none in the paper).
         head: a registered head that pools tokens (:func:`covpool.list_heads`): ``"svpn"`` (the So-ViT release)
             or ``"mpa_cov"`` (Song et al.'s MPA-Lya So-ViT; ``"mpa"`` before covpool 0.2, still accepted with a
             FutureWarning for one release); see the module doc.
@@ -211,11 +255,21 @@ class SoViT(VisionTransformer):
             initialised as the releases do either way.
         stem_width: channels of the stem's first convolution.
         drop_rate: dropout on the covariance features (0.5 for So-ViT-14/19, as released).
-        pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: as timm's ViT.
+        pos_drop_rate: dropout on the tokens after the position embedding (timm's ViT).
+        proj_drop_rate: dropout after the attention's and the MLP's output projections (timm's ViT).
+        attn_drop_rate: dropout on the attention weights (timm's ViT).
+        drop_path_rate: stochastic depth, the rate of the last block, rising linearly from 0 (timm's ViT).
         dynamic_img_size: resample the position embedding to each input's token grid.
-        device, dtype: factory kwargs.
+        device: device of the parameters and buffers (None: torch's default).
+        dtype: dtype of the parameters and buffers (None: torch's default).
         head_options: further options of the head's pooling (:class:`covpool.SoViTHead`'s ``pool_options``,
             e.g. ``{"iters": 3}`` for more svPN power iterations).
+
+    Raises:
+        ValueError: ``global_pool`` or ``pos_embed`` is not one of its names, ``global_pool=""`` comes with
+            ``num_classes > 0``, one of ``in_chans``, ``embed_dim``, ``depth``, ``num_heads``, ``stem_width`` is
+            not a positive integer, ``num_heads`` does not divide ``embed_dim``, ``head`` is not a registered
+            head that pools tokens, or a head option is invalid.
 
     Attributes:
         num_features: ``embed_dim``, the width of :meth:`forward_features` ``(B, 1 + N, embed_dim)``.
@@ -224,6 +278,14 @@ class SoViT(VisionTransformer):
 
     # What a subclass changes (covpool.models.sot.SoT): the visual-token stem.
     _token_embed: type[VisualTokenEmbed] = VisualTokenEmbed
+
+    # timm's VisionTransformer types these attributes by what its own constructor assigns them, narrower than
+    # what So-ViT stores: its head (a SoViTHead, or nn.Identity without one), the fixed sinusoid table as a
+    # buffer (a Tensor, not a Parameter) and its pooling names ("cov", "").
+    head: SoViTHead | nn.Identity  # type: ignore[assignment]
+    pos_embed: torch.Tensor  # type: ignore[assignment]
+    global_pool: str  # type: ignore[assignment]
+    cls_token: nn.Parameter  # So-ViT always has a class token
 
     def __init__(
             self,
@@ -287,8 +349,8 @@ class SoViT(VisionTransformer):
             table = self.pos_embed.detach()
             del self.pos_embed
             self.register_buffer("pos_embed", torch.empty_like(table))
-        self._head_kwargs = dict(reduced_dim=reduced_dim, backend=backend, drop_rate=drop_rate, head=head,
-                                 pool_options=dict(head_options or {}))
+        self._head_kwargs: _HeadKwargs = {"reduced_dim": reduced_dim, "backend": backend, "drop_rate": drop_rate,
+                                          "head": head, "pool_options": dict(head_options or {})}
         if global_pool:
             self.head = SoViTHead(embed_dim, num_classes, **self._head_kwargs, device=device, dtype=dtype)
         self._sync_head_width()
@@ -299,7 +361,15 @@ class SoViT(VisionTransformer):
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         """(Re-)initialise every parameter: the release's recipe if ``official_init``, else timm's (see the
-        class doc). ``mode`` is accepted for timm's interface and must be empty."""
+        class doc).
+
+        Args:
+            mode: accepted for timm's interface; must be empty (timm's ``"jax"``, ``"moco"``, ... are not offered).
+            needs_reset: accepted for timm's interface and ignored: every module is drawn afresh either way.
+
+        Raises:
+            ValueError: ``mode`` is not empty.
+        """
         if mode:
             raise ValueError(f"So-ViT has no init mode {mode!r}; choose official_init=True/False at construction")
         with torch.no_grad():
@@ -318,7 +388,8 @@ class SoViT(VisionTransformer):
                         nn.init.zeros_(m.bias)
                 elif isinstance(m, nn.LayerNorm):
                     m.reset_parameters()
-            self.norm.reset_parameters()
+            if isinstance(self.norm, nn.LayerNorm):  # always: built with norm_layer=nn.LayerNorm
+                self.norm.reset_parameters()
             for m in self.patch_embed.modules():
                 if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
                     m.reset_parameters()
@@ -331,11 +402,21 @@ class SoViT(VisionTransformer):
             if isinstance(self.head, SoViTHead):
                 self.head.reset_parameters()
 
-    def set_input_size(self, img_size: Any = None, patch_size: Any = None) -> None:
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None,
+                       patch_size: int | tuple[int, int] | None = None) -> None:
         """Change the input resolution: a learned position embedding is resampled (timm's way), the fixed
-        sinusoid recomputed for the new number of tokens."""
+        sinusoid recomputed for the new number of tokens.
+
+        Args:
+            img_size: the new input size, an int or (H, W); None keeps it.
+            patch_size: None or 16, the stem's fixed reduction (timm's interface).
+
+        Raises:
+            ValueError: ``patch_size`` is not 16, or ``img_size`` is not a positive int or pair.
+        """
         if self.pos_embed_type == "learn":
-            super().set_input_size(img_size, patch_size)
+            # timm types both as pairs, but hands them to the patch embedding, which takes an int as well.
+            super().set_input_size(img_size, patch_size)  # type: ignore[arg-type]
             return
         self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
         table = sinusoid_pos_embed(self.patch_embed.num_patches + self.num_prefix_tokens, self.embed_dim)
@@ -373,7 +454,13 @@ class SoViT(VisionTransformer):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens ``(B, 1 + N, C)`` → logits, or the pre-logits ``(B, head_hidden_size)``; the tokens unchanged
-        with ``global_pool=''``."""
+        with ``global_pool=''``.
+
+        Args:
+            x: what :meth:`forward_features` returns, the class token and the N visual tokens.
+            pre_logits: return the class token concatenated with the covariance features instead of the logits
+                ``(B, num_classes)``.
+        """
         if not self.global_pool:
             return x
         return self.head(x, pre_logits=pre_logits)
@@ -448,7 +535,19 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: SoViT) -> dict[st
 
 def fit_pos_embed(state_dict: dict[str, torch.Tensor], model: SoViT) -> dict[str, torch.Tensor]:
     """A checkpoint's position embedding of another token grid, made to fit ``model`` in place: the model's
-    own table if fixed (sinusoid), resampled (bicubic, class token kept) if learned."""
+    own table if fixed (sinusoid), resampled (bicubic, class token kept) if learned.
+
+    Args:
+        state_dict: a checkpoint in covpool's names; its ``pos_embed`` ``(1, prefix + N, C)`` entry is replaced
+            when its shape differs from the model's (a square grid of N tokens when learned).
+        model: the So-ViT (or SoT) it is loaded into.
+
+    Returns:
+        ``state_dict`` itself.
+
+    Raises:
+        ValueError: a learned embedding's N tokens are not a square grid.
+    """
     pos_embed = state_dict.get("pos_embed")
     if pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
         if model.pos_embed_type == "sincos":
@@ -519,7 +618,15 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def so_vit_7(pretrained: bool = False, **kwargs: Any) -> SoViT:
-    """So-ViT-7: 7 blocks of width 256, 4 heads, MLP ratio 2; head 48×24 (svpn) or 48 (mpa)."""
+    """So-ViT-7: 7 blocks of width 256, 4 heads, MLP ratio 2; head 48×24 (svpn) or 48 (mpa).
+
+    Args:
+        pretrained: download the authors' ImageNet-1k weights (tag ``.in1k``, ``head="svpn"`` only; timm caches them),
+            or load a local copy given by ``pretrained_cfg_overlay=dict(file=path)``.
+        **kwargs: the arguments of :class:`SoViT` (``num_classes``, ``img_size``, ``head``, ``reduced_dim`` and
+            ``drop_rate``, whose defaults are the release's for the head, ``backend``, ``pos_embed``, ...) and timm's
+            builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0)
     return _create_so_vit("so_vit_7", pretrained, svpn_dims=(48, 24), mpa_dim=48, svpn_drop=0.0,
                           **dict(model_args, **kwargs))
@@ -527,7 +634,15 @@ def so_vit_7(pretrained: bool = False, **kwargs: Any) -> SoViT:
 
 @register_model
 def so_vit_10(pretrained: bool = False, **kwargs: Any) -> SoViT:
-    """So-ViT-10: 10 blocks of width 256, 4 heads, MLP ratio 2; head 48×24 (svpn) or 48 (mpa)."""
+    """So-ViT-10: 10 blocks of width 256, 4 heads, MLP ratio 2; head 48×24 (svpn) or 48 (mpa).
+
+    Args:
+        pretrained: download the authors' ImageNet-1k weights (tag ``.in1k``, ``head="svpn"`` only; timm caches them),
+            or load a local copy given by ``pretrained_cfg_overlay=dict(file=path)``.
+        **kwargs: the arguments of :class:`SoViT` (``num_classes``, ``img_size``, ``head``, ``reduced_dim`` and
+            ``drop_rate``, whose defaults are the release's for the head, ``backend``, ``pos_embed``, ...) and timm's
+            builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0)
     return _create_so_vit("so_vit_10", pretrained, svpn_dims=(48, 24), mpa_dim=48, svpn_drop=0.0,
                           **dict(model_args, **kwargs))
@@ -535,7 +650,15 @@ def so_vit_10(pretrained: bool = False, **kwargs: Any) -> SoViT:
 
 @register_model
 def so_vit_14(pretrained: bool = False, **kwargs: Any) -> SoViT:
-    """So-ViT-14: 14 blocks of width 384, 6 heads, MLP ratio 3; head 64×48 with dropout 0.5 (svpn) or 64 (mpa)."""
+    """So-ViT-14: 14 blocks of width 384, 6 heads, MLP ratio 3; head 64×48 with dropout 0.5 (svpn) or 64 (mpa).
+
+    Args:
+        pretrained: download the authors' ImageNet-1k weights (tag ``.in1k``, ``head="svpn"`` only; timm caches them),
+            or load a local copy given by ``pretrained_cfg_overlay=dict(file=path)``.
+        **kwargs: the arguments of :class:`SoViT` (``num_classes``, ``img_size``, ``head``, ``reduced_dim`` and
+            ``drop_rate``, whose defaults are the release's for the head, ``backend``, ``pos_embed``, ...) and timm's
+            builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0)
     return _create_so_vit("so_vit_14", pretrained, svpn_dims=(64, 48), mpa_dim=64, svpn_drop=0.5,
                           **dict(model_args, **kwargs))
@@ -543,7 +666,15 @@ def so_vit_14(pretrained: bool = False, **kwargs: Any) -> SoViT:
 
 @register_model
 def so_vit_19(pretrained: bool = False, **kwargs: Any) -> SoViT:
-    """So-ViT-19: 19 blocks of width 448, 7 heads, MLP ratio 3; head 96×48 with dropout 0.5 (svpn) or 96 (mpa)."""
+    """So-ViT-19: 19 blocks of width 448, 7 heads, MLP ratio 3; head 96×48 with dropout 0.5 (svpn) or 96 (mpa).
+
+    Args:
+        pretrained: download the authors' ImageNet-1k weights (tag ``.in1k``, ``head="svpn"`` only; timm caches them),
+            or load a local copy given by ``pretrained_cfg_overlay=dict(file=path)``.
+        **kwargs: the arguments of :class:`SoViT` (``num_classes``, ``img_size``, ``head``, ``reduced_dim`` and
+            ``drop_rate``, whose defaults are the release's for the head, ``backend``, ``pos_embed``, ...) and timm's
+            builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0)
     return _create_so_vit("so_vit_19", pretrained, svpn_dims=(96, 48), mpa_dim=96, svpn_drop=0.5,
                           **dict(model_args, **kwargs))

@@ -54,7 +54,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.densenet import DenseBlock, DenseTransition
 from torch import nn
 
-from ..layers import SoViTHead
+from ..layers import MultiHeadCrossCov, SoViTHead
 from ._common import keep_fitting_classifier, unwrap_checkpoint
 from .so_vit import SoViT, VisualTokenEmbed, fit_pos_embed
 
@@ -77,7 +77,23 @@ class DenseTokenEmbed(VisualTokenEmbed):
     ``backbone``: 3×3 conv (bias) → 3×3/2 max pool → ``stage``: three dense blocks of 6 layers (growth 16,
     bottleneck width 32, ReLU instead of BatchNorm, timm 0.3.4's layout) each followed by a transition
     (BatchNorm → 1×1 conv to 128 → 2×2/2 average pool); ``proj``: 1×1 conv to ``embed_dim``. The token grid is
-    (⌊⌈H/2⌉/8⌋, ⌊⌈W/2⌉/8⌋): 14×14 at 224², 4×4 at 64². Arguments as :class:`VisualTokenEmbed`'s.
+    (⌊⌈H/2⌉/8⌋, ⌊⌈W/2⌉/8⌋): 14×14 at 224², 4×4 at 64².
+
+    Args:
+        img_size: int or (H, W), at least 15; fixes ``grid_size`` and ``num_patches``.
+        patch_size: must be 16 (the stem's reduction; the keyword is part of timm's embed-layer interface).
+        in_chans: channels of the input images.
+        embed_dim: the token width, ``proj``'s output channels.
+        bias: bias of ``proj``.
+        dynamic_img_pad: must be False (timm's embed-layer interface): the stem takes any size as it is.
+        strict_img_size: refuse inputs whose token grid differs from ``grid_size``.
+        output_fmt: ``"NHWC"`` keeps the grid (timm's ``dynamic_img_size``); otherwise tokens ``(B, N, C)``.
+        stem_width: channels of the first convolution (64 in SoT).
+        device: device of the parameters (None: torch's default).
+        dtype: dtype of the parameters (None: torch's default).
+
+    Raises:
+        ValueError: as :class:`VisualTokenEmbed`, and for an ``img_size`` under 15 pixels a side (no tokens).
     """
 
     backbone_channels = _TRANSITION_CHANNELS
@@ -86,8 +102,9 @@ class DenseTokenEmbed(VisualTokenEmbed):
         stage: list[nn.Module] = []
         in_chs = stem_width
         for _ in range(3):
-            stage.append(DenseBlock(_DENSE_LAYERS, in_chs, bn_size=2, growth_rate=_GROWTH, norm_layer=_plain_relu,
-                                    **dd))
+            # timm types norm_layer as a class but only calls it, norm_layer(channels, **dd): a function works.
+            stage.append(DenseBlock(_DENSE_LAYERS, in_chs, bn_size=2, growth_rate=_GROWTH,
+                                    norm_layer=_plain_relu, **dd))  # type: ignore[arg-type]
             stage.append(DenseTransition(in_chs + _DENSE_LAYERS * _GROWTH, _TRANSITION_CHANNELS,
                                          norm_layer=nn.BatchNorm2d, **dd))
             in_chs = _TRANSITION_CHANNELS
@@ -123,7 +140,11 @@ class SoT(SoViT):
         num_classes: classes of both classifiers; 0 makes :meth:`forward` return the ``head_hidden_size``-wide
             pre-logits (class token concatenated with the covariance features).
         global_pool: ``"cov"`` (the head) or ``""`` (no head: unpooled tokens; only with ``num_classes=0``).
-        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the transformer (no qkv bias in the releases).
+        embed_dim: the token width.
+        depth: the number of transformer blocks.
+        num_heads: attention heads per block (they must divide ``embed_dim``).
+        mlp_ratio: the blocks' MLP hidden width over ``embed_dim``.
+        qkv_bias: bias of the attention's query, key and value projection (none in the releases).
         reduced_dim: (heads, d_r) of the head: (6, 14), (6, 24), (6, 38) in SoT-Tiny, -Small, -Base.
         centering: ``"scalar"`` (the releases' one mean per head) or ``"feature"`` (per channel).
         normalization: ``"svpn"`` (SoT) or ``"none"`` (DropCov's transformers).
@@ -134,10 +155,19 @@ class SoT(SoViT):
             timm's conventions.
         stem_width: channels of the stem's first convolution (64).
         drop_rate: dropout on the covariance features (SoT-Small 0.5, SoT-Base 0.7, DropCov 0.5).
-        pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: as timm's ViT (the releases' ``--drop``
-            is ``pos_drop_rate`` and ``proj_drop_rate`` together, their ``--drop-path`` ``drop_path_rate``).
+        pos_drop_rate: dropout on the tokens after the position embedding (timm's ViT; the releases' ``--drop``
+            sets it and ``proj_drop_rate`` together).
+        proj_drop_rate: dropout after the attention's and the MLP's output projections (timm's ViT).
+        attn_drop_rate: dropout on the attention weights (timm's ViT).
+        drop_path_rate: stochastic depth, the rate of the last block, rising linearly from 0 (timm's ViT; the
+            releases' ``--drop-path``).
         dynamic_img_size: resample the position embedding to each input's token grid.
-        device, dtype: factory kwargs.
+        device: device of the parameters and buffers (None: torch's default).
+        dtype: dtype of the parameters and buffers (None: torch's default).
+
+    Raises:
+        ValueError: as :class:`~covpool.models.so_vit.SoViT`, and for an invalid head option (``reduced_dim``,
+            ``centering``, ``normalization``, ``token_drop``) or an ``img_size`` under 15 pixels a side.
 
     Attributes:
         num_features: ``embed_dim``, the width of :meth:`forward_features` ``(B, 1 + N, embed_dim)``.
@@ -218,6 +248,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: SoT) -> dict[str,
     if not isinstance(model.head, SoViTHead):
         return fit_pos_embed({k: v for k, v in out.items() if not k.startswith("head.")}, model)
     pool = model.head.pool
+    assert isinstance(pool, MultiHeadCrossCov)  # the "sot" head, which SoT always builds
     if any(k.startswith("head.pool.") for k in out) and ("head.pool.v0" in out) != (pool.v0 is not None):
         has, built = ("svPN (SoT)", "normalization='none'") if pool.v0 is None else \
             ("no svPN (DropCov's transformers)", "normalization='svpn'")
@@ -302,21 +333,42 @@ _DROPCOV_HEAD = dict(normalization="none", token_drop=0.2, drop_rate=0.5)
 
 @register_model
 def sot_tiny(pretrained: bool = False, **kwargs: Any) -> SoT:
-    """SoT-Tiny: 12 blocks of width 240, 4 heads, MLP ratio 2.5; head 6×14 with svPN, no dropout."""
+    """SoT-Tiny: 12 blocks of width 240, 4 heads, MLP ratio 2.5; head 6×14 with svPN, no dropout.
+
+    Args:
+        pretrained: load the tag's weights: the default ``.untrained`` has none (no weights were released) and raises; a
+            local file loads with ``pretrained_cfg_overlay=dict(file=path)``.
+        **kwargs: the arguments of :class:`SoT` (``num_classes``, ``img_size``, ``drop_rate``, ``drop_path_rate``, ...)
+            and timm's builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(embed_dim=240, depth=12, num_heads=4, mlp_ratio=2.5, reduced_dim=(6, 14))
     return _create_sot("sot_tiny", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def sot_small(pretrained: bool = False, **kwargs: Any) -> SoT:
-    """SoT-Small: 14 blocks of width 384, 6 heads, MLP ratio 3.5; head 6×24 with svPN, dropout 0.5."""
+    """SoT-Small: 14 blocks of width 384, 6 heads, MLP ratio 3.5; head 6×24 with svPN, dropout 0.5.
+
+    Args:
+        pretrained: load the tag's weights: the default ``.untrained`` has none (no weights were released) and raises; a
+            local file loads with ``pretrained_cfg_overlay=dict(file=path)``.
+        **kwargs: the arguments of :class:`SoT` (``num_classes``, ``img_size``, ``drop_rate``, ``drop_path_rate``, ...)
+            and timm's builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.5, reduced_dim=(6, 24), drop_rate=0.5)
     return _create_sot("sot_small", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def sot_base(pretrained: bool = False, **kwargs: Any) -> SoT:
-    """SoT-Base: 24 blocks of width 528, 8 heads, MLP ratio 3; head 6×38 with svPN, dropout 0.7."""
+    """SoT-Base: 24 blocks of width 528, 8 heads, MLP ratio 3; head 6×38 with svPN, dropout 0.7.
+
+    Args:
+        pretrained: load the tag's weights: the default ``.untrained`` has none (no weights were released) and raises; a
+            local file loads with ``pretrained_cfg_overlay=dict(file=path)``.
+        **kwargs: the arguments of :class:`SoT` (``num_classes``, ``img_size``, ``drop_rate``, ``drop_path_rate``, ...)
+            and timm's builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(embed_dim=528, depth=24, num_heads=8, mlp_ratio=3.0, reduced_dim=(6, 38), drop_rate=0.7)
     return _create_sot("sot_base", pretrained, **dict(model_args, **kwargs))
 
@@ -324,7 +376,14 @@ def sot_base(pretrained: bool = False, **kwargs: Any) -> SoT:
 @register_model
 def deit_tiny_dropcov(pretrained: bool = False, **kwargs: Any) -> SoT:
     """DropCov's ``Deit_drop_Tiny``: SoT-Tiny's network with DropCov's head (6×14, no svPN, token dropout
-    0.2, dropout 0.5); not timm's DeiT."""
+    0.2, dropout 0.5); not timm's DeiT.
+
+    Args:
+        pretrained: load the tag's weights: the default ``.untrained`` has none (no weights were released) and raises; a
+            local file loads with ``pretrained_cfg_overlay=dict(file=path)``.
+        **kwargs: the arguments of :class:`SoT` (``num_classes``, ``img_size``, ``drop_rate``, ``drop_path_rate``, ...)
+            and timm's builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(embed_dim=240, depth=12, num_heads=4, mlp_ratio=2.5, reduced_dim=(6, 14), **_DROPCOV_HEAD)
     return _create_sot("deit_tiny_dropcov", pretrained, **dict(model_args, **kwargs))
 
@@ -332,7 +391,14 @@ def deit_tiny_dropcov(pretrained: bool = False, **kwargs: Any) -> SoT:
 @register_model
 def deit_small_dropcov(pretrained: bool = False, **kwargs: Any) -> SoT:
     """DropCov's ``Deit_drop_Small``: 12 blocks of width 384, 6 heads, MLP ratio 4, DenseNet tokens; head 6×24
-    without svPN, token dropout 0.2, dropout 0.5; not timm's DeiT."""
+    without svPN, token dropout 0.2, dropout 0.5; not timm's DeiT.
+
+    Args:
+        pretrained: load the tag's weights: the default ``.in1k``, the DropCov authors' ImageNet model, needs a
+            downloaded file (``pretrained_cfg_overlay=dict(file=path)``) and raises without one.
+        **kwargs: the arguments of :class:`SoT` (``num_classes``, ``img_size``, ``drop_rate``, ``drop_path_rate``, ...)
+            and timm's builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, reduced_dim=(6, 24), **_DROPCOV_HEAD)
     return _create_sot("deit_small_dropcov", pretrained, **dict(model_args, **kwargs))
 
@@ -340,7 +406,14 @@ def deit_small_dropcov(pretrained: bool = False, **kwargs: Any) -> SoT:
 @register_model
 def deit_base_dropcov(pretrained: bool = False, **kwargs: Any) -> SoT:
     """DropCov's ``Deit_drop_Base``: 12 blocks of width 768, 12 heads, MLP ratio 4, DenseNet tokens; head 12×24
-    without svPN, token dropout 0.2, dropout 0.5; not timm's DeiT."""
+    without svPN, token dropout 0.2, dropout 0.5; not timm's DeiT.
+
+    Args:
+        pretrained: load the tag's weights: the default ``.untrained`` has none (no weights were released) and raises; a
+            local file loads with ``pretrained_cfg_overlay=dict(file=path)``.
+        **kwargs: the arguments of :class:`SoT` (``num_classes``, ``img_size``, ``drop_rate``, ``drop_path_rate``, ...)
+            and timm's builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, reduced_dim=(12, 24), **_DROPCOV_HEAD)
     return _create_sot("deit_base_dropcov", pretrained, **dict(model_args, **kwargs))
 
@@ -348,6 +421,13 @@ def deit_base_dropcov(pretrained: bool = False, **kwargs: Any) -> SoT:
 @register_model
 def t2t_vit_14_dropcov(pretrained: bool = False, **kwargs: Any) -> SoT:
     """DropCov's ``T2T_ViT_14``: 14 blocks of width 384, 6 heads, MLP ratio 3, DenseNet tokens (no
-    tokens-to-token module); head 6×24 without svPN, token dropout 0.2, dropout 0.5; not timm's T2T-ViT."""
+    tokens-to-token module); head 6×24 without svPN, token dropout 0.2, dropout 0.5; not timm's T2T-ViT.
+
+    Args:
+        pretrained: load the tag's weights: the default ``.in1k``, the DropCov authors' ImageNet model, needs a
+            downloaded file (``pretrained_cfg_overlay=dict(file=path)``) and raises without one.
+        **kwargs: the arguments of :class:`SoT` (``num_classes``, ``img_size``, ``drop_rate``, ``drop_path_rate``, ...)
+            and timm's builder options (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0, reduced_dim=(6, 24), **_DROPCOV_HEAD)
     return _create_sot("t2t_vit_14_dropcov", pretrained, **dict(model_args, **kwargs))

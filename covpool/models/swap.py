@@ -28,7 +28,7 @@ from torch import nn
 from ..layers import CovPool, MultiHeadCrossCov, SoViTHead, SvPNCrossCov, get_head, list_heads
 from ..linalg._checks import check_keywords, is_int
 from . import second_order
-from ._common import set_last_stride
+from ._common import FactoryKwargs, out_features, set_last_stride
 from .resnet_isqrt import ISqrtResNet
 
 __all__ = ["swap_pooling"]
@@ -44,7 +44,6 @@ def __getattr__(name: str) -> Any:
     return getattr(second_order, name)
 
 
-_TIMM_HOOKS = ("forward_features", "forward_head", "reset_classifier")
 _CLASSIFIER_NAMES = ("fc", "classifier", "head")
 _SUPPORTED = (
     "timm models with forward_features/forward_head/reset_classifier whose unpooled features are "
@@ -131,9 +130,8 @@ def swap_pooling(model: nn.Module, *, head: str = "isqrt_cov", last_stride: int 
     covpool_options = {"head": head, **covpool_options}
     if type(model) is TimmResNet:
         return _swap_timm_resnet(model, last_stride, covpool_options)
-    if all(callable(getattr(model, hook, None)) for hook in _TIMM_HOOKS):
-        return _swap_timm(model, last_stride, covpool_options)
-    return _swap_torchvision(model, last_stride, covpool_options)
+    wrapped = _swap_timm(model, last_stride, covpool_options)
+    return wrapped if wrapped is not None else _swap_torchvision(model, last_stride, covpool_options)
 
 
 def _check_resnet_stride(model: nn.Module, last_stride: int | None) -> None:
@@ -150,16 +148,20 @@ def _swap_timm_resnet(model: TimmResNet, last_stride: int | None, covpool_option
     # ISqrtResNet adds methods only (and the covpool_options it sets), so re-classing is exact, and the class
     # is importable, so the model still pickles.
     model.__class__ = ISqrtResNet
+    assert isinstance(model, ISqrtResNet)  # re-classed just above
     model._install_covpool(pool, covpool_options)
     return model
 
 
 def _swap_timm(model: nn.Module, last_stride: int | None,
-               covpool_options: dict[str, Any]) -> second_order.SecondOrderNet:
+               covpool_options: dict[str, Any]) -> second_order.SecondOrderNet | None:
+    """``model`` wrapped in a :class:`SecondOrderNet`, or None when it lacks timm's hooks (not a timm model)."""
+    if not second_order._has_timm_hooks(model):
+        return None
     kind = f"{type(model).__module__}.{type(model).__qualname__}"
     _check_resnet_stride(model, last_stride)
     num_features = getattr(model, "num_features", None)
-    if not is_int(num_features) or num_features < 1:
+    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
         raise TypeError(f"{kind} has timm's hooks but no integer num_features; swap_pooling supports {_SUPPORTED}")
     num_classes = model.num_classes
     prefix = getattr(model, "num_prefix_tokens", None)
@@ -208,7 +210,7 @@ def _swap_torchvision(model: ModelT, last_stride: int | None, covpool_options: d
     kind = f"{type(model).__module__}.{type(model).__qualname__}"
     avgpool = getattr(model, "avgpool", None)
     if not isinstance(avgpool, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
-        missing = ", ".join(h for h in _TIMM_HOOKS if not callable(getattr(model, h, None)))
+        missing = ", ".join(h for h in second_order._TIMM_HOOKS if not callable(getattr(model, h, None)))
         raise TypeError(f"swap_pooling supports {_SUPPORTED}; {kind} has neither timm's hooks (missing {missing}) "
                         "nor a torchvision `avgpool` (nn.AdaptiveAvgPool2d) to replace")
     if not (isinstance(avgpool, nn.AdaptiveAvgPool2d) and avgpool.output_size in (1, (1, 1))):
@@ -220,8 +222,8 @@ def _swap_torchvision(model: ModelT, last_stride: int | None, covpool_options: d
     if last_stride is not None:
         set_last_stride(model, last_stride)
     ref = last.weight
-    factory = {"device": ref.device, "dtype": ref.dtype}
-    fc = nn.Linear(pool.out_features, last.out_features, bias=last.bias is not None, **factory)
+    factory: FactoryKwargs = {"device": ref.device, "dtype": ref.dtype}
+    fc = nn.Linear(out_features(pool), last.out_features, bias=last.bias is not None, **factory)
     dropouts = [copy.deepcopy(m) for m in head.modules() if isinstance(m, nn.Dropout)]
     model.avgpool = pool.to(**factory).train(model.training)
     setattr(model, name, (nn.Sequential(*dropouts, fc) if dropouts else fc).train(model.training))

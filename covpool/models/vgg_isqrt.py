@@ -48,7 +48,14 @@ from torch.nn.utils import skip_init
 
 from ..layers import CovPool
 from ..linalg._checks import check_int
-from ._common import check_num_classes, keep_fitting_classifier, require_weights, unwrap_checkpoint
+from ._common import (
+    FactoryKwargs,
+    check_num_classes,
+    keep_fitting_classifier,
+    out_features,
+    require_weights,
+    unwrap_checkpoint,
+)
 from .second_order import _build_pool, _head_spec
 
 __all__ = ["ISqrtVGG", "checkpoint_filter_fn"]
@@ -78,7 +85,7 @@ def _check_global_pool(global_pool: str | None) -> None:
         )
 
 
-def _mlp(in_features: int, hidden_dim: int, drop_rate: float, factory: dict) -> nn.Sequential:
+def _mlp(in_features: int, hidden_dim: int, drop_rate: float, factory: FactoryKwargs) -> nn.Sequential:
     """VGG's two hidden layers, on a vector (the release's Linear layers, which timm's VGG makes convolutions).
     Their weights are left uninitialised (``skip_init``; ``factory`` must name the device): the caller draws
     them once, rather than after PyTorch's default draw of 135 M values for ``fc1``."""
@@ -121,12 +128,25 @@ class ISqrtVGG(VGG):
         drop_rate: dropout after each hidden layer (0.5, the release's); without hidden layers, the dropout
             before the classifier (the authors' fine-tuning uses none: pass 0).
         output_stride: 16 (the release drops VGG's last max pool); no other value is supported.
-        norm_layer, act_layer, conv_layer: as timm's VGG (the registered model uses BatchNorm).
-        device, dtype: factory kwargs.
+        norm_layer: the normalisation after each convolution, a class such as ``nn.BatchNorm2d`` (what the
+            registered model uses), or None for none (timm's VGG).
+        act_layer: the activation class of the convolutions (``nn.ReLU``), as timm's VGG.
+        conv_layer: the convolution class (``nn.Conv2d``), as timm's VGG.
+        device: device of the parameters (None: torch's default).
+        dtype: dtype of the parameters (None: torch's default).
+
+    Raises:
+        ValueError: ``num_classes``, ``hidden_dim``, ``global_pool``, ``reduced_dim`` or ``backend`` is invalid,
+            ``global_pool=""`` comes with ``num_classes > 0``, ``output_stride`` is not 16, or ``cfg`` does not
+            end with a max pool.
 
     Shapes: input ``(B, in_chans, H, W)``; ``forward_features`` → ``(B, 512, H/16, W/16)``; ``forward`` →
     ``(B, num_classes)``.
     """
+
+    # timm's VGG types pre_logits as the ConvMlp its constructor builds; here it is VGG's hidden layers on the
+    # covariance vector (an nn.Sequential of Linear layers) or nn.Identity.
+    pre_logits: nn.Module  # type: ignore[assignment]
 
     def __init__(
             self,
@@ -174,10 +194,10 @@ class ISqrtVGG(VGG):
 
     def _set_head(self, pool: nn.Module, num_classes: int) -> None:
         ref = next(self.parameters())
-        factory = {"device": ref.device, "dtype": ref.dtype}
+        factory: FactoryKwargs = {"device": ref.device, "dtype": ref.dtype}
         self.global_pool = pool.to(**factory).train(self.training)
         if not isinstance(pool, nn.Identity):
-            width = pool.out_features
+            width = out_features(pool)
             if self.hidden_dim:
                 self.pre_logits = _mlp(width, self.hidden_dim, self.drop_rate, factory).train(self.training)
                 width = self.hidden_dim
@@ -207,7 +227,8 @@ class ISqrtVGG(VGG):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute the convolutions' activations in the backward instead of storing them."""
+        """With ``enable``, recompute the convolutions' activations in the backward instead of storing them (one
+        checkpointed segment per stage); ``enable=False`` stores them again."""
         self.grad_checkpointing = enable
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
@@ -238,7 +259,17 @@ class ISqrtVGG(VGG):
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
         """timm's VGG pruning; where it removes the head (``prune_head``, or features cut before the last
-        stage) the covariance pooling goes too."""
+        stage) the covariance pooling goes too.
+
+        Args:
+            indices: the stages to keep for ``forward_intermediates``: the last n if an int, else their indices
+                (0 … 4).
+            prune_norm: accepted for timm's interface (VGG has no final norm).
+            prune_head: remove the head: the pooling, the hidden layers and the classifier.
+
+        Returns:
+            The indices of the stages kept.
+        """
         _, max_index = feature_take_indices(len(self.feature_ends), indices)
         head_goes = prune_head or max_index < len(self.feature_ends) - 1
         take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
@@ -258,7 +289,13 @@ class ISqrtVGG(VGG):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Feature map → logits, or the pre-logits ``(B, head_hidden_size)``; the map unchanged without head."""
+        """Feature map → logits, or the pre-logits ``(B, head_hidden_size)``; the map unchanged without head.
+
+        Args:
+            x: what :meth:`forward_features` returns, ``(B, 512, H/16, W/16)``.
+            pre_logits: return the input of ``head.fc`` (the hidden layers' output, or the covariance vector
+                without them) instead of the logits ``(B, num_classes)``.
+        """
         x = self.global_pool(x)
         x = self.pre_logits(x)
         return self.head(x, pre_logits=pre_logits)
@@ -287,6 +324,13 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ISqrtVGG
     and reduction only, the classifier staying fresh (the authors' fine-tuning start). A checkpoint without
     covariance pooling (timm's or torchvision's VGG-16-BN) loads its convolutions; the model keeps its fresh
     head. A model without head (``global_pool=''``) drops the checkpoint's.
+
+    Args:
+        state_dict: the checkpoint, a state dict or a ``main.py`` training checkpoint holding one.
+        model: the model it loads into; its freshly initialised head fills in what the checkpoint lacks.
+
+    Returns:
+        The state dict in covpool's names, for ``model.load_state_dict`` (timm's ``pretrained_filter_fn``).
 
     Raises:
         ValueError: the checkpoint's reduction has another width than the model's, or its classifier is a
@@ -363,6 +407,15 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def vgg16_isqrt(pretrained: bool = False, **kwargs: Any) -> ISqrtVGG:
-    """fast MPN-COV VGG-D: VGG-16-BN without its last max pool, iSQRT-COV (32 896 features), 4096-4096 classifier."""
+    """fast MPN-COV VGG-D: VGG-16-BN without its last max pool, iSQRT-COV (32 896 features), 4096-4096 classifier.
+
+    Args:
+        pretrained: load the tag's weights: the default ``.mpncov_in1k``, the authors' ImageNet model, needs a
+            downloaded file (``pretrained_cfg_overlay=dict(file=path)``) and raises without one; ``.tv_in1k`` loads
+            torchvision's VGG-16-BN convolutions, the head and classifier starting fresh.
+        **kwargs: the arguments of :class:`ISqrtVGG` (``num_classes``, ``reduced_dim``, ``backend``, default ``{"name":
+            "ns", "num_iters": 5}``, ``hidden_dim``, ``drop_rate``, ...) and timm's builder options
+            (``pretrained_cfg_overlay``, ``features_only``, ``out_indices``, ...).
+    """
     model_args = dict(norm_layer=nn.BatchNorm2d)
     return _create_vgg_isqrt("vgg16_isqrt", pretrained, **dict(model_args, **kwargs))
