@@ -5,36 +5,20 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..linalg._checks import check_int, is_int
 
-__all__ = ["FactoryKwargs", "check_num_classes", "check_vector_output", "out_features", "stage_stride",
+__all__ = ["check_num_classes", "check_vector_output", "stage_stride",
            "set_stage_stride", "set_last_stride", "keep_fitting_classifier", "unwrap_checkpoint", "require_weights"]
-
-
-class FactoryKwargs(TypedDict, total=False):
-    """The factory keywords of torch's modules and tensors, passed on as ``**factory`` (none: torch's defaults)."""
-
-    device: torch.device | str | None
-    dtype: torch.dtype | None
 
 
 def check_num_classes(num_classes: Any) -> None:
     """ValueError unless ``num_classes`` is an integer >= 0 (0: no classifier)."""
     check_int("num_classes", num_classes, 0)
-
-
-def out_features(pool: nn.Module) -> int:
-    """The width of a pooling module's output vector, its ``out_features`` (every registered head's module
-    declares it: :class:`covpool.layers.Head`); TypeError if that is not an integer."""
-    width = pool.out_features
-    if not isinstance(width, int):
-        raise TypeError(f"{type(pool).__name__}.out_features must be the int width of its output, got {width!r}")
-    return width
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:

@@ -14,8 +14,9 @@ from timm.layers import register_notrace_module
 from torch import nn
 
 from ..layers import get_head, list_heads
+from ..layers._common import Factory, out_features_of
 from ..linalg._checks import check_bool, check_int
-from ._common import FactoryKwargs, check_num_classes, check_vector_output, out_features
+from ._common import check_num_classes, check_vector_output
 
 if TYPE_CHECKING:
     from typing_extensions import TypeIs
@@ -125,7 +126,7 @@ class TokenCovPool(nn.Module):
         self.embed_dim = embed_dim
         self.num_prefix_tokens = num_prefix_tokens
         self.use_class_token = use_class_token
-        self.out_features = out_features(self.pool) + (embed_dim if self.use_class_token else 0)
+        self.out_features = out_features_of(self.pool, "TokenCovPool") + (embed_dim if self.use_class_token else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[1] <= self.num_prefix_tokens or x.shape[2] != self.embed_dim:
@@ -227,7 +228,7 @@ class SecondOrderNet(nn.Module):
 
     def _set_head(self, pool: nn.Module, num_classes: int) -> None:
         ref = next(self.backbone.parameters(), None)
-        factory: FactoryKwargs = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        factory: Factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
         self.global_pool = pool.to(**factory).train(self.training)
         self.head_hidden_size = getattr(pool, "out_features", self.in_channels)
         self.num_classes = num_classes

@@ -26,9 +26,10 @@ from timm.models.resnet import ResNet as TimmResNet
 from torch import nn
 
 from ..layers import CovPool, MultiHeadCrossCov, SoViTHead, SvPNCrossCov, get_head, list_heads
+from ..layers._common import Factory, out_features_of
 from ..linalg._checks import check_keywords, is_int
 from . import second_order
-from ._common import FactoryKwargs, out_features, set_last_stride
+from ._common import set_last_stride
 from .resnet_isqrt import ISqrtResNet
 
 __all__ = ["swap_pooling"]
@@ -222,8 +223,8 @@ def _swap_torchvision(model: ModelT, last_stride: int | None, covpool_options: d
     if last_stride is not None:
         set_last_stride(model, last_stride)
     ref = last.weight
-    factory: FactoryKwargs = {"device": ref.device, "dtype": ref.dtype}
-    fc = nn.Linear(out_features(pool), last.out_features, bias=last.bias is not None, **factory)
+    factory: Factory = {"device": ref.device, "dtype": ref.dtype}
+    fc = nn.Linear(out_features_of(pool, "swap_pooling"), last.out_features, bias=last.bias is not None, **factory)
     dropouts = [copy.deepcopy(m) for m in head.modules() if isinstance(m, nn.Dropout)]
     model.avgpool = pool.to(**factory).train(model.training)
     setattr(model, name, (nn.Sequential(*dropouts, fc) if dropouts else fc).train(model.training))

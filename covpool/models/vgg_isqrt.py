@@ -47,12 +47,11 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from ..layers import CovPool
+from ..layers._common import Factory, out_features_of
 from ..linalg._checks import check_int
 from ._common import (
-    FactoryKwargs,
     check_num_classes,
     keep_fitting_classifier,
-    out_features,
     require_weights,
     unwrap_checkpoint,
 )
@@ -85,7 +84,7 @@ def _check_global_pool(global_pool: str | None) -> None:
         )
 
 
-def _mlp(in_features: int, hidden_dim: int, drop_rate: float, factory: FactoryKwargs) -> nn.Sequential:
+def _mlp(in_features: int, hidden_dim: int, drop_rate: float, factory: Factory) -> nn.Sequential:
     """VGG's two hidden layers, on a vector (the release's Linear layers, which timm's VGG makes convolutions).
     Their weights are left uninitialised (``skip_init``; ``factory`` must name the device): the caller draws
     them once, rather than after PyTorch's default draw of 135 M values for ``fc1``."""
@@ -194,10 +193,10 @@ class ISqrtVGG(VGG):
 
     def _set_head(self, pool: nn.Module, num_classes: int) -> None:
         ref = next(self.parameters())
-        factory: FactoryKwargs = {"device": ref.device, "dtype": ref.dtype}
+        factory: Factory = {"device": ref.device, "dtype": ref.dtype}
         self.global_pool = pool.to(**factory).train(self.training)
         if not isinstance(pool, nn.Identity):
-            width = out_features(pool)
+            width = out_features_of(pool, "ISqrtVGG")
             if self.hidden_dim:
                 self.pre_logits = _mlp(width, self.hidden_dim, self.drop_rate, factory).train(self.training)
                 width = self.hidden_dim
