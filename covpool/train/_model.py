@@ -26,15 +26,14 @@ from ._resume import model_changes
 from .config import TORCHVISION_PREFIX, ConfigError, ModelConfig, format_config_diff
 
 __all__ = ["PretrainedWeightsError", "BuiltModel", "build_model", "make_model", "set_grad_checkpointing",
-           "classifier_names", "head_modules", "head_parameter_names", "param_groups", "fixed_input_size",
-           "load_fitting"]
+           "classifier_names", "pooling_modules", "head_modules", "head_parameter_names", "param_groups",
+           "fixed_input_size", "load_fitting"]
 
-# The second-order pooling modules of covpool's heads. With the classifier they are "the head" of a model, which
-# optim.head_lr_mult scales and the start-up header lists: whatever the head (the iSQRT-COV family's CovPool,
-# a token model's TokenCovPool around it or around SoT's cross-covariance, So-ViT's own head), every parameter
-# of these modules is as new as the classifier when a pretrained backbone is fine-tuned.
-_POOLING_TYPES = (covpool.CovPool, covpool.SoViTHead, covpool.TokenCovPool, covpool.MultiHeadCrossCov,
-                  covpool.SvPNCrossCov)
+# Where a model keeps its global pooling: timm's models (covpool's, and the wrapper swap_pooling puts around the
+# others) in `global_pool`, torchvision's in `avgpool`. Only a second-order head puts parameters there (timm's and
+# torchvision's global poolings have none), and those are as new as the classifier when a pretrained backbone is
+# fine-tuned, whichever head built them: a registered one's module (covpool.register_head) included.
+_POOLING_ATTRS = ("global_pool", "avgpool")
 _CLASSIFIER_ATTRS = ("fc", "classifier", "head")
 
 
@@ -373,14 +372,25 @@ def classifier_names(model: nn.Module) -> list[str]:
     return out
 
 
-def head_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The new head of a fine-tuned model: its second-order pooling modules (the outermost of covpool's pooling
-    layers: :class:`covpool.CovPool`, :class:`covpool.SoViTHead`, a token model's ``TokenCovPool``, SoT's
-    cross-covariance) and its classifier (:func:`classifier_names`), by module name."""
+def pooling_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The learned global pooling of a model, by module name: the module its pooling attribute holds
+    (``global_pool`` in timm's models, covpool's and the :class:`covpool.models.SecondOrderNet` that
+    :func:`covpool.swap_pooling` wraps around the others; ``avgpool`` in torchvision's) when it has parameters.
+    That is a second-order head's pooling whatever built it (a head registered with :func:`covpool.register_head`
+    included), while the average poolings of timm and torchvision, which have none, are left out."""
     out: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, _POOLING_TYPES) and not any(name.startswith(o + ".") for o in out if o):
-            out[name] = module
+    for attr in _POOLING_ATTRS:
+        module = getattr(model, attr, None)
+        if isinstance(module, nn.Module) and next(module.parameters(), None) is not None:
+            out[attr] = module
+    return out
+
+
+def head_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The new head of a fine-tuned model: its second-order pooling (:func:`pooling_modules`) and its
+    classifier (:func:`classifier_names`; for So-ViT and SoT the whole :class:`covpool.SoViTHead`), by module
+    name."""
+    out = pooling_modules(model)
     for name in classifier_names(model):
         if not any(name == o or name.startswith(o + ".") for o in out):
             out[name] = model.get_submodule(name)
