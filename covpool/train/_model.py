@@ -196,11 +196,10 @@ def _resize_classifier(model: nn.Module, num_classes: int) -> None:
             break
     else:
         raise ConfigError(f"{type(model).__name__} has no classifier named one of {_CLASSIFIER_ATTRS}")
-    linears = [name for name, m in head.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(name, m) for name, m in head.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ConfigError(f"{type(model).__name__}.{attr} holds no nn.Linear to resize")
-    name = linears[-1]
-    old = head.get_submodule(name) if name else head
+    name, old = linears[-1]
     if old.out_features == num_classes:
         return
     new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device,
@@ -360,12 +359,13 @@ def classifier_names(model: nn.Module) -> list[str]:
     declared = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
     if declared:
         names += [declared] if isinstance(declared, str) else list(declared)
-    if callable(getattr(model, "get_classifier", None)):
-        clf = model.get_classifier()
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        clf = get_classifier()
         names += [n for n, m in modules.items() if m is clf and n]
     else:
         names += [a for a in _CLASSIFIER_ATTRS if isinstance(getattr(model, a, None), nn.Module)][:1]
-    out = []
+    out: list[str] = []
     for name in names:
         if name in modules and name not in out and not any(name.startswith(o + ".") for o in out):
             out = [o for o in out if not o.startswith(name + ".")] + [name]
@@ -408,10 +408,11 @@ def set_grad_checkpointing(model: nn.Module, cfg: ModelConfig) -> None:
     :class:`ConfigError`."""
     if not cfg.grad_checkpointing:
         return
-    if not callable(getattr(model, "set_grad_checkpointing", None)):
+    enable = getattr(model, "set_grad_checkpointing", None)
+    if not callable(enable):
         raise ConfigError(f"model.grad_checkpointing=true: {cfg.name} ({type(model).__name__}) has no "
                           "set_grad_checkpointing (timm's models do); turn it off for this model")
-    model.set_grad_checkpointing(True)
+    enable(True)
 
 
 def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float,

@@ -222,6 +222,9 @@ class _Section:
     """A section of keys; checks every key's interval and rule when built directly in Python, as files and
     overrides are."""
 
+    if typing.TYPE_CHECKING:  # every section is a dataclass (config.py decorates each), so fields() takes it
+        __dataclass_fields__: typing.ClassVar[dict[str, dataclasses.Field[Any]]]
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             check_field(f, getattr(self, f.name), f.name)

@@ -195,7 +195,10 @@ class Checkpoint:
 def rng_state() -> dict[str, Any]:
     """Every RNG the training loop touches, as tensors and numbers (``weights_only``-loadable)."""
     py_version, py_keys, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    # numpy's global RandomState is an MT19937, whose legacy state is a tuple (a dict is for other generators)
+    assert isinstance(np_state, tuple)
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     state = {
         "torch": torch.get_rng_state(),
         "python": {"version": py_version, "keys": torch.tensor(py_keys, dtype=torch.int64), "gauss": py_gauss},

@@ -109,7 +109,8 @@ def _is_model(name: str) -> bool:
 def _optimizers() -> list[str]:
     from timm.optim import list_optimizers
 
-    return list_optimizers()
+    # without with_description, timm's list holds names only
+    return [name for name in list_optimizers() if isinstance(name, str)]
 
 
 def _is_optimizer(name: str) -> bool:
@@ -363,7 +364,8 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 
 def _set_dotted(data: dict, cls: type, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
-    node, section, prefix = data, cls, ""
+    node, prefix = data, ""
+    section: type | None = cls
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if section is not None:
@@ -384,8 +386,15 @@ def _set_dotted(data: dict, cls: type, dotted: str, value: Any) -> None:
         prefix += part + "."
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``key=value`` strings (dotted keys, YAML-scalar values) to a plain config dict, in order."""
+def apply_overrides(data: Any, overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings (dotted keys, YAML-scalar values, e.g. ``optim.lr=0.01``) in order to ``data``,
+    a plain nested config dict (what a YAML file or a checkpoint holds; None: empty), and return the result, a
+    new dict (``data`` is not modified).
+
+    Raises:
+        ConfigError: ``data`` is not a mapping, an override is not ``key=value`` or its value is not valid YAML,
+            or it names a key the schema does not have (the message names the closest and lists the valid ones).
+    """
     if not isinstance(data, dict) and data is not None:
         raise ConfigError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
     out = yaml.safe_load(yaml.safe_dump(data or {}))

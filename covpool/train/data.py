@@ -13,7 +13,7 @@ class lists of the splits must be the same (:class:`ClassListError` names the mi
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +71,7 @@ class _Later:
     def __init__(self) -> None:
         self.transform: Callable | None = None
 
-    def __call__(self, x):
+    def __call__(self, x: Any) -> Any:
         if self.transform is None:
             raise RuntimeError("the data set's transform is not set yet: call Splits.set_transforms(model) first")
         return self.transform(x)
@@ -108,7 +108,7 @@ def _mean_std(model: torch.nn.Module | None) -> tuple[Any, Any]:
 def _data_config(cfg: DataConfig, model: torch.nn.Module | None) -> dict[str, Any]:
     from timm.data import resolve_data_config
 
-    args = {"input_size": (3, cfg.img_size, cfg.img_size)}
+    args: dict[str, Any] = {"input_size": (3, cfg.img_size, cfg.img_size)}
     if cfg.crop_pct is not None:
         args["crop_pct"] = cfg.crop_pct
     if cfg.interpolation is not None:
@@ -131,6 +131,14 @@ def image_transform(cfg: DataConfig, model: torch.nn.Module | None = None) -> Ca
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
+def _size(dataset: Dataset) -> int:
+    """``len(dataset)``, which torch's ``Dataset`` does not promise: an iterable-style data set (no length) is a
+    TypeError, as covpool's samplers and loaders need a map-style one."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"{type(dataset).__name__} has no len(): covpool's loaders need a map-style data set")
+    return len(dataset)
+
+
 def class_names_of(dataset: Dataset) -> list[str] | None:
     """A data set's class names in label order (its ``classes``; the first part's for a ``ConcatDataset``),
     or None when it does not say."""
@@ -142,12 +150,17 @@ def class_names_of(dataset: Dataset) -> list[str] | None:
 
 def _labels_of(dataset: Dataset) -> list[int] | None:
     if isinstance(dataset, ConcatDataset):
-        parts = [_labels_of(d) for d in dataset.datasets]
-        return None if any(p is None for p in parts) else [label for p in parts for label in p]
+        labels: list[int] = []
+        for part in dataset.datasets:
+            part_labels = _labels_of(part)
+            if part_labels is None:
+                return None
+            labels += part_labels
+        return labels
     for name in ("targets", "_labels"):
-        labels = getattr(dataset, name, None)
-        if labels is not None:
-            return [int(x) for x in labels]
+        found = getattr(dataset, name, None)
+        if found is not None:
+            return [int(x) for x in found]
     samples = getattr(dataset, "_samples", None)  # StanfordCars: (path, label) pairs
     return [int(label) for _, label in samples] if samples is not None else None
 
@@ -161,9 +174,9 @@ def sample_names(dataset: Dataset) -> list[str]:
     if samples is not None:
         return [str(s[0]) for s in samples]
     files = getattr(dataset, "_image_files", None) or getattr(dataset, "_images", None)
-    if files is not None and len(files) == len(dataset):
+    if files is not None and len(files) == _size(dataset):
         return [str(f) for f in files]
-    return [str(i) for i in range(len(dataset))]
+    return [str(i) for i in range(_size(dataset))]
 
 
 def check_class_lists(expected: list[str], found: list[str], what: str, advice: str = "") -> None:
@@ -212,7 +225,7 @@ class Splits:
 
     def describe(self) -> str:
         """``"8 classes; train 24 images, val 16 images"``, for the start-up header."""
-        sizes = ", ".join(f"{split} {len(ds)} images" for split, ds in self.datasets.items())
+        sizes = ", ".join(f"{split} {_size(ds)} images" for split, ds in self.datasets.items())
         return f"{len(self.classes)} classes; {sizes}"
 
 
@@ -291,7 +304,7 @@ class ResumableSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.skip = 0
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         return iter(list(super().__iter__())[self.skip:])
 
     def __len__(self) -> int:
@@ -302,9 +315,9 @@ class ShardSampler(Sampler[int]):
     """Every ``num_replicas``-th index from ``rank``, no padding: per-process sums add up to exact totals."""
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
-        self.indices = list(range(rank, len(dataset), num_replicas))
+        self.indices = list(range(rank, _size(dataset), num_replicas))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
 
     def __len__(self) -> int:
@@ -316,8 +329,8 @@ def build_train_loader(cfg: DataConfig, train_set: Dataset, seed: int, rank: int
     """A loader over a :class:`ResumableSampler` (the last incomplete batch dropped). Its ``generator`` seeds
     worker augmentation; the trainer reseeds it every epoch so that resumed and uninterrupted runs draw the
     same numbers."""
-    if len(train_set) < cfg.batch_size * world_size:
-        raise ConfigError(f"the training set has {len(train_set)} images, fewer than one batch "
+    if _size(train_set) < cfg.batch_size * world_size:
+        raise ConfigError(f"the training set has {_size(train_set)} images, fewer than one batch "
                          f"({cfg.batch_size} x {world_size} processes); lower data.batch_size")
     return DataLoader(train_set, batch_size=cfg.batch_size, sampler=ResumableSampler(
         train_set, world_size, rank, seed), num_workers=cfg.workers, pin_memory=pin_memory, drop_last=True,
