@@ -341,8 +341,14 @@ def _build(cls: type, data: Any, prefix: str, where: Callable[[str], str]) -> An
 
 
 def config_from_dict(data: dict, where: str = "", overrides: list[str] | None = None) -> TrainConfig:
-    """Build a :class:`TrainConfig` from a (nested) plain dict with ``key=value`` ``overrides`` on top;
-    ``where`` names the dict's source in errors (e.g. ``" in c.yaml"``), errors in an override name it."""
+    """Build a :class:`TrainConfig` from ``data``, a (nested) plain dict (None or empty: the defaults), with
+    ``key=value`` ``overrides`` on top (:func:`apply_overrides`); ``where`` names the dict's source in errors
+    (e.g. ``" in c.yaml"``), errors in an override name it.
+
+    Raises:
+        ConfigError: an unknown key (the closest and the valid ones named), a value of the wrong type or out of
+            its range or choices, or a malformed override.
+    """
     overrides = list(overrides or [])
     data = apply_overrides(data, overrides) if overrides else data
     overridden = [item.partition("=")[0].strip() for item in overrides]
@@ -358,7 +364,7 @@ def config_from_dict(data: dict, where: str = "", overrides: list[str] | None = 
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
-    """The config as plain nested dicts/lists/scalars (what checkpoints and ``config.yaml`` store)."""
+    """``cfg`` as plain nested dicts/lists/scalars (what checkpoints and ``config.yaml`` store)."""
     return dataclasses.asdict(cfg)
 
 
@@ -387,9 +393,9 @@ def _set_dotted(data: dict, cls: type, dotted: str, value: Any) -> None:
 
 
 def apply_overrides(data: Any, overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key=value`` strings (dotted keys, YAML-scalar values, e.g. ``optim.lr=0.01``) in order to ``data``,
-    a plain nested config dict (what a YAML file or a checkpoint holds; None: empty), and return the result, a
-    new dict (``data`` is not modified).
+    """Apply ``overrides``, ``key=value`` strings (dotted keys, YAML-scalar values, e.g. ``optim.lr=0.01``), in
+    order to ``data``, a plain nested config dict (what a YAML file or a checkpoint holds; None: empty), and
+    return the result, a new dict (``data`` is not modified).
 
     Raises:
         ConfigError: ``data`` is not a mapping, an override is not ``key=value`` or its value is not valid YAML,
@@ -412,7 +418,17 @@ def apply_overrides(data: Any, overrides: list[str]) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (a file, or a shipped config's name; the defaults when ``path`` is None) and apply
-    ``key=value`` overrides."""
+    ``overrides``, ``key=value`` strings (:func:`apply_overrides`), in order.
+
+    >>> load_config(None, ["optim.lr=0.01", "epochs=3"]).optim.lr
+    0.01
+
+    Raises:
+        ConfigNotFoundError: ``path`` is neither a file nor the name of a shipped config (a
+            :class:`ConfigError`).
+        ConfigError: the file is not valid YAML or not a mapping, or a key or value is wrong (the message names
+            the key and where it came from).
+    """
     data: dict = {}
     where = ""
     if path is not None:
@@ -438,7 +454,8 @@ MISSING = _Missing()
 
 def config_diff(old: dict | TrainConfig, new: dict | TrainConfig,
                 ignore: tuple[str, ...] | list[str] = ()) -> list[tuple[str, Any, Any]]:
-    """The dotted keys whose values differ between two configs, as ``(key, old_value, new_value)``.
+    """The dotted keys whose values differ between two configs ``old`` and ``new``, as
+    ``(key, old_value, new_value)``.
 
     Configs are :class:`TrainConfig` or plain dicts (what a checkpoint stores); nested sections and free-form
     dicts (``model.kwargs``) are compared key by key, a key present on one side only has :data:`MISSING` on the
@@ -476,7 +493,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def format_config_diff(diff: list[tuple[str, Any, Any]]) -> str:
-    """``config_diff``'s result as one line: ``epochs: 1 -> 3, optim.lr: 0.1 -> 0.01``."""
+    """``diff``, :func:`config_diff`'s result, as one line: ``epochs: 1 -> 3, optim.lr: 0.1 -> 0.01``."""
     return ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in diff)
 
 

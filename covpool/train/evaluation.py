@@ -224,7 +224,7 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | Path
     names on the axes up to 40 classes).
 
     Args:
-        confusion: ``(K, K)`` counts, rows the true class, columns the predicted one (:attr:`EvalResult.confusion`).
+        confusion: ``(K, K)`` counts, rows the true class, columns the predicted one (an :class:`EvalResult`'s).
         classes: the K class names, in label order.
         path: the PNG file to write (atomically, whatever its suffix).
         title: the figure's title.
