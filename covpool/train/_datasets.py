@@ -11,16 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch.utils.data import ConcatDataset, Dataset
 
 from ..outputs import first_line
 from ._schema import ConfigError
 from .embedded import EMBEDDED_CLASSES, EmbeddedTextures
-
-if TYPE_CHECKING:  # config.py takes data.dataset's values from here
-    from .config import DataConfig
 
 __all__ = ["DatasetNotFoundError", "CUB200", "LAYOUTS", "Spec", "specs", "spec", "dataset_names", "dataset_layout",
            "dataset_splits", "check_root", "check_img_size", "num_classes_of", "not_found"]
@@ -106,8 +103,9 @@ LAYOUTS = MappingProxyType({
 })
 
 
-#: ``build(cfg, split, transform, seed)``: a split of a data set, for the data section ``cfg`` of a config
-Builder = Callable[["DataConfig", str, Callable[[Any], Any] | None, int], Dataset]
+#: ``build(cfg, split, transform, seed)``: a split of a data set, for the data section ``cfg`` of a config (a
+#: ``DataConfig``, typed Any here: config.py takes data.dataset's values from this module)
+Builder = Callable[[Any, str, Callable[[Any], Any] | None, int], Dataset]
 
 
 @dataclass(frozen=True)
@@ -123,24 +121,17 @@ class Spec:
     min_img_size: int = 1  # the embedded data set cuts patches of at least 8x8 pixels
 
 
-def _embedded(cfg: DataConfig, split: str, transform: Callable | None, seed: int) -> Dataset:
+def _embedded(cfg: Any, split: str, transform: Callable | None, seed: int) -> Dataset:
     check_img_size(cfg)
     return EmbeddedTextures(split, img_size=cfg.img_size, seed=seed,
                             per_class=cfg.embedded_train_per_class if split == "train" else cfg.embedded_val_per_class,
                             grayscale=cfg.embedded_grayscale, transform=transform)
 
 
-def _root(cfg: DataConfig) -> Path:
-    """``data.root`` of a data set that needs one (:func:`check_root` refuses a config without it)."""
-    if cfg.root is None:
-        raise not_found(cfg.dataset, None, LAYOUTS[cfg.dataset], "data.root is not set")
-    return Path(cfg.root)
-
-
-def _imagefolder(cfg: DataConfig, split: str, transform: Callable | None, seed: int) -> Dataset:
+def _imagefolder(cfg: Any, split: str, transform: Callable | None, seed: int) -> Dataset:
     from torchvision.datasets import ImageFolder
 
-    folder = _root(cfg) / split
+    folder = Path(cfg.root) / split
     if not folder.is_dir():
         raise not_found("imagefolder", cfg.root, LAYOUTS["imagefolder"], f"{str(folder)!r} does not exist")
     try:
@@ -152,7 +143,7 @@ def _imagefolder(cfg: DataConfig, split: str, transform: Callable | None, seed: 
 
 def _torchvision(cls_name: str, train_kw: dict[str, Any], val_kw: dict[str, Any],
                  train_extra: tuple[dict[str, Any], ...] = ()) -> Builder:
-    def build(cfg: DataConfig, split: str, transform: Callable | None, seed: int) -> Dataset:
+    def build(cfg: Any, split: str, transform: Callable | None, seed: int) -> Dataset:
         import torchvision.datasets as tvd
 
         cls = getattr(tvd, cls_name)
@@ -168,7 +159,7 @@ def specs() -> dict[str, Spec]:
     return {
         "embedded": Spec(_embedded, len(EMBEDDED_CLASSES), needs_root=False, min_img_size=8),
         "imagefolder": Spec(_imagefolder, None, test=True),
-        "cub200": Spec(lambda c, s, tf, seed: CUB200(_root(c), train=s == "train", transform=tf), 200,
+        "cub200": Spec(lambda c, s, tf, seed: CUB200(c.root, train=s == "train", transform=tf), 200,
                         val_is_test=True),
         "stanford_cars": Spec(_torchvision("StanfordCars", {"split": "train"}, {"split": "test"}), 196,
                                val_is_test=True),
@@ -211,7 +202,7 @@ def spec(name: str) -> Spec:
     return known[name]
 
 
-def check_root(cfg: DataConfig) -> None:
+def check_root(cfg: Any) -> None:
     """Raise :class:`DatasetNotFoundError` when data section ``cfg`` names no root, or a missing one, for a data
     set that needs one (unless torchvision may download it there)."""
     known = spec(cfg.dataset)
@@ -223,7 +214,7 @@ def check_root(cfg: DataConfig) -> None:
         raise not_found(cfg.dataset, cfg.root, LAYOUTS[cfg.dataset], f"root {cfg.root!r} does not exist")
 
 
-def check_img_size(cfg: DataConfig) -> None:
+def check_img_size(cfg: Any) -> None:
     """Raise :class:`ConfigError` when data section ``cfg`` asks for inputs smaller than its data set gives."""
     least = spec(cfg.dataset).min_img_size
     if cfg.img_size < least:
@@ -231,7 +222,7 @@ def check_img_size(cfg: DataConfig) -> None:
                           f"{least}x{least} pixels; use data.img_size >= {least}")
 
 
-def num_classes_of(cfg: DataConfig) -> int:
+def num_classes_of(cfg: Any) -> int:
     """Number of classes of the data set that ``cfg`` (a config's data section) names, without reading the
     images (an ImageFolder's: its ``train/`` class folders).
 
@@ -243,7 +234,7 @@ def num_classes_of(cfg: DataConfig) -> int:
     known = spec(cfg.dataset)
     if known.num_classes is not None:
         return known.num_classes
-    train = _root(cfg) / "train"
+    train = Path(cfg.root) / "train"
     if not train.is_dir():
         raise not_found(cfg.dataset, cfg.root, LAYOUTS[cfg.dataset], f"{str(train)!r} does not exist")
     return sum(1 for p in train.iterdir() if p.is_dir())

@@ -109,8 +109,7 @@ def _is_model(name: str) -> bool:
 def _optimizers() -> list[str]:
     from timm.optim import list_optimizers
 
-    # without with_description, timm's list holds names only
-    return [name for name in list_optimizers() if isinstance(name, str)]
+    return [name for name in list_optimizers() if isinstance(name, str)]  # names only, without with_description
 
 
 def _is_optimizer(name: str) -> bool:
@@ -343,12 +342,8 @@ def _build(cls: type, data: Any, prefix: str, where: Callable[[str], str]) -> An
 def config_from_dict(data: dict, where: str = "", overrides: list[str] | None = None) -> TrainConfig:
     """Build a :class:`TrainConfig` from ``data``, a (nested) plain dict (None or empty: the defaults), with
     ``key=value`` ``overrides`` on top (:func:`apply_overrides`); ``where`` names the dict's source in errors
-    (e.g. ``" in c.yaml"``), errors in an override name it.
-
-    Raises:
-        ConfigError: an unknown key (the closest and the valid ones named), a value of the wrong type or out of
-            its range or choices, or a malformed override.
-    """
+    (e.g. ``" in c.yaml"``), errors in an override name it. Raises :class:`ConfigError` for an unknown key (the
+    message names the closest), a value of the wrong type or out of its range or choices, a malformed override."""
     overrides = list(overrides or [])
     data = apply_overrides(data, overrides) if overrides else data
     overridden = [item.partition("=")[0].strip() for item in overrides]
@@ -398,8 +393,8 @@ def apply_overrides(data: Any, overrides: list[str]) -> dict[str, Any]:
     return the result, a new dict (``data`` is not modified).
 
     Raises:
-        ConfigError: ``data`` is not a mapping, an override is not ``key=value`` or its value is not valid YAML,
-            or it names a key the schema does not have (the message names the closest and lists the valid ones).
+        ConfigError: ``data`` is not a mapping, an override is not ``key=value``, its value not valid YAML or its
+            key unknown (the message names the closest and lists the valid ones).
     """
     if not isinstance(data, dict) and data is not None:
         raise ConfigError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
@@ -420,14 +415,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a YAML config (a file, or a shipped config's name; the defaults when ``path`` is None) and apply
     ``overrides``, ``key=value`` strings (:func:`apply_overrides`), in order.
 
-    >>> load_config(None, ["optim.lr=0.01", "epochs=3"]).optim.lr
-    0.01
-
     Raises:
-        ConfigNotFoundError: ``path`` is neither a file nor the name of a shipped config (a
-            :class:`ConfigError`).
-        ConfigError: the file is not valid YAML or not a mapping, or a key or value is wrong (the message names
-            the key and where it came from).
+        ConfigError: ``path`` is neither a file nor a shipped config's name (:class:`ConfigNotFoundError`), the
+            file is not a YAML mapping, or a key or value is wrong (the message names it and where it came from).
     """
     data: dict = {}
     where = ""
@@ -454,8 +444,7 @@ MISSING = _Missing()
 
 def config_diff(old: dict | TrainConfig, new: dict | TrainConfig,
                 ignore: tuple[str, ...] | list[str] = ()) -> list[tuple[str, Any, Any]]:
-    """The dotted keys whose values differ between two configs ``old`` and ``new``, as
-    ``(key, old_value, new_value)``.
+    """The dotted keys whose values differ between configs ``old`` and ``new``: ``(key, old_value, new_value)``.
 
     Configs are :class:`TrainConfig` or plain dicts (what a checkpoint stores); nested sections and free-form
     dicts (``model.kwargs``) are compared key by key, a key present on one side only has :data:`MISSING` on the
