@@ -24,8 +24,12 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from .train.config import ConfigError, TrainConfig, load_config, shipped_configs
+
+if TYPE_CHECKING:
+    from .train import TrainResult
 
 __all__ = ["DEMO_VARIANTS", "HYBRID_VARIANTS", "DEMO_ABOUT", "HYBRID_ABOUT", "HEADS_ABOUT", "is_head_option",
            "demo_config", "hybrid_demo_config", "heads_demo_config", "demo_configs", "hybrid_demo_configs",
@@ -168,7 +172,7 @@ def _checked(configs: Mapping[str, TrainConfig]) -> Mapping[str, TrainConfig]:
     return configs
 
 
-def _stopped(result) -> bool:
+def _stopped(result: TrainResult) -> bool:
     if result.interrupted:
         print(f"\nthe demo stops here: the run in {result.run_dir} was interrupted", flush=True)
     return result.interrupted
@@ -293,6 +297,15 @@ def hybrid_demo_configs(output_dir: str = "runs/hybrid_demo", switch: int = 2, e
     return dict(_checked({v: hybrid_demo_config(v, switch, output_dir, tuple(extra)) for v in HYBRID_VARIANTS}))
 
 
+class _RunSummary(TypedDict):
+    """What the hybrid demo keeps of a finished run (not the model)."""
+
+    final: dict[str, Any]
+    best: float
+    best_epoch: int
+    history: list[dict[str, Any]]
+
+
 def run_hybrid_demo(output_dir: str = "runs/hybrid_demo", switch: int = 2, extra: Sequence[str] = ()) -> int:
     """Train the three :data:`HYBRID_VARIANTS` with the same budget and print their accuracy, loss and time."""
     from .train import NonFiniteLossError, train
@@ -303,7 +316,7 @@ def run_hybrid_demo(output_dir: str = "runs/hybrid_demo", switch: int = 2, extra
     print(f"covpool hybrid demo: ResNet-18 + covariance pooling from scratch on the embedded texture task, "
           f"{epochs} epochs each; the hybrid run uses ns for {switch} and svd_pade after", flush=True)
     print(f"  {_environment()}; same seed, data and steps for the three runs", flush=True)
-    results: dict[str, tuple[dict | None, float, str]] = {}
+    results: dict[str, tuple[_RunSummary | None, float, str]] = {}
     for variant, cfg in configs.items():
         print(f"\n== {variant}: model.backend_schedule={cfg.model.backend_schedule} ==", flush=True)
         start = time.perf_counter()
@@ -314,9 +327,9 @@ def run_hybrid_demo(output_dir: str = "runs/hybrid_demo", switch: int = 2, extra
             continue
         if _stopped(result):
             return result.exit_code
-        summary = {"final": result.final, "best": result.best_acc1, "best_epoch": result.best_epoch,
-                   "history": result.history}
-        results[variant] = (summary, time.perf_counter() - start, "")
+        done: _RunSummary = {"final": result.final, "best": result.best_acc1, "best_epoch": result.best_epoch,
+                             "history": result.history}
+        results[variant] = (done, time.perf_counter() - start, "")
 
     print(f"\n== result ({epochs} epochs each; one seed, so differences of a few points are noise) ==")
     for variant, (summary, seconds, note) in results.items():
@@ -382,7 +395,8 @@ def run_heads_demo(output_dir: str = "runs/heads_demo", extra: Sequence[str] = (
     print(f"covpool heads demo: ResNet-18 from scratch on the embedded texture task, average pooling and "
           f"{len(heads)} second-order heads, {configs['avgpool'].epochs} epochs each", flush=True)
     print(f"  {_environment()}; same seed, data and steps for every run", flush=True)
-    rows, histories = [], {}
+    rows: list[dict[str, Any]] = []
+    histories: dict[str, list[dict[str, Any]]] = {}
     for name, cfg in configs.items():
         print(f"\n== {name}: {covpool.get_head(name).paper if name != 'avgpool' else 'global average pooling'} ==",
               flush=True)
@@ -396,9 +410,11 @@ def run_heads_demo(output_dir: str = "runs/heads_demo", extra: Sequence[str] = (
             return result.exit_code
         histories[name] = result.history
         rates = sorted(r["train_img_per_s"] for r in result.history)
+        model = result.model
+        assert model is not None  # train() returns the model it trained
         rows.append({"head": name, "val acc %": result.final["val_acc1"], "best %": result.best_acc1,
-                     "train img/s": rates[len(rates) // 2], "features": result.model.head_hidden_size
-                     if hasattr(result.model, "head_hidden_size") else result.model.num_features,
+                     "train img/s": rates[len(rates) // 2], "features": model.head_hidden_size
+                     if hasattr(model, "head_hidden_size") else model.num_features,
                      "time s": time.perf_counter() - start})
     base = next((r["train img/s"] for r in rows if r["head"] == "avgpool" and "train img/s" in r), None)
     for r in rows:

@@ -37,7 +37,10 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["atomic_write", "remove_leftover_temporaries", "os_error_in", "first_line", "write_csv", "format_value",
            "format_table", "new_figure", "save_figure", "console_logging", "cpu_description", "write_markdown_page",
@@ -214,7 +217,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, h
     return "\n".join(lines)
 
 
-def new_figure(figsize: tuple[float, float]):
+def new_figure(figsize: tuple[float, float]) -> Figure:
     """A matplotlib ``Figure`` on the Agg canvas, without pyplot: no GUI, no global backend switch
     (``matplotlib.use``), nothing kept in pyplot's registry after it is saved."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -225,8 +228,9 @@ def new_figure(figsize: tuple[float, float]):
     return fig
 
 
-def save_figure(fig, path: str | Path, dpi: int = 90) -> Path:
-    """``fig`` as a PNG file, written atomically."""
+def save_figure(fig: Figure, path: str | Path, dpi: int = 90) -> Path:
+    """``fig`` (a matplotlib ``Figure``, e.g. :func:`new_figure`'s) as a PNG file at ``path`` (whatever its suffix),
+    ``dpi`` pixels per inch, written atomically; returns the path."""
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 

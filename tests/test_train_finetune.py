@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from _train_helpers import make_imagefolder, tiny_overrides
+from torch import nn
 
 import covpool
 from covpool.cli import main
+from covpool.layers import heads
 from covpool.train import engine
 from covpool.train._model import build_model, make_model, param_groups
+from covpool.train._optim import make_optimizer
 from covpool.train.checkpoint import Checkpoint, with_checksums
 from covpool.train.config import ConfigError, config_to_dict, load_config
 from covpool.train.config_checks import check_config
@@ -262,6 +265,39 @@ def test_head_lr_mult_reaches_every_parameter_of_the_second_order_head(head):
     if head == "sot":
         names = {n for n, _ in model.named_parameters()}
         assert {"global_pool.pool.proj.weight", "global_pool.pool.v0"} <= names
+
+
+class _ScaledMean(nn.Module):
+    """A user's pooling with a parameter of its own: each channel's mean over the positions, times a learned
+    scale (maps ``(B, C, H, W)`` or tokens ``(B, N, C)``)."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(in_channels))
+        self.out_features = in_channels
+
+    def forward(self, x):
+        return (x.flatten(2).mean(-1) if x.dim() == 4 else x.mean(1)) * self.scale
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet", "torchvision:resnet18"])
+def test_head_lr_mult_reaches_the_pooling_of_a_registered_head(name, monkeypatch):
+    """A head added with covpool.register_head, named in a config: its pooling's parameters train at head_lr_mult
+    times the rate, as the classifier's do (a list of covpool's own pooling classes left them at the backbone's
+    rate), whichever route swap_pooling takes (timm's ResNet re-classed, another timm model wrapped, torchvision's
+    avgpool)."""
+    monkeypatch.setattr(heads, "_HEADS", dict(heads._HEADS))
+    covpool.register_head("scaled_mean", _ScaledMean, paper="a user's head")
+    cfg = load_config(None, [f"model.name={name}", "model.swap_pooling=true", "model.head=scaled_mean",
+                             "data.img_size=32", "optim.lr=0.01", "optim.head_lr_mult=5"])
+    check_config(cfg)
+    model = build_model(cfg.model, 3, img_size=32)
+    pool = "avgpool" if name.startswith("torchvision:") else "global_pool"
+    assert type(model.get_submodule(pool)) is _ScaledMean
+    lr = {id(p): g["lr"] for g in make_optimizer(model, cfg.optim).param_groups for p in g["params"]}
+    for key, p in model.named_parameters():
+        assert lr[id(p)] == pytest.approx(0.05 if key.startswith((f"{pool}.", "fc.")) else 0.01, rel=1e-12), key
+    assert lr[id(model.get_submodule(pool).scale)] == pytest.approx(0.05, rel=1e-12)
 
 
 def test_a_one_by_one_map_is_refused_for_centred_heads_only():

@@ -27,7 +27,15 @@ __all__ = ["Variant", "default_variants", "product_count", "FAMILIES", "run_benc
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One column of the benchmark: a backend with options, or a baseline function."""
+    """One column of the benchmark: a backend with options, or a baseline function.
+
+    Attributes:
+        label: the column's name in the table and the plot.
+        backend: a registered backend's name (:func:`covpool.list_backends`), None for a baseline.
+        options: the backend's options, as ``(name, value)`` pairs (hashable, so a variant is too).
+        baseline: ``baseline(a, inverse)``, a function timed instead of a backend (e.g. torch's
+            ``matrix_sqrth``); None for a backend.
+    """
 
     label: str
     backend: str | None = None
@@ -38,7 +46,12 @@ class Variant:
         if self.baseline is not None:
             return self.baseline(a, inverse)
         fn = linalg.inv_sqrtm if inverse else linalg.sqrtm
-        return fn(a, self.backend, **dict(self.options))
+        return fn(a, self._backend(), **dict(self.options))
+
+    def _backend(self) -> str:
+        if self.backend is None:
+            raise TypeError(f"variant {self.label!r} has neither a backend nor a baseline")
+        return self.backend
 
 
 def _matrix_sqrth(a: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -144,11 +157,11 @@ def run_bench(
         g = torch.randn_like(a)
         t_mm = _time(lambda: torch.bmm(a, a), device, min_run_time)
 
-        def fwd():
+        def fwd() -> torch.Tensor:
             with torch.no_grad():
                 return variant(a, inverse)
 
-        def fwd_bwd():
+        def fwd_bwd() -> tuple[torch.Tensor, ...]:
             return torch.autograd.grad(variant(x, inverse), x, g)
 
         if device.type == "cuda":
@@ -172,7 +185,8 @@ def run_bench(
 
 def _compiled(variant: Variant) -> Callable[[torch.Tensor, bool], torch.Tensor]:
     compiled = {inv: torch.compile(linalg.inv_sqrtm if inv else linalg.sqrtm, fullgraph=True) for inv in (False, True)}
-    return lambda a, inverse: compiled[inverse](a, variant.backend, **dict(variant.options))
+    backend = variant._backend()
+    return lambda a, inverse: compiled[inverse](a, backend, **dict(variant.options))
 
 
 TABLE_COLUMNS = ("variant", "d", "fwd ms", "fwd+bwd ms", "fwd prod-eq", "fwd+bwd prod-eq", "products fwd+bwd",
@@ -205,7 +219,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     ax_f.set(xscale="log", yscale="log", xlabel="forward+backward cost (product equivalents)",
              ylabel="forward relative error", title=f"accuracy / cost, d = {d_front} (errors at d <= 128)")
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    save_figure(fig, Path(path), dpi=110)
 
 
 #: what the rank-deficient gradient column measures (the demo and the benchmark page print it beside the table)

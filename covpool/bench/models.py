@@ -10,6 +10,7 @@ what ``covpool bench --models`` leaves in its ``--out`` folder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import statistics
 import time
@@ -280,7 +281,7 @@ def run_head_bench(
                 "positions": positions, "side": "Gram" if gram else "d x d", "batch": batch, "device": device.type,
                 "fwd+bwd ms": 1e3 * statistics.median(times[side]),
                 "speed-up vs d x d": base / statistics.median(times[side]),
-                "kept for backward MiB": saved_bytes(lambda module=module: module(x)) / 2**20,
+                "kept for backward MiB": saved_bytes(functools.partial(module, x)) / 2**20,
             })
     return rows
 
@@ -309,7 +310,8 @@ def format_models_tables(model_rows: Sequence[dict[str, Any]], head_rows: Sequen
     return "\n\n".join(_models_sections(model_rows, head_rows))
 
 
-def plot_models(model_rows: Sequence[dict[str, Any]], head_rows: Sequence[dict[str, Any]], path: str) -> None:
+def plot_models(model_rows: Sequence[dict[str, Any]], head_rows: Sequence[dict[str, Any]], path: str | Path
+                ) -> None:
     """Step-time ratios of the models, and each head's time and the memory it keeps for backward per side."""
     fig = new_figure((12, 4.5))
     ax_m, ax_h = fig.subplots(1, 2)

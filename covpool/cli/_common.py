@@ -7,6 +7,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 __all__ = ["UsageError", "Parser", "config_parser", "is_override", "parse_with_overrides", "make_folder", "run"]
 
@@ -29,7 +30,7 @@ class Parser(argparse.ArgumentParser):
     """argparse's parser, whose mistakes raise :class:`UsageError` (one ``error:`` line and status 2, the same
     from :func:`covpool.cli.main` as from a shell) instead of exiting."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
 
@@ -76,8 +77,8 @@ def _report(err: BaseException, input_errors: tuple[type[BaseException], ...]) -
 
     if isinstance(err, input_errors):
         status = 2
-    elif os_error_in(err) is not None:
-        err, status = os_error_in(err), 1
+    elif (os_error := os_error_in(err)) is not None:
+        err, status = os_error, 1
     elif type(err).__module__.split(".")[0] == "covpool":
         status = 1
     else:

@@ -40,7 +40,18 @@ def not_found(name: str, root: Any, layout: str, why: str) -> DatasetNotFoundErr
 class CUB200(Dataset):
     """Caltech-UCSD Birds-200-2011 read from its native layout (``root`` is the ``CUB_200_2011`` folder
     or its parent): ``images.txt``, ``train_test_split.txt``, ``image_class_labels.txt``, ``classes.txt``
-    and ``images/``. Labels are 0-based; 5994 training and 5794 test images in the official split."""
+    and ``images/``. Labels are 0-based; 5994 training and 5794 test images in the official split.
+
+    Args:
+        root: the ``CUB_200_2011`` folder, or the folder that holds it.
+        train: the official training split (True) or its test split (False).
+        transform: applied to each RGB PIL image; None: items are the PIL images themselves.
+
+    Items are ``(image, label)``, ``label`` an int in [0, 200).
+
+    Raises:
+        DatasetNotFoundError: ``root`` lacks one of the files or ``images/`` (the message shows the layout).
+    """
 
     FILES = ("images.txt", "train_test_split.txt", "image_class_labels.txt", "classes.txt")
 
@@ -66,7 +77,7 @@ class CUB200(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[Any, int]:
         from PIL import Image
 
         path, label = self.samples[index]
@@ -92,11 +103,16 @@ LAYOUTS = MappingProxyType({
 })
 
 
+#: ``build(cfg, split, transform, seed)``: a split of a data set, for the data section ``cfg`` of a config (a
+#: ``DataConfig``, typed Any here: config.py takes data.dataset's values from this module)
+Builder = Callable[[Any, str, Callable[[Any], Any] | None, int], Dataset]
+
+
 @dataclass(frozen=True)
 class Spec:
     """One data set: how to build a split of it, and what it needs."""
 
-    build: Callable[[Any, str, Callable | None, int], Dataset]  # (cfg, split, transform, seed)
+    build: Builder
     num_classes: int | None  # None: read from the data (ImageFolder)
     needs_root: bool = True
     # "test" is another name of "val": the validation split of these data sets is their official test split
@@ -125,7 +141,8 @@ def _imagefolder(cfg: Any, split: str, transform: Callable | None, seed: int) ->
                        ) from None
 
 
-def _torchvision(cls_name: str, train_kw: dict, val_kw: dict, train_extra: tuple[dict, ...] = ()):
+def _torchvision(cls_name: str, train_kw: dict[str, Any], val_kw: dict[str, Any],
+                 train_extra: tuple[dict[str, Any], ...] = ()) -> Builder:
     def build(cfg: Any, split: str, transform: Callable | None, seed: int) -> Dataset:
         import torchvision.datasets as tvd
 
@@ -206,7 +223,13 @@ def check_img_size(cfg: Any) -> None:
 
 
 def num_classes_of(cfg: Any) -> int:
-    """Number of classes of the configured data set, without reading the images."""
+    """Number of classes of the data set that ``cfg`` (a config's data section) names, without reading the
+    images (an ImageFolder's: its ``train/`` class folders).
+
+    Raises:
+        DatasetNotFoundError: the data set needs ``data.root`` and it is missing, or an ImageFolder root has no
+            ``train/`` folder.
+    """
     check_root(cfg)
     known = spec(cfg.dataset)
     if known.num_classes is not None:

@@ -35,16 +35,17 @@ def dist_timeout_s(value: float | None = None) -> float:
     """The collective timeout in seconds: ``value`` (the config's ``dist_timeout``) if given, else the
     ``COVPOOL_DIST_TIMEOUT`` environment variable, else 600."""
     where = "dist_timeout"
+    given: float | str | None = value  # the environment gives a string
     if value is None and os.environ.get(TIMEOUT_ENV, "").strip():
-        value, where = os.environ[TIMEOUT_ENV], TIMEOUT_ENV
-    if value is None:
+        given, where = os.environ[TIMEOUT_ENV], TIMEOUT_ENV
+    if given is None:
         return DEFAULT_TIMEOUT_S
     try:
-        seconds = float(value)
+        seconds = float(given)
     except (TypeError, ValueError):
         seconds = float("nan")
     if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"{where} must be a positive number of seconds, got {value!r}")
+        raise ValueError(f"{where} must be a positive number of seconds, got {given!r}")
     return seconds
 
 

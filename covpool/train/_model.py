@@ -26,15 +26,14 @@ from ._resume import model_changes
 from .config import TORCHVISION_PREFIX, ConfigError, ModelConfig, format_config_diff
 
 __all__ = ["PretrainedWeightsError", "BuiltModel", "build_model", "make_model", "set_grad_checkpointing",
-           "classifier_names", "head_modules", "head_parameter_names", "param_groups", "fixed_input_size",
-           "load_fitting"]
+           "classifier_names", "pooling_modules", "head_modules", "head_parameter_names", "param_groups",
+           "fixed_input_size", "load_fitting"]
 
-# The second-order pooling modules of covpool's heads. With the classifier they are "the head" of a model, which
-# optim.head_lr_mult scales and the start-up header lists: whatever the head (the iSQRT-COV family's CovPool,
-# a token model's TokenCovPool around it or around SoT's cross-covariance, So-ViT's own head), every parameter
-# of these modules is as new as the classifier when a pretrained backbone is fine-tuned.
-_POOLING_TYPES = (covpool.CovPool, covpool.SoViTHead, covpool.TokenCovPool, covpool.MultiHeadCrossCov,
-                  covpool.SvPNCrossCov)
+# Where a model keeps its global pooling: timm's models (covpool's, and the wrapper swap_pooling puts around the
+# others) in `global_pool`, torchvision's in `avgpool`. Only a second-order head puts parameters there (timm's and
+# torchvision's global poolings have none), and those are as new as the classifier when a pretrained backbone is
+# fine-tuned, whichever head built them: a registered one's module (covpool.register_head) included.
+_POOLING_ATTRS = ("global_pool", "avgpool")
 _CLASSIFIER_ATTRS = ("fc", "classifier", "head")
 
 
@@ -197,11 +196,10 @@ def _resize_classifier(model: nn.Module, num_classes: int) -> None:
             break
     else:
         raise ConfigError(f"{type(model).__name__} has no classifier named one of {_CLASSIFIER_ATTRS}")
-    linears = [name for name, m in head.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(name, m) for name, m in head.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ConfigError(f"{type(model).__name__}.{attr} holds no nn.Linear to resize")
-    name = linears[-1]
-    old = head.get_submodule(name) if name else head
+    name, old = linears[-1]
     if old.out_features == num_classes:
         return
     new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device,
@@ -361,26 +359,38 @@ def classifier_names(model: nn.Module) -> list[str]:
     declared = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
     if declared:
         names += [declared] if isinstance(declared, str) else list(declared)
-    if callable(getattr(model, "get_classifier", None)):
-        clf = model.get_classifier()
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        clf = get_classifier()
         names += [n for n, m in modules.items() if m is clf and n]
     else:
         names += [a for a in _CLASSIFIER_ATTRS if isinstance(getattr(model, a, None), nn.Module)][:1]
-    out = []
+    out: list[str] = []
     for name in names:
         if name in modules and name not in out and not any(name.startswith(o + ".") for o in out):
             out = [o for o in out if not o.startswith(name + ".")] + [name]
     return out
 
 
-def head_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The new head of a fine-tuned model: its second-order pooling modules (the outermost of covpool's pooling
-    layers: :class:`covpool.CovPool`, :class:`covpool.SoViTHead`, a token model's ``TokenCovPool``, SoT's
-    cross-covariance) and its classifier (:func:`classifier_names`), by module name."""
+def pooling_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The learned global pooling of a model, by module name: the module its pooling attribute holds
+    (``global_pool`` in timm's models, covpool's and the :class:`covpool.models.SecondOrderNet` that
+    :func:`covpool.swap_pooling` wraps around the others; ``avgpool`` in torchvision's) when it has parameters.
+    That is a second-order head's pooling whatever built it (a head registered with :func:`covpool.register_head`
+    included), while the average poolings of timm and torchvision, which have none, are left out."""
     out: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, _POOLING_TYPES) and not any(name.startswith(o + ".") for o in out if o):
-            out[name] = module
+    for attr in _POOLING_ATTRS:
+        module = getattr(model, attr, None)
+        if isinstance(module, nn.Module) and next(module.parameters(), None) is not None:
+            out[attr] = module
+    return out
+
+
+def head_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The new head of a fine-tuned model: its second-order pooling (:func:`pooling_modules`) and its
+    classifier (:func:`classifier_names`; for So-ViT and SoT the whole :class:`covpool.SoViTHead`), by module
+    name."""
+    out = pooling_modules(model)
     for name in classifier_names(model):
         if not any(name == o or name.startswith(o + ".") for o in out):
             out[name] = model.get_submodule(name)
@@ -398,10 +408,11 @@ def set_grad_checkpointing(model: nn.Module, cfg: ModelConfig) -> None:
     :class:`ConfigError`."""
     if not cfg.grad_checkpointing:
         return
-    if not callable(getattr(model, "set_grad_checkpointing", None)):
+    enable = getattr(model, "set_grad_checkpointing", None)
+    if not callable(enable):
         raise ConfigError(f"model.grad_checkpointing=true: {cfg.name} ({type(model).__name__}) has no "
                           "set_grad_checkpointing (timm's models do); turn it off for this model")
-    model.set_grad_checkpointing(True)
+    enable(True)
 
 
 def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float,

@@ -97,7 +97,8 @@ def _with_defaults(data: dict, defaults: dict) -> dict:
 def _changes(stored: Mapping[str, Any], current: TrainConfig | Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     # a key that did not exist when the checkpoint was written had its default value
     stored = _with_defaults(dict(stored), config_to_dict(TrainConfig()))
-    return {key: (old, new) for key, old, new in config_diff(stored, current)}
+    new = current if isinstance(current, TrainConfig) else dict(current)
+    return {key: (old, new) for key, old, new in config_diff(stored, new)}
 
 
 def _shapes_weights(key: str) -> bool:

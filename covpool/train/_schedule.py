@@ -14,12 +14,15 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from ..linalg import BackendSpec
 from .config import ConfigError, TrainConfig, did_you_mean
+
+if TYPE_CHECKING:
+    from covpool import CovPool
 
 __all__ = ["BackendSchedule", "parse_backend_schedule", "check_backend_spec", "backend_for_epoch", "describe_backend",
            "checkpoint_epoch"]
@@ -29,7 +32,7 @@ _KEY = "model.backend_schedule"
 _EXAMPLE = "e.g. [[0, ns], [10, svd_pade]] or [[0, ns], [10, {name: svd_pade, degree: 4}]]"
 
 
-def _pooling_types() -> tuple[type[nn.Module], ...]:
+def _pooling_types() -> tuple[type[CovPool], ...]:
     import covpool
 
     return (covpool.CovPool,)  # also the square root of a So-ViT "mpa" head and of swap_pooling's heads
@@ -163,5 +166,7 @@ class BackendSchedule:
     def describe(self, model: nn.Module) -> str:
         """The backend(s) of the model's pooling layers as one label (``""`` when it has none)."""
         types = _pooling_types()
-        labels = dict.fromkeys(describe_backend(m.backend) for m in model.modules() if isinstance(m, types))
+        # a CovPool keeps each option as an attribute of its name, set from its options (not declared on the class)
+        specs = [getattr(m, "backend", None) for m in model.modules() if isinstance(m, types)]
+        labels = dict.fromkeys(describe_backend(spec) for spec in specs if spec is not None)
         return " + ".join(labels)

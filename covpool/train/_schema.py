@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 
 def did_you_mean(value: Any, valid: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` with the valid name closest to ``value``, or ``""`` when none is close.
+    """`` (did you mean 'x'?)`` with the name of ``valid`` closest to ``value``, or ``""`` when none is close.
 
     >>> did_you_mean("cosinee", ["cosine", "step"])
     " (did you mean 'cosine'?)"
@@ -58,7 +58,8 @@ class Choices:
 
     @classmethod
     def of(cls, what: str, *names: str) -> Choices:
-        """A fixed list of ``names``."""
+        """A fixed list of ``names``, which ``what`` describes in an error (``"a clipping mode of timm's
+        dispatch_clip_grad"``)."""
         return cls(what, lambda: names)
 
     def text(self) -> str:
@@ -66,7 +67,8 @@ class Choices:
         return self.where or " | ".join(map(str, self.names()))
 
     def check(self, key: str, value: str) -> None:
-        """Raise :class:`ConfigError` when ``value`` is not one of the values, naming the closest."""
+        """Raise :class:`ConfigError` when ``value`` is not one of the values, naming the config ``key``
+        (``"model.head"``), the closest value and, for a fixed list, the valid ones."""
         names = list(self.names())
         if self.accepts(value) if self.accepts is not None else value in names:
             return
@@ -221,6 +223,9 @@ def coerce(value: Any, hint: Any, key: str, where: str = "") -> Any:
 class _Section:
     """A section of keys; checks every key's interval and rule when built directly in Python, as files and
     overrides are."""
+
+    if typing.TYPE_CHECKING:  # every section is a dataclass (config.py decorates each), so fields() takes it
+        __dataclass_fields__: typing.ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

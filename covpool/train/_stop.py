@@ -11,16 +11,22 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import FrameType
 
 import torch
 
 from ._dist import DistContext, all_reduce_max, all_reduce_sum
 
-__all__ = ["TrainingAborted", "StopFlag", "stop_signals", "agree_to_stop", "stopped_during_set_up"]
+__all__ = ["TrainingAborted", "StopFlag", "stop_signals", "signal_name", "agree_to_stop", "stopped_during_set_up"]
 
 
 class TrainingAborted(KeyboardInterrupt):
     """A second Ctrl-C aborted the run at once; the message says which checkpoint, if any, holds the work."""
+
+
+def signal_name(signum: int | None) -> str:
+    """``SIGTERM`` for the signal number 15; ``a stop request`` for None (a flag no signal set)."""
+    return signal.Signals(signum).name if signum is not None else "a stop request"
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:
@@ -37,7 +43,7 @@ class StopFlag:
         self.requested = False
         self.signum: int | None = None
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested and signum == signal.SIGINT:
             raise TrainingAborted
         if not self.requested:

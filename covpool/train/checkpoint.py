@@ -49,9 +49,10 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: dict[str, Any], path: str | Path) -> Path:
-    """``torch.save`` to ``path`` atomically (:func:`covpool.outputs.atomic_write`: a temporary file in
-    the same directory, flushed and fsynced, then ``os.replace``). On any error the temporary file is
-    removed and the old ``path``, if any, is untouched.
+    """``torch.save`` of ``obj`` (a checkpoint's dict of tensors and plain containers) to ``path`` atomically
+    (:func:`covpool.outputs.atomic_write`: a temporary file in the same directory, flushed and fsynced, then
+    ``os.replace``); returns the path. On any error the temporary file is removed and the old ``path``, if any,
+    is untouched.
 
     Raises:
         OSError: the write failed (full disk, quota, I/O error); the message names ``path`` and the cause,
@@ -72,7 +73,13 @@ __getattr__ = moved_names(__name__, {"remove_stale_temp_files": (
 
 
 def weights_checksum(state_dict: Mapping[str, Any]) -> str:
-    """BLAKE2b digest (hex) of a state dict's names, dtypes, shapes and bytes, in key order."""
+    """BLAKE2b digest (40 hex digits) of ``state_dict``'s names, dtypes, shapes and bytes, in key order (a value
+    that is not a tensor by its ``repr``): what :func:`with_checksums` stores and :func:`load_checkpoint` checks.
+
+    >>> import torch
+    >>> weights_checksum({"w": torch.zeros(2)}) == weights_checksum({"w": torch.zeros(2, dtype=torch.float64)})
+    False
+    """
     digest = hashlib.blake2b(digest_size=20)
     for key, value in state_dict.items():
         digest.update(key.encode())
@@ -118,6 +125,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
                     ) -> dict[str, Any]:
     """Load a checkpoint written by ``covpool train`` with ``weights_only=True`` (no arbitrary pickles).
 
+    Args:
+        path: the checkpoint file (a run folder's ``last.pt`` or ``best.pt``).
+        map_location: where its tensors go, as ``torch.load`` takes it (``"cpu"``, a ``torch.device``).
+        verify: check each set of weights against the checksum stored with it (:func:`weights_checksum`).
+
+    Returns:
+        The checkpoint's dict; one written by covpool 0.1 (weights under ``model`` / ``ema``) comes back with
+        today's keys (``state_dict`` / ``state_dict_ema``).
+
     Raises:
         FileNotFoundError: ``path`` is not a file.
         CheckpointError: the file is empty, not a PyTorch file, a plain state dict or another program's
@@ -160,7 +176,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 @dataclass(frozen=True)
 class Checkpoint:
     """A checkpoint read and verified once (:meth:`Checkpoint.read`), with the file it came from for messages; what a
-    command hands on instead of the path, so nothing reads (and hashes) the file a second time."""
+    command hands on instead of the path, so nothing reads (and hashes) the file a second time.
+
+    Args:
+        path: the file it was read from.
+        state: its contents, as :func:`load_checkpoint` returns them.
+    """
 
     path: Path
     state: Mapping[str, Any]
@@ -195,7 +216,10 @@ class Checkpoint:
 def rng_state() -> dict[str, Any]:
     """Every RNG the training loop touches, as tensors and numbers (``weights_only``-loadable)."""
     py_version, py_keys, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    # numpy's global RandomState is an MT19937, whose legacy state is a tuple (a dict is for other generators)
+    assert isinstance(np_state, tuple)
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     state = {
         "torch": torch.get_rng_state(),
         "python": {"version": py_version, "keys": torch.tensor(py_keys, dtype=torch.int64), "gauss": py_gauss},
@@ -208,7 +232,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured (CUDA states only when as many CUDA devices are here)."""
+    """Restore the RNGs from ``state``, what :func:`rng_state` captured (CUDA states only when as many CUDA
+    devices are here)."""
     torch.set_rng_state(state["torch"].cpu())
     py = state["python"]
     random.setstate((py["version"], tuple(int(k) for k in py["keys"].tolist()), py["gauss"]))

@@ -109,7 +109,7 @@ def _is_model(name: str) -> bool:
 def _optimizers() -> list[str]:
     from timm.optim import list_optimizers
 
-    return list_optimizers()
+    return [name for name in list_optimizers() if isinstance(name, str)]  # names only, without with_description
 
 
 def _is_optimizer(name: str) -> bool:
@@ -340,8 +340,10 @@ def _build(cls: type, data: Any, prefix: str, where: Callable[[str], str]) -> An
 
 
 def config_from_dict(data: dict, where: str = "", overrides: list[str] | None = None) -> TrainConfig:
-    """Build a :class:`TrainConfig` from a (nested) plain dict with ``key=value`` ``overrides`` on top;
-    ``where`` names the dict's source in errors (e.g. ``" in c.yaml"``), errors in an override name it."""
+    """Build a :class:`TrainConfig` from ``data``, a (nested) plain dict (None or empty: the defaults), with
+    ``key=value`` ``overrides`` on top (:func:`apply_overrides`); ``where`` names the dict's source in errors
+    (e.g. ``" in c.yaml"``), errors in an override name it. Raises :class:`ConfigError` for an unknown key (the
+    message names the closest), a value of the wrong type or out of its range or choices, a malformed override."""
     overrides = list(overrides or [])
     data = apply_overrides(data, overrides) if overrides else data
     overridden = [item.partition("=")[0].strip() for item in overrides]
@@ -357,13 +359,14 @@ def config_from_dict(data: dict, where: str = "", overrides: list[str] | None = 
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
-    """The config as plain nested dicts/lists/scalars (what checkpoints and ``config.yaml`` store)."""
+    """``cfg`` as plain nested dicts/lists/scalars (what checkpoints and ``config.yaml`` store)."""
     return dataclasses.asdict(cfg)
 
 
 def _set_dotted(data: dict, cls: type, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
-    node, section, prefix = data, cls, ""
+    node, prefix = data, ""
+    section: type | None = cls
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if section is not None:
@@ -384,8 +387,15 @@ def _set_dotted(data: dict, cls: type, dotted: str, value: Any) -> None:
         prefix += part + "."
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``key=value`` strings (dotted keys, YAML-scalar values) to a plain config dict, in order."""
+def apply_overrides(data: Any, overrides: list[str]) -> dict[str, Any]:
+    """Apply ``overrides``, ``key=value`` strings (dotted keys, YAML-scalar values, e.g. ``optim.lr=0.01``), in
+    order to ``data``, a plain nested config dict (what a YAML file or a checkpoint holds; None: empty), and
+    return the result, a new dict (``data`` is not modified).
+
+    Raises:
+        ConfigError: ``data`` is not a mapping, an override is not ``key=value``, its value not valid YAML or its
+            key unknown (the message names the closest and lists the valid ones).
+    """
     if not isinstance(data, dict) and data is not None:
         raise ConfigError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
     out = yaml.safe_load(yaml.safe_dump(data or {}))
@@ -403,7 +413,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (a file, or a shipped config's name; the defaults when ``path`` is None) and apply
-    ``key=value`` overrides."""
+    ``overrides``, ``key=value`` strings (:func:`apply_overrides`), in order.
+
+    Raises:
+        ConfigError: ``path`` is neither a file nor a shipped config's name (:class:`ConfigNotFoundError`), the
+            file is not a YAML mapping, or a key or value is wrong (the message names it and where it came from).
+    """
     data: dict = {}
     where = ""
     if path is not None:
@@ -429,7 +444,7 @@ MISSING = _Missing()
 
 def config_diff(old: dict | TrainConfig, new: dict | TrainConfig,
                 ignore: tuple[str, ...] | list[str] = ()) -> list[tuple[str, Any, Any]]:
-    """The dotted keys whose values differ between two configs, as ``(key, old_value, new_value)``.
+    """The dotted keys whose values differ between configs ``old`` and ``new``: ``(key, old_value, new_value)``.
 
     Configs are :class:`TrainConfig` or plain dicts (what a checkpoint stores); nested sections and free-form
     dicts (``model.kwargs``) are compared key by key, a key present on one side only has :data:`MISSING` on the
@@ -467,7 +482,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def format_config_diff(diff: list[tuple[str, Any, Any]]) -> str:
-    """``config_diff``'s result as one line: ``epochs: 1 -> 3, optim.lr: 0.1 -> 0.01``."""
+    """``diff``, :func:`config_diff`'s result, as one line: ``epochs: 1 -> 3, optim.lr: 0.1 -> 0.01``."""
     return ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in diff)
 
 

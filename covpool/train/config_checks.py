@@ -128,7 +128,7 @@ def _check_input_size(model: torch.nn.Module, cfg: TrainConfig) -> None:
     size = cfg.data.img_size
     seen: list[tuple[torch.nn.Module, int]] = []
 
-    def reached(module, args):
+    def reached(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         seen.append((module, _positions(module, args[0])))
         raise _Reached
 

@@ -11,8 +11,10 @@ Everything is deterministic given ``seed``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,7 +100,7 @@ class EmbeddedTextures(Dataset):
     """
 
     def __init__(self, split: str = "train", img_size: int = 64, per_class: int = 160, seed: int = 0,
-                 grayscale: bool = True, transform=None) -> None:
+                 grayscale: bool = True, transform: Callable[[torch.Tensor], Any] | None = None) -> None:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if img_size < 8 or per_class < 1:
@@ -121,8 +123,8 @@ class EmbeddedTextures(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int):
-        image = self.images[index].float().div_(255.0)
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image: Any = self.images[index].float().div_(255.0)
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]

@@ -25,9 +25,11 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..outputs import console_logging, first_line, moved_names
@@ -48,11 +50,11 @@ from ._resume import Progress, check_resume_config, describe_resume, restore_wei
 from ._run_folder import RunFolder, saved_work
 from ._schedule import BackendSchedule
 from ._seed import loader_seed, process_seed, seed_everything
-from ._stop import StopFlag, TrainingAborted, agree_to_stop, stopped_during_set_up
+from ._stop import StopFlag, TrainingAborted, agree_to_stop, signal_name, stopped_during_set_up
 from .checkpoint import Checkpoint, rng_state, set_rng_state, with_checksums
 from .config import ConfigError, TrainConfig, config_to_dict
 from .config_checks import check_config
-from .data import Splits, build_train_loader, build_val_loader, check_class_lists, open_datasets
+from .data import ResumableSampler, Splits, build_train_loader, build_val_loader, check_class_lists, open_datasets
 from .evaluation import evaluate_model, interactive, to_device
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]
@@ -69,19 +71,32 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns (on every rank; files are written by rank 0 only)."""
+    """What :func:`train` returns (on every rank; files are written by rank 0 only).
+
+    Attributes:
+        run_dir: the run's folder (``cfg.run_dir``): checkpoints, ``config.yaml``, ``metrics.csv``, ``curves.png``.
+        history: one row per epoch trained, the columns of ``metrics.csv`` (``epoch``, ``train_loss``,
+            ``val_acc1``, ..., numbers, and ``backend``, the square-root backend's label).
+        best_acc1: the best validation top-1 accuracy (%), of the epoch ``best.pt`` holds.
+        best_epoch: that epoch (1-based; 0 before any epoch ended).
+        elapsed_s: seconds this call spent training (set-up excluded).
+        interrupted: a signal stopped the run before its last epoch (``last.pt`` holds the work).
+        model: the trained model, bare (not wrapped by DDP or compiled), on the run's device.
+        stop_signal: the signal that stopped an interrupted run (SIGINT, SIGTERM or SIGUSR1); None otherwise.
+    """
 
     run_dir: Path
-    history: list[dict[str, float]]
+    history: list[dict[str, Any]]
     best_acc1: float
     best_epoch: int
     elapsed_s: float
     interrupted: bool = False
     model: nn.Module | None = field(default=None, repr=False)
-    stop_signal: int | None = None  # the signal that stopped an interrupted run (SIGINT, SIGTERM, SIGUSR1)
+    stop_signal: int | None = None
 
     @property
-    def final(self) -> dict[str, float]:
+    def final(self) -> dict[str, Any]:
+        """The last epoch's row of :attr:`history` (empty when no epoch ended)."""
         return self.history[-1] if self.history else {}
 
     @property
@@ -119,7 +134,7 @@ class _Trainer:
             self.folder.release()
             raise
 
-    def _set_up(self, resume, overwrite: bool) -> None:
+    def _set_up(self, resume: str | Path | bool | Checkpoint | None, overwrite: bool) -> None:
         cfg, ctx = self.cfg, self.ctx
         checkpoint = self.folder.checkpoint_to_resume(resume, overwrite)
         changes = check_resume_config(checkpoint.config, cfg) if checkpoint is not None else {}
@@ -164,13 +179,16 @@ class _Trainer:
         # what the training step calls: the model, wrapped by DDP under torchrun and compiled with `compile`;
         # checkpoints, evaluation and the EMA use the bare model
         self.training_module: nn.Module = model
+        # DDP's no_sync() (gradients kept local) for all but the last batch of an accumulated step
+        self.ddp: DistributedDataParallel | None = None
         if ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.training_module = DistributedDataParallel(model, device_ids=[ctx.device.index] if pin else None)
+            self.training_module = self.ddp = DistributedDataParallel(
+                model, device_ids=[ctx.device.index] if pin else None)
         if cfg.compile is not False:
-            self.training_module = torch.compile(self.training_module,
-                                                 backend="inductor" if cfg.compile is True else cfg.compile)
+            compiled = torch.compile(self.training_module, backend="inductor" if cfg.compile is True else cfg.compile)
+            # torch.compile of a Module is an OptimizedModule (a Module); its stub says a plain callable
+            assert isinstance(compiled, nn.Module)
+            self.training_module = compiled
         self.backends = BackendSchedule(cfg.model.backend_schedule, cfg.epochs)
         self.progress = Progress()
         if ctx.rank > 0:
@@ -213,7 +231,8 @@ class _Trainer:
         # the base rate: a group scaled by 0 (optim.head_lr_mult=0, a frozen head) does not tell it
         return max((g["lr"] / g["lr_scale"] for g in self.optimizer.param_groups if g["lr_scale"] > 0), default=0.0)
 
-    def _forward(self, images: torch.Tensor, target: torch.Tensor):
+    def _forward(self, images: torch.Tensor, target: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.linalg.LinAlgError | None]:
         """Loss and correct count of one batch; a LinAlgError (eigh/svd refuse NaN/inf or hopelessly
         degenerate input) is returned instead of raised, so every process still takes part in the step."""
         ctx = self.ctx
@@ -257,7 +276,7 @@ class _Trainer:
         loss_sum, correct, failure = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device), None
         for i, (images_i, target_i) in enumerate(zip(images, target)):
             # the gradients of all but the last batch stay local; DDP all-reduces once, in the last backward
-            sync = nullcontext() if i == n - 1 or not ctx.distributed else self.training_module.no_sync()
+            sync = nullcontext() if i == n - 1 or self.ddp is None else self.ddp.no_sync()
             with sync:
                 loss, hits, err = self._forward(images_i, target_i)
                 failure = failure or err
@@ -296,6 +315,7 @@ class _Trainer:
         # the epoch's backend, also when resuming mid-epoch (the schedule is a function of the epoch only)
         self.backends.apply(p.epoch, [self.model, getattr(self.ema, "module", None)], announce=ctx.is_main)
         sampler = self.train_loader.sampler
+        assert isinstance(sampler, ResumableSampler)  # build_train_loader's
         sampler.set_epoch(p.epoch)
         sampler.skip = p.step_in_epoch * cfg.data.batch_size * cfg.grad_accum_steps
         # workers draw their augmentation seeds from this generator: a function of (seed, epoch, rank) only
@@ -378,14 +398,14 @@ class _Trainer:
         start = time.perf_counter()
         interrupted = stopped_during_set_up(stop, ctx)
         if interrupted and ctx.is_main:
-            _log.info(f"stopped by {signal.Signals(stop.signum).name} during set-up: nothing trained, no checkpoint "
+            _log.info(f"stopped by {signal_name(stop.signum)} during set-up: nothing trained, no checkpoint "
                       "written" + (" (the resumed one is unchanged)" if p.global_step else ""))
         while not interrupted and p.epoch < cfg.epochs:
             if not self._train_epoch(stop):
                 interrupted = True
                 self._save(best=False)
                 if ctx.is_main:
-                    _log.info(f"stopped by {signal.Signals(stop.signum).name} at epoch {p.epoch + 1}, step "
+                    _log.info(f"stopped by {signal_name(stop.signum)} at epoch {p.epoch + 1}, step "
                               f"{p.step_in_epoch}: saved {self.folder.last}; continue with --resume")
                 break
             self._end_epoch()

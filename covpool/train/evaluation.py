@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..outputs import console_logging, first_line, moved_names, new_figure, save_figure, write_csv
@@ -28,7 +30,7 @@ __all__ = ["to_device", "interactive", "evaluate_model", "predict_loader", "eval
            "plot_confusion", "check_checkpoint_classes", "load_weights"]
 
 
-def _autocast(amp: str, device: torch.device):
+def _autocast(amp: str, device: torch.device) -> AbstractContextManager:
     """What ``evaluation.autocast`` was, a name that hid ``torch.autocast``: the autocast region of config
     ``amp`` on ``device``."""
     return amp_mode(amp).autocast(device)
@@ -60,8 +62,8 @@ def _correct(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor
     return (top == target[:, None]).any(dim=-1).sum()
 
 
-def _logits(model: nn.Module, loader, ctx: DistContext, amp: str, max_steps: int | None, desc: str, progress: bool,
-            channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _logits(model: nn.Module, loader: DataLoader, ctx: DistContext, amp: str, max_steps: int | None, desc: str,
+            progress: bool, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(logits in float32, target)`` of each batch of ``loader`` (at most ``max_steps``), ``model`` in eval
     mode under ``amp``'s autocast, with a progress bar on rank 0's terminal; the model's mode is restored."""
     was_training = model.training
@@ -85,9 +87,29 @@ def _logits(model: nn.Module, loader, ctx: DistContext, amp: str, max_steps: int
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader, ctx: DistContext, amp: str = "none", max_steps: int | None = None,
-                   desc: str = "val", progress: bool = False, channels_last: bool = False) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (%) of ``model`` over ``loader``, summed over all processes."""
+def evaluate_model(model: nn.Module, loader: DataLoader, ctx: DistContext, amp: str = "none",
+                   max_steps: int | None = None, desc: str = "val", progress: bool = False,
+                   channels_last: bool = False) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy (%) of ``model`` over ``loader``, summed over all processes (each
+    evaluates its own shard, e.g. :func:`covpool.train.data.build_val_loader`'s).
+
+    Args:
+        model: a classifier, evaluated in eval mode and without gradients; its mode is restored afterwards.
+        loader: ``(images, target)`` batches: ``(B, 3, H, W)`` floating-point images, ``(B,)`` integer labels.
+        ctx: the process's place in the run (rank, world size, device), as ``init_distributed`` gives it.
+        amp: the mixed-precision mode, ``"none"``, ``"bf16"`` or ``"fp16"`` (:mod:`covpool.precision`).
+        max_steps: evaluate at most this many batches per process; None: the whole loader.
+        desc: the progress bar's label.
+        progress: show a progress bar (on rank 0, when stderr is a terminal).
+        channels_last: move the images to NHWC memory layout first (as a channels-last model trains).
+
+    Returns:
+        ``loss`` (mean cross-entropy), ``acc1`` and ``acc5`` (%), and ``count``, the images evaluated over all
+        processes.
+
+    Raises:
+        ValueError: an unknown ``amp`` mode.
+    """
     sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss_sum, top1, top5, count
     for logits, target in _logits(model, loader, ctx, amp, max_steps, desc, progress, channels_last):
         sums += torch.stack([F.cross_entropy(logits, target, reduction="sum"), _correct(logits, target, 1),
@@ -101,11 +123,16 @@ def evaluate_model(model: nn.Module, loader, ctx: DistContext, amp: str = "none"
 
 
 @torch.no_grad()
-def predict_loader(model: nn.Module, loader, ctx: DistContext, amp: str = "none", max_steps: int | None = None,
-                   desc: str = "eval", progress: bool = False, channels_last: bool = False) -> dict[str, torch.Tensor]:
+def predict_loader(model: nn.Module, loader: DataLoader, ctx: DistContext, amp: str = "none",
+                   max_steps: int | None = None, desc: str = "eval", progress: bool = False,
+                   channels_last: bool = False) -> dict[str, torch.Tensor]:
     """Per-image results of ``model`` over ``loader`` on this process: ``target``, ``pred`` (top-1 class),
     ``prob`` (its softmax probability), ``top5`` (whether the label is among the 5 best) and ``loss``
-    (cross-entropy), each a CPU tensor in the loader's order."""
+    (cross-entropy), each a ``(N,)`` CPU tensor in the loader's order (int64, int64, float32, bool, float32).
+
+    ``ctx``, ``amp``, ``max_steps``, ``desc``, ``progress`` and ``channels_last`` are as in
+    :func:`evaluate_model`.
+    """
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("target", "pred", "prob", "top5", "loss")}
     for logits, target in _logits(model, loader, ctx, amp, max_steps, desc, progress, channels_last):
         prob, pred = logits.softmax(dim=-1).max(dim=-1)
@@ -180,7 +207,8 @@ class EvalResult:
                 for image, t, p, q in zip(self.images, r["target"], r["pred"], r["prob"])]
 
     def write(self, folder: str | Path, title: str = "") -> list[Path]:
-        """``per_class.csv``, ``confusion.csv``, ``confusion.png`` and ``predictions.csv`` in ``folder``."""
+        """``per_class.csv``, ``confusion.csv``, ``confusion.png`` (its ``title`` above the matrix) and
+        ``predictions.csv`` in ``folder``; returns their paths."""
         folder = Path(folder)
         matrix = [{"true \\ predicted": name, **{n: int(v) for n, v in zip(self.classes, row.tolist())}}
                   for name, row in zip(self.classes, self.confusion)]
@@ -193,7 +221,17 @@ class EvalResult:
 
 def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | Path, title: str = "") -> Path:
     """The confusion matrix as an image, each row normalised to the fraction of its class's images (class
-    names on the axes up to 40 classes)."""
+    names on the axes up to 40 classes).
+
+    Args:
+        confusion: ``(K, K)`` counts, rows the true class, columns the predicted one (an :class:`EvalResult`'s).
+        classes: the K class names, in label order.
+        path: the PNG file to write (atomically, whatever its suffix).
+        title: the figure's title.
+
+    Returns:
+        ``path``, as a :class:`~pathlib.Path`.
+    """
     counts = confusion.double()
     rates = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
     k = len(classes)
@@ -217,6 +255,10 @@ def evaluate(checkpoint: str | Path | Checkpoint, cfg: TrainConfig | None = None
     model and that split are built.
 
     Args:
+        checkpoint: a ``last.pt`` / ``best.pt`` written by ``covpool train``, or a
+            :class:`~covpool.train.checkpoint.Checkpoint` already read.
+        cfg: a config to use instead of the stored one (e.g. another ``data.root``); None: the stored config.
+        use_ema: evaluate the EMA weights (stored when the run used ``ema=true``) instead of the model's own.
         split: ``val`` (default), ``test`` (an ImageFolder's ``test/`` folder; for CUB-200 and the torchvision
             data sets the same images as ``val``, their official test split) or ``train``
             (:func:`covpool.train.data.dataset_splits`).
@@ -283,9 +325,9 @@ def evaluate(checkpoint: str | Path | Checkpoint, cfg: TrainConfig | None = None
 
 
 def check_checkpoint_classes(ckpt: Checkpoint, classes: list[str], what: str) -> list[str]:
-    """The class names to report with: the checkpoint's, after checking that ``classes`` (a data set's) are the
-    same (:class:`ClassListError` otherwise); a checkpoint written before covpool stored them takes the data
-    set's."""
+    """The class names to report with: the checkpoint ``ckpt``'s, after checking that ``classes`` (a data set's)
+    are the same (:class:`ClassListError` otherwise, whose message names the data set as ``what`` says, e.g.
+    ``"data set 'cub200' (val split)"``); a checkpoint written before covpool stored them takes the data set's."""
     stored = ckpt.class_names
     if stored is None:
         return list(classes)
@@ -295,9 +337,9 @@ def check_checkpoint_classes(ckpt: Checkpoint, classes: list[str], what: str) ->
 
 
 def load_weights(model: nn.Module, ckpt: Checkpoint, key: str = "state_dict") -> None:
-    """Load a checkpoint's weights (``key``: ``state_dict`` or ``state_dict_ema``) into the model its config
-    builds; a classifier of another size (a checkpoint written before class names were stored, evaluated on
-    another data set) is a :class:`ClassListError`, any other difference a :class:`CheckpointError`."""
+    """Load the weights of checkpoint ``ckpt`` (``key``: ``state_dict`` or ``state_dict_ema``) into ``model``, the
+    model its config builds; a classifier of another size (a checkpoint written before class names were stored,
+    evaluated on another data set) is a :class:`ClassListError`, any other difference a :class:`CheckpointError`."""
     own = model.state_dict()
     weights = ckpt.state[key]
     sized = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]

@@ -12,7 +12,7 @@ its pretrained config names the classes and the input size::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,8 @@ class ImageReadError(ValueError):
 
 
 def model_config(checkpoint: Checkpoint) -> TrainConfig:
-    """The training config stored in a checkpoint."""
+    """The training config stored in ``checkpoint``; a :class:`ConfigError` (naming the checkpoint) when it is not
+    one this covpool reads."""
     return config_from_dict(checkpoint.config, where=f" (stored in {checkpoint.path})")
 
 
@@ -62,8 +63,9 @@ def _classifier_rows(ckpt: Checkpoint, cfg: TrainConfig) -> int:
 
 
 def class_names(checkpoint: Checkpoint, num_classes: int | None = None) -> list[str]:
-    """The checkpoint's class names (``"0"``, ``"1"``, ... for one written before covpool stored them, and for
-    outputs beyond the list when ``model.num_classes`` made the classifier wider), ``num_classes`` of them."""
+    """The class names of ``checkpoint`` (``"0"``, ``"1"``, ... for one written before covpool stored them, and
+    for outputs beyond the list when ``model.num_classes`` made the classifier wider), ``num_classes`` of them
+    (None: as many as it stores)."""
     names = checkpoint.class_names or []
     return names + [str(i) for i in range(len(names), num_classes or len(names))]
 
@@ -108,7 +110,8 @@ def load_model(checkpoint: str | Path | Checkpoint, device: str | torch.device =
         info["crop_pct"] = cfg.data.crop_pct
     if cfg.data.interpolation is not None:
         info["interpolation"] = cfg.data.interpolation
-    model.pretrained_cfg = model.default_cfg = info
+    # nn.Module's stub types an attribute's value as Tensor | Module; any value is allowed (timm's is a dict)
+    model.pretrained_cfg = model.default_cfg = info  # type: ignore[assignment]
     return model.to(device).eval()
 
 
@@ -136,8 +139,9 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:<n>``; a device this machine lacks is a
-    :class:`ConfigError`."""
+    """The ``torch.device`` that ``device`` names: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or
+    ``cuda:<n>`` (a string or a ``torch.device``); a device this machine lacks, or one that is neither a CPU nor a
+    CUDA device, is a :class:`ConfigError`."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -158,13 +162,13 @@ class _Files(Dataset):
     """Image files through a transform; a file that cannot be read gives its error instead of an image, so
     the first bad file is reported by name whatever the number of workers."""
 
-    def __init__(self, files: Sequence[Path], transform) -> None:
+    def __init__(self, files: Sequence[Path], transform: Callable[[Any], torch.Tensor]) -> None:
         self.files, self.transform = list(files), transform
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str]:
         from PIL import Image
 
         try:
@@ -174,16 +178,23 @@ class _Files(Dataset):
             return None, f"{self.files[index]}: {first_line(err)}"
 
 
-def _collate(batch):
+def _collate(batch: list[tuple[torch.Tensor | None, str]]) -> tuple[torch.Tensor | None, list[str]]:
     errors = [error for _, error in batch if error]
     if errors:
         return None, errors
-    return torch.stack([image for image, _ in batch]), []
+    return torch.stack([image for image, _ in batch if image is not None]), []
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """The top-k classes of one image, best first."""
+    """The top-k classes of one image, best first, as :func:`predict` returns them.
+
+    Attributes:
+        path: the image file.
+        labels: the k class indices (the classifier's outputs).
+        classes: their class names.
+        probabilities: their softmax probabilities, in [0, 1].
+    """
 
     path: Path
     labels: tuple[int, ...]
@@ -206,9 +217,24 @@ def predict(checkpoint: str | Path | Checkpoint, paths: Iterable[str | Path], to
     folders searched recursively), by the model of ``checkpoint`` (:func:`load_model`) with its evaluation
     transform (:func:`covpool.train.data.image_transform`), in batches of ``batch_size``.
 
+    Args:
+        checkpoint: a ``last.pt`` / ``best.pt`` path, or a :class:`~covpool.train.Checkpoint` already read.
+        paths: image files and folders (searched recursively for :data:`IMAGE_SUFFIXES`), in the order given.
+        top_k: classes per image, >= 1 (at most the model's class count are returned).
+        batch_size: images per forward pass, >= 1.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:<n>"`` or a ``torch.device``
+            (:func:`resolve_device`); the run's ``amp`` mode is used where the device can run it.
+        use_ema: the EMA weights (runs with ``ema=true``).
+        workers: data-loader processes that read and transform the images, >= 0 (0: this process).
+        progress: show a progress bar (when stderr is a terminal).
+
+    Returns:
+        One :class:`Prediction` per image, in the order of the files found.
+
     Raises:
         ImageReadError: a path is missing, the paths hold no image, or a file is not a readable image.
-        ConfigError: ``top_k`` or ``batch_size`` below 1, or a ``device`` this machine lacks.
+        ConfigError: ``top_k`` or ``batch_size`` below 1, ``workers`` below 0, or a ``device`` this machine
+            lacks.
         CheckpointError, FileNotFoundError: as :func:`load_model`.
     """
     if top_k < 1 or batch_size < 1 or workers < 0:
@@ -219,7 +245,7 @@ def predict(checkpoint: str | Path | Checkpoint, paths: Iterable[str | Path], to
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.read(checkpoint)
     cfg = model_config(ckpt)
     model = load_model(ckpt, dev, use_ema=use_ema)
-    names = list(model.pretrained_cfg["label_names"])
+    names = list(getattr(model, "pretrained_cfg", {})["label_names"])  # load_model put them there
     # the run's autocast, where this device can run it
     amp = amp_mode(cfg.amp) if amp_mode(cfg.amp).refusal(dev.type) is None else AMP_MODES["none"]
     k = min(top_k, len(names))
@@ -244,13 +270,14 @@ def predict(checkpoint: str | Path | Checkpoint, paths: Iterable[str | Path], to
 
 
 def write_predictions(predictions: Sequence[Prediction], path: str | Path) -> Path:
-    """The predictions as a CSV file (one row per image, :meth:`Prediction.row`), written atomically."""
+    """``predictions`` (at least one) as a CSV file at ``path`` (one row per image, :meth:`Prediction.row`),
+    written atomically; returns the path."""
     k = max(len(p.classes) for p in predictions)
     fields = ["image", *(f"{kind}_{rank}" for rank in range(1, k + 1) for kind in ("class", "probability"))]
     return write_csv([p.row() for p in predictions], path, fields)
 
 
 def format_prediction(prediction: Prediction) -> str:
-    """``path: class (97.1%), class (1.2%), ...``"""
+    """One ``prediction`` as a line: ``path: class (97.1%), class (1.2%), ...``."""
     best = ", ".join(f"{name} ({100 * p:.1f}%)" for name, p in zip(prediction.classes, prediction.probabilities))
     return f"{prediction.path}: {best}"

@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 from ..outputs import format_table, new_figure, save_figure, write_csv
-from ._model import head_modules
+from ._model import BuiltModel, head_modules
 
 if TYPE_CHECKING:
-    from ._model import BuiltModel
     from .checkpoint import Checkpoint
     from .config import TrainConfig
     from .data import Splits
@@ -38,37 +37,47 @@ _TABLE = {"epoch": ("epoch", "{:.0f}"), "train_loss": ("train loss", "{:.4f}"), 
           "train_img_per_s": ("img/s", "{:.0f}")}
 
 
-def write_metrics(history: Sequence[Mapping], path: str | Path) -> Path:
-    """``metrics.csv``: one row per epoch, the columns of :data:`METRICS_FIELDS`."""
+def write_metrics(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """``history`` (a run's per-epoch rows) as a CSV file at ``path`` (a run's ``metrics.csv``), written atomically:
+    one row per epoch, the columns of :data:`METRICS_FIELDS`; returns the path."""
     return write_csv(history, path, METRICS_FIELDS)
 
 
-def _has_ema(history: Sequence[Mapping]) -> bool:
+def _has_ema(history: Sequence[Mapping[str, Any]]) -> bool:
     return any(r.get("ema_val_acc1") is not None and not math.isnan(r["ema_val_acc1"]) for r in history)
 
 
-def format_history(history: Sequence[Mapping]) -> str:
-    """The per-epoch metrics as an aligned text table (the EMA column only for runs that keep one)."""
+def format_history(history: Sequence[Mapping[str, Any]]) -> str:
+    """A run's ``history`` (its per-epoch rows, the keys of :data:`METRICS_FIELDS`) as an aligned text table (the
+    EMA column only for runs that keep one)."""
     columns = [key for key in _TABLE if key != "ema_val_acc1" or _has_ema(history)]
     return format_table(history, columns, headers={k: h for k, (h, _) in _TABLE.items()},
                         formats={k: f for k, (_, f) in _TABLE.items()})
 
 
-def epoch_line(row: Mapping, epochs: int, is_best: bool, ema: bool) -> str:
-    """The summary line a run prints at the end of an epoch."""
+def epoch_line(row: Mapping[str, Any], epochs: int, is_best: bool, ema: bool) -> str:
+    """The summary line a run prints at the end of an epoch.
+
+    Args:
+        row: the epoch's row of the history (the keys of :data:`METRICS_FIELDS`).
+        epochs: the run's number of epochs (``epoch 3/10``).
+        is_best: mark the line ``*best*`` (the epoch that ``best.pt`` now holds).
+        ema: add the EMA weights' validation accuracy (``ema_val_acc1``).
+    """
     ema_text = f"  ema val acc {row['ema_val_acc1']:.2f}%" if ema else ""
     return (f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "
             f"val loss {row['val_loss']:.4f} acc {row['val_acc1']:.2f}% (top-5 {row['val_acc5']:.2f}%){ema_text}  "
             f"{row['epoch_time_s']:.1f}s {row['train_img_per_s']:.0f} img/s" + ("  *best*" if is_best else ""))
 
 
-def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str | Path, title: str = "") -> Path:
+def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str = "") -> Path:
     """One figure, two panels (loss, accuracy %), a train (dashed) and val (solid) line per run, and the EMA
     weights' validation accuracy (dotted) for runs that keep an EMA; the epoch axis has whole-epoch ticks.
 
     ``runs`` maps a label to its per-epoch rows (``epoch``, ``train_loss``, ``val_loss``, ``train_acc``,
     ``val_acc1``, optionally ``ema_val_acc1``), as in ``metrics.csv``; one run needs no label
-    (``{"": history}``)."""
+    (``{"": history}``). The figure is written atomically as a PNG file at ``path``, with ``title`` above the
+    panels (none when empty); returns the path."""
     from matplotlib.ticker import MaxNLocator
 
     fig = new_figure((10, 4))
@@ -108,7 +117,7 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
 
 
-def _lr_per_group(groups: list[dict]) -> str:
+def _lr_per_group(groups: list[dict[str, Any]]) -> str:
     """``backbone 0.01, backbone, no decay 0.01, head 0.05, ...``; with layer-wise decay (many groups) the
     range of each kind instead."""
     named = [(g.get("name", f"group {i}"), g["lr"]) for i, g in enumerate(groups)]
@@ -122,11 +131,24 @@ def _lr_per_group(groups: list[dict]) -> str:
 
 
 def start_up_header(cfg: TrainConfig, model: nn.Module, built: BuiltModel, data: Splits, checkpoint: Checkpoint | None,
-                    optimizer: Any, steps_per_epoch: int, backend: str, device: torch.device, world_size: int
-                    ) -> list[str]:
+                    optimizer: torch.optim.Optimizer, steps_per_epoch: int, backend: str, device: torch.device,
+                    world_size: int) -> list[str]:
     """The lines a run logs before its first step (rank 0), as timm's train.py does: the model, its parameter
     counts and head, where its weights come from and which modules are new, the data, the device and the
-    schedule, and the learning rate of each parameter group."""
+    schedule, and the learning rate of each parameter group.
+
+    Args:
+        cfg: the run's config.
+        model: the model as it will train (on its device, before any DDP wrapper).
+        built: the model as built, with where its weights came from and which modules are new.
+        data: the run's data sets (their sizes and class count).
+        checkpoint: the checkpoint the run resumes, or None for a fresh run.
+        optimizer: the run's optimizer, whose parameter groups' ``name`` and ``lr`` are listed.
+        steps_per_epoch: optimizer steps per epoch.
+        backend: the label of the model's square-root backend(s) (``""``: none).
+        device: the device the run trains on.
+        world_size: the number of processes (``torchrun``), which multiplies the images per step.
+    """
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     pooling = [n for n, m in head_modules(model).items() if not isinstance(m, nn.Linear)]
