@@ -13,8 +13,9 @@ name in one place, so they cannot drift apart). A new file
 gets the mode any program's new file gets (0666 less the umask, so colleagues can read a run on a shared file
 system where the umask allows it); a replaced file keeps its mode.
 
-Names that moved: :func:`moved_names` gives a module the ``__getattr__`` that keeps an old import path working
-for one release, with a :class:`FutureWarning` naming the new one.
+Names that moved: :func:`moved_names` (the library's, re-exported for the application) gives a module the
+``__getattr__`` that keeps an old import path working for one release, with a :class:`FutureWarning` naming the
+new one.
 
 Benchmark pages: :func:`write_markdown_page` writes a title, a line saying when, where and by which command
 the figures were measured (:func:`covpool.bench.machine_stamp`, with :func:`cpu_description`), tables and
@@ -28,16 +29,16 @@ import io
 import logging
 import math
 import os
-import pkgutil
 import platform
 import secrets
 import stat
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
+
+from ._deprecation import moved_names
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -306,31 +307,3 @@ def console_logging(name: str = "covpool") -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
-
-
-def moved_names(module: str, moved: Mapping[str, str | tuple[str, str]]) -> Callable[[str], Any]:
-    """The module-level ``__getattr__`` of ``module`` for its names that moved, kept for one release.
-
-    ``moved`` maps an old name to where it lives now, ``"package.module:name"``, or to ``(that, advice)`` when
-    the new spelling differs from a plain import (the advice is what the warning tells the reader to write).
-    Reading an old name warns with a :class:`FutureWarning` and returns the object; any other unknown name is an
-    :class:`AttributeError`, as without the hook.
-
-    >>> __getattr__ = moved_names("old.place", {"dumps": "json:dumps"})
-    >>> import warnings
-    >>> with warnings.catch_warnings(record=True) as caught:
-    ...     warnings.simplefilter("always")
-    ...     dumps = __getattr__("dumps")
-    >>> dumps([1]), str(caught[0].message)
-    ('[1]', 'old.place.dumps is deprecated and goes in the next release; use json.dumps')
-    """
-    def __getattr__(name: str) -> Any:
-        if name not in moved:
-            raise AttributeError(f"module {module!r} has no attribute {name!r}")
-        entry = moved[name]
-        target, advice = (entry, entry.replace(":", ".")) if isinstance(entry, str) else entry
-        warnings.warn(f"{module}.{name} is deprecated and goes in the next release; use {advice}", FutureWarning,
-                      stacklevel=2)
-        return pkgutil.resolve_name(target)
-
-    return __getattr__

@@ -25,7 +25,7 @@ from torch import nn
 from covpool.linalg import BackendSpec
 from covpool.linalg._checks import check_int, check_number
 
-from . import functional, pooling
+from .._deprecation import moved_names
 from ._common import Factory, out_features_of
 from .heads import get_head, list_heads
 from .pooling import _init_reduction
@@ -34,17 +34,13 @@ __all__ = ["SoViTHead"]
 
 # SoViTHead(kind=...) before covpool 0.2, and the head name each kind is now.
 _KINDS = {"svpn": "svpn", "mpa": "mpa_cov", "sot": "sot"}
-# Names that lived here before covpool 0.2 and where they are now.
-_MOVED = {"SvPNCrossCov": pooling, "MultiHeadCrossCov": pooling, "cross_covariance": functional, "svpn": functional}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    home = _MOVED[name].__name__.replace(".pooling", "")  # the classes are documented in covpool.layers
-    warnings.warn(f"{__name__}.{name} moved: import it from {home} (this path goes in the next release)",
-                  FutureWarning, stacklevel=2)
-    return getattr(_MOVED[name], name)
+# Names that lived here before covpool 0.2, and where they are now.
+__getattr__ = moved_names(__name__, {
+    "SvPNCrossCov": ("covpool.layers.pooling:SvPNCrossCov", "covpool.layers.SvPNCrossCov"),
+    "MultiHeadCrossCov": ("covpool.layers.pooling:MultiHeadCrossCov", "covpool.layers.MultiHeadCrossCov"),
+    "cross_covariance": "covpool.layers.functional:cross_covariance",
+    "svpn": "covpool.layers.functional:svpn",
+})
 
 
 def _init_classifier(fc: nn.Module) -> None:

@@ -19,12 +19,12 @@ path still imports, with a FutureWarning, for one release).
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any, TypeVar
 
 from timm.models.resnet import ResNet as TimmResNet
 from torch import nn
 
+from .._deprecation import moved_names
 from ..layers import CovPool, MultiHeadCrossCov, SoViTHead, SvPNCrossCov, get_head, list_heads
 from ..layers._common import Factory, out_features_of
 from ..linalg._checks import check_keywords, is_int
@@ -37,12 +37,8 @@ __all__ = ["swap_pooling"]
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in ("SecondOrderNet", "TokenCovPool"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"covpool.models.swap.{name} moved to covpool.models.second_order: import it from covpool.models "
-                  "(this path goes in the next release)", FutureWarning, stacklevel=2)
-    return getattr(second_order, name)
+__getattr__ = moved_names(__name__, {name: (f"covpool.models.second_order:{name}", f"covpool.models.{name}")
+                                     for name in ("SecondOrderNet", "TokenCovPool")})
 
 
 _CLASSIFIER_NAMES = ("fc", "classifier", "head")
