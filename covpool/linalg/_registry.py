@@ -241,10 +241,6 @@ def int_at_least(low: int) -> Callable[[str, Any], int]:
     return check
 
 
-def positive_float_or_none(key: str, value: Any) -> float | None:
-    return check_number(key, value, 0.0, open_low=True, allow_none=True)
-
-
 def bool_option(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{key} must be true or false, got {value!r}")
