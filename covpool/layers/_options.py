@@ -19,6 +19,7 @@ from einops import rearrange
 
 from covpool.linalg import BackendSpec, resolve_backend
 from covpool.linalg._checks import check_int, check_keywords, check_number
+from covpool.linalg._registry import check_gram
 
 __all__ = ["CovPoolOptions", "option", "check_used", "check_option", "options_signature", "LAYOUTS", "check_layout",
            "as_maps", "VECTORIZE", "NORMALIZATIONS", "vectorize_mode", "normalization_mode"]
@@ -105,12 +106,6 @@ def _choice(*choices: str) -> Callable[[str, Any], str | None]:
     return check
 
 
-def _gram(name: str, value: Any) -> bool | str:
-    if not (value is True or value is False or value == "auto"):  # not `in`: 1 == True
-        raise ValueError(f"{name} must be 'auto', True or False, got {value!r}")
-    return value
-
-
 def option(default: Any, check: Callable[[str, Any], Any], *, positional: bool = False,
            read_when: Callable[[Any], bool] | None = None, needs: str = "", shown: str = "changed") -> Any:
     """One option of :class:`CovPoolOptions`, a dataclass field with its rules as metadata.
@@ -163,7 +158,7 @@ class CovPoolOptions:
     sketch_seed: int = option(0, lambda k, v: check_int(k, v, 0), read_when=lambda o: o["sketch"] is not None,
                               needs="a sketch", shown="always")
     channel_drop: str | None = option(None, _choice(*_CHANNEL_DROPS))
-    gram: bool | str = option("auto", _gram)
+    gram: bool | str = option("auto", check_gram)
     layout: str = option("auto", lambda k, v: check_layout(v))
 
     def __post_init__(self) -> None:

@@ -97,8 +97,7 @@ class Backend:
             >>> ns.uses_gram(256, 49), ns.uses_gram(256, 196), ns.uses_gram(256, 256)
             (True, True, False)
         """
-        if not (gram is True or gram is False or gram == "auto"):  # not `in`: 1 == True
-            raise ValueError(f"gram must be 'auto', True or False, got {gram!r}")
+        check_gram("gram", gram)
         if gram is True and self.gram_fn is None:
             have = ", ".join(name for name, b in _REGISTRY.items() if b.gram_fn is not None) or "none"
             raise ValueError(f"backend {self.name!r} has no Gram-side form (backends with one: {have}); "
@@ -239,6 +238,13 @@ def int_at_least(low: int) -> Callable[[str, Any], int]:
         return check_int(key, value, low)
 
     return check
+
+
+def check_gram(key: str, value: Any) -> bool | str:
+    """The ``gram`` argument of :meth:`Backend.uses_gram` and of the pooling layers: ``"auto"``, True or False."""
+    if not (value is True or value is False or value == "auto"):  # not `in`: 1 == True
+        raise ValueError(f"{key} must be 'auto', True or False, got {value!r}")
+    return value
 
 
 def bool_option(key: str, value: Any) -> bool:
