@@ -19,7 +19,7 @@ from einops import rearrange
 
 from covpool.linalg import BackendSpec, resolve_backend
 from covpool.linalg._checks import check_int, check_keywords, check_number
-from covpool.linalg._registry import check_gram
+from covpool.linalg._registry import bool_option, check_gram
 
 __all__ = ["CovPoolOptions", "option", "check_used", "check_option", "options_signature", "LAYOUTS", "check_layout",
            "as_maps", "VECTORIZE", "NORMALIZATIONS", "vectorize_mode", "normalization_mode"]
@@ -84,12 +84,6 @@ def normalization_mode(normalization: Any, name: str = "normalization") -> str:
     return mode
 
 
-def _flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
-    return value
-
-
 def _backend(name: str, value: Any) -> BackendSpec:
     resolve_backend(value)  # a known name and valid options; the spec is kept as given
     return value
@@ -141,14 +135,14 @@ class CovPoolOptions:
     vectorize: bool | str = option("triu", lambda k, v: vectorize_mode(v, k), positional=True,
                                    read_when=lambda o: o["sketch"] is None,
                                    needs="no sketch (a sketch is a vector already)", shown="always")
-    centered: bool = option(True, _flag)
+    centered: bool = option(True, bool_option)
     normalization: str | None = option("sqrt", lambda k, v: normalization_mode(v, k))
     alpha: float = option(0.5, lambda k, v: check_number(k, v, 0.0, open_low=True,
                                                          note="the power of normalization='power'"),
                           read_when=lambda o: o["normalization"] == "power" and o["sketch"] is None,
                           needs="normalization='power'", shown="always")
-    signed_sqrt: bool = option(False, _flag)
-    l2: bool = option(False, _flag)
+    signed_sqrt: bool = option(False, bool_option)
+    l2: bool = option(False, bool_option)
     sqrt_smoothing: float = option(0.0, lambda k, v: check_number(
         k, v, 0.0, note="added to √|z| in the signed square root's backward, z summed over the positions"),
         read_when=lambda o: o["signed_sqrt"], needs="signed_sqrt")
