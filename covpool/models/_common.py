@@ -114,10 +114,11 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     return {_WRAPPER_PREFIX.sub("", k): v for k, v in checkpoint.items()}
 
 
-def require_weights(variant: str, kwargs: Mapping[str, Any]) -> None:
+def require_weights(variant: str, kwargs: Mapping[str, Any], backbone_tag: str | None = ".tv_in1k") -> None:
     """Raise a clear error when ``pretrained=True`` resolves to a tag without weights timm can fetch (the
     authors' releases on Google Drive / Baidu Cloud, which serve no direct downloads): the tag's notes say
-    where the file is, and the message how to load a downloaded copy."""
+    where the file is, and the message how to load a downloaded copy, or ``backbone_tag`` (None: the model
+    has no backbone-only tag to suggest)."""
     from timm.models import resolve_pretrained_cfg
 
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
@@ -126,8 +127,8 @@ def require_weights(variant: str, kwargs: Mapping[str, Any]) -> None:
         notes = " ".join(cfg.notes or ())
         raise ValueError(
             f"{variant}.{cfg.tag} has no weights timm can download. {notes} Load a downloaded copy with "
-            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=path)), or use a "
-            "backbone-only tag such as '.tv_in1k'."
+            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=path))"
+            + (f", or use a backbone-only tag such as '{backbone_tag}'." if backbone_tag else ".")
         )
 
 

@@ -50,12 +50,12 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_module
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.densenet import DenseBlock, DenseTransition
 from torch import nn
 
 from ..layers import MultiHeadCrossCov, SoViTHead
-from ._common import keep_fitting_classifier, unwrap_checkpoint
+from ._common import keep_fitting_classifier, require_weights, unwrap_checkpoint
 from .so_vit import SoViT, VisualTokenEmbed, fit_pos_embed
 
 __all__ = ["SoT", "DenseTokenEmbed", "checkpoint_filter_fn"]
@@ -267,14 +267,7 @@ def _create_sot(variant: str, pretrained: bool = False, **kwargs: Any) -> SoT:
     # allow that one plain class when timm loads them with weights_only=True.
     with torch.serialization.safe_globals([argparse.Namespace]):
         if pretrained:
-            cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
-                                         pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"))
-            if not (cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict):
-                raise ValueError(
-                    f"{variant}.{cfg.tag} has no weights timm can download. {' '.join(cfg.notes or ())} Load a "
-                    f"downloaded copy with timm.create_model('{variant}', pretrained=True, "
-                    "pretrained_cfg_overlay=dict(file=path))."
-                )
+            require_weights(variant, kwargs, backbone_tag=None)  # no backbone-only tag: SoT's stem is its own
             kwargs = keep_fitting_classifier(variant, kwargs, rename=_release_key)
         return build_model_with_cfg(
             SoT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
