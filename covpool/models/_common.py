@@ -13,7 +13,8 @@ from torch import nn
 from ..linalg._checks import check_int, is_int
 
 __all__ = ["check_num_classes", "check_vector_output", "stage_stride",
-           "set_stage_stride", "set_last_stride", "keep_fitting_classifier", "unwrap_checkpoint", "require_weights"]
+           "set_stage_stride", "set_last_stride", "keep_fitting_classifier", "unwrap_checkpoint", "with_model_head",
+           "require_weights"]
 
 
 def check_num_classes(num_classes: Any) -> None:
@@ -112,6 +113,15 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
             checkpoint = checkpoint[key]
             break
     return {_WRAPPER_PREFIX.sub("", k): v for k, v in checkpoint.items()}
+
+
+def with_model_head(state_dict: Mapping[str, Any], model: nn.Module, prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """``state_dict`` with its head (the keys under ``prefixes``) replaced by ``model``'s freshly initialised
+    one: a plain backbone's checkpoint (timm's or torchvision's, whose classifier reads other features) then
+    loads strictly."""
+    out = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+    out.update((k, v) for k, v in model.state_dict().items() if k.startswith(prefixes))
+    return out
 
 
 def require_weights(variant: str, kwargs: Mapping[str, Any], backbone_tag: str | None = ".tv_in1k") -> None:

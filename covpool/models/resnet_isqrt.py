@@ -44,6 +44,7 @@ from ._common import (
     require_weights,
     set_last_stride,
     unwrap_checkpoint,
+    with_model_head,
 )
 from .second_order import _build_pool, _head_spec
 
@@ -233,10 +234,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ISqrtRes
     state_dict = {_rename_authors_key(k): v for k, v in unwrap_checkpoint(state_dict).items()}
     if any(k.startswith("global_pool.") for k in state_dict):
         return state_dict
-    own = model.state_dict()
-    out = {k: v for k, v in state_dict.items() if not k.startswith(_HEAD_PREFIXES)}
-    out.update((k, v) for k, v in own.items() if k.startswith(_HEAD_PREFIXES))
-    return out
+    return with_model_head(state_dict, model, _HEAD_PREFIXES)
 
 
 def _build_isqrt_resnet(official_init: bool = True, **kwargs: Any) -> ISqrtResNet:
