@@ -13,8 +13,8 @@ from torch import nn
 from ..linalg._checks import check_int, is_int
 
 __all__ = ["check_num_classes", "check_vector_output", "stage_stride",
-           "set_stage_stride", "set_last_stride", "keep_fitting_classifier", "unwrap_checkpoint", "with_model_head",
-           "require_weights"]
+           "set_stage_stride", "set_last_stride", "keep_fitting_classifier", "unwrap_checkpoint", "replace_prefix",
+           "with_model_head", "require_weights"]
 
 
 def check_num_classes(num_classes: Any) -> None:
@@ -113,6 +113,15 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
             checkpoint = checkpoint[key]
             break
     return {_WRAPPER_PREFIX.sub("", k): v for k, v in checkpoint.items()}
+
+
+def replace_prefix(key: str, pairs: tuple[tuple[str, str], ...]) -> str | None:
+    """``key`` with the first ``(old, new)`` prefix of ``pairs`` it starts with replaced (a checkpoint's names
+    in another layout mapped to covpool's), or None when it starts with none of them."""
+    for old, new in pairs:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
 
 
 def with_model_head(state_dict: Mapping[str, Any], model: nn.Module, prefixes: tuple[str, ...]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 from ..layers import CovPool
-from ._common import keep_fitting_classifier, require_weights, unwrap_checkpoint, with_model_head
+from ._common import keep_fitting_classifier, replace_prefix, require_weights, unwrap_checkpoint, with_model_head
 from .resnet_isqrt import _HEAD_PREFIXES, ISqrtResNet
 
 __all__ = ["DropCovResNet", "checkpoint_filter_fn"]
@@ -103,10 +103,7 @@ class DropCovResNet(ISqrtResNet):
 
 
 def _rename_authors_key(key: str) -> str:
-    for old, new in _AUTHORS_KEYS:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
+    return replace_prefix(key, _AUTHORS_KEYS) or key
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: DropCovResNet) -> dict[str, torch.Tensor]:

@@ -41,6 +41,7 @@ from ..linalg._checks import is_int
 from ._common import (
     check_num_classes,
     keep_fitting_classifier,
+    replace_prefix,
     require_weights,
     set_last_stride,
     unwrap_checkpoint,
@@ -198,10 +199,7 @@ def _rename_authors_key(key: str) -> str:
         if index not in _MAIN_FEATURES:
             raise ValueError(f"unexpected fast-MPN-COV feature index in {key!r} (known: {sorted(_MAIN_FEATURES)})")
         return _MAIN_FEATURES[index] + rest
-    for old, new in _AUTHORS_KEYS + _MAIN_PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
+    return replace_prefix(key, _AUTHORS_KEYS + _MAIN_PREFIXES) or key
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ISqrtResNet) -> dict[str, torch.Tensor]:

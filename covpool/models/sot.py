@@ -55,7 +55,8 @@ from timm.models.densenet import DenseBlock, DenseTransition
 from torch import nn
 
 from ..layers import MultiHeadCrossCov, SoViTHead
-from ._common import keep_fitting_classifier, require_weights, unwrap_checkpoint
+from . import so_vit
+from ._common import keep_fitting_classifier, replace_prefix, require_weights, unwrap_checkpoint
 from .so_vit import SoViT, VisualTokenEmbed, fit_pos_embed
 
 __all__ = ["SoT", "DenseTokenEmbed", "checkpoint_filter_fn"]
@@ -214,23 +215,16 @@ class SoT(SoViT):
         )
 
 
-# The releases' names (SoT's sot_src and DropCov's Transformers/src share them) -> covpool's.
-_RELEASE_PREFIXES = (
-    ("visual_tokens.tokens.stem.0.", "patch_embed.backbone.conv."),
-    ("visual_tokens.tokens.stage.", "patch_embed.backbone.stage."),
-    ("visual_tokens.tokens.transition.", "patch_embed.proj."),
-    ("classifier.cls_fc.", "head.fc_cls."),
-    ("classifier.visual_fc.", "head.fc_cov."),
+# The releases' names (SoT's sot_src and DropCov's Transformers/src share them) -> covpool's: So-ViT's token stem
+# and classifiers, and the multi-headed head's.
+_RELEASE_PREFIXES = so_vit._RELEASE_PREFIXES + (
     ("classifier.representation.wr.", "head.pool.proj."),
     ("classifier.representation.norm.weight", "head.pool.v0"),
 )
 
 
 def _release_key(key: str) -> str:
-    for old, new in _RELEASE_PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
+    return replace_prefix(key, _RELEASE_PREFIXES) or key
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: SoT) -> dict[str, torch.Tensor]:

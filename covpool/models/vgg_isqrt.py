@@ -52,6 +52,7 @@ from ..linalg._checks import check_int
 from ._common import (
     check_num_classes,
     keep_fitting_classifier,
+    replace_prefix,
     require_weights,
     unwrap_checkpoint,
     with_model_head,
@@ -305,9 +306,9 @@ def _rename_authors_key(key: str) -> str:
     match = _FEATURES.match(key)
     if match:
         return "features." + match.group(1)
-    for old, new in _AUTHORS_PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old):]
+    renamed = replace_prefix(key, _AUTHORS_PREFIXES)
+    if renamed is not None:
+        return renamed
     match = _AUTHORS_FINETUNED.match(key)
     if match:
         return "head.fc." + match.group(1)
