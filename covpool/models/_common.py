@@ -13,7 +13,8 @@ from torch import nn
 from ..linalg._checks import check_int, is_int
 
 __all__ = ["check_num_classes", "check_vector_output", "stage_stride",
-           "set_stage_stride", "set_last_stride", "keep_fitting_classifier", "unwrap_checkpoint", "require_weights"]
+           "set_stage_stride", "set_last_stride", "keep_fitting_classifier", "unwrap_checkpoint", "replace_prefix",
+           "with_model_head", "require_weights"]
 
 
 def check_num_classes(num_classes: Any) -> None:
@@ -114,10 +115,29 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     return {_WRAPPER_PREFIX.sub("", k): v for k, v in checkpoint.items()}
 
 
-def require_weights(variant: str, kwargs: Mapping[str, Any]) -> None:
+def replace_prefix(key: str, pairs: tuple[tuple[str, str], ...]) -> str | None:
+    """``key`` with the first ``(old, new)`` prefix of ``pairs`` it starts with replaced (a checkpoint's names
+    in another layout mapped to covpool's), or None when it starts with none of them."""
+    for old, new in pairs:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
+def with_model_head(state_dict: Mapping[str, Any], model: nn.Module, prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """``state_dict`` with its head (the keys under ``prefixes``) replaced by ``model``'s freshly initialised
+    one: a plain backbone's checkpoint (timm's or torchvision's, whose classifier reads other features) then
+    loads strictly."""
+    out = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+    out.update((k, v) for k, v in model.state_dict().items() if k.startswith(prefixes))
+    return out
+
+
+def require_weights(variant: str, kwargs: Mapping[str, Any], backbone_tag: str | None = ".tv_in1k") -> None:
     """Raise a clear error when ``pretrained=True`` resolves to a tag without weights timm can fetch (the
     authors' releases on Google Drive / Baidu Cloud, which serve no direct downloads): the tag's notes say
-    where the file is, and the message how to load a downloaded copy."""
+    where the file is, and the message how to load a downloaded copy, or ``backbone_tag`` (None: the model
+    has no backbone-only tag to suggest)."""
     from timm.models import resolve_pretrained_cfg
 
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
@@ -126,8 +146,8 @@ def require_weights(variant: str, kwargs: Mapping[str, Any]) -> None:
         notes = " ".join(cfg.notes or ())
         raise ValueError(
             f"{variant}.{cfg.tag} has no weights timm can download. {notes} Load a downloaded copy with "
-            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=path)), or use a "
-            "backbone-only tag such as '.tv_in1k'."
+            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=path))"
+            + (f", or use a backbone-only tag such as '{backbone_tag}'." if backbone_tag else ".")
         )
 
 

@@ -42,12 +42,11 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 from ..layers import CovPool
-from ._common import keep_fitting_classifier, require_weights, unwrap_checkpoint
-from .resnet_isqrt import ISqrtResNet
+from ._common import keep_fitting_classifier, replace_prefix, require_weights, unwrap_checkpoint, with_model_head
+from .resnet_isqrt import _HEAD_PREFIXES, ISqrtResNet
 
 __all__ = ["DropCovResNet", "checkpoint_filter_fn"]
 
-_HEAD_PREFIXES = ("global_pool.", "fc.")
 # The authors' names (ResNet_ACD) for what covpool keeps in the pooling module; the rest is torchvision's.
 _AUTHORS_KEYS = (
     ("layer_reduce_bn.", "global_pool.reduce.bn."),
@@ -104,10 +103,7 @@ class DropCovResNet(ISqrtResNet):
 
 
 def _rename_authors_key(key: str) -> str:
-    for old, new in _AUTHORS_KEYS:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
+    return replace_prefix(key, _AUTHORS_KEYS) or key
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: DropCovResNet) -> dict[str, torch.Tensor]:
@@ -143,10 +139,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: DropCovR
                 f"it with reduced_dim={reduce.shape[0]}"
             )
         return state_dict
-    own = model.state_dict()
-    out = {k: v for k, v in state_dict.items() if not k.startswith(_HEAD_PREFIXES)}
-    out.update((k, v) for k, v in own.items() if k.startswith(_HEAD_PREFIXES))
-    return out
+    return with_model_head(state_dict, model, _HEAD_PREFIXES)
 
 
 def _build_dropcov_resnet(official_init: bool = True, **kwargs: Any) -> DropCovResNet:

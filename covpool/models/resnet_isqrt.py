@@ -41,9 +41,11 @@ from ..linalg._checks import is_int
 from ._common import (
     check_num_classes,
     keep_fitting_classifier,
+    replace_prefix,
     require_weights,
     set_last_stride,
     unwrap_checkpoint,
+    with_model_head,
 )
 from .second_order import _build_pool, _head_spec
 
@@ -197,10 +199,7 @@ def _rename_authors_key(key: str) -> str:
         if index not in _MAIN_FEATURES:
             raise ValueError(f"unexpected fast-MPN-COV feature index in {key!r} (known: {sorted(_MAIN_FEATURES)})")
         return _MAIN_FEATURES[index] + rest
-    for old, new in _AUTHORS_KEYS + _MAIN_PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
+    return replace_prefix(key, _AUTHORS_KEYS + _MAIN_PREFIXES) or key
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ISqrtResNet) -> dict[str, torch.Tensor]:
@@ -233,10 +232,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ISqrtRes
     state_dict = {_rename_authors_key(k): v for k, v in unwrap_checkpoint(state_dict).items()}
     if any(k.startswith("global_pool.") for k in state_dict):
         return state_dict
-    own = model.state_dict()
-    out = {k: v for k, v in state_dict.items() if not k.startswith(_HEAD_PREFIXES)}
-    out.update((k, v) for k, v in own.items() if k.startswith(_HEAD_PREFIXES))
-    return out
+    return with_model_head(state_dict, model, _HEAD_PREFIXES)
 
 
 def _build_isqrt_resnet(official_init: bool = True, **kwargs: Any) -> ISqrtResNet:

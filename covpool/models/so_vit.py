@@ -52,7 +52,7 @@ from torch import nn
 from ..layers import CovPool, SoViTHead, SvPNCrossCov, get_head
 from ..linalg import BackendSpec
 from ..linalg._checks import check_int, is_int
-from ._common import check_num_classes, keep_fitting_classifier, unwrap_checkpoint
+from ._common import check_num_classes, keep_fitting_classifier, replace_prefix, unwrap_checkpoint
 
 __all__ = ["SoViT", "VisualTokenEmbed", "sinusoid_pos_embed", "fit_pos_embed", "checkpoint_filter_fn"]
 
@@ -485,9 +485,9 @@ _RELEASE_HEADS = {"svpn": ("svpn", SvPNCrossCov), "mpa": ("mpa_cov", CovPool)}
 
 def _release_key(key: str) -> tuple[str, str | None]:
     """Map one release key; also say which head layout it belongs to ("svpn", "mpa" or None)."""
-    for old, new in _RELEASE_PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old):], None
+    renamed = replace_prefix(key, _RELEASE_PREFIXES)
+    if renamed is not None:
+        return renamed, None
     if key == _RELEASE_SVPN_V0:
         return "head.pool.v0", "svpn"
     match = _RELEASE_SVPN_BRANCH.match(key)

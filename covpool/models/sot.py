@@ -50,12 +50,13 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_module
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.densenet import DenseBlock, DenseTransition
 from torch import nn
 
 from ..layers import MultiHeadCrossCov, SoViTHead
-from ._common import keep_fitting_classifier, unwrap_checkpoint
+from . import so_vit
+from ._common import keep_fitting_classifier, replace_prefix, require_weights, unwrap_checkpoint
 from .so_vit import SoViT, VisualTokenEmbed, fit_pos_embed
 
 __all__ = ["SoT", "DenseTokenEmbed", "checkpoint_filter_fn"]
@@ -214,23 +215,16 @@ class SoT(SoViT):
         )
 
 
-# The releases' names (SoT's sot_src and DropCov's Transformers/src share them) -> covpool's.
-_RELEASE_PREFIXES = (
-    ("visual_tokens.tokens.stem.0.", "patch_embed.backbone.conv."),
-    ("visual_tokens.tokens.stage.", "patch_embed.backbone.stage."),
-    ("visual_tokens.tokens.transition.", "patch_embed.proj."),
-    ("classifier.cls_fc.", "head.fc_cls."),
-    ("classifier.visual_fc.", "head.fc_cov."),
+# The releases' names (SoT's sot_src and DropCov's Transformers/src share them) -> covpool's: So-ViT's token stem
+# and classifiers, and the multi-headed head's.
+_RELEASE_PREFIXES = so_vit._RELEASE_PREFIXES + (
     ("classifier.representation.wr.", "head.pool.proj."),
     ("classifier.representation.norm.weight", "head.pool.v0"),
 )
 
 
 def _release_key(key: str) -> str:
-    for old, new in _RELEASE_PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
+    return replace_prefix(key, _RELEASE_PREFIXES) or key
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: SoT) -> dict[str, torch.Tensor]:
@@ -267,14 +261,7 @@ def _create_sot(variant: str, pretrained: bool = False, **kwargs: Any) -> SoT:
     # allow that one plain class when timm loads them with weights_only=True.
     with torch.serialization.safe_globals([argparse.Namespace]):
         if pretrained:
-            cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
-                                         pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"))
-            if not (cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict):
-                raise ValueError(
-                    f"{variant}.{cfg.tag} has no weights timm can download. {' '.join(cfg.notes or ())} Load a "
-                    f"downloaded copy with timm.create_model('{variant}', pretrained=True, "
-                    "pretrained_cfg_overlay=dict(file=path))."
-                )
+            require_weights(variant, kwargs, backbone_tag=None)  # no backbone-only tag: SoT's stem is its own
             kwargs = keep_fitting_classifier(variant, kwargs, rename=_release_key)
         return build_model_with_cfg(
             SoT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,

@@ -52,8 +52,10 @@ from ..linalg._checks import check_int
 from ._common import (
     check_num_classes,
     keep_fitting_classifier,
+    replace_prefix,
     require_weights,
     unwrap_checkpoint,
+    with_model_head,
 )
 from .second_order import _build_pool, _head_spec
 
@@ -304,9 +306,9 @@ def _rename_authors_key(key: str) -> str:
     match = _FEATURES.match(key)
     if match:
         return "features." + match.group(1)
-    for old, new in _AUTHORS_PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old):]
+    renamed = replace_prefix(key, _AUTHORS_PREFIXES)
+    if renamed is not None:
+        return renamed
     match = _AUTHORS_FINETUNED.match(key)
     if match:
         return "head.fc." + match.group(1)
@@ -336,20 +338,16 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ISqrtVGG
             single linear layer and the model has hidden layers (build it with ``hidden_dim=0``).
     """
     state_dict = {_rename_authors_key(k): v for k, v in unwrap_checkpoint(state_dict).items()}
-    features = {k: v for k, v in state_dict.items() if not k.startswith(_HEAD_PREFIXES)}
-    own = model.state_dict()
-    own_head = {k: v for k, v in own.items() if k.startswith(_HEAD_PREFIXES)}
     pool = model.global_pool
     if not isinstance(pool, CovPool) or not any(k.startswith("global_pool.") for k in state_dict):
-        return {**features, **own_head}
+        return with_model_head(state_dict, model, _HEAD_PREFIXES)
     reduce = state_dict.get("global_pool.reduce.conv.weight")
     if reduce is not None and pool.reduced_dim is not None and reduce.shape[0] != pool.reduced_dim:
         raise ValueError(f"the checkpoint reduces to {reduce.shape[0]} channels but the model to {pool.reduced_dim}: "
                          f"build it with reduced_dim={reduce.shape[0]}")
     hidden = any(k.startswith("pre_logits.") for k in state_dict)
-    if hidden and not isinstance(model.pre_logits, nn.Sequential):
-        head = {k: v for k, v in state_dict.items() if k.startswith("global_pool.")}
-        return {**features, **head, **{k: v for k, v in own_head.items() if not k.startswith("global_pool.")}}
+    if hidden and not isinstance(model.pre_logits, nn.Sequential):  # the checkpoint's pooling, a fresh classifier
+        return with_model_head(state_dict, model, ("pre_logits.", "head."))
     if not hidden and isinstance(model.pre_logits, nn.Sequential):
         raise ValueError("the checkpoint's classifier is one linear layer on the covariance (fast-MPN-COV's "
                          "fine-tuned layout) but the model has hidden layers: build it with hidden_dim=0")
