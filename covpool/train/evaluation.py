@@ -56,10 +56,10 @@ def interactive() -> bool:
         return False
 
 
-def _correct(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
-    k = min(k, logits.shape[-1])
-    top = logits.topk(k, dim=-1).indices
-    return (top == target[:, None]).any(dim=-1).sum()
+def _in_top(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    """Whether each image's label is among its ``k`` best classes (all of them when there are fewer), ``(B,)``."""
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+    return (top == target[:, None]).any(dim=-1)
 
 
 def _logits(model: nn.Module, loader: DataLoader, ctx: DistContext, amp: str, max_steps: int | None, desc: str,
@@ -112,8 +112,8 @@ def evaluate_model(model: nn.Module, loader: DataLoader, ctx: DistContext, amp: 
     """
     sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss_sum, top1, top5, count
     for logits, target in _logits(model, loader, ctx, amp, max_steps, desc, progress, channels_last):
-        sums += torch.stack([F.cross_entropy(logits, target, reduction="sum"), _correct(logits, target, 1),
-                             _correct(logits, target, 5), torch.tensor(float(len(target)), device=ctx.device)]
+        sums += torch.stack([F.cross_entropy(logits, target, reduction="sum"), _in_top(logits, target, 1).sum(),
+                             _in_top(logits, target, 5).sum(), torch.tensor(float(len(target)), device=ctx.device)]
                             ).to(sums.dtype)
     all_reduce_sum(sums, ctx)
     loss_sum, top1, top5, count = sums.tolist()
@@ -136,9 +136,7 @@ def predict_loader(model: nn.Module, loader: DataLoader, ctx: DistContext, amp: 
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("target", "pred", "prob", "top5", "loss")}
     for logits, target in _logits(model, loader, ctx, amp, max_steps, desc, progress, channels_last):
         prob, pred = logits.softmax(dim=-1).max(dim=-1)
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        for key, value in (("target", target), ("pred", pred), ("prob", prob),
-                           ("top5", (top == target[:, None]).any(dim=-1)),
+        for key, value in (("target", target), ("pred", pred), ("prob", prob), ("top5", _in_top(logits, target, 5)),
                            ("loss", F.cross_entropy(logits, target, reduction="none"))):
             parts[key].append(value.cpu())
     empty = {"target": torch.long, "pred": torch.long, "prob": torch.float32, "top5": torch.bool,
