@@ -851,3 +851,27 @@ def test_so_vit_checks_the_backend_its_head_would_ignore():
         timm.create_model("so_vit_7", backend="foo")
     with pytest.raises(ValueError, match="backend='eig' does not apply"):
         covpool.SoViTHead(8, 2, reduced_dim=(4, 3), head="svpn", backend="eig")
+
+
+@pytest.mark.parametrize("name", ["resnet18_isqrt", "resnet18_dropcov"])
+def test_a_covpool_checkpoint_loads_strictly_into_the_model_without_head(name):
+    """``global_pool=''``: the checkpoint's covariance head gives way (it used to pass through to a model with
+    nowhere to put it: unexpected ``global_pool.reduce.*`` keys), and the backbone is the trained one."""
+    from importlib import import_module
+
+    torch.manual_seed(0)
+    full = timm.create_model(name, num_classes=5).eval()
+    bare = timm.create_model(name, global_pool="", num_classes=0).eval()
+    filter_fn = import_module(type(full).__module__).checkpoint_filter_fn
+    bare.load_state_dict(filter_fn(full.state_dict(), bare), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(bare(x), full.forward_features(x))
+
+
+def test_a_checkpoint_of_another_reduction_width_is_refused_with_the_width_to_build():
+    from covpool.models.resnet_isqrt import checkpoint_filter_fn
+
+    wide = timm.create_model("resnet18_isqrt", num_classes=5, reduced_dim=32)
+    narrow = timm.create_model("resnet18_isqrt", num_classes=5, reduced_dim=16)
+    with pytest.raises(ValueError, match="reduces to 32 channels but the model to 16: build it with reduced_dim=32"):
+        checkpoint_filter_fn(wide.state_dict(), narrow)

@@ -42,8 +42,8 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 from ..layers import CovPool
-from ._common import keep_fitting_classifier, replace_prefix, require_weights, unwrap_checkpoint, with_model_head
-from .resnet_isqrt import _HEAD_PREFIXES, ISqrtResNet
+from ._common import keep_fitting_classifier, replace_prefix, require_weights, unwrap_checkpoint
+from .resnet_isqrt import ISqrtResNet, _fit_head
 
 __all__ = ["DropCovResNet", "checkpoint_filter_fn"]
 
@@ -127,19 +127,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: DropCovR
         ValueError: the checkpoint's reduction has another width than the model's (build it with the
             ``reduced_dim`` the message gives).
     """
-    state_dict = {_rename_authors_key(k): v for k, v in unwrap_checkpoint(state_dict).items()}
-    pool = model.global_pool
-    if not isinstance(pool, CovPool):
-        return {k: v for k, v in state_dict.items() if not k.startswith(_HEAD_PREFIXES)}
-    if any(k.startswith("global_pool.") for k in state_dict):
-        reduce = state_dict.get("global_pool.reduce.conv.weight")
-        if reduce is not None and pool.reduced_dim is not None and reduce.shape[0] != pool.reduced_dim:
-            raise ValueError(
-                f"the checkpoint reduces to {reduce.shape[0]} channels but the model to {pool.reduced_dim}: build "
-                f"it with reduced_dim={reduce.shape[0]}"
-            )
-        return state_dict
-    return with_model_head(state_dict, model, _HEAD_PREFIXES)
+    return _fit_head({_rename_authors_key(k): v for k, v in unwrap_checkpoint(state_dict).items()}, model)
 
 
 def _build_dropcov_resnet(official_init: bool = True, **kwargs: Any) -> DropCovResNet:

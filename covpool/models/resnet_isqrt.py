@@ -209,7 +209,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ISqrtRes
     ``fc``), so the backbone maps one to one. A checkpoint without a covariance head (no ``global_pool.*``)
     is a plain ResNet: its ``fc`` is for 2048/512 pooled features, so the head and classifier keep the
     model's fresh initialisation and the backbone still loads strictly. A covpool checkpoint passes
-    through whole; timm then drops its classifier if the class count differs, as for any timm model.
+    through whole to a model with a covariance head of its width (timm then drops its classifier if the class
+    count differs, as for any timm model); a model built without head (``global_pool=''``) drops it.
 
     The iSQRT-COV authors' fast-MPN-COV layouts, raw or as a training checkpoint (``state_dict`` entry,
     DataParallel ``module.`` prefixes):
@@ -227,12 +228,30 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ISqrtRes
         The state dict in covpool's names, for ``model.load_state_dict`` (timm's ``pretrained_filter_fn``).
 
     Raises:
-        ValueError: a fast-MPN-COV ``features.N`` key has an index outside the ResNet's children.
+        ValueError: a fast-MPN-COV ``features.N`` key has an index outside the ResNet's children, or the
+            checkpoint's reduction has another width than the model's (the message gives the ``reduced_dim``).
     """
-    state_dict = {_rename_authors_key(k): v for k, v in unwrap_checkpoint(state_dict).items()}
-    if any(k.startswith("global_pool.") for k in state_dict):
-        return state_dict
-    return with_model_head(state_dict, model, _HEAD_PREFIXES)
+    return _fit_head({_rename_authors_key(k): v for k, v in unwrap_checkpoint(state_dict).items()}, model)
+
+
+def _fit_head(state_dict: dict[str, torch.Tensor], model: ISqrtResNet) -> dict[str, torch.Tensor]:
+    """The head half of the ResNet checkpoint filters (this module's and DropCov's), on a state dict already in
+    covpool's names: a checkpoint's covariance head passes through to a model that has one (of the same
+    reduction width); otherwise, a plain ResNet's checkpoint or a model built without head
+    (``global_pool=''``), the checkpoint's head gives way to the model's own.
+
+    Raises:
+        ValueError: the checkpoint's reduction has another width than the model's (the message gives the
+            ``reduced_dim`` to build it with).
+    """
+    pool = model.global_pool
+    if not (isinstance(pool, CovPool) and any(k.startswith("global_pool.") for k in state_dict)):
+        return with_model_head(state_dict, model, _HEAD_PREFIXES)
+    reduce = state_dict.get("global_pool.reduce.conv.weight")
+    if reduce is not None and pool.reduced_dim is not None and reduce.shape[0] != pool.reduced_dim:
+        raise ValueError(f"the checkpoint reduces to {reduce.shape[0]} channels but the model to {pool.reduced_dim}: "
+                         f"build it with reduced_dim={reduce.shape[0]}")
+    return state_dict
 
 
 def _build_isqrt_resnet(official_init: bool = True, **kwargs: Any) -> ISqrtResNet:
