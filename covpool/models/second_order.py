@@ -15,6 +15,7 @@ from torch import nn
 
 from ..layers import get_head, list_heads
 from ..layers._common import Factory, out_features_of
+from ..layers.backend_switch import _rooted_heads
 from ..linalg._checks import check_bool, check_int
 from ._common import check_num_classes, check_vector_output
 
@@ -77,7 +78,7 @@ def _head_spec(head: str, reduced_dim: int | None, backend: Any = None) -> dict[
     given): what a model's ``reduced_dim`` and ``backend`` arguments make of its head; a backend for a head
     without a square root is refused, naming the head."""
     if backend is not None and not get_head(head).uses_backend:
-        rooted = ", ".join(h for h in list_heads() if get_head(h).uses_backend)
+        rooted = ", ".join(_rooted_heads())
         raise ValueError(f"backend={backend!r} would have no effect: head {head!r} has no matrix square root; for one, "
                          f"build resnet*_isqrt, or swap_pooling(model, head=...) with one of {rooted}")
     return {"head": head, "reduced_dim": reduced_dim, **({"backend": backend} if backend is not None else {})}
