@@ -36,9 +36,11 @@ gpu-check: $(STAMP)
 	$(PY) -m covpool bench --device cuda --batch 128 --dims 64 128 256 512 --out bench_out/cuda
 	$(PY) -m covpool bench --models resnet50 --device cuda --amp bf16 --batch 64 --out bench_out/cuda
 
-# The documentation site, into docs/_build/html: every page read afresh (-E), any warning an error (-W, after
-# reporting them all); the gallery re-runs only the examples that changed.
+# The documentation site, into docs/_build/html: every page read afresh (-E) into an emptied folder (Sphinx
+# leaves the page of a name that no longer exists, which docs-check then reports), any warning an error (-W,
+# after reporting them all); the gallery re-runs only the examples that changed.
 docs: $(DOCS_STAMP)
+	rm -rf docs/_build/html
 	$(PY) -m sphinx -b html -E -W --keep-going docs docs/_build/html
 
 # The built site: internal links and anchors, nothing fetched from the network, and the pages in a headless
